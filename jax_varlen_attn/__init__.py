@@ -1,0 +1,12 @@
+"""jax_varlen_attn: variable-length attention over a paged KV cache for JAX.
+
+`flash_attn_varlen_func` is the `flash_attn_varlen_func` of FlashAttention / vLLM / FlagGems, native to
+JAX: a Triton kernel on NVIDIA GPUs (through jax-triton), a Pallas version, and plain XLA anywhere.
+"""
+
+from jax_varlen_attn.api import flash_attn_varlen_func
+from jax_varlen_attn.backends import report as backend_report
+from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout
+
+__all__ = ["flash_attn_varlen_func", "KVCacheLayout", "NAMED_LAYOUTS", "backend_report"]
+__version__ = "0.1.0"

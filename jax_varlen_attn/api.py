@@ -1,0 +1,275 @@
+"""The public function: validates every argument, normalizes options, picks a backend.
+
+Every check here is static (shapes, dtypes, ranks, Python options) and runs before anything is traced
+into a kernel. Checks of array *values* (monotonic cu_seqlens, block-table entries in range) cannot raise
+inside `jax.jit`; kernels clamp addresses instead so nothing reads outside a buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_varlen_attn import backends as registry
+from jax_varlen_attn.layout import KVCacheLayout, resolve
+from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
+_FLOAT_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def flash_attn_varlen_func(
+    q, k, v, max_seqlen_q=None, cu_seqlens_q=None, max_seqlen_k=None, cu_seqlens_k=None,
+    seqused_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+    alibi_slopes=None, block_table=None, return_softmax_lse=False, *,
+    kv_layout: Union[str, KVCacheLayout] = "NHD", layer=None, backend: str = "auto", config=None):
+  """Variable-length attention over packed sequences, with a contiguous or paged KV cache.
+
+  Example (a prefill of 3 tokens and a decode of 1 over a paged NHD cache)::
+
+      import jax, jax.numpy as jnp
+      from jax_varlen_attn import flash_attn_varlen_func
+      ks = jax.random.split(jax.random.key(0), 3)
+      q = jax.random.normal(ks[0], (4, 8, 64), jnp.float16)              # [total_q, H, D]
+      k_cache = jax.random.normal(ks[1], (16, 16, 2, 64), jnp.float16)   # [num_blocks, block_size, Hk, D]
+      v_cache = jax.random.normal(ks[2], (16, 16, 2, 64), jnp.float16)
+      out = flash_attn_varlen_func(
+          q, k_cache, v_cache, cu_seqlens_q=jnp.array([0, 3, 4], jnp.int32),
+          seqused_k=jnp.array([3, 20], jnp.int32),
+          block_table=jnp.array([[0, 0], [5, 2]], jnp.int32), causal=True)  # out: [4, 8, 64] f16
+
+  Args (shapes: T = total_q rows, B = batch, H / Hk = q / kv heads, D = head_dim):
+    q: f16/bf16/f32[T, H, D]. Rows past `cu_seqlens_q[-1]` are padding: they output zeros.
+    k, v: non-paged: [total_k, Hk, D] (with `cu_seqlens_k`). Paged: the cache as `kv_layout`
+      describes it (with `block_table`); `v=None` where V lives in k's buffer (fused forms).
+    max_seqlen_q, max_seqlen_k: optional static Python ints, upper bounds of the per-sequence
+      lengths (hints for block sizes and split counts; a traced value is a TypeError).
+    cu_seqlens_q: i32[B + 1], query offsets of each sequence in q.
+    cu_seqlens_k: i32[B + 1], key offsets in k / v (non-paged; paged: used for lengths if
+      `seqused_k` is None).
+    seqused_k: i32[B], keys of each sequence (required for a paged cache unless cu_seqlens_k is given).
+    softmax_scale: positive finite float; default 1 / sqrt(D).
+    causal: bottom-right aligned: query i of a sequence sees key j iff j <= i + seqlen_k - seqlen_q.
+    window_size: (left, right), -1 unbounded: key j allowed iff
+      i + sk - sq - left <= j <= i + sk - sq + right (right is 0 under causal).
+    softcap: > 0 turns scores into softcap * tanh(score / softcap) (before ALiBi and masking).
+    alibi_slopes: f32[H] or f32[B, H]; adds -slope * |i + sk - sq - j| to the score.
+    block_table: i32[B, max_blocks], pages of each sequence (entries past a sequence's pages are
+      never read; an out-of-range entry within them is clamped into the cache).
+    return_softmax_lse: also return the log-sum-exp, f32[H, T] (+inf for rows that see no key).
+    kv_layout: "NHD" (default), "HND", "fused_page_major", "fused_kv_major" or a `KVCacheLayout`.
+    layer: i32[] (traced is fine) selecting a layer of a stacked cache [L, ...] (clamped to [0, L)).
+    backend: "auto" (triton on a CUDA GPU, else xla), "xla", "pallas" or "triton".
+    config: the chosen backend's `Config` (block sizes), or None for its default.
+
+  Returns:
+    out [T, H, D] in q's dtype, or (out, lse) when `return_softmax_lse`. A row that sees no key
+    (zero-length sequence, empty window, padding) outputs zeros.
+  """
+  spec, arrays = _validate(
+      q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k, softmax_scale,
+      causal, window_size, softcap, alibi_slopes, block_table, return_softmax_lse, kv_layout, layer)
+  impl = registry.select(backend)
+  if config is None:
+    config = impl.config_cls.get_default(spec)
+  elif not isinstance(config, impl.config_cls):
+    raise TypeError(f"config for backend={impl.name!r} must be a {impl.config_cls.__module__}."
+                    f"{impl.config_cls.__name__}, got {type(config).__name__}")
+  out, lse = _run(impl.name, spec, config, arrays)
+  return (out, lse) if return_softmax_lse else out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _run(backend_name: str, spec: AttentionSpec, config, arrays: AttentionArrays):
+  return registry.select(backend_name).attention(spec, arrays, config)
+
+
+# ---- static validation ---------------------------------------------------------------------------
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _array(name: str, x, *, rank: Optional[int] = None, dtypes=None, dtype_desc: str = ""):
+  if not _is_array(x):
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+  if rank is not None and x.ndim != rank:
+    raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
+  if dtypes is not None and jnp.dtype(x.dtype) not in dtypes:
+    raise TypeError(f"{name} must be {dtype_desc}, got {jnp.dtype(x.dtype).name}")
+  return x
+
+
+def _int32(name: str, x, rank: int, shape_desc: str):
+  if x is None:
+    raise ValueError(f"{name} is required: int32 {shape_desc}")
+  return _array(name, x, rank=rank, dtypes=(jnp.dtype(jnp.int32),), dtype_desc=f"int32 {shape_desc}")
+
+
+def _static_int(name: str, x) -> Optional[int]:
+  if x is None:
+    return None
+  if isinstance(x, jax.core.Tracer):
+    raise TypeError(f"{name} must be a static Python int (an upper bound used to size grids), got a "
+                    "traced value; pass it as a Python int, or leave it None")
+  if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Integral, np.integer)):
+    raise TypeError(f"{name} must be a Python int or None, got {type(x).__name__}")
+  if int(x) < 0:
+    raise ValueError(f"{name} must be >= 0, got {int(x)}")
+  return int(x)
+
+
+def _static_float(name: str, x, *, positive: bool) -> float:
+  if isinstance(x, jax.core.Tracer):
+    raise TypeError(f"{name} must be a static Python float, got a traced value")
+  if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Real, np.floating, np.integer)):
+    raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+  x = float(x)
+  if not math.isfinite(x) or (x <= 0 if positive else x < 0):
+    raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} float, got {x}")
+  return x
+
+
+def _static_bool(name: str, x) -> bool:
+  if not isinstance(x, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+  return bool(x)
+
+
+def _window(window_size) -> Tuple[int, int]:
+  if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+      or not all(isinstance(w, (numbers.Integral, np.integer)) and not isinstance(w, bool)
+                 for w in window_size)):
+    raise TypeError(f"window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
+  left, right = (int(w) for w in window_size)
+  if left < -1 or right < -1:
+    raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {(left, right)}")
+  return left, right
+
+
+def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
+              softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
+              return_softmax_lse, kv_layout, layer) -> Tuple[AttentionSpec, AttentionArrays]:
+  q = _array("q", q, rank=3, dtypes=_FLOAT_DTYPES, dtype_desc="float16, bfloat16 or float32")
+  total_q, num_heads, head_dim = q.shape
+  if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+    raise ValueError(f"q's head_dim (axis 2) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+  if num_heads < 1:
+    raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
+
+  cu_seqlens_q = _int32("cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
+  batch = cu_seqlens_q.shape[0] - 1
+  if batch < 1:
+    raise ValueError(f"cu_seqlens_q must have batch + 1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
+
+  k = _array("k", k)
+  if jnp.dtype(k.dtype) != jnp.dtype(q.dtype):
+    raise TypeError(f"k must have q's dtype {jnp.dtype(q.dtype).name}, got {jnp.dtype(k.dtype).name}")
+  if v is not None:
+    v = _array("v", v)
+    if jnp.dtype(v.dtype) != jnp.dtype(q.dtype):
+      raise TypeError(f"v must have q's dtype {jnp.dtype(q.dtype).name}, got {jnp.dtype(v.dtype).name}")
+
+  paged = block_table is not None
+  if paged:
+    block_table = _int32("block_table", block_table, 2, "[batch, max_blocks]")
+    if block_table.shape[0] != batch:
+      raise ValueError(f"block_table must have batch={batch} rows (len(cu_seqlens_q) - 1), got shape "
+                       f"{tuple(block_table.shape)}")
+    if block_table.shape[1] < 1:
+      raise ValueError("block_table must have at least one column (max_blocks >= 1)")
+    if layer is not None:
+      layer = _layer(layer)
+    layout = resolve(kv_layout, k.shape, None if v is None else v.shape, stacked=layer is not None)
+    num_kv_heads, kv_head_dim = layout.num_kv_heads, layout.head_dim
+    if seqused_k is None and cu_seqlens_k is None:
+      raise ValueError("a paged cache (block_table) needs seqused_k: int32 [batch], keys per sequence")
+    max_blocks, total_k = block_table.shape[1], 0
+    capacity = max_blocks * layout.block_size
+  else:
+    if not (isinstance(kv_layout, str) and kv_layout == "NHD"):
+      raise ValueError(f"kv_layout={kv_layout!r} describes a paged cache: pass block_table, or leave "
+                       "kv_layout at 'NHD' for non-paged k / v [total_k, Hk, D]")
+    if layer is not None:
+      raise ValueError("layer= selects a layer of a stacked paged cache: pass block_table too")
+    if v is None:
+      raise ValueError("v is None: non-paged attention needs v [total_k, Hk, D]")
+    _array("k", k, rank=3)
+    if tuple(v.shape) != tuple(k.shape):
+      raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    total_k, num_kv_heads, kv_head_dim = k.shape
+    if cu_seqlens_k is None:
+      raise ValueError("cu_seqlens_k is required without block_table: int32 [batch + 1], key offsets in k")
+    layout, max_blocks, capacity = None, 0, total_k
+
+  if kv_head_dim != head_dim:
+    raise ValueError(f"k / v head_dim {kv_head_dim} must equal q's head_dim {head_dim}")
+  if num_kv_heads < 1 or num_heads % num_kv_heads:
+    raise ValueError(f"q's num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads "
+                     f"({num_kv_heads}) (GQA/MQA)")
+
+  if cu_seqlens_k is not None:
+    cu_seqlens_k = _int32("cu_seqlens_k", cu_seqlens_k, 1, "[batch + 1]")
+    if cu_seqlens_k.shape[0] != batch + 1:
+      raise ValueError(f"cu_seqlens_k must have batch + 1 = {batch + 1} entries (as cu_seqlens_q), got "
+                       f"shape {tuple(cu_seqlens_k.shape)}")
+  if seqused_k is not None:
+    seqused_k = _int32("seqused_k", seqused_k, 1, "[batch]")
+    if seqused_k.shape[0] != batch:
+      raise ValueError(f"seqused_k must have batch = {batch} entries (len(cu_seqlens_q) - 1), got shape "
+                       f"{tuple(seqused_k.shape)}")
+
+  max_seqlen_q = _static_int("max_seqlen_q", max_seqlen_q)
+  max_seqlen_k = _static_int("max_seqlen_k", max_seqlen_k)
+  scale = (1.0 / math.sqrt(head_dim) if softmax_scale is None
+           else _static_float("softmax_scale", softmax_scale, positive=True))
+  causal = _static_bool("causal", causal)
+  left, right = _window(window_size)
+  if causal:
+    right = 0
+  softcap = _static_float("softcap", softcap, positive=False)
+  return_lse = _static_bool("return_softmax_lse", return_softmax_lse)
+
+  if alibi_slopes is not None:
+    alibi_slopes = _array("alibi_slopes", alibi_slopes, dtypes=(jnp.dtype(jnp.float32),),
+                          dtype_desc="float32 [num_heads] or [batch, num_heads]")
+    if tuple(alibi_slopes.shape) == (num_heads,):
+      alibi_slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes), (batch, num_heads))
+    elif tuple(alibi_slopes.shape) != (batch, num_heads):
+      raise ValueError(f"alibi_slopes must be [num_heads]=({num_heads},) or [batch, num_heads]=({batch}, "
+                       f"{num_heads}), got {tuple(alibi_slopes.shape)}")
+
+  if seqused_k is not None:
+    seqlens_k = jnp.asarray(seqused_k)
+  else:
+    cu = jnp.asarray(cu_seqlens_k)
+    seqlens_k = cu[1:] - cu[:-1]
+
+  spec = AttentionSpec(
+      total_q=total_q, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
+      layout=layout, max_blocks=max_blocks, total_k=total_k,
+      max_seqlen_q=total_q if max_seqlen_q is None else min(max_seqlen_q, total_q),
+      max_seqlen_k=capacity if max_seqlen_k is None else min(max_seqlen_k, capacity),
+      scale=scale, causal=causal, window_left=left, window_right=right, softcap=softcap,
+      has_alibi=alibi_slopes is not None, return_lse=return_lse, dtype=jnp.dtype(q.dtype).name)
+  arrays = AttentionArrays(
+      q=jnp.asarray(q), k=jnp.asarray(k), v=jnp.asarray(k if v is None else v),
+      cu_seqlens_q=jnp.asarray(cu_seqlens_q), seqlens_k=seqlens_k,
+      kv_index=jnp.asarray(block_table if paged else cu_seqlens_k),
+      alibi=None if alibi_slopes is None else jnp.asarray(alibi_slopes), layer=layer)
+  return spec, arrays
+
+
+def _layer(layer):
+  if isinstance(layer, (bool, np.bool_)):
+    raise TypeError(f"layer must be an int32 scalar, got {type(layer).__name__}")
+  if isinstance(layer, (numbers.Integral, np.integer)):
+    return jnp.asarray(layer, jnp.int32)
+  _array("layer", layer, rank=0, dtypes=(jnp.dtype(jnp.int32),), dtype_desc="an int32 scalar")
+  return jnp.asarray(layer)

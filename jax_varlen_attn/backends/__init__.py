@@ -1,0 +1,107 @@
+"""The backend registry: which implementations exist, which can run here, and why not.
+
+Each backend is a subpackage exposing `attention(spec, arrays, config) -> (out, lse | None)` and a
+`Config` class with `get_default(spec)`. Only `api` calls into this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import os
+from typing import Callable, Tuple
+
+import jax
+
+BACKENDS = ("xla", "pallas", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _on_cuda_gpu() -> bool:
+  """An NVIDIA GPU is visible to JAX (the only place the Triton kernels run natively)."""
+  try:
+    devices = jax.devices("gpu")
+  except RuntimeError:
+    return False
+  return any("cuda" in str(getattr(d.client, "platform_version", "")).lower()
+             or d.device_kind.upper().startswith("NVIDIA") for d in devices)
+
+
+def triton_interpreting() -> bool:
+  """True when Triton kernels should run under Triton's CPU interpreter (TRITON_INTERPRET=1, no GPU)."""
+  return os.environ.get("TRITON_INTERPRET", "0") == "1" and not _on_cuda_gpu()
+
+
+def _xla_status() -> Tuple[bool, str]:
+  return True, "plain jax.numpy: runs on every platform"
+
+
+def _pallas_status() -> Tuple[bool, str]:
+  try:
+    importlib.import_module("jax_varlen_attn.backends.pallas.attention")
+  except ImportError as e:
+    return False, f"the pallas backend could not be imported ({e})"
+  if _on_cuda_gpu():
+    return True, "Pallas lowered through Triton on the GPU"
+  return True, "Pallas in interpret mode (no GPU here; slow, for checking)"
+
+
+def _triton_status() -> Tuple[bool, str]:
+  try:
+    importlib.import_module("triton")
+  except ImportError:
+    return False, "triton is not installed (pip install 'jax_varlen_attn[gpu]')"
+  if _on_cuda_gpu():
+    try:
+      importlib.import_module("jax_triton")
+    except Exception as e:  # jax_triton raises RuntimeError on CPU-only jaxlib
+      return False, f"jax_triton cannot be imported ({e}); pip install 'jax_varlen_attn[gpu]'"
+    return True, "Triton kernels through jax_triton on a CUDA GPU"
+  if triton_interpreting():
+    return True, "Triton's CPU interpreter (TRITON_INTERPRET=1) through a host callback; slow, for checking"
+  return False, ("no CUDA GPU is visible to JAX; set TRITON_INTERPRET=1 before importing triton to run "
+                 "the kernel source under Triton's interpreter on the CPU")
+
+
+_STATUS = {"xla": _xla_status, "pallas": _pallas_status, "triton": _triton_status}
+
+
+def status(name: str) -> Tuple[bool, str]:
+  """(can it run here, why / why not) for one backend name."""
+  return _STATUS[name]()
+
+
+def report() -> dict:
+  """{backend: (available, reason)} for every backend: what `backend="auto"` chooses from."""
+  return {name: status(name) for name in BACKENDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  name: str
+  attention: Callable
+  config_cls: type
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> Backend:
+  module = importlib.import_module(f"jax_varlen_attn.backends.{name}")
+  return Backend(name=name, attention=module.attention, config_cls=module.Config)
+
+
+def select(backend: str) -> Backend:
+  """The backend for `backend=` ("auto" = triton on a CUDA GPU when it can run, else xla)."""
+  if not isinstance(backend, str):
+    raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
+  if backend == "auto":
+    ok, _ = status("triton")
+    name = "triton" if ok and _on_cuda_gpu() else "xla"
+    return _load(name)
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+  ok, why = status(backend)
+  if not ok:
+    avail = [n for n in BACKENDS if status(n)[0]]
+    raise ValueError(f"backend={backend!r} cannot run here: {why}. Available here: {avail}")
+  return _load(backend)

@@ -1,0 +1,130 @@
+"""Varlen paged attention in plain jax.numpy: the readable statement of the semantics.
+
+Blockwise: an outer loop over chunks of `block_q` query rows of every sequence, an inner loop over
+`block_k` keys, with an online softmax, so memory stays bounded by the block sizes (a 32k-token
+sequence never builds a 32k x 32k score matrix). Both loops run only as far as the longest sequence
+in the batch (their trip counts are data, not shapes: no recompile when lengths change).
+
+The cache is read in place: the k / v buffers are viewed as rows of head_dim elements (a reshape,
+which XLA makes a bitcast) and each step gathers only the rows of the pages it needs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_varlen_attn.backends.xla.config import Config
+from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
+
+_NEG_INF = float("-inf")
+
+
+def _cdiv(a, b):
+  return (a + b - 1) // b
+
+
+def online_softmax_step(m, l, acc, s, v):
+  """One step of the online softmax over a tile of scores.
+
+  m, l: f32[..., BQ] running max and sum; acc: f32[..., BQ, D]; s: f32[..., BQ, BK] masked scores
+  (-inf where not allowed); v: f32[B, BK, Hk, D] values for the tile (zero where masked).
+  """
+  m_new = jnp.maximum(m, s.max(-1))
+  m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)  # a row with nothing allowed yet stays at 0
+  p = jnp.exp(s - m_safe[..., None])
+  alpha = jnp.exp(m - m_safe)
+  l = alpha * l + p.sum(-1)
+  acc = alpha[..., None] * acc + jnp.einsum("bhgqk,bkhd->bhgqd", p, v,
+                                            precision=jax.lax.Precision.HIGHEST)
+  return m_new, l, acc
+
+
+def _kv_rows(spec: AttentionSpec, arrays: AttentionArrays, key_pos):
+  """Row indices of keys `key_pos` (i32[BK]) of every sequence: (k_rows, v_rows) i32[B, BK, Hk]."""
+  heads = jnp.arange(spec.num_kv_heads, dtype=jnp.int32)
+  if not spec.paged:
+    starts = arrays.kv_index[:-1]  # cu_seqlens_k
+    token = jnp.clip(starts[:, None] + key_pos[None, :], 0, max(spec.total_k - 1, 0))
+    rows = token[..., None] * spec.num_kv_heads + heads
+    return rows, rows
+  layout = spec.layout
+  st = layout.strides_in_rows()
+  block = jnp.clip(key_pos // layout.block_size, 0, spec.max_blocks - 1)
+  page = jnp.clip(arrays.kv_index[:, block], 0, layout.num_pages - 1)  # never outside the buffer
+  base = page * st["page"] + (key_pos % layout.block_size)[None, :] * st["token"]
+  if layout.stacked:
+    base = base + jnp.clip(arrays.layer, 0, layout.num_layers - 1) * st["layer"]
+  rows = base[..., None] + heads * st["head"]
+  return rows + st["k_offset"], rows + st["v_offset"]
+
+
+def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
+  """Returns (out [T, H, D] in q's dtype, lse f32[H, T] or None)."""
+  B, H, Hk, D, G = spec.batch, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size
+  T, BQ, BK = spec.total_q, config.block_q, config.block_k
+  f32 = jnp.float32
+
+  cu_q = arrays.cu_seqlens_q
+  q_start = cu_q[:-1]
+  len_q = jnp.maximum(cu_q[1:] - q_start, 0)  # [B]
+  capacity = spec.max_blocks * spec.layout.block_size if spec.paged else spec.total_k
+  len_k = jnp.clip(arrays.seqlens_k, 0, capacity)  # [B]
+  k_rows_all = arrays.k.reshape(-1, D)
+  v_rows_all = arrays.v.reshape(-1, D)
+  slopes = None if arrays.alibi is None else arrays.alibi.astype(f32).reshape(B, Hk, G, 1, 1)
+
+  num_q_chunks = _cdiv(jnp.max(len_q), BQ)
+  num_k_blocks = jnp.minimum(_cdiv(jnp.max(len_k), BK), _cdiv(capacity, BK))
+
+  def q_chunk(c, carry):
+    out, lse = carry
+    qi = c * BQ + jnp.arange(BQ, dtype=jnp.int32)  # [BQ] query index within its sequence
+    q_valid = qi[None, :] < len_q[:, None]  # [B, BQ]
+    q_rows = jnp.where(q_valid, q_start[:, None] + qi[None, :], T)  # T: out of range, dropped
+    qc = arrays.q[jnp.minimum(q_rows, T - 1)].astype(f32).reshape(B, BQ, Hk, G, D)
+    qc = qc * spec.scale
+    # Bottom-right alignment: query i of a sequence sits at key position i + len_k - len_q.
+    diag = qi[None, :] + (len_k - len_q)[:, None]  # [B, BQ]
+
+    def k_block(n, state):
+      m, l, acc = state
+      key_pos = n * BK + jnp.arange(BK, dtype=jnp.int32)  # [BK]
+      k_idx, v_idx = _kv_rows(spec, arrays, key_pos)
+      k_valid = key_pos[None, :] < len_k[:, None]  # [B, BK]
+      kt = k_rows_all[k_idx].astype(f32)  # [B, BK, Hk, D]
+      # Masked keys may be poison (the unused tail of a last page): zero them so 0 * NaN never occurs.
+      vt = jnp.where(k_valid[..., None, None], v_rows_all[v_idx].astype(f32), 0.0)
+      s = jnp.einsum("bqhgd,bkhd->bhgqk", qc, kt, precision=jax.lax.Precision.HIGHEST)
+      if spec.softcap > 0:
+        s = spec.softcap * jnp.tanh(s / spec.softcap)
+      rel = diag[:, :, None] - key_pos[None, None, :]  # [B, BQ, BK] = (i + sk - sq) - j
+      if slopes is not None:
+        s = s - slopes * jnp.abs(rel).astype(f32)[:, None, None]
+      allowed = k_valid[:, None, :] & q_valid[:, :, None]
+      if spec.causal:
+        allowed &= rel >= 0
+      if spec.window_left >= 0:
+        allowed &= rel <= spec.window_left
+      if spec.window_right >= 0:
+        allowed &= rel >= -spec.window_right
+      s = jnp.where(allowed[:, None, None], s, _NEG_INF)
+      return online_softmax_step(m, l, acc, s, vt)
+
+    init = (jnp.full((B, Hk, G, BQ), _NEG_INF, f32), jnp.zeros((B, Hk, G, BQ), f32),
+            jnp.zeros((B, Hk, G, BQ, D), f32))
+    m, l, acc = jax.lax.fori_loop(0, num_k_blocks, k_block, init)
+    seen = l > 0
+    o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    o = o.transpose(0, 3, 1, 2, 4).reshape(B * BQ, H, D)  # [B*BQ, H, D]
+    out = out.at[q_rows.reshape(-1)].set(o.astype(out.dtype), mode="drop")
+    if lse is not None:
+      row_lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+      lse = lse.at[q_rows.reshape(-1)].set(row_lse.transpose(0, 3, 1, 2).reshape(B * BQ, H),
+                                           mode="drop")
+    return out, lse
+
+  out = jnp.zeros((T, H, D), arrays.q.dtype)  # padding rows stay zero
+  lse = jnp.full((T, H), jnp.inf, f32) if spec.return_lse else None
+  out, lse = jax.lax.fori_loop(0, num_q_chunks, q_chunk, (out, lse))
+  return out, None if lse is None else lse.T

@@ -1,0 +1,71 @@
+"""The static description of one attention call, shared by every backend.
+
+`api` validates the caller's arguments and builds an `AttentionSpec`; backends read only this object
+and the normalized arrays (see `AttentionArrays`). Everything here is static (hashable): it is part of
+the `jax.jit` compile key, so it holds shapes and options, never lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+
+from jax_varlen_attn.layout import KVCacheLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  total_q: int  # rows of q (padding rows past cu_seqlens_q[-1] included)
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  batch: int
+  # paged: `layout` describes the cache and `max_blocks` is block_table's width.
+  # non-paged: layout is None and k / v are [total_k, Hk, D] rows addressed through cu_seqlens_k.
+  layout: Optional[KVCacheLayout]
+  max_blocks: int  # paged only (0 otherwise)
+  total_k: int  # non-paged only (0 otherwise)
+  max_seqlen_q: int  # static upper bound of any sequence's query count
+  max_seqlen_k: int  # static upper bound of any sequence's key count
+  scale: float
+  causal: bool
+  window_left: int  # -1: unbounded
+  window_right: int  # -1: unbounded; 0 under causal
+  softcap: float  # 0: off
+  has_alibi: bool
+  return_lse: bool
+  dtype: str  # dtype of q and of the output
+
+  @property
+  def paged(self) -> bool:
+    return self.layout is not None
+
+  @property
+  def group_size(self) -> int:
+    """q heads per kv head (GQA ratio)."""
+    return self.num_heads // self.num_kv_heads
+
+
+class AttentionArrays(NamedTuple):
+  """The arrays of one call, normalized by `api` (shapes use AttentionSpec's names).
+
+  q:            [total_q, H, D]
+  k, v:         paged: the caller's cache buffers as passed (v is k when V lives in k's buffer);
+                non-paged: [total_k, Hk, D]
+  cu_seqlens_q: i32[batch + 1]
+  seqlens_k:    i32[batch]  keys of each sequence (seqused_k, else diff of cu_seqlens_k)
+  kv_index:     paged: block_table i32[batch, max_blocks]; non-paged: cu_seqlens_k i32[batch + 1]
+  alibi:        f32[batch, H] or None
+  layer:        i32[] or None (stacked caches)
+  """
+
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  cu_seqlens_q: jax.Array
+  seqlens_k: jax.Array
+  kv_index: jax.Array
+  alibi: Optional[jax.Array]
+  layer: Optional[jax.Array]
