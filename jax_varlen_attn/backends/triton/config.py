@@ -1,0 +1,104 @@
+"""Tile sizes of the Triton kernel, and the one place its constexprs are derived."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from jax_varlen_attn.spec import AttentionSpec
+
+_WARPS = (1, 2, 4, 8, 16)
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _pow2(name, value, minimum):
+  if value is not None and (not isinstance(value, int) or value < minimum or value & (value - 1)):
+    raise ValueError(f"Config.{name} must be a power of two >= {minimum} or None, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tiles and launch options of the Triton kernel; None fields are chosen from the shapes.
+
+  block_m: rows of a tile = query tokens x the q heads sharing one kv head (GQA packed into M).
+  block_n: keys per tile.
+  row_id_fast_path: on a contiguous cache, address keys by row id (page * block_size + offset)
+    rather than by the (constexpr) page stride. Both are exact; kept switchable for the benchmark.
+  constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
+    constants (benchmark only: shows what the specialization buys).
+  """
+
+  block_m: Optional[int] = None
+  block_n: Optional[int] = None
+  num_warps: Optional[int] = None
+  num_stages: Optional[int] = None
+  row_id_fast_path: bool = True
+  constexpr_strides: bool = True
+
+  def __post_init__(self):
+    _pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
+    _pow2("block_n", self.block_n, 16)
+    if self.num_warps is not None and self.num_warps not in _WARPS:
+      raise ValueError(f"Config.num_warps must be one of {_WARPS} or None, got {self.num_warps!r}")
+    if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
+      raise ValueError(f"Config.num_stages must be a positive int or None, got {self.num_stages!r}")
+
+  @classmethod
+  def get_default(cls, spec: AttentionSpec) -> "Config":
+    return cls().resolved(spec)
+
+  def resolved(self, spec: AttentionSpec) -> "Config":
+    """This config with every None field chosen from the static shapes."""
+    group = spec.group_size
+    # Query tokens a program should cover: the mean per sequence (1 for decode), so decode
+    # batches do not pad every sequence to a prefill-sized tile.
+    mean_q = max(1, min(-(-spec.total_q // spec.batch), spec.max_seqlen_q))
+    # Rows: at least 16 (tl.dot's minimum M) and the whole GQA group; at most 128 (FlashAttention-2's
+    # tile for head_dim <= 128), 64 for wider heads so the accumulator fits in registers.
+    max_m = 128 if spec.head_dim <= 128 else 64
+    block_m = self.block_m or min(max(16, next_pow2(mean_q * group)), max(max_m, next_pow2(group)))
+    block_m = max(block_m, next_pow2(group))
+    # 64 keys a tile keeps K / V tiles at 16 KB (fp16, D=128); halve for wide heads.
+    block_n = self.block_n or (64 if spec.head_dim <= 128 else 32)
+    # 8 warps for 128-row tiles (one 16-row MMA slab per warp), 4 below.
+    num_warps = self.num_warps or (8 if block_m >= 128 else 4)
+    # Three stages pipeline the K/V loads of big tiles; two where registers / smem are tight.
+    num_stages = self.num_stages or (3 if block_m >= 64 and spec.head_dim <= 128 else 2)
+    return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                               num_stages=num_stages)
+
+  def constexprs(self, spec: AttentionSpec) -> dict:
+    """Every tl.constexpr of `varlen_attention_kernel`, from the spec (shapes, layout, options)."""
+    if self.block_m is None:
+      raise ValueError("call Config.resolved(spec) before constexprs()")
+    group = spec.group_size
+    layout = spec.layout
+    paged = layout is not None
+    contiguous = paged and layout.is_contiguous and self.row_id_fast_path
+    return dict(
+        NUM_HEADS=spec.num_heads, NUM_KV_HEADS=spec.num_kv_heads, GROUP=group,
+        HEAD_DIM=spec.head_dim, HEAD_DIM_PAD=max(16, next_pow2(spec.head_dim)),
+        BLOCK_M=self.block_m, BLOCK_Q=self.block_m // group, BLOCK_N=self.block_n,
+        IS_PAGED=paged, IS_CONTIGUOUS_KV=contiguous, CONSTEXPR_STRIDES=self.constexpr_strides,
+        # A tile inside one page looks its page up once (a scalar) instead of once per key.
+        SINGLE_PAGE_TILE=paged and layout.block_size % self.block_n == 0,
+        PAGE_SIZE=layout.block_size if paged else 1,
+        MAX_BLOCKS=spec.max_blocks if paged else 1,
+        NUM_PAGES=layout.num_pages if paged else 1,
+        KV_ROWS=spec.total_k if not paged else 1,
+        PAGE_STRIDE=layout.page_stride if paged else 0,
+        TOKEN_STRIDE=layout.token_stride if paged else 0,
+        HEAD_STRIDE=layout.head_stride if paged else 0,
+        K_OFFSET=layout.k_offset if paged else 0,
+        V_OFFSET=layout.v_offset if paged else 0,
+        IS_STACKED=paged and layout.stacked,
+        NUM_LAYERS=max(layout.num_layers, 1) if paged else 1,
+        LAYER_STRIDE=layout.layer_stride if paged else 0,
+        WINDOW_LEFT=spec.window_left, WINDOW_RIGHT=spec.window_right,
+        USE_SOFTCAP=spec.softcap > 0, USE_ALIBI=spec.has_alibi, RETURN_LSE=spec.return_lse,
+        # fp32 inputs get exact fp32 products (the user asked for fp32), not tf32.
+        DOT_PRECISION="ieee" if spec.dtype == "float32" else "tf32",
+    )

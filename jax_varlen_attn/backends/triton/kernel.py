@@ -1,0 +1,281 @@
+"""The Triton kernel: FlashAttention-2 style varlen attention over a paged (or packed) KV cache.
+
+One program handles BLOCK_Q query tokens of one sequence for one kv head, together with the GROUP
+q heads that share it: its tile has BLOCK_M = BLOCK_Q * GROUP rows (query token x q head), so each
+K / V tile is read once per kv head, not once per q head. The grid is static:
+(cdiv(total_q, BLOCK_Q) + batch, num_kv_heads); each program finds its sequence by binary search
+over `cu_seqlens_q`, and the programs past the last sequence write the padding rows (zeros).
+
+Keys are visited in three ranges: masked tiles at the start of a left window, unmasked tiles in the
+middle, masked tiles at the causal / right-window / length boundary. Tiles above the causal
+diagonal are never visited. The online-softmax step is `_attend_tile`, written once and called for
+both kinds of tile.
+
+Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
+  IS_PAGED=False       rows `cu_seqlens_k[b] + j` of k / v [total_k, Hk, D]
+  IS_CONTIGUOUS_KV     paged, token-major pages back to back: row id `page * PAGE_SIZE + offset`
+  CONSTEXPR_STRIDES    any other layout: PAGE_STRIDE / TOKEN_STRIDE / HEAD_STRIDE are constants;
+                       False (benchmark only) reads them from runtime arguments instead.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units so the softmax uses exp2
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _find_sequence(cu_seqlens_q_ptr, pid, batch, BLOCK_Q: tl.constexpr):
+  """Largest b in [0, batch] whose first program `cu_seqlens_q[b] // BLOCK_Q + b` is <= pid.
+
+  Sequence b owns programs [its first, the next sequence's first); b == batch is the padding region
+  [cu_seqlens_q[batch], total_q).
+  """
+  lo = pid * 0
+  hi = pid * 0 + batch
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    first_program = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+    if first_program <= pid:
+      lo = mid
+    else:
+      hi = mid - 1
+  return lo
+
+
+@triton.jit
+def _tanh(x):
+  # tanh through exp2: saturates cleanly to +-1 (exp2 -> inf gives 1 - 0), no inf / inf.
+  return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _kv_token_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
+                      page_stride, token_stride, head_stride,
+                      IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr,
+                      CONSTEXPR_STRIDES: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
+                      MASKED: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
+                      PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
+                      HEAD_STRIDE: tl.constexpr):
+  """i64[BLOCK_N]: element offset of (key offs_n, kv_head, dim 0) from the start of a layer's K (or V)."""
+  if not IS_PAGED:
+    return ((k_start + offs_n).to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_DIM
+  if SINGLE_PAGE_TILE:
+    # The whole tile lies in one page: one scalar page lookup, and offsets the compiler sees as
+    # contiguous.
+    page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + tl.minimum(n_start // PAGE_SIZE, MAX_BLOCKS - 1))
+  else:
+    block = tl.minimum(offs_n // PAGE_SIZE, MAX_BLOCKS - 1)
+    if MASKED:
+      page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block, mask=key_ok, other=0)
+    else:
+      page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block)
+  # A block-table entry out of range is clamped into the cache: never a read outside the buffer.
+  page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)
+  token = offs_n % PAGE_SIZE
+  if IS_CONTIGUOUS_KV:
+    return ((page * PAGE_SIZE + token) * NUM_KV_HEADS + kv_head) * HEAD_DIM
+  if CONSTEXPR_STRIDES:
+    return page * PAGE_STRIDE + token * TOKEN_STRIDE + kv_head * HEAD_STRIDE
+  return page * page_stride + token * token_stride + kv_head * head_stride
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n_start, len_k,
+                 diag, slopes, kv_head, qk_scale, softcap,
+                 page_stride, token_stride, head_stride,
+                 MASKED: tl.constexpr, IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr,
+                 CONSTEXPR_STRIDES: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+                 NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
+                 HEAD_STRIDE: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+  """One online-softmax step over keys [n_start, n_start + BLOCK_N).
+
+  acc: f32[BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: f32[BLOCK_M] (log2 units); q: [BLOCK_M, HEAD_DIM_PAD];
+  diag: i32[BLOCK_M] key position of each row's query (i + len_k - len_q); slopes: f32[BLOCK_M].
+  MASKED tiles check key validity, causal / window bounds; unmasked tiles are wholly allowed.
+  """
+  offs_n = n_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+  offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
+  key_ok = offs_n < len_k  # [BLOCK_N]
+  tok_off = _kv_token_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
+                              page_stride, token_stride, head_stride, IS_PAGED, IS_CONTIGUOUS_KV,
+                              CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, MASKED, NUM_KV_HEADS, HEAD_DIM,
+                              PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE)
+  k_ptrs = k_base + tok_off[None, :] + offs_d[:, None]  # [HEAD_DIM_PAD, BLOCK_N]
+  v_ptrs = v_base + tok_off[:, None] + offs_d[None, :]  # [BLOCK_N, HEAD_DIM_PAD]
+  if MASKED:
+    # Masked keys may be poison (the unused tail of a last page): other=0 keeps 0 * NaN out of P @ V.
+    k = tl.load(k_ptrs, mask=key_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+  elif HEAD_DIM == HEAD_DIM_PAD:
+    k = tl.load(k_ptrs)
+    v = tl.load(v_ptrs)
+  else:
+    k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+  s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] f32
+  if USE_SOFTCAP:
+    s = softcap * _tanh(s * (qk_scale / softcap)) * LOG2E
+  else:
+    s = s * (qk_scale * LOG2E)
+  rel = diag[:, None] - offs_n[None, :]  # [BLOCK_M, BLOCK_N]: (i + len_k - len_q) - j
+  if USE_ALIBI:
+    s = s - slopes[:, None] * tl.abs(rel).to(tl.float32) * LOG2E
+  if MASKED:
+    allowed = key_ok[None, :]
+    if WINDOW_RIGHT >= 0:
+      allowed = allowed & (rel >= -WINDOW_RIGHT)
+    if WINDOW_LEFT >= 0:
+      allowed = allowed & (rel <= WINDOW_LEFT)
+    s = tl.where(allowed, s, float("-inf"))
+
+  m_new = tl.maximum(m_i, tl.max(s, 1))
+  m_ref = m_new
+  if MASKED:
+    # A row that has seen no allowed key yet has m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+  p = tl.math.exp2(s - m_ref[:, None])
+  alpha = tl.math.exp2(m_i - m_ref)
+  l_i = l_i * alpha + tl.sum(p, 1)
+  acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+  return acc, m_new, l_i
+
+
+@triton.jit
+def varlen_attention_kernel(
+    # inputs
+    q_ptr,  # [total_q, NUM_HEADS, HEAD_DIM]
+    k_ptr,  # flat K buffer (paged: as the layout says; non-paged: [total_k, Hk, HEAD_DIM])
+    v_ptr,  # flat V buffer (the K buffer again when V is fused into it)
+    cu_seqlens_q_ptr,  # i32[batch + 1]
+    seqlens_k_ptr,  # i32[batch]
+    kv_index_ptr,  # paged: block_table i32[batch, MAX_BLOCKS]; else cu_seqlens_k i32[batch + 1]
+    alibi_ptr,  # f32[batch, NUM_HEADS] (USE_ALIBI)
+    layer_ptr,  # i32[1] (IS_STACKED)
+    page_stride, token_stride, head_stride,  # runtime strides: read only if not CONSTEXPR_STRIDES
+    scale,  # f32 softmax scale
+    softcap,  # f32 (USE_SOFTCAP)
+    batch,  # number of sequences
+    total_q,  # rows of q (padding included)
+    # outputs
+    out_ptr,  # [total_q, NUM_HEADS, HEAD_DIM], q's dtype
+    lse_ptr,  # f32[NUM_HEADS, total_q] (RETURN_LSE)
+    # shape
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    # cache addressing
+    IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr, CONSTEXPR_STRIDES: tl.constexpr,
+    SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+    NUM_PAGES: tl.constexpr, KV_ROWS: tl.constexpr, PAGE_STRIDE: tl.constexpr,
+    TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, K_OFFSET: tl.constexpr,
+    V_OFFSET: tl.constexpr, IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr,
+    LAYER_STRIDE: tl.constexpr,
+    # semantics
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+  pid = tl.program_id(0)
+  kv_head = tl.program_id(1)
+  seq = _find_sequence(cu_seqlens_q_ptr, pid, batch, BLOCK_Q)
+  seq_start = tl.load(cu_seqlens_q_ptr + seq)
+  first = (pid - (seq_start // BLOCK_Q + seq)) * BLOCK_Q  # first query of this program in its sequence
+  q_start = tl.minimum(tl.maximum(seq_start, 0), total_q)
+  q_end = tl.load(cu_seqlens_q_ptr + tl.minimum(seq + 1, batch))
+  q_end = tl.where(seq < batch, q_end, total_q)  # the padding region ends at total_q
+  q_end = tl.minimum(tl.maximum(q_end, q_start), total_q)
+  len_q = q_end - q_start
+  if (first >= len_q) | (first < 0):
+    return
+
+  offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M] tile row = (query token, q head within the group)
+  offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
+  q_idx = first + offs_m // GROUP  # [BLOCK_M] query index within the sequence
+  head = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M] q head
+  row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < len_q)
+  q_row = q_start + q_idx
+  qo_off = (q_row * NUM_HEADS + head) * HEAD_DIM  # [BLOCK_M] (launcher keeps q's size < 2**31)
+  io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, HEAD_DIM_PAD]
+
+  if seq == batch:  # padding rows past cu_seqlens_q[-1]: a defined zero output
+    tl.store(out_ptr + qo_off[:, None] + offs_d[None, :],
+             tl.zeros([BLOCK_M, HEAD_DIM_PAD], out_ptr.dtype.element_ty), mask=io_mask)
+    if RETURN_LSE:
+      tl.store(lse_ptr + head * total_q + q_row, tl.full([BLOCK_M], float("inf"), tl.float32),
+               mask=row_ok)
+    return
+
+  q = tl.load(q_ptr + qo_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
+
+  # Keys of this sequence and where they live.
+  len_k = tl.maximum(tl.load(seqlens_k_ptr + seq), 0)
+  k_start = 0
+  if IS_PAGED:
+    len_k = tl.minimum(len_k, MAX_BLOCKS * PAGE_SIZE)
+  else:
+    k_start = tl.minimum(tl.maximum(tl.load(kv_index_ptr + seq), 0), KV_ROWS)
+    len_k = tl.minimum(len_k, KV_ROWS - k_start)
+  k_base = k_ptr + K_OFFSET
+  v_base = v_ptr + V_OFFSET
+  if IS_STACKED:
+    # The layer is data (a traced scalar): its offset is added here, never by slicing the cache.
+    layer = tl.minimum(tl.maximum(tl.load(layer_ptr), 0), NUM_LAYERS - 1).to(tl.int64)
+    k_base += layer * LAYER_STRIDE
+    v_base += layer * LAYER_STRIDE
+
+  shift = len_k - len_q  # bottom-right alignment: query i sits at key position i + shift
+  diag = q_idx + shift  # [BLOCK_M]
+  diag_lo = first + shift
+  diag_hi = tl.minimum(first + BLOCK_Q, len_q) - 1 + shift
+  slopes = tl.zeros([BLOCK_M], tl.float32)
+  if USE_ALIBI:
+    slopes = tl.load(alibi_ptr + seq * NUM_HEADS + head, mask=row_ok, other=0.0)
+
+  # Key ranges: [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked.
+  hi = len_k
+  full_hi = len_k
+  if WINDOW_RIGHT >= 0:  # causal sets WINDOW_RIGHT = 0: tiles above the diagonal are skipped
+    hi = tl.minimum(len_k, diag_hi + WINDOW_RIGHT + 1)
+    full_hi = tl.minimum(len_k, diag_lo + WINDOW_RIGHT + 1)
+  lo = 0
+  full_lo = 0
+  if WINDOW_LEFT >= 0:
+    lo = tl.maximum(diag_lo - WINDOW_LEFT, 0) // BLOCK_N * BLOCK_N
+    full_lo = (tl.maximum(diag_hi - WINDOW_LEFT, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+  hi = tl.maximum(hi, lo)
+  full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+  full_hi = tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N, full_lo)
+  full_hi = tl.minimum(full_hi, tl.maximum(hi // BLOCK_N * BLOCK_N, full_lo))
+
+  acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+  m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+  l_i = tl.zeros([BLOCK_M], tl.float32)
+  for phase in tl.static_range(3):
+    # phase 0: [lo, full_lo) masked; 1: [full_lo, full_hi) unmasked; 2: [full_hi, hi) masked.
+    if phase == 0:
+      start, stop = lo, full_lo
+    elif phase == 1:
+      start, stop = full_lo, full_hi
+    else:
+      start, stop = full_hi, hi
+    for n in range(start, stop, BLOCK_N):
+      acc, m_i, l_i = _attend_tile(
+          acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n, len_k, diag, slopes,
+          kv_head, scale, softcap, page_stride, token_stride, head_stride, phase != 1, IS_PAGED,
+          IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM,
+          HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
+          HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION)
+
+  seen = l_i > 0.0  # rows that saw no allowed key output zeros and LSE +inf
+  out = acc / tl.where(seen, l_i, 1.0)[:, None]
+  tl.store(out_ptr + qo_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
+  if RETURN_LSE:
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
+    tl.store(lse_ptr + head * total_q + q_row, lse, mask=row_ok)

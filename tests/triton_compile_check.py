@@ -1,0 +1,122 @@
+"""Compiles every specialization of the Triton kernel for the H100 (sm_90) on a CPU-only machine.
+
+Run in a process where TRITON_INTERPRET is unset (tests/test_triton_compile.py starts one): it turns
+each launch's real arguments (built by the launcher from a validated call) into a Triton signature
+and asks `triton.compile` for a cubin, which catches type and compile errors of every branch the
+constexprs select. Prints registers / spills / shared memory per variant.
+
+  python -m tests.triton_compile_check [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="jva-triton-cache-"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from jax_varlen_attn.api import _validate  # noqa: E402
+from jax_varlen_attn.backends.triton import Config  # noqa: E402
+from jax_varlen_attn.backends.triton.kernel import varlen_attention_kernel  # noqa: E402
+from jax_varlen_attn.backends.triton.launcher import kernel_arguments  # noqa: E402
+from tests.problems import Problem, make_problem  # noqa: E402
+
+_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32"}
+
+VARIANTS = [
+    # (name, Problem overrides, Config)
+    ("nhd-row-id-causal", dict(causal=True), Config()),
+    ("nhd-page-stride-constexpr", dict(causal=True), Config(row_id_fast_path=False)),
+    ("strided-constexpr", dict(layout="strided", causal=True), Config()),
+    ("strided-runtime-stride", dict(layout="strided", causal=True), Config(constexpr_strides=False)),
+    ("hnd-window", dict(layout="HND", window=(8, 4)), Config()),
+    ("fused-page-major-softcap", dict(layout="fused_page_major", softcap=5.0), Config()),
+    ("fused-kv-major-alibi", dict(layout="fused_kv_major", alibi="batch", causal=True), Config()),
+    ("stacked-strided", dict(layout="stacked_strided", causal=True), Config()),
+    ("non-paged", dict(paged=False, causal=True), Config()),
+    ("bf16-d128-prefill", dict(dtype="bfloat16", head_dim=128, causal=True, seqlens_q=(300, 40), seqlens_k=(300, 90)), Config()),
+    ("fp32-d64", dict(dtype="float32", causal=True), Config()),
+    ("d80", dict(head_dim=80, causal=True), Config()),
+    ("d192-gqa8", dict(head_dim=192, num_heads=8, num_kv_heads=1, causal=True), Config()),
+    ("d256-decode", dict(head_dim=256, seqlens_q=(1, 1, 1), seqlens_k=(40, 7, 33)), Config()),
+    ("page32-single-page-tiles", dict(block_size=32, causal=True), Config(block_n=32)),
+    ("prefill-128x64", dict(causal=True, seqlens_q=(300, 40), seqlens_k=(300, 90)), Config(block_m=128, block_n=64)),
+]
+QUICK = {"nhd-row-id-causal", "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill"}
+
+
+def signature_of(inputs, outputs):
+  sig = {}
+  for name, value in inputs.items():
+    if isinstance(value, (jax.Array, np.ndarray)):
+      sig[name] = "*" + _TYPES[jnp.dtype(value.dtype).name]
+    elif isinstance(value, np.float32):
+      sig[name] = "fp32"
+    elif isinstance(value, int):
+      sig[name] = "i32"
+    else:
+      raise TypeError(f"{name}: {type(value)}")
+  params = list(varlen_attention_kernel.arg_names)
+  for name, o in zip(params[len(inputs):], outputs):
+    sig[name] = "*" + _TYPES[jnp.dtype(o.dtype).name]
+  return sig
+
+
+def compile_variant(name, overrides, config):
+  kwargs, _ = make_problem(Problem(**overrides))
+  keys = ["q", "k", "v", "max_seqlen_q", "cu_seqlens_q", "max_seqlen_k", "cu_seqlens_k", "seqused_k",
+          "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "block_table",
+          "return_softmax_lse", "kv_layout", "layer"]
+  defaults = dict(max_seqlen_q=None, max_seqlen_k=None, cu_seqlens_k=None, alibi_slopes=None,
+                  block_table=None, kv_layout="NHD", layer=None)
+  spec, arrays = _validate(*[kwargs.get(k, defaults.get(k)) for k in keys])
+  config = config.resolved(spec)
+  inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
+  sig = signature_of(inputs, outputs)
+  for k in consts:
+    sig[k] = "constexpr"
+  pointer_idx = [i for i, n in enumerate(varlen_attention_kernel.arg_names) if sig[n].startswith("*")]
+  # jax-triton assumes every buffer is 16-byte aligned; tell the compiler the same.
+  attrs = {(i,): [["tt.divisibility", 16]] for i in pointer_idx}
+  src = ASTSource(fn=varlen_attention_kernel, signature=sig, constexprs=consts, attrs=attrs)
+  compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+  meta = compiled.metadata
+  n_regs = getattr(compiled, "n_regs", None)
+  n_spills = getattr(compiled, "n_spills", None)
+  return dict(name=name, block_m=config.block_m, block_n=config.block_n, warps=config.num_warps,
+              stages=config.num_stages, shared=getattr(meta, "shared", None), regs=n_regs,
+              spills=n_spills, cubin=len(compiled.asm.get("cubin", b"")))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true", help="a representative subset")
+  args = parser.parse_args(argv)
+  failures = 0
+  for name, overrides, config in VARIANTS:
+    if args.quick and name not in QUICK:
+      continue
+    try:
+      r = compile_variant(name, overrides, config)
+      print(f"ok   {name:28s} M{r['block_m']:<4d}N{r['block_n']:<4d}w{r['warps']} s{r['stages']} "
+            f"smem={r['shared']} cubin={r['cubin']}B", flush=True)
+    except Exception as e:  # report every failing variant, then fail
+      failures += 1
+      print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+  print(f"{failures} failures")
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
