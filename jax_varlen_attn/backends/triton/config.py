@@ -8,6 +8,9 @@ from typing import Optional
 from jax_varlen_attn.spec import AttentionSpec
 
 _WARPS = (1, 2, 4, 8, 16)
+# Streaming multiprocessors of an H100 SXM. Only used to size tiles so small batches still give
+# every SM a program; being off by a few on another GPU costs little.
+NUM_SMS = 132
 
 
 def next_pow2(n: int) -> int:
@@ -61,6 +64,12 @@ class Config:
     max_m = 128 if spec.head_dim <= 128 else 64
     block_m = self.block_m or min(max(16, next_pow2(mean_q * group)), max(max_m, next_pow2(group)))
     block_m = max(block_m, next_pow2(group))
+    if self.block_m is None:
+      # A small prefill (seed1: 512 queries, 8 kv heads) would leave SMs idle with 128-row tiles:
+      # halve the tile until the grid has a program for every SM, or the tile is minimal.
+      programs = lambda m: (-(-spec.total_q // (m // group)) + spec.batch) * spec.num_kv_heads
+      while block_m > max(16, next_pow2(group)) and programs(block_m) < NUM_SMS:
+        block_m //= 2
     # 64 keys a tile keeps K / V tiles at 16 KB (fp16, D=128); halve for wide heads.
     block_n = self.block_n or (64 if spec.head_dim <= 128 else 32)
     # 8 warps for 128-row tiles (one 16-row MMA slab per warp), 4 below.
