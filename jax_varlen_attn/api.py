@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_varlen_attn import backends as registry
-from jax_varlen_attn.layout import KVCacheLayout, resolve
+from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout, resolve
 from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
@@ -64,7 +64,8 @@ def flash_attn_varlen_func(
       never read; an out-of-range entry within them is clamped into the cache).
     return_softmax_lse: also return the log-sum-exp, f32[H, T] (+inf for rows that see no key).
     kv_layout: "NHD" (default), "HND", "fused_page_major", "fused_kv_major" or a `KVCacheLayout`.
-    layer: i32[] (traced is fine) selecting a layer of a stacked cache [L, ...] (clamped to [0, L)).
+    layer: i32[] (traced is fine) selecting a layer of a stacked cache [L, ...] (a traced value is
+      clamped to [0, L); a Python / NumPy int outside it is a ValueError).
     backend: "auto" (triton on a CUDA GPU, else xla), "xla", "pallas" or "triton".
     config: the chosen backend's `Config` (block sizes), or None for its default.
 
@@ -137,12 +138,16 @@ def _static_float(name: str, x, *, positive: bool) -> float:
 
 
 def _static_bool(name: str, x) -> bool:
+  if isinstance(x, jax.core.Tracer):
+    raise TypeError(f"{name} must be a static Python bool, got a traced value (mark it static in jax.jit)")
   if not isinstance(x, (bool, np.bool_)):
     raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
   return bool(x)
 
 
 def _window(window_size) -> Tuple[int, int]:
+  if isinstance(window_size, (tuple, list)) and any(isinstance(w, jax.core.Tracer) for w in window_size):
+    raise TypeError("window_size must be static Python ints (left, right), got a traced value")
   if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
       or not all(isinstance(w, (numbers.Integral, np.integer)) and not isinstance(w, bool)
                  for w in window_size)):
@@ -162,6 +167,11 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
     raise ValueError(f"q's head_dim (axis 2) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
   if num_heads < 1:
     raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
+  # An empty q has no row for the kernels' first block to read (XLA rejects the gather); engines pad
+  # to a bucket of >= 1 row anyway.
+  if total_q < 1:
+    raise ValueError(f"q must have at least one row (total_q >= 1; pad an empty batch), got shape "
+                     f"{tuple(q.shape)}")
 
   cu_seqlens_q = _int32("cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
   batch = cu_seqlens_q.shape[0] - 1
@@ -176,6 +186,14 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
     if jnp.dtype(v.dtype) != jnp.dtype(q.dtype):
       raise TypeError(f"v must have q's dtype {jnp.dtype(q.dtype).name}, got {jnp.dtype(v.dtype).name}")
 
+  # kv_layout's type and name are checked first, so that a misspelled name is reported as such and
+  # not as "describes a paged cache" on the non-paged path.
+  if isinstance(kv_layout, str):
+    if kv_layout not in NAMED_LAYOUTS:
+      raise ValueError(f"kv_layout must be one of {NAMED_LAYOUTS} or a KVCacheLayout, got {kv_layout!r}")
+  elif not isinstance(kv_layout, KVCacheLayout):
+    raise TypeError(f"kv_layout must be a str or KVCacheLayout, got {type(kv_layout).__name__}")
+
   paged = block_table is not None
   if paged:
     block_table = _int32("block_table", block_table, 2, "[batch, max_blocks]")
@@ -184,9 +202,14 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
                        f"{tuple(block_table.shape)}")
     if block_table.shape[1] < 1:
       raise ValueError("block_table must have at least one column (max_blocks >= 1)")
+    static_layer = _static_layer(layer)
     if layer is not None:
       layer = _layer(layer)
     layout = resolve(kv_layout, k.shape, None if v is None else v.shape, stacked=layer is not None)
+    if static_layer is not None and not 0 <= static_layer < layout.num_layers:
+      # A traced layer is clamped in the kernel; a static one out of range is a bug we can name
+      # (and -1 would otherwise be read as layer 0, not as Python's last layer).
+      raise ValueError(f"layer must be in [0, {layout.num_layers}) (axis 0 of k), got {static_layer}")
     num_kv_heads, kv_head_dim = layout.num_kv_heads, layout.head_dim
     if seqused_k is None and cu_seqlens_k is None:
       raise ValueError("a paged cache (block_table) needs seqused_k: int32 [batch], keys per sequence")
@@ -201,6 +224,9 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
     if v is None:
       raise ValueError("v is None: non-paged attention needs v [total_k, Hk, D]")
     _array("k", k, rank=3)
+    if 0 in tuple(k.shape):
+      # No key row to gather from (kernels clamp indices into [0, total_k), which is empty).
+      raise ValueError(f"k [total_k, Hk, D] must have no empty axis, got shape {tuple(k.shape)}")
     if tuple(v.shape) != tuple(k.shape):
       raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     total_k, num_kv_heads, kv_head_dim = k.shape
@@ -231,6 +257,10 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
            else _static_float("softmax_scale", softmax_scale, positive=True))
   causal = _static_bool("causal", causal)
   left, right = _window(window_size)
+  # |i + sk - sq - j| < max(total_q, capacity) for every query / key pair, so a wider window is exactly
+  # unbounded; saying so keeps huge "infinite" windows (2**40, sys.maxsize) out of int32 kernel math.
+  reach = max(total_q, capacity)
+  left, right = (-1 if w >= reach else w for w in (left, right))
   if causal:
     right = 0
   softcap = _static_float("softcap", softcap, positive=False)
@@ -266,10 +296,24 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
   return spec, arrays
 
 
+def _static_layer(layer) -> Optional[int]:
+  """The value of a layer known on the host (Python / NumPy integer), else None (traced or device)."""
+  if isinstance(layer, (bool, np.bool_)):
+    return None  # _layer raises for it
+  if isinstance(layer, (numbers.Integral, np.integer)):
+    return int(layer)
+  if isinstance(layer, np.ndarray) and layer.ndim == 0 and np.issubdtype(layer.dtype, np.integer):
+    return int(layer)
+  return None
+
+
 def _layer(layer):
   if isinstance(layer, (bool, np.bool_)):
     raise TypeError(f"layer must be an int32 scalar, got {type(layer).__name__}")
   if isinstance(layer, (numbers.Integral, np.integer)):
     return jnp.asarray(layer, jnp.int32)
+  if not _is_array(layer):
+    raise TypeError(f"layer must be an int32 scalar (a Python int or an int32 array of shape ()), got "
+                    f"{type(layer).__name__}")
   _array("layer", layer, rank=0, dtypes=(jnp.dtype(jnp.int32),), dtype_desc="an int32 scalar")
   return jnp.asarray(layer)

@@ -84,8 +84,14 @@ class KVCacheLayout:
     if self.page_stride % self.head_dim:
       raise ValueError(f"KVCacheLayout.page_stride={self.page_stride} must be a multiple of "
                        f"head_dim={self.head_dim}")
-    if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages <= 0):
+    if self.num_pages is not None and (not isinstance(self.num_pages, int) or isinstance(self.num_pages, bool)
+                                       or self.num_pages <= 0):
       raise ValueError(f"KVCacheLayout.num_pages must be a positive int or None, got {self.num_pages!r}")
+    # fused decides where V is read from: a truthy non-bool ("yes", 1) would be a silent guess.
+    if not isinstance(self.fused, bool):
+      raise TypeError(f"KVCacheLayout.fused must be a bool, got {type(self.fused).__name__}")
+    if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 0:
+      raise ValueError(f"KVCacheLayout.num_layers must be a non-negative int, got {self.num_layers!r}")
 
   # ---- derived static facts -------------------------------------------------------------------
   @property
@@ -116,6 +122,14 @@ class KVCacheLayout:
 
 ArrayShape = Tuple[int, ...]
 
+# (rank, axes) of k for each named form, one layer.
+_NAMED_FORMS = {
+    "NHD": (4, "[num_blocks, block_size, num_kv_heads, head_dim]"),
+    "HND": (4, "[num_blocks, num_kv_heads, block_size, head_dim]"),
+    "fused_page_major": (5, "[num_blocks, 2, block_size, num_kv_heads, head_dim]"),
+    "fused_kv_major": (5, "[2, num_blocks, block_size, num_kv_heads, head_dim]"),
+}
+
 
 def _named(name: str, k_shape: ArrayShape, v_shape: Optional[ArrayShape]) -> KVCacheLayout:
   """The layout of a named form, read off the (per-layer) shapes of k and v."""
@@ -125,15 +139,13 @@ def _named(name: str, k_shape: ArrayShape, v_shape: Optional[ArrayShape]) -> KVC
   if not fused and v_shape is None:
     raise ValueError(f"v is None, but kv_layout={name!r} takes separate k and v arrays; "
                      "pass v, or use kv_layout='fused_page_major' / 'fused_kv_major'")
-  want_rank = 5 if fused else 4
-  if len(k_shape) != want_rank:
-    form = {"NHD": "[num_blocks, block_size, num_kv_heads, head_dim]",
-            "HND": "[num_blocks, num_kv_heads, block_size, head_dim]",
-            "fused_page_major": "[num_blocks, 2, block_size, num_kv_heads, head_dim]",
-            "fused_kv_major": "[2, num_blocks, block_size, num_kv_heads, head_dim]"}[name]
-    raise ValueError(f"k for kv_layout={name!r} must be {form} (rank {want_rank}), got shape {k_shape}")
   if not fused and tuple(v_shape) != tuple(k_shape):
     raise ValueError(f"v must have the shape of k for kv_layout={name!r}: k {k_shape}, v {v_shape}")
+  if 0 in k_shape:
+    # Caught here rather than by KVCacheLayout.__post_init__, whose message would name a field the
+    # caller never wrote.
+    raise ValueError(f"k for kv_layout={name!r} must have no empty axis (num_blocks, block_size, "
+                     f"num_kv_heads, head_dim >= 1), got shape {k_shape}")
   if name == "NHD":
     n, bs, hk, d = k_shape
     return KVCacheLayout(bs, hk, d, page_stride=bs * hk * d, num_pages=n, name=name)
@@ -163,10 +175,24 @@ def resolve(kv_layout: Union[str, KVCacheLayout], k_shape: Sequence[int],
   """
   k_shape = tuple(int(s) for s in k_shape)
   v_shape = None if v_shape is None else tuple(int(s) for s in v_shape)
+  if isinstance(kv_layout, str) and kv_layout in NAMED_LAYOUTS:
+    # The rank is checked on the shape the caller passed (before the layer axis is taken off), so
+    # the message shows their shape and says whether layer= is what is missing or extra.
+    rank, form = _NAMED_FORMS[kv_layout]
+    if stacked:
+      rank, form = rank + 1, "[num_layers, " + form[1:]
+    if len(k_shape) != rank:
+      hint = ""
+      if not stacked and len(k_shape) == rank + 1:
+        hint = "; a layer-stacked cache [num_layers, ...] also needs layer="
+      elif stacked and len(k_shape) == rank - 1:
+        hint = "; with layer= the cache needs a leading [num_layers] axis (or drop layer=)"
+      raise ValueError(f"k for kv_layout={kv_layout!r}{' with layer=' if stacked else ''} must be {form} "
+                       f"(rank {rank}), got shape {k_shape}{hint}")
   num_layers, layer_stride = 0, 0
   if stacked:
-    if len(k_shape) < 2:
-      raise ValueError(f"with layer= the cache k must be [num_layers, ...], got shape {k_shape}")
+    if len(k_shape) < 2 or k_shape[0] < 1:  # zero layers: nothing for a clamped layer index to read
+      raise ValueError(f"with layer= the cache k must be [num_layers >= 1, ...], got shape {k_shape}")
     if v_shape is not None and (len(v_shape) < 1 or v_shape[0] != k_shape[0]):
       raise ValueError(f"with layer= k and v must have the same number of layers (axis 0): "
                        f"k {k_shape}, v {v_shape}")
