@@ -150,6 +150,23 @@ class AttentionSuite:
       assert rel_err(np.asarray(out.astype(jnp.float32))[:n], ref[:n]) < self.tolerance[p.dtype]
     assert step._cache_size() == 1
 
+  @pytest.mark.parametrize("layout", ["NHD", "HND", "stacked_strided"])
+  def test_hostile_block_table_only_affects_its_sequence(self, layout):
+    """Garbage in one sequence's block table and seqused_k: no crash, the others stay exact."""
+    p = self.problem(layout=layout, causal=True)
+    kwargs, oracle = make_problem(p)
+    rng = np.random.default_rng(p.seed)
+    bt = np.array(kwargs["block_table"])
+    bt[0] = rng.integers(-(10**6), 10**6, bt.shape[1])
+    used = np.array(kwargs["seqused_k"])
+    used[0] = 10**6  # far beyond the block table's capacity
+    kwargs.update(block_table=jnp.asarray(bt), seqused_k=jnp.asarray(used))
+    out, _ = self.run(kwargs)
+    ref, _ = reference_attention(**oracle)
+    cu = oracle["cu_seqlens_q"]
+    rows = slice(int(cu[1]), int(cu[-1]))
+    assert rel_err(np.asarray(out.astype(jnp.float32))[rows], ref[rows]) < self.tolerance[p.dtype]
+
   @pytest.mark.parametrize("layout", ["NHD", "fused_kv_major", "stacked_strided"])
   def test_cache_not_copied(self, layout):
     """The compiled HLO never materializes anything as large as the cache: it is read in place."""

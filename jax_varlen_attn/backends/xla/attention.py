@@ -65,7 +65,9 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   T, BQ, BK = spec.total_q, config.block_q, config.block_k
   f32 = jnp.float32
 
-  cu_q = arrays.cu_seqlens_q
+  # Sequence bounds clamped into [0, T]: garbage cu_seqlens_q can neither index outside q nor make
+  # the loops below run past T rows (never a hang).
+  cu_q = jnp.clip(arrays.cu_seqlens_q, 0, T)
   q_start = cu_q[:-1]
   len_q = jnp.maximum(cu_q[1:] - q_start, 0)  # [B]
   capacity = spec.max_blocks * spec.layout.block_size if spec.paged else spec.total_k
