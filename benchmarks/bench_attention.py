@@ -30,6 +30,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # through dlpack), so jax may grow to 85% of the card.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
 os.environ.setdefault("FLAGGEMS_CACHE_DIR", "/tmp/flaggems_cache")
+os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton_cache")  # the GPU machine has no writable ~/.triton
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
