@@ -113,6 +113,22 @@ class Budget:
 
 # ---- environment -----------------------------------------------------------------------------------
 
+def _ensure_triton_cache_dir():
+  """torch-side Triton (FlagGems, the sum-kernel ceiling) builds its driver module through Triton's
+  file cache; on the GPU machine that cache dir came out empty ("Could not create or locate cache
+  dir"), so set it explicitly when it is unset or empty."""
+  try:
+    import triton
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+      print(f"triton cache dir: {knobs.cache.dir!r} (home {knobs.cache.home_dir!r})", flush=True)
+      if not knobs.cache.dir:
+        knobs.cache.dir = os.environ.get("TRITON_CACHE_DIR") or "/tmp/triton_cache"
+      os.makedirs(knobs.cache.dir, exist_ok=True)
+  except Exception as e:  # diagnostics only
+    print(f"triton cache dir: could not set ({type(e).__name__}: {e})", flush=True)
+
+
 @dataclasses.dataclass
 class Env:
   jax: Any
@@ -193,6 +209,7 @@ def setup_env(args) -> Env:
           from flag_gems.ops import flash_attn_varlen_func as fg_fn
         env.flaggems_fn = fg_fn
         env.versions["flag_gems"] = getattr(flag_gems, "__version__", "?")
+        _ensure_triton_cache_dir()
       except Exception as e:
         env.why_not["flaggems"] = f"flag_gems unavailable: {type(e).__name__}: {e}"
   if "jax-pallas-paged" in want:
