@@ -179,7 +179,9 @@ def _attend_tile(carry, n_start, *, q, k_ref, v_ref, kv_index_ref, seq, kv_head,
   k = lowering.load(k_ref, (k_rows[:, None], cols), load_ok, 0)  # [BK, D_pad]
   v = lowering.load(v_ref, (v_rows[:, None], cols), load_ok, 0)  # [BK, D_pad]
 
-  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  # HIGHEST: fp32 inputs get exact (IEEE) products on the GPU instead of tf32; fp16 / bf16 unchanged.
+  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
   if p.softcap > 0:
     s = jnp.tanh(s * (p.scale / p.softcap)) * (p.softcap * LOG2E)
   else:
@@ -215,7 +217,7 @@ def online_softmax_step(acc, m_i, l_i, s, v, masked: bool):
   alpha = jnp.exp2(m_i - m_ref)
   l_i = l_i * alpha + jnp.sum(p, axis=1)
   pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                       preferred_element_type=jnp.float32)
+                       precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   return acc * alpha[:, None] + pv, m_new, l_i
 
 
