@@ -47,6 +47,29 @@ class AttentionSpec:
     """q heads per kv head (GQA ratio)."""
     return self.num_heads // self.num_kv_heads
 
+  @property
+  def mean_queries_per_sequence(self) -> int:
+    """ceil(total_q / batch), at most max_seqlen_q, at least 1: 1 for a decode batch.
+
+    Backends size query tiles by it, so a decode batch does not pad every sequence to a
+    prefill-sized tile (it is static: shapes only, never lengths).
+    """
+    return max(1, min(-(-self.total_q // self.batch), self.max_seqlen_q))
+
+  def query_programs(self, block_q: int) -> int:
+    """Programs along the query axis of a (query block, kv head) grid: a static bound, no host sync.
+
+    Sequence b gets programs [cu_q[b] // block_q + b, cu_q[b+1] // block_q + b + 1), at least
+    ceil(len_b / block_q) of them; the padding rows after the last sequence need
+    ceil((total_q - cu_q[-1]) / block_q) more. Summed, that is at most cdiv(total_q, block_q) + batch.
+    """
+    return -(-self.total_q // block_q) + self.batch
+
+
+def next_pow2(n: int) -> int:
+  """Smallest power of two >= n (1 for n <= 1)."""
+  return 1 << max(0, (int(n) - 1).bit_length())
+
 
 class AttentionArrays(NamedTuple):
   """The arrays of one call, normalized by `api` (shapes use AttentionSpec's names).

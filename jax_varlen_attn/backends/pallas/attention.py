@@ -8,21 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from jax_varlen_attn.backends.pallas import lowering
-from jax_varlen_attn.backends.pallas.config import Config, next_pow2
+from jax_varlen_attn.backends.pallas.config import Config
 from jax_varlen_attn.backends.pallas.kernel import KernelParams, varlen_attention_kernel
-from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
+from jax_varlen_attn.spec import AttentionArrays, AttentionSpec, next_pow2
 
 _I32_MAX = 2**31 - 1
-
-
-def grid_size(spec: AttentionSpec, block_q: int) -> int:
-  """Programs along the query axis: a static bound from shapes, never a host sync.
-
-  Sequence b gets programs [cu_q[b] // block_q + b, cu_q[b+1] // block_q + b + 1), at least
-  ceil(len_b / block_q) of them; the padding rows after the last sequence need
-  ceil((total_q - cu_q[-1]) / block_q) more. Summed, that is at most cdiv(total_q, block_q) + batch.
-  """
-  return -(-spec.total_q // block_q) + spec.batch
 
 
 def kernel_params(spec: AttentionSpec, config: Config) -> KernelParams:
@@ -90,7 +80,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   out_shape = [jax.ShapeDtypeStruct((T * H, D), arrays.q.dtype)]
   if spec.return_lse:
     out_shape.append(jax.ShapeDtypeStruct((H, T), jnp.float32))
-  grid = (grid_size(spec, config.block_q), spec.num_kv_heads)
+  grid = (spec.query_programs(config.block_q), spec.num_kv_heads)
   call = lowering.pallas_call(
       functools.partial(varlen_attention_kernel, p=p), out_shape=out_shape, grid=grid,
       num_warps=config.num_warps, num_stages=config.num_stages,

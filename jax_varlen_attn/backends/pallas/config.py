@@ -5,14 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from jax_varlen_attn.spec import AttentionSpec
+from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
 _WARPS = (1, 2, 4, 8, 16)
 _MAX_BLOCK_Q = 1024
-
-
-def next_pow2(n: int) -> int:
-  return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _is_int(value) -> bool:
@@ -63,7 +59,7 @@ class Config:
     if block_q is None:
       # Query tokens a program should cover: the mean per sequence (1 for decode), so a decode batch
       # does not pad every sequence to a prefill-sized tile; the static max_seqlen_q bounds it.
-      mean_q = max(1, min(-(-spec.total_q // spec.batch), spec.max_seqlen_q))
+      mean_q = spec.mean_queries_per_sequence
       # tl.dot needs M >= 16: rows are paid for anyway, so let block_q fill them (block_m // group);
       # a bigger block_q also shrinks the grid bound cdiv(total_q, block_q) + batch.
       block_m = min(max(16, next_pow2(mean_q * group)), max_m)

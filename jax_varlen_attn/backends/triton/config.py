@@ -5,16 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from jax_varlen_attn.spec import AttentionSpec
+from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
 _WARPS = (1, 2, 4, 8, 16)
 # Streaming multiprocessors of an H100 SXM. Only used to size tiles so small batches still give
 # every SM a program; being off by a few on another GPU costs little.
 NUM_SMS = 132
-
-
-def next_pow2(n: int) -> int:
-  return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _pow2(name, value, minimum):
@@ -56,9 +52,7 @@ class Config:
   def resolved(self, spec: AttentionSpec) -> "Config":
     """This config with every None field chosen from the static shapes."""
     group = spec.group_size
-    # Query tokens a program should cover: the mean per sequence (1 for decode), so decode
-    # batches do not pad every sequence to a prefill-sized tile.
-    mean_q = max(1, min(-(-spec.total_q // spec.batch), spec.max_seqlen_q))
+    mean_q = spec.mean_queries_per_sequence  # query tokens a program should cover
     # Rows: at least 16 (tl.dot's minimum M) and the whole GQA group; at most 128 (FlashAttention-2's
     # tile for head_dim <= 128), 64 for wider heads so the accumulator fits in registers.
     max_m = 128 if spec.head_dim <= 128 else 64
@@ -67,8 +61,8 @@ class Config:
     if self.block_m is None:
       # A small prefill (seed1: 512 queries, 8 kv heads) would leave SMs idle with 128-row tiles:
       # halve the tile until the grid has a program for every SM, or the tile is minimal.
-      programs = lambda m: (-(-spec.total_q // (m // group)) + spec.batch) * spec.num_kv_heads
-      while block_m > max(16, next_pow2(group)) and programs(block_m) < NUM_SMS:
+      while (block_m > max(16, next_pow2(group))
+             and spec.query_programs(block_m // group) * spec.num_kv_heads < NUM_SMS):
         block_m //= 2
     # 64 keys a tile keeps K / V tiles at 16 KB (fp16, D=128); halve for wide heads.
     block_n = self.block_n or (64 if spec.head_dim <= 128 else 32)

@@ -14,16 +14,6 @@ from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
 _I32_MAX = 2**31 - 1
 
 
-def grid_size(spec: AttentionSpec, block_q: int) -> int:
-  """Programs along the query axis: a static bound, never a host sync.
-
-  Sequence b gets programs [cu_q[b] // block_q + b, cu_q[b+1] // block_q + b + 1), at least
-  ceil(len_b / block_q) of them; the padding rows after the last sequence need
-  ceil((total_q - cu_q[-1]) / block_q) more. Summed, that is at most cdiv(total_q, block_q) + batch.
-  """
-  return -(-spec.total_q // block_q) + spec.batch
-
-
 def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   """(inputs by kernel parameter name, outputs, grid, constexprs) of one launch; config resolved."""
   consts = config.constexprs(spec)
@@ -52,7 +42,7 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
   outputs = (jax.ShapeDtypeStruct((spec.total_q, spec.num_heads, spec.head_dim), arrays.q.dtype),
              jax.ShapeDtypeStruct((spec.num_heads, spec.total_q) if spec.return_lse else (1,),
                                   jnp.float32))
-  grid = (grid_size(spec, consts["BLOCK_Q"]), spec.num_kv_heads)
+  grid = (spec.query_programs(consts["BLOCK_Q"]), spec.num_kv_heads)
   return inputs, outputs, grid, consts
 
 

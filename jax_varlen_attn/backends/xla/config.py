@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jax_varlen_attn.spec import AttentionSpec
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
+from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +28,7 @@ class Config:
     # Every step covers block_q rows of *every* sequence, so size it by the mean query count per
     # sequence (1 for decode batches) rather than the longest: a decode batch then computes no
     # padded rows, and a lone long prefill still takes at most 64 rows a step.
-    mean_q = -(-spec.total_q // spec.batch)
-    block_q = min(64, _next_pow2(max(1, min(mean_q, spec.max_seqlen_q))))
+    block_q = min(64, next_pow2(spec.mean_queries_per_sequence))
     # Keys per step: a few pages (whole pages keep gathers aligned), 128 tokens when it divides.
     page = spec.layout.block_size if spec.paged else 1
     block_k = max(page, 128 // page * page) if page <= 128 else page
