@@ -18,3 +18,39 @@ class TestTriton(AttentionSuite):
   # Triton's interpreter computes bf16 on raw bits (wrong numbers): bf16 is checked on the GPU only.
   dtypes = ("float16", "bfloat16", "float32") if HAS_GPU else ("float16", "float32")
   # On the GPU an fp32 dot is exact only with input_precision="ieee", which the kernel uses.
+
+
+class TestTritonSplitKV(AttentionSuite):
+  """The whole suite again with split-KV forced on (small key tiles so every sequence really splits)."""
+
+  backend = "triton"
+  dtypes = TestTriton.dtypes
+
+  def run(self, kwargs, **extra):
+    from jax_varlen_attn import flash_attn_varlen_func
+    from jax_varlen_attn.backends.triton import Config
+    extra.setdefault("config", Config(block_n=16, num_splits=3))
+    return flash_attn_varlen_func(**kwargs, backend=self.backend, **extra)
+
+
+def test_split_count_follows_static_shapes_only():
+  """Split-KV turns on for few long sequences (grid below the SM count), off for big batches."""
+  import jax.numpy as jnp
+  from jax_varlen_attn.api import _validate
+  from jax_varlen_attn.backends.triton import Config
+
+  def spec_for(batch, pages, max_seqlen_q=1):
+    q = jnp.zeros((batch, 16, 128), jnp.float16)
+    cache = jnp.zeros((batch * pages, 16, 8, 128), jnp.float16)
+    cu = jnp.arange(batch + 1, dtype=jnp.int32)
+    spec, _ = _validate(q, cache, cache, max_seqlen_q, cu, None, None, jnp.zeros((batch,), jnp.int32),
+                        None, True, (-1, -1), 0.0, None, jnp.zeros((batch, pages), jnp.int32), False,
+                        "NHD", None)
+    return spec
+
+  long_few = Config.get_default(spec_for(8, 2048))  # decode_8x32768
+  many = Config.get_default(spec_for(256, 256))  # decode_256x4096
+  short_few = Config.get_default(spec_for(2, 2))
+  assert long_few.num_splits > 1
+  assert many.num_splits == 1
+  assert short_few.num_splits == 1

@@ -11,6 +11,7 @@ _WARPS = (1, 2, 4, 8, 16)
 # Streaming multiprocessors of an H100 SXM. Only used to size tiles so small batches still give
 # every SM a program; being off by a few on another GPU costs little.
 NUM_SMS = 132
+MAX_SPLITS = 64
 
 
 def _pow2(name, value, minimum):
@@ -24,6 +25,8 @@ class Config:
 
   block_m: rows of a tile = query tokens x the q heads sharing one kv head (GQA packed into M).
   block_n: keys per tile.
+  num_splits: split-KV (flash-decoding): each (query block, kv head) program's keys are divided
+    among this many programs, whose partial outputs are combined by their LSEs. 1 = off.
   row_id_fast_path: on a contiguous cache, address keys by row id (page * block_size + offset)
     rather than by the (constexpr) page stride. Both are exact; kept switchable for the benchmark.
   constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
@@ -32,6 +35,7 @@ class Config:
 
   block_m: Optional[int] = None
   block_n: Optional[int] = None
+  num_splits: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
   row_id_fast_path: bool = True
@@ -40,6 +44,10 @@ class Config:
   def __post_init__(self):
     _pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
     _pow2("block_n", self.block_n, 16)
+    if self.num_splits is not None and (not isinstance(self.num_splits, int) or isinstance(
+        self.num_splits, bool) or not 1 <= self.num_splits <= MAX_SPLITS):
+      raise ValueError(f"Config.num_splits must be an int in [1, {MAX_SPLITS}] or None, got "
+                       f"{self.num_splits!r}")
     if self.num_warps is not None and self.num_warps not in _WARPS:
       raise ValueError(f"Config.num_warps must be one of {_WARPS} or None, got {self.num_warps!r}")
     if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
@@ -70,8 +78,24 @@ class Config:
     num_warps = self.num_warps or (8 if block_m >= 128 else 4)
     # Three stages pipeline the K/V loads of big tiles; two where registers / smem are tight.
     num_stages = self.num_stages or (3 if block_m >= 64 and spec.head_dim <= 128 else 2)
-    return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_warps=num_warps,
-                               num_stages=num_stages)
+    num_splits = self.num_splits or self._default_splits(spec, block_m, block_n)
+    return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
+                               num_warps=num_warps, num_stages=num_stages)
+
+  @staticmethod
+  def _default_splits(spec: AttentionSpec, block_m: int, block_n: int) -> int:
+    """Split-KV only where the grid cannot fill the GPU (few, long sequences: decode_8x32768).
+
+    Aim at ~4 programs per SM, and give every split at least 4 key tiles of the longest possible
+    sequence (spec.max_seqlen_k, static) so partial writes and the combine stay small next to the
+    K / V reads. Shapes only: lengths changing never changes the split count (no recompile).
+    """
+    programs = spec.query_programs(block_m // spec.group_size) * spec.num_kv_heads
+    if programs >= NUM_SMS:
+      return 1
+    by_fill = -(-4 * NUM_SMS // programs)
+    by_length = spec.max_seqlen_k // (4 * block_n)
+    return max(1, min(by_fill, by_length, MAX_SPLITS))
 
   def constexprs(self, spec: AttentionSpec) -> dict:
     """Every tl.constexpr of `varlen_attention_kernel`, from the spec (shapes, layout, options)."""
@@ -85,6 +109,7 @@ class Config:
         NUM_HEADS=spec.num_heads, NUM_KV_HEADS=spec.num_kv_heads, GROUP=group,
         HEAD_DIM=spec.head_dim, HEAD_DIM_PAD=max(16, next_pow2(spec.head_dim)),
         BLOCK_M=self.block_m, BLOCK_Q=self.block_m // group, BLOCK_N=self.block_n,
+        NUM_SPLITS=self.num_splits,
         IS_PAGED=paged, IS_CONTIGUOUS_KV=contiguous, CONSTEXPR_STRIDES=self.constexpr_strides,
         # A tile inside one page looks its page up once (a scalar) instead of once per key.
         SINGLE_PAGE_TILE=paged and layout.block_size % self.block_n == 0,

@@ -6,6 +6,10 @@ K / V tile is read once per kv head, not once per q head. The grid is static:
 (cdiv(total_q, BLOCK_Q) + batch, num_kv_heads); each program finds its sequence by binary search
 over `cu_seqlens_q`, and the programs past the last sequence write the padding rows (zeros).
 
+With NUM_SPLITS > 1 (split-KV, flash-decoding, for grids too small to fill the GPU) a third grid
+axis divides each program's keys into NUM_SPLITS whole-tile ranges; each split writes a normalized
+partial output and its LSE, and the launcher combines them (`launcher.combine_splits`).
+
 Keys are visited in three ranges: masked tiles at the start of a left window, unmasked tiles in the
 middle, masked tiles at the causal / right-window / length boundary. Tiles above the causal
 diagonal are never visited. The online-softmax step is `_attend_tile`, written once and called for
@@ -164,13 +168,13 @@ def varlen_attention_kernel(
     batch,  # number of sequences
     total_q,  # rows of q (padding included)
     # outputs
-    out_ptr,  # [total_q, NUM_HEADS, HEAD_DIM], q's dtype
-    lse_ptr,  # f32[NUM_HEADS, total_q] (RETURN_LSE)
+    out_ptr,  # [total_q, NUM_HEADS, HEAD_DIM] q's dtype; split-KV: f32[NUM_SPLITS, total_q, H, D]
+    lse_ptr,  # f32[NUM_HEADS, total_q] (RETURN_LSE); split-KV: f32[NUM_SPLITS, NUM_HEADS, total_q]
     # shape
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     # tiles
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     # cache addressing
     IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr, CONSTEXPR_STRIDES: tl.constexpr,
     SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
@@ -204,11 +208,19 @@ def varlen_attention_kernel(
   qo_off = (q_row * NUM_HEADS + head) * HEAD_DIM  # [BLOCK_M] (launcher keeps q's size < 2**31)
   io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, HEAD_DIM_PAD]
 
+  # Split-KV: split `split` of NUM_SPLITS writes its partial (normalized output, LSE) to its own
+  # slice of out [NUM_SPLITS, total_q, H, D] f32 / lse [NUM_SPLITS, H, total_q]; the launcher
+  # combines them. A row with no key in a split has LSE -inf there (weight 0 in the combine).
+  split = tl.program_id(2)
+  out_ptr += split * (total_q * NUM_HEADS * HEAD_DIM)
+  lse_ptr += split * (NUM_HEADS * total_q)
+  EMPTY_LSE: tl.constexpr = float("inf") if NUM_SPLITS == 1 else float("-inf")
+
   if seq == batch:  # padding rows past cu_seqlens_q[-1]: a defined zero output
     tl.store(out_ptr + qo_off[:, None] + offs_d[None, :],
              tl.zeros([BLOCK_M, HEAD_DIM_PAD], out_ptr.dtype.element_ty), mask=io_mask)
-    if RETURN_LSE:
-      tl.store(lse_ptr + head * total_q + q_row, tl.full([BLOCK_M], float("inf"), tl.float32),
+    if RETURN_LSE or NUM_SPLITS > 1:
+      tl.store(lse_ptr + head * total_q + q_row, tl.full([BLOCK_M], EMPTY_LSE, tl.float32),
                mask=row_ok)
     return
 
@@ -253,6 +265,13 @@ def varlen_attention_kernel(
   full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
   full_hi = tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N, full_lo)
   full_hi = tl.minimum(full_hi, tl.maximum(hi // BLOCK_N * BLOCK_N, full_lo))
+  # This split's keys: [split_lo, split_hi), whole tiles from lo (so tile starts stay aligned).
+  split_lo = lo
+  split_hi = hi
+  if NUM_SPLITS > 1:
+    per_split = ((hi - lo + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    split_lo = lo + split * per_split
+    split_hi = tl.minimum(hi, split_lo + per_split)
 
   acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -265,7 +284,7 @@ def varlen_attention_kernel(
       start, stop = full_lo, full_hi
     else:
       start, stop = full_hi, hi
-    for n in range(start, stop, BLOCK_N):
+    for n in range(tl.maximum(start, split_lo), tl.minimum(stop, split_hi), BLOCK_N):
       acc, m_i, l_i = _attend_tile(
           acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n, len_k, diag, slopes,
           kv_head, scale, softcap, page_stride, token_stride, head_stride, phase != 1, IS_PAGED,
@@ -273,9 +292,9 @@ def varlen_attention_kernel(
           HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
           HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION)
 
-  seen = l_i > 0.0  # rows that saw no allowed key output zeros and LSE +inf
+  seen = l_i > 0.0  # rows that saw no allowed key output zeros and LSE +inf (-inf in a split)
   out = acc / tl.where(seen, l_i, 1.0)[:, None]
   tl.store(out_ptr + qo_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
-  if RETURN_LSE:
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
+  if RETURN_LSE or NUM_SPLITS > 1:
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, EMPTY_LSE)
     tl.store(lse_ptr + head * total_q + q_row, lse, mask=row_ok)

@@ -17,9 +17,11 @@ _I32_MAX = 2**31 - 1
 def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   """(inputs by kernel parameter name, outputs, grid, constexprs) of one launch; config resolved."""
   consts = config.constexprs(spec)
-  if spec.total_q * spec.num_heads * spec.head_dim > _I32_MAX:
-    raise ValueError(f"q has {spec.total_q * spec.num_heads * spec.head_dim} elements; the Triton "
-                     "backend indexes q / out with int32 (at most 2**31 - 1): split the batch")
+  splits = config.num_splits
+  if splits * spec.total_q * spec.num_heads * spec.head_dim > _I32_MAX:
+    raise ValueError(f"q has {spec.total_q * spec.num_heads * spec.head_dim} elements (x{splits} "
+                     "KV splits); the Triton backend indexes q / out with int32 (at most 2**31 - 1): "
+                     "split the batch or pass Config(num_splits=1)")
   layout = spec.layout
   inputs = dict(
       q_ptr=arrays.q,
@@ -39,10 +41,15 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
       batch=spec.batch,
       total_q=spec.total_q,
   )
-  outputs = (jax.ShapeDtypeStruct((spec.total_q, spec.num_heads, spec.head_dim), arrays.q.dtype),
-             jax.ShapeDtypeStruct((spec.num_heads, spec.total_q) if spec.return_lse else (1,),
-                                  jnp.float32))
-  grid = (spec.query_programs(consts["BLOCK_Q"]), spec.num_kv_heads)
+  out_shape = (spec.total_q, spec.num_heads, spec.head_dim)
+  lse_shape = (spec.num_heads, spec.total_q)
+  if splits > 1:  # partial results per split, f32, combined by `combine_splits`
+    outputs = (jax.ShapeDtypeStruct((splits,) + out_shape, jnp.float32),
+               jax.ShapeDtypeStruct((splits,) + lse_shape, jnp.float32))
+  else:
+    outputs = (jax.ShapeDtypeStruct(out_shape, arrays.q.dtype),
+               jax.ShapeDtypeStruct(lse_shape if spec.return_lse else (1,), jnp.float32))
+  grid = (spec.query_programs(consts["BLOCK_Q"]), spec.num_kv_heads, splits)
   return inputs, outputs, grid, consts
 
 
@@ -52,4 +59,25 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
   out, lse = launch(varlen_attention_kernel, inputs, outputs, grid, config.num_warps,
                     config.num_stages, consts)
+  if config.num_splits > 1:
+    out, lse = combine_splits(out, lse)
+    out = out.astype(arrays.q.dtype)
   return out, (lse if spec.return_lse else None)
+
+
+def combine_splits(out, lse):
+  """Merges split-KV partials: out f32[S, T, H, D] (each normalized), lse f32[S, H, T] (-inf where a
+  split saw no key) -> (out f32[T, H, D], lse f32[H, T] with +inf where no split saw a key).
+
+  One XLA fusion reading the partials once; the weights exp(lse_s - max_s lse) are those of the
+  softmax over the union of the splits' keys.
+  """
+  top = jnp.max(lse, axis=0)  # [H, T]
+  seen = top > -jnp.inf
+  top = jnp.where(seen, top, 0.0)
+  weight = jnp.exp(lse - top)  # [S, H, T]; 0 for a split without keys
+  total = jnp.sum(weight, axis=0)  # [H, T]
+  scale = weight / jnp.where(seen, total, 1.0)  # [S, H, T]
+  merged = jnp.einsum("sht,sthd->thd", scale, out, precision=jax.lax.Precision.HIGHEST)
+  merged_lse = jnp.where(seen, top + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
+  return merged, merged_lse
