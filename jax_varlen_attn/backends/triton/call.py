@@ -6,7 +6,7 @@ makes that a one-place change.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -15,22 +15,50 @@ from jax_varlen_attn.backends import triton_interpreting
 
 
 def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct], grid,
-           num_warps: int, num_stages: int, constexprs: Dict[str, object]):
+           num_warps: int, num_stages: int, constexprs: Dict[str, object],
+           input_output_aliases: Optional[Mapping[str, int]] = None):
   """Runs `kernel` over `grid`; returns the outputs (a list, in the order of `outputs`).
 
   inputs: the kernel's input parameters by name, in the kernel's order (arrays and scalars: a
   Python int is a runtime i32, np.float32 a runtime f32); outputs follow them; then constexprs.
+  input_output_aliases: {input name: output index}: that output *is* the input's buffer (same
+  shape and dtype), so a kernel that stores into some of it leaves the rest as the input had it;
+  under `jax.jit(..., donate_argnums=...)` of the input nothing is copied (written in place). The
+  kernel still takes the aliased output as its own parameter, pointing at the same memory (the
+  jax-triton 0.3 convention; 0.4 drops that parameter: the one place to change is here).
   """
   params = list(kernel.arg_names)
   expected = params[:len(inputs)]
   if list(inputs) != expected:
     raise TypeError(f"kernel {kernel.fn.__name__} takes inputs {expected}, got {list(inputs)}")
+  aliases = dict(input_output_aliases or {})
+  for name, out_idx in aliases.items():
+    x = inputs.get(name)
+    if _is_scalar(x) or x is None:
+      raise TypeError(f"input_output_aliases: {name!r} is not an array input of {kernel.fn.__name__}")
+    if not 0 <= out_idx < len(outputs):
+      raise ValueError(f"input_output_aliases: output {out_idx} of {len(outputs)} for {name!r}")
+    o = outputs[out_idx]
+    if tuple(o.shape) != tuple(x.shape) or np.dtype(o.dtype) != np.dtype(x.dtype):
+      raise ValueError(f"input_output_aliases: {name!r} {tuple(x.shape)} {x.dtype} cannot alias output "
+                       f"{out_idx} {tuple(o.shape)} {o.dtype}")
+  if len(set(aliases.values())) != len(aliases):
+    raise ValueError(f"input_output_aliases: two inputs alias one output: {aliases}")
   if triton_interpreting():
-    return _interpret(kernel, inputs, outputs, grid, constexprs)
+    return _interpret(kernel, inputs, outputs, grid, constexprs, aliases)
   import jax_triton  # imported here: it refuses to import on a CPU-only jaxlib
 
+  # jax-triton numbers aliased inputs among the *array* arguments only (scalars are not operands).
+  array_names = [n for n, x in inputs.items() if not _is_scalar(x)]
+  by_index = {array_names.index(name): out_idx for name, out_idx in aliases.items()}
+  extra = dict(input_output_aliases=by_index) if by_index else {}
   return jax_triton.triton_call(*inputs.values(), kernel=kernel, out_shape=list(outputs), grid=grid,
-                                num_warps=num_warps, num_stages=num_stages, **constexprs)
+                                num_warps=num_warps, num_stages=num_stages, **extra, **constexprs)
+
+
+def _is_scalar(x) -> bool:
+  """What jax-triton passes by value rather than as a buffer (bool, int, float, np.float32)."""
+  return isinstance(x, (bool, int, float, np.float32))
 
 
 class _HostTensor:
@@ -68,9 +96,18 @@ class _HostTensor:
     return tuple(s // self.array.itemsize for s in self.array.strides)
 
 
-def _interpret(kernel, inputs, outputs, grid, constexprs):
-  """Runs the kernel source under Triton's interpreter inside a host callback (CPU, for checking)."""
+def _interpret(kernel, inputs, outputs, grid, constexprs, aliases=None):
+  """Runs the kernel source under Triton's interpreter inside a host callback (CPU, for checking).
+
+  An aliased output is its input's host copy, passed to the kernel as both parameters (as on the GPU,
+  where they are one buffer); the callback returns it as the output.
+  """
+  aliases = aliases or {}
   names = [n for n, x in inputs.items() if isinstance(x, jax.Array)]
+  for name in aliases:
+    if name not in names:
+      raise TypeError(f"input_output_aliases: {name!r} must be a jax.Array input to be interpreted")
+  alias_of = {out_idx: name for name, out_idx in aliases.items()}
 
   def host(*arrays):
     args = dict(inputs)
@@ -79,8 +116,10 @@ def _interpret(kernel, inputs, outputs, grid, constexprs):
     for name, value in args.items():
       if isinstance(value, np.floating):
         args[name] = float(value)
-    # Poisoned outputs: an element the kernel fails to write shows up as NaN.
-    outs = [np.full(o.shape, np.nan, o.dtype) for o in outputs]
+    # Poisoned outputs: an element the kernel fails to write shows up as NaN. Aliased ones start as
+    # their input (the very host array the kernel also sees as that input).
+    outs = [args[alias_of[i]].array if i in alias_of else np.full(o.shape, np.nan, o.dtype)
+            for i, o in enumerate(outputs)]
     kernel[grid](*args.values(), *(_HostTensor(o) for o in outs), **constexprs)
     return outs
 

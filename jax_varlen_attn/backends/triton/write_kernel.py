@@ -1,0 +1,147 @@
+"""The Triton kernel of `write_kv`: new tokens' K / V rows stored into the caller's cache, in place.
+
+One program stores BLOCK_T tokens of one kv head: a [BLOCK_T, HEAD_DIM] tile of K and one of V, each
+row going to the address its slot (`page * PAGE_SIZE + offset`) names in the layout. The cache is an
+input aliased to the output (`input_output_aliases`), so only those rows are written; under buffer
+donation the compiled step copies nothing.
+
+A slot of -1, any slot outside [0, NUM_PAGES * PAGE_SIZE), and (stacked caches) a layer outside
+[0, NUM_LAYERS) write nothing: a store never leaves the buffer. Two slots naming the same row:
+one of them lands (which one is unspecified, as in vLLM's reshape_and_cache).
+
+Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
+  IS_CONTIGUOUS   token-major pages back to back: the slot is the row id (`slot * Hk + head`)
+  otherwise       PAGE_STRIDE / TOKEN_STRIDE / HEAD_STRIDE constants, K_OFFSET / V_OFFSET added
+`write_kv_kernel` takes separate K and V caches; `write_kv_fused_kernel` one buffer holding both
+(fused forms, V at V_OFFSET of the same buffer).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from jax_varlen_attn.backends.triton.call import launch
+from jax_varlen_attn.layout import KVCacheLayout
+
+
+@triton.jit
+def _store_rows(k_new_ptr, v_new_ptr, slot_mapping_ptr, layer_ptr, num_tokens, k_out_ptr, v_out_ptr,
+                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                BLOCK_T: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr,
+                PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr,
+                K_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, IS_CONTIGUOUS: tl.constexpr,
+                IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr):
+  """Stores this program's tile of K into k_out_ptr and of V into v_out_ptr (may be one buffer)."""
+  kv_head = tl.program_id(1)
+  offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] token index
+  offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
+  in_batch = offs_t < num_tokens
+  slot = tl.load(slot_mapping_ptr + offs_t, mask=in_batch, other=-1)
+  ok = in_batch & (slot >= 0) & (slot < NUM_PAGES * PAGE_SIZE)
+  slot = tl.where(ok, slot, 0).to(tl.int64)
+  if IS_CONTIGUOUS:
+    dst = slot * TOKEN_STRIDE + kv_head * HEAD_STRIDE  # row id (slot * Hk + head) * D
+  else:
+    dst = (slot // PAGE_SIZE) * PAGE_STRIDE + (slot % PAGE_SIZE) * TOKEN_STRIDE + kv_head * HEAD_STRIDE
+  if IS_STACKED:
+    # The layer is data (a traced scalar): out of range, nothing of this call is written.
+    # Broadcast to the tile first: the interpreter turns (block & scalar bool) into an int mask.
+    layer = tl.load(layer_ptr) + tl.zeros([BLOCK_T], tl.int32)
+    ok = ok & (layer >= 0) & (layer < NUM_LAYERS)
+    dst += tl.minimum(tl.maximum(layer, 0), NUM_LAYERS - 1).to(tl.int64) * LAYER_STRIDE
+  src = (offs_t.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_DIM  # [BLOCK_T] in k_new / v_new
+  mask = ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+  load_mask = in_batch[:, None] & (offs_d[None, :] < HEAD_DIM)
+  k = tl.load(k_new_ptr + src[:, None] + offs_d[None, :], mask=load_mask)
+  tl.store(k_out_ptr + K_OFFSET + dst[:, None] + offs_d[None, :], k, mask=mask)
+  v = tl.load(v_new_ptr + src[:, None] + offs_d[None, :], mask=load_mask)
+  tl.store(v_out_ptr + V_OFFSET + dst[:, None] + offs_d[None, :], v, mask=mask)
+
+
+@triton.jit
+def write_kv_kernel(
+    k_new_ptr, v_new_ptr,  # [num_tokens, NUM_KV_HEADS, HEAD_DIM], the cache's dtype
+    slot_mapping_ptr,  # i32[num_tokens]
+    layer_ptr,  # i32[1] (IS_STACKED)
+    k_cache_ptr, v_cache_ptr,  # inputs aliased to k_out_ptr / v_out_ptr (the same memory)
+    num_tokens,
+    k_out_ptr, v_out_ptr,  # outputs: the caches, written where the slots say
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr,
+    PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr,
+    K_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, IS_CONTIGUOUS: tl.constexpr,
+    IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr,
+):
+  _store_rows(k_new_ptr, v_new_ptr, slot_mapping_ptr, layer_ptr, num_tokens, k_out_ptr, v_out_ptr,
+              NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, PAGE_SIZE, NUM_PAGES, PAGE_STRIDE,
+              TOKEN_STRIDE, HEAD_STRIDE, K_OFFSET, V_OFFSET, IS_CONTIGUOUS, IS_STACKED, NUM_LAYERS,
+              LAYER_STRIDE)
+
+
+@triton.jit
+def write_kv_fused_kernel(
+    k_new_ptr, v_new_ptr,  # [num_tokens, NUM_KV_HEADS, HEAD_DIM], the cache's dtype
+    slot_mapping_ptr,  # i32[num_tokens]
+    layer_ptr,  # i32[1] (IS_STACKED)
+    kv_cache_ptr,  # input aliased to kv_out_ptr: K at K_OFFSET, V at V_OFFSET of one buffer
+    num_tokens,
+    kv_out_ptr,  # output: the cache
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr,
+    PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr,
+    K_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, IS_CONTIGUOUS: tl.constexpr,
+    IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr,
+):
+  _store_rows(k_new_ptr, v_new_ptr, slot_mapping_ptr, layer_ptr, num_tokens, kv_out_ptr, kv_out_ptr,
+              NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_T, PAGE_SIZE, NUM_PAGES, PAGE_STRIDE,
+              TOKEN_STRIDE, HEAD_STRIDE, K_OFFSET, V_OFFSET, IS_CONTIGUOUS, IS_STACKED, NUM_LAYERS,
+              LAYER_STRIDE)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def kernel_arguments(layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot_mapping, layer):
+  """(kernel, inputs by parameter name, outputs, grid, num_warps, constexprs, aliases) of one launch.
+
+  `layout` is resolved (num_pages known; stacked iff `layer` is given); arrays are validated.
+  """
+  num_tokens, num_kv_heads, head_dim = k_new.shape
+  head_dim_pad = max(16, _next_pow2(head_dim))
+  # 16 tokens a program (a 4 KB fp16 tile at D=128): enough bytes in flight per program, and a
+  # decode step of a few tokens still spreads over its kv heads.
+  block_t = min(16, _next_pow2(num_tokens))
+  num_warps = max(1, min(4, block_t * head_dim_pad // 256))
+  consts = dict(
+      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_T=block_t,
+      PAGE_SIZE=layout.block_size, NUM_PAGES=layout.num_pages, PAGE_STRIDE=layout.page_stride,
+      TOKEN_STRIDE=layout.token_stride, HEAD_STRIDE=layout.head_stride, K_OFFSET=layout.k_offset,
+      V_OFFSET=layout.v_offset, IS_CONTIGUOUS=layout.is_contiguous, IS_STACKED=layout.stacked,
+      NUM_LAYERS=max(layout.num_layers, 1), LAYER_STRIDE=layout.layer_stride)
+  inputs = dict(k_new_ptr=k_new, v_new_ptr=v_new, slot_mapping_ptr=slot_mapping,
+                layer_ptr=(jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,))))
+  if v_cache is None:
+    kernel = write_kv_fused_kernel
+    inputs.update(kv_cache_ptr=k_cache, num_tokens=num_tokens)
+    outputs = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)]
+    aliases = {"kv_cache_ptr": 0}
+  else:
+    kernel = write_kv_kernel
+    inputs.update(k_cache_ptr=k_cache, v_cache_ptr=v_cache, num_tokens=num_tokens)
+    outputs = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+               jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+    aliases = {"k_cache_ptr": 0, "v_cache_ptr": 1}
+  grid = (-(-num_tokens // block_t), num_kv_heads)
+  return kernel, inputs, outputs, grid, num_warps, consts, aliases
+
+
+def write_kv(layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot_mapping, layer):
+  """The Triton write: returns (k_cache, v_cache or None), the input buffers updated in place."""
+  kernel, inputs, outputs, grid, num_warps, consts, aliases = kernel_arguments(
+      layout, k_new, v_new, k_cache, v_cache, slot_mapping, layer)
+  outs = launch(kernel, inputs, outputs, grid, num_warps, 1, consts, input_output_aliases=aliases)
+  return (outs[0], None) if v_cache is None else (outs[0], outs[1])
