@@ -51,6 +51,15 @@ def hostile_variants(kwargs, rng):
   return out
 
 
+def configs(backend):
+  """The kernel paths to exercise: the default, and for triton the split-KV path forced on."""
+  out = [("default", None)]
+  if backend == "triton":
+    from jax_varlen_attn.backends.triton import Config
+    out.append(("split-kv", Config(block_n=16, num_splits=3)))
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--backend", default="triton")
@@ -62,15 +71,16 @@ def main(argv=None):
                 causal=True, seed=int(rng.integers(2**31)))
     kwargs, _ = make_problem(p)
     for name, change in hostile_variants(kwargs, rng):
-      call = {**kwargs, **change}
-      first = jax.block_until_ready(flash_attn_varlen_func(**call, backend=args.backend))
-      second = jax.block_until_ready(flash_attn_varlen_func(**call, backend=args.backend))
-      runs += 1
-      same = all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
-                 for a, b in zip(first, second))
-      if not same:
-        nondeterministic += 1
-        print(f"NOT bitwise identical: {layout} {name}")
+      for config_name, config in configs(args.backend):
+        call = {**kwargs, **change, "config": config}
+        first = jax.block_until_ready(flash_attn_varlen_func(**call, backend=args.backend))
+        second = jax.block_until_ready(flash_attn_varlen_func(**call, backend=args.backend))
+        runs += 1
+        same = all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+                   for a, b in zip(first, second))
+        if not same:
+          nondeterministic += 1
+          print(f"NOT bitwise identical: {layout} {name} {config_name}")
   print(f"hostile runs: {runs} on backend={args.backend}, not bitwise identical: {nondeterministic}")
   return 1 if nondeterministic else 0
 
