@@ -1,0 +1,17 @@
+"""Flax NNX layers over a paged KV cache: `PagedAttention` and a small decoder LM built from it.
+
+Needs flax (`pip install "jax_varlen_attn[nn]"`).
+
+    from flax import nnx
+    from jax_varlen_attn.nn import DecoderLM, ModelConfig, PagedBatch, init_cache
+    model = DecoderLM(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+
+`jax_varlen_attn.serving` runs such a model over mixed prefill + decode batches.
+"""
+
+from jax_varlen_attn.nn.attention import PagedAttention, PagedBatch, apply_rope, rope_frequencies
+from jax_varlen_attn.nn.config import PRESETS, ModelConfig, preset
+from jax_varlen_attn.nn.model import DecoderBlock, DecoderLM, SwiGLU, init_cache
+
+__all__ = ["PagedAttention", "PagedBatch", "apply_rope", "rope_frequencies", "ModelConfig", "PRESETS",
+           "preset", "DecoderBlock", "DecoderLM", "SwiGLU", "init_cache"]

@@ -1,0 +1,409 @@
+"""A minimal continuous-batching serving loop for `jax_varlen_attn.nn.DecoderLM` (host-side Python).
+
+Pieces, each usable alone:
+- `PageAllocator`: a free list of cache pages and the pages each sequence holds.
+- `Scheduler`: picks, every step, decodes first and then prefill chunks (continuing prompts, then new
+  ones) up to a token budget; allocates pages (preempting the newest sequence, to be recomputed, when
+  none are left); builds the flat batch as NumPy arrays padded to a token bucket and a sequence bucket
+  (`StepBatch`), so the jitted step compiles once per bucket pair; takes the sampled tokens back.
+- `Engine`: owns the layer-stacked caches and runs the jitted step (model forward over the flat
+  batch, greedy argmax at each sequence's last token) with the caches donated, so the cache is
+  updated in place.
+- `generate(model, prompts, max_new_tokens)`: the whole loop.
+
+Greedy decoding only; token ids in, token ids out (no tokenizer).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+from typing import Deque, Dict, Iterable, List, Optional, Sequence as Seq, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax import nnx
+
+from jax_varlen_attn.nn import DecoderLM, PagedBatch, init_cache
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def bucket(n: int, minimum: int, maximum: int) -> int:
+  """The smallest power of two >= max(n, minimum), capped at `maximum` (itself always a bucket)."""
+  if n > maximum:
+    raise ValueError(f"{n} exceeds the largest bucket {maximum}")
+  return min(_next_pow2(max(n, minimum)), maximum)
+
+
+class OutOfPages(RuntimeError):
+  """The allocator has fewer free pages than asked for."""
+
+
+class PageAllocator:
+  """Cache pages 0..num_blocks-1 handed out from a free list; each sequence owns an ordered list.
+
+  Page i of a sequence holds its tokens [i * block_size, (i + 1) * block_size).
+  """
+
+  def __init__(self, num_blocks: int, block_size: int):
+    if num_blocks < 1 or block_size < 1:
+      raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+    self.num_blocks, self.block_size = num_blocks, block_size
+    self._free: Deque[int] = collections.deque(range(num_blocks))
+    self._pages: Dict[int, List[int]] = {}
+
+  @property
+  def num_free(self) -> int:
+    return len(self._free)
+
+  def pages(self, seq_id: int) -> List[int]:
+    return self._pages.get(seq_id, [])
+
+  def pages_needed(self, seq_id: int, num_tokens: int) -> int:
+    """New pages `seq_id` needs to hold `num_tokens` tokens in all."""
+    return max(0, _cdiv(num_tokens, self.block_size) - len(self.pages(seq_id)))
+
+  def can_hold(self, seq_id: int, num_tokens: int) -> bool:
+    return self.pages_needed(seq_id, num_tokens) <= self.num_free
+
+  def reserve(self, seq_id: int, num_tokens: int) -> List[int]:
+    """Grows `seq_id`'s pages to hold `num_tokens` tokens; returns the new pages. Raises OutOfPages
+    (allocating nothing) when the free list is too short."""
+    need = self.pages_needed(seq_id, num_tokens)
+    if need > self.num_free:
+      raise OutOfPages(f"sequence {seq_id} needs {need} more pages, {self.num_free} free")
+    new = [self._free.popleft() for _ in range(need)]
+    self._pages.setdefault(seq_id, []).extend(new)
+    return new
+
+  def free(self, seq_id: int) -> int:
+    """Returns all of `seq_id`'s pages to the free list; returns how many."""
+    pages = self._pages.pop(seq_id, [])
+    self._free.extend(pages)
+    return len(pages)
+
+  def slot(self, seq_id: int, position: int) -> int:
+    """Cache slot (page * block_size + offset) of token `position` of `seq_id`."""
+    page = self._pages[seq_id][position // self.block_size]
+    return page * self.block_size + position % self.block_size
+
+
+@dataclasses.dataclass(eq=False)  # identity semantics: `in` / `remove` find this very request
+class Sequence:
+  """One request. `tokens` = prompt + generated; the first `num_computed` have K / V in the cache."""
+
+  seq_id: int
+  prompt: List[int]
+  max_new_tokens: int
+  eos_token_id: Optional[int] = None
+  generated: List[int] = dataclasses.field(default_factory=list)
+  num_computed: int = 0
+  finished: bool = False
+  num_preemptions: int = 0
+
+  @property
+  def tokens(self) -> List[int]:
+    return self.prompt + self.generated
+
+  @property
+  def num_pending(self) -> int:
+    """Tokens whose K / V are not in the cache yet (a prompt's rest, or the one last sampled)."""
+    return len(self.prompt) + len(self.generated) - self.num_computed
+
+  @property
+  def in_prefill(self) -> bool:
+    return self.num_pending > 1 or not self.generated
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+  """max_tokens_per_step: token budget of one step (the largest token bucket).
+  max_seqs: sequences in one step (the largest sequence bucket).
+  max_model_len: longest prompt + generation; sets the block table's width.
+  min_token_bucket / min_seq_bucket: smallest buckets (fewer, larger buckets: fewer compiles).
+  """
+
+  num_blocks: int
+  block_size: int = 16
+  max_tokens_per_step: int = 256
+  max_seqs: int = 16
+  max_model_len: int = 1024
+  min_token_bucket: int = 16
+  min_seq_bucket: int = 4
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"SchedulerConfig.{f.name} must be a positive int, got {v!r}")
+    if self.max_blocks_per_seq > self.num_blocks:
+      raise ValueError(f"max_model_len={self.max_model_len} needs {self.max_blocks_per_seq} pages of "
+                       f"{self.block_size}, more than num_blocks={self.num_blocks}")
+
+  @property
+  def max_blocks_per_seq(self) -> int:
+    return _cdiv(self.max_model_len, self.block_size)
+
+
+@dataclasses.dataclass
+class StepBatch:
+  """One step's flat batch (host NumPy arrays, padded to the buckets) and what it schedules.
+
+  scheduled: (sequence, first position, number of tokens, samples) for each real sequence, in the
+  order of its rows; `samples` is True when the chunk reaches the end of the sequence's known tokens,
+  so the logits of its last row give the next token.
+  """
+
+  tokens: np.ndarray  # i32[T]
+  batch: PagedBatch  # of NumPy arrays
+  sample_rows: np.ndarray  # i32[S]: last row of each sequence (0 for padded sequences)
+  scheduled: List[Tuple[Sequence, int, int, bool]]
+  num_tokens: int  # real tokens (rows past it are padding)
+
+  @property
+  def bucket(self) -> Tuple[int, int]:
+    """(token bucket, sequence bucket): the shapes the jitted step sees."""
+    return self.tokens.shape[0], self.sample_rows.shape[0]
+
+  def describe(self) -> str:
+    parts = []
+    for s, start, n, samples in self.scheduled:
+      kind = "decode" if (n == 1 and start >= len(s.prompt)) else "prefill"
+      parts.append(f"seq {s.seq_id}: {kind} [{start}, {start + n}){' -> sample' if samples else ''}")
+    t, b = self.bucket
+    return f"{self.num_tokens} tokens in bucket ({t} tokens, {b} seqs): " + "; ".join(parts)
+
+
+class Scheduler:
+  """Mixes decodes and prefill chunks into one flat batch per step under a token budget."""
+
+  def __init__(self, config: SchedulerConfig, allocator: Optional[PageAllocator] = None):
+    self.config = config
+    self.allocator = allocator or PageAllocator(config.num_blocks, config.block_size)
+    if self.allocator.block_size != config.block_size:
+      raise ValueError("the allocator's block_size differs from the config's")
+    self.waiting: Deque[Sequence] = collections.deque()
+    self.running: List[Sequence] = []  # holding pages, in admission order
+    self.finished: List[Sequence] = []
+    self._ids = itertools.count()
+
+  def add(self, prompt: Iterable[int], max_new_tokens: int, eos_token_id: Optional[int] = None) -> Sequence:
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+      raise ValueError("a prompt needs at least one token")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if len(prompt) + max_new_tokens > self.config.max_model_len:
+      raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
+                       f"max_model_len={self.config.max_model_len}")
+    seq = Sequence(next(self._ids), prompt, max_new_tokens, eos_token_id)
+    self.waiting.append(seq)
+    return seq
+
+  @property
+  def has_work(self) -> bool:
+    return bool(self.waiting or self.running)
+
+  def _preempt(self, seq: Sequence) -> None:
+    """Frees seq's pages; it goes back to the front of the queue and recomputes its tokens later."""
+    self.allocator.free(seq.seq_id)
+    self.running.remove(seq)
+    seq.num_computed = 0
+    seq.num_preemptions += 1
+    self.waiting.appendleft(seq)
+
+  def schedule(self) -> Optional[StepBatch]:
+    """The next step's batch, or None when there is nothing to run."""
+    cfg, alloc = self.config, self.allocator
+    budget, chosen = cfg.max_tokens_per_step, []
+    # Running sequences: decodes first (one token each), then continuing prompt chunks.
+    order = sorted(self.running, key=lambda s: s.in_prefill)
+    for seq in order:
+      if budget == 0 or len(chosen) == cfg.max_seqs:
+        break
+      if seq not in self.running:  # preempted below to make room for an earlier one
+        continue
+      n = min(seq.num_pending, budget)
+      while not alloc.can_hold(seq.seq_id, seq.num_computed + n):
+        taken = [s for s, _ in chosen]
+        victim = next((s for s in reversed(self.running) if s is not seq and s not in taken), None)
+        if victim is None:
+          break
+        self._preempt(victim)
+      if not alloc.can_hold(seq.seq_id, seq.num_computed + n):
+        self._preempt(seq)
+        continue
+      alloc.reserve(seq.seq_id, seq.num_computed + n)
+      chosen.append((seq, n))
+      budget -= n
+    # New (or preempted) sequences, while the budget, the sequence bucket and the pages allow.
+    while self.waiting and budget > 0 and len(chosen) < cfg.max_seqs:
+      seq = self.waiting[0]
+      n = min(seq.num_pending, budget)
+      if not alloc.can_hold(seq.seq_id, n):
+        break
+      self.waiting.popleft()
+      alloc.reserve(seq.seq_id, n)
+      self.running.append(seq)
+      chosen.append((seq, n))
+      budget -= n
+    if not chosen:
+      return None
+    plan = [(seq, seq.num_computed, n, seq.num_computed + n == len(seq.tokens)) for seq, n in chosen]
+    return self._build(plan, cfg.max_tokens_per_step - budget)
+
+  def _build(self, plan, num_tokens: int) -> StepBatch:
+    cfg, alloc = self.config, self.allocator
+    t_bucket = bucket(num_tokens, cfg.min_token_bucket, cfg.max_tokens_per_step)
+    s_bucket = bucket(len(plan), cfg.min_seq_bucket, cfg.max_seqs)
+    tokens = np.zeros(t_bucket, np.int32)
+    positions = np.zeros(t_bucket, np.int32)
+    slots = np.full(t_bucket, -1, np.int32)  # padding rows write nothing
+    cu = np.full(s_bucket + 1, num_tokens, np.int32)  # padded sequences: empty, at the end
+    used = np.zeros(s_bucket, np.int32)
+    table = np.zeros((s_bucket, cfg.max_blocks_per_seq), np.int32)  # past a sequence's pages: unread
+    sample_rows = np.zeros(s_bucket, np.int32)
+    row = 0
+    for b, (seq, start, n, _) in enumerate(plan):
+      cu[b] = row
+      pos = np.arange(start, start + n, dtype=np.int32)
+      pages = np.asarray(alloc.pages(seq.seq_id), np.int32)
+      tokens[row:row + n] = seq.tokens[start:start + n]
+      positions[row:row + n] = pos
+      slots[row:row + n] = pages[pos // cfg.block_size] * cfg.block_size + pos % cfg.block_size
+      used[b] = start + n
+      table[b, :len(pages)] = pages
+      sample_rows[b] = row + n - 1
+      row += n
+    batch = PagedBatch(positions=positions, cu_seqlens_q=cu, seqused_k=used, block_table=table,
+                       slot_mapping=slots)
+    return StepBatch(tokens, batch, sample_rows, plan, num_tokens)
+
+  def update(self, step: StepBatch, next_tokens: np.ndarray) -> List[Sequence]:
+    """Records a step's results (next_tokens: one per sequence row, padding included); returns the
+    sequences that finished (their pages are freed)."""
+    done = []
+    for b, (seq, start, n, samples) in enumerate(step.scheduled):
+      seq.num_computed = start + n
+      if not samples:
+        continue
+      token = int(next_tokens[b])
+      seq.generated.append(token)
+      if len(seq.generated) >= seq.max_new_tokens or token == seq.eos_token_id:
+        seq.finished = True
+        self.allocator.free(seq.seq_id)
+        self.running.remove(seq)
+        self.finished.append(seq)
+        done.append(seq)
+    return done
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
+def serving_step(graphdef, state, k_cache, v_cache, tokens, batch: PagedBatch, sample_rows):
+  """One step: the model over the flat batch, greedy argmax at `sample_rows` (each sequence's last
+  row). Returns (next_tokens i32[S], logits [S, vocab], k_cache, v_cache).
+
+  jitted with the model's graph static and the caches donated (updated in place): one compile per
+  (model, cache shape, token bucket, sequence bucket), shared by every `Engine` and `generate` call.
+  """
+  model = nnx.merge(graphdef, state)
+  logits, k_cache, v_cache = model(tokens, k_cache, v_cache, batch, logits_indices=sample_rows)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, k_cache, v_cache
+
+
+@dataclasses.dataclass
+class StepOutput:
+  step: StepBatch
+  next_tokens: np.ndarray  # i32[S]: greedy token of each sequence row (meaningful where it samples)
+  logits: jax.Array  # [S, vocab] at each sequence's last row (on device)
+  finished: List[Sequence]
+
+
+class Engine:
+  """Runs a `DecoderLM` over a paged cache with a `Scheduler`; one jitted, cache-donating step.
+
+      engine = Engine(model, num_blocks=64, block_size=16, max_tokens_per_step=64)
+      engine.add([1, 2, 3], max_new_tokens=8)
+      while engine.has_work: engine.step()
+
+  The step is `serving_step` (jitted; `serving_step._cache_size()` counts its compiles: one per
+  (token bucket, sequence bucket) pair for a given model and cache shape).
+  """
+
+  def __init__(self, model: DecoderLM, *, num_blocks: int, block_size: int = 16,
+               max_tokens_per_step: int = 256, max_seqs: int = 16, max_model_len: Optional[int] = None,
+               min_token_bucket: int = 16, min_seq_bucket: int = 4):
+    if max_model_len is None:
+      max_model_len = num_blocks * block_size
+    self.config = SchedulerConfig(num_blocks=num_blocks, block_size=block_size,
+                                  max_tokens_per_step=max_tokens_per_step, max_seqs=max_seqs,
+                                  max_model_len=max_model_len, min_token_bucket=min_token_bucket,
+                                  min_seq_bucket=min_seq_bucket)
+    self.scheduler = Scheduler(self.config)
+    self.model_config = model.config
+    self.graphdef, self.state = nnx.split(model)
+    self.k_cache, self.v_cache = init_cache(model.config, num_blocks, block_size)
+    self.num_steps = 0
+
+  @property
+  def allocator(self) -> PageAllocator:
+    return self.scheduler.allocator
+
+  @property
+  def has_work(self) -> bool:
+    return self.scheduler.has_work
+
+  def add(self, prompt: Iterable[int], max_new_tokens: int, eos_token_id: Optional[int] = None) -> Sequence:
+    return self.scheduler.add(prompt, max_new_tokens, eos_token_id)
+
+  def device_args(self, step: StepBatch):
+    """`serving_step`'s arguments for this step (graphdef, state, caches, tokens, batch, sample rows)."""
+    return (self.graphdef, self.state, self.k_cache, self.v_cache, jnp.asarray(step.tokens),
+            PagedBatch(*(jnp.asarray(a) for a in step.batch)), jnp.asarray(step.sample_rows))
+
+  def step(self) -> Optional[StepOutput]:
+    """Schedules, runs and records one step; None when there is no work left."""
+    step = self.scheduler.schedule()
+    if step is None:
+      return None
+    next_tokens, logits, self.k_cache, self.v_cache = serving_step(*self.device_args(step))
+    next_tokens = np.asarray(next_tokens)
+    finished = self.scheduler.update(step, next_tokens)
+    self.num_steps += 1
+    return StepOutput(step, next_tokens, logits, finished)
+
+  def run(self) -> Dict[int, List[int]]:
+    """Steps until every sequence has finished; returns seq_id -> generated tokens."""
+    while self.step() is not None:
+      pass
+    return {s.seq_id: list(s.generated) for s in self.scheduler.finished}
+
+
+def generate(model: DecoderLM, prompts: Seq[Seq[int]], max_new_tokens: int, *,
+             eos_token_id: Optional[int] = None, block_size: int = 16, num_blocks: Optional[int] = None,
+             max_tokens_per_step: int = 128, max_seqs: int = 16, **engine_kwargs) -> List[List[int]]:
+  """Greedy generation for every prompt (lists of token ids); returns the generated ids per prompt.
+
+  num_blocks defaults to enough pages for every sequence at once (no preemption).
+  """
+  prompts = [list(p) for p in prompts]
+  longest = max(len(p) for p in prompts) + max_new_tokens
+  if num_blocks is None:
+    num_blocks = sum(_cdiv(len(p) + max_new_tokens, block_size) for p in prompts)
+  engine_kwargs.setdefault("max_model_len", _cdiv(longest, block_size) * block_size)
+  engine = Engine(model, num_blocks=num_blocks, block_size=block_size,
+                  max_tokens_per_step=max_tokens_per_step, max_seqs=max_seqs, **engine_kwargs)
+  seqs = [engine.add(p, max_new_tokens, eos_token_id) for p in prompts]
+  engine.run()
+  return [list(s.generated) for s in seqs]
