@@ -106,8 +106,10 @@ def old_pages(rng, P, bs, Hk, D, dtype):
 def new_tokens(rng, P, bs, Hk, D, dtype, n_valid=15):
   """(k_new, v_new, slots, valid) with distinct valid slots and every kind of skipped one mixed in."""
   capacity = P * bs
-  valid_slots = rng.choice(capacity, size=n_valid, replace=False)
-  valid_slots[0], valid_slots[1] = 0, capacity - 1  # both ends of the cache
+  # Distinct slots, both ends of the cache included: with a duplicate the GPU's unordered scatter
+  # may land either token (that is the documented contract), so the expected cache would be ambiguous.
+  inner = rng.choice(np.arange(1, capacity - 1), size=n_valid - 2, replace=False)
+  valid_slots = np.concatenate([[0, capacity - 1], inner])
   skipped = np.array([-1, -1, capacity, capacity + bs, 10**6, -7, I32_MAX, I32_MIN])
   slots = np.concatenate([valid_slots, skipped]).astype(np.int32)
   order = rng.permutation(len(slots))
