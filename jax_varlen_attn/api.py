@@ -8,6 +8,7 @@ inside `jax.jit`; kernels clamp addresses instead so nothing reads outside a buf
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 from typing import Optional, Sequence, Tuple, Union
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_varlen_attn import backends as registry
+from jax_varlen_attn import sharding
 from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout, resolve
 from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
 
@@ -72,23 +74,75 @@ def flash_attn_varlen_func(
   Returns:
     out [T, H, D] in q's dtype, or (out, lse) when `return_softmax_lse`. A row that sees no key
     (zero-length sequence, empty window, padding) outputs zeros.
+
+  Multi-device (heads split over a mesh axis, no communication): inside `jax.shard_map` pass each
+  device's arrays; under `jax.jit` on an Explicit mesh (`jax.make_mesh`'s default), or outside jit,
+  a q / cache split on its head axis is detected and each device runs on its own heads. On an Auto
+  mesh use `sharded_flash_attn_varlen_func(mesh, head_axis, ...)`. See `jax_varlen_attn.sharding`.
   """
+  return _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
+                    softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
+                    return_softmax_lse, kv_layout=kv_layout, layer=layer, backend=backend,
+                    config=config, heads=None)
+
+
+def sharded_flash_attn_varlen_func(mesh, head_axis, *args, **kwargs):
+  """`flash_attn_varlen_func` with the heads split over mesh axis `head_axis`: no communication.
+
+  Each of the n devices on `head_axis` (an axis name or a tuple of them) computes H/n q heads
+  from its Hk/n kv heads. Use it under `jax.jit` on a mesh with Auto axes, where the arrays' types
+  carry no sharding to detect; anywhere else it is the same as letting `flash_attn_varlen_func`
+  detect the split. The arguments after (mesh, head_axis) are flash_attn_varlen_func's.
+
+      mesh = jax.sharding.Mesh(jax.devices(), ("tp",))
+      step = jax.jit(lambda q, k, v, cu, used, bt: sharded_flash_attn_varlen_func(
+          mesh, "tp", q, k, v, cu_seqlens_q=cu, seqused_k=used, block_table=bt, causal=True))
+
+  Inputs already split that way (q on axis 1, the cache on its kv-head axis: NHD 2, HND 1, fused
+  forms 3, one more when layer-stacked; non-paged k / v 1) are used in place; others are resharded
+  (a replicated input is sliced locally). Metadata (cu_seqlens, block_table, seqused_k) is used
+  replicated. Returns out [T, H, D] (and lse [H, T]) split on H.
+
+  Raises ValueError when num_kv_heads is not a multiple of the number of devices on `head_axis`,
+  or for a `KVCacheLayout` (its kv-head axis is unknown: use jax.shard_map with per-device arrays).
+  """
+  bound = inspect.signature(flash_attn_varlen_func).bind(*args, **kwargs)
+  bound.apply_defaults()
+  return _attention(**bound.arguments, heads=(mesh, head_axis))
+
+
+def _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
+               softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
+               return_softmax_lse, *, kv_layout, layer, backend, config, heads):
+  """heads: None (split as q's / the cache's sharding says, if it says) or (mesh, head_axis)."""
   spec, arrays = _validate(
       q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k, softmax_scale,
       causal, window_size, softcap, alibi_slopes, block_table, return_softmax_lse, kv_layout, layer)
   impl = registry.select(backend)
+  split = sharding.detect(spec, arrays) if heads is None else sharding.plan(spec, arrays, *heads)
+  run_spec = spec if split is None else split.local_spec  # what each device's kernel sees
   if config is None:
-    config = impl.config_cls.get_default(spec)
+    config = impl.config_cls.get_default(run_spec)
   elif not isinstance(config, impl.config_cls):
     raise TypeError(f"config for backend={impl.name!r} must be a {impl.config_cls.__module__}."
                     f"{impl.config_cls.__name__}, got {type(config).__name__}")
-  out, lse = _run(impl.name, spec, config, arrays)
+  if split is None:
+    out, lse = _run(impl.name, spec, config, arrays)
+  else:
+    out, lse = _run_split(impl.name, spec, config, split, arrays)
   return (out, lse) if return_softmax_lse else out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _run(backend_name: str, spec: AttentionSpec, config, arrays: AttentionArrays):
   return registry.select(backend_name).attention(spec, arrays, config)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _run_split(backend_name: str, spec: AttentionSpec, config, split, arrays: AttentionArrays):
+  """_run on each device's heads (split: a sharding.HeadSplit)."""
+  local = functools.partial(_run, backend_name, split.local_spec, config)
+  return sharding.shard_heads(local, split, spec, arrays)
 
 
 # ---- static validation ---------------------------------------------------------------------------
