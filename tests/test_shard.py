@@ -116,8 +116,9 @@ def _check(p, kwargs, oracle, result, backend):
   ref = flash_attn_varlen_func(**kwargs, backend=backend)
   ref_out, ref_lse = ref if p.return_lse else (ref, None)
   out32 = np.asarray(out.astype(jnp.float32))
-  # Per-device block sizes may differ from the unsharded call's (fewer heads): fp16 rounding apart.
-  np.testing.assert_allclose(out32, np.asarray(ref_out.astype(jnp.float32)), rtol=0, atol=2e-3)
+  # Per-device block sizes and KV splits may differ from the unsharded call's (fewer heads): on a GPU
+  # the two can differ by fp16 rounding; on the CPU they are equal.
+  np.testing.assert_allclose(out32, np.asarray(ref_out.astype(jnp.float32)), rtol=4e-3, atol=4e-3)
   o_out, o_lse = reference_attention(**oracle)
   n = int(oracle["cu_seqlens_q"][-1])
   assert (out32[n:] == 0).all(), "padding rows must be zero"
