@@ -4,12 +4,12 @@
 JAX: a Triton kernel on NVIDIA GPUs (through jax-triton), a Pallas version, and plain XLA anywhere.
 """
 
-from jax_varlen_attn.api import flash_attn_varlen_func
+from jax_varlen_attn.api import flash_attn_varlen_func, sharded_flash_attn_varlen_func
 from jax_varlen_attn.backends import report as backend_report
 from jax_varlen_attn.cache import write_kv
 from jax_varlen_attn.checks import check_inputs
 from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout
 
-__all__ = ["flash_attn_varlen_func", "write_kv", "check_inputs", "KVCacheLayout", "NAMED_LAYOUTS",
-           "backend_report"]
+__all__ = ["flash_attn_varlen_func", "sharded_flash_attn_varlen_func", "write_kv", "check_inputs",
+           "KVCacheLayout", "NAMED_LAYOUTS", "backend_report"]
 __version__ = "0.1.0"

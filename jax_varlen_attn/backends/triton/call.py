@@ -6,12 +6,17 @@ makes that a one-place change.
 
 from __future__ import annotations
 
+import threading
 from typing import Dict, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
 from jax_varlen_attn.backends import triton_interpreting
+
+# Triton's interpreter swaps module globals while a kernel runs; host callbacks of several devices
+# (shard_map on a multi-device CPU) may run at once, so interpret one launch at a time.
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct], grid,
@@ -120,7 +125,8 @@ def _interpret(kernel, inputs, outputs, grid, constexprs, aliases=None):
     # their input (the very host array the kernel also sees as that input).
     outs = [args[alias_of[i]].array if i in alias_of else np.full(o.shape, np.nan, o.dtype)
             for i, o in enumerate(outputs)]
-    kernel[grid](*args.values(), *(_HostTensor(o) for o in outs), **constexprs)
+    with _INTERPRETER_LOCK:
+      kernel[grid](*args.values(), *(_HostTensor(o) for o in outs), **constexprs)
     return outs
 
   return jax.pure_callback(host, list(outputs), *(inputs[n] for n in names),
