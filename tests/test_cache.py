@@ -15,7 +15,6 @@ import ast
 import inspect
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -32,6 +31,7 @@ import pytest  # noqa: E402
 from jax_varlen_attn import KVCacheLayout, flash_attn_varlen_func, write_kv  # noqa: E402
 from jax_varlen_attn import cache as cache_mod  # noqa: E402
 from tests.problems import LAYOUTS, NP_DTYPES, Problem, _physical  # noqa: E402
+from tests.sm90 import run_compile_check  # noqa: E402
 
 I32_MAX, I32_MIN = 2**31 - 1, -(2**31)
 
@@ -559,17 +559,10 @@ def compile_main():
 
 def test_write_kernel_compiles_for_sm90(tmp_path):
   pytest.importorskip("triton")
-  env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-  env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: really compile
-  env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-m", "tests.test_cache"], cwd=root, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-  assert "0 failures" in proc.stdout
-  assert proc.stdout.count("ok   ") == len(COMPILE_VARIANTS), proc.stdout
+  stdout = run_compile_check("tests.test_cache", tmp_path, timeout=600)
+  assert stdout.count("ok   ") == len(COMPILE_VARIANTS), stdout
   # Rows are stored 16 bytes a thread (whole head_dim rows, constexpr strides keep them aligned).
-  for line in proc.stdout.splitlines():
+  for line in stdout.splitlines():
     if line.startswith(("ok   nhd-contiguous", "ok   strided", "ok   stacked-strided")):
       assert "st.global.v4" in line, line
 

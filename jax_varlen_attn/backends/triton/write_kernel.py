@@ -25,6 +25,7 @@ import triton.language as tl
 
 from jax_varlen_attn.backends.triton.call import launch
 from jax_varlen_attn.layout import KVCacheLayout
+from jax_varlen_attn.spec import next_pow2
 
 
 @triton.jit
@@ -101,9 +102,6 @@ def write_kv_fused_kernel(
               LAYER_STRIDE)
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (int(n) - 1).bit_length())
-
 
 def kernel_arguments(layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot_mapping, layer):
   """(kernel, inputs by parameter name, outputs, grid, num_warps, constexprs, aliases) of one launch.
@@ -111,10 +109,10 @@ def kernel_arguments(layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot
   `layout` is resolved (num_pages known; stacked iff `layer` is given); arrays are validated.
   """
   num_tokens, num_kv_heads, head_dim = k_new.shape
-  head_dim_pad = max(16, _next_pow2(head_dim))
+  head_dim_pad = max(16, next_pow2(head_dim))
   # 16 tokens a program (a 4 KB fp16 tile at D=128): enough bytes in flight per program, and a
   # decode step of a few tokens still spreads over its kv heads.
-  block_t = min(16, _next_pow2(num_tokens))
+  block_t = min(16, next_pow2(num_tokens))
   num_warps = max(1, min(4, block_t * head_dim_pad // 256))
   consts = dict(
       NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_T=block_t,
