@@ -26,7 +26,7 @@ Profiles (env JVA_HYPOTHESIS_PROFILE, default "ci"):
 - "large": 400 / 100 / 1000 examples, for a soak by hand or on the GPU machine (where triton and
   pallas run natively and bf16 is checked for triton too):
       JVA_HYPOTHESIS_PROFILE=large python -m pytest tests/test_properties.py -q
-  or one backend: ... -k "xla". On the CPU the large profile takes ~15 minutes.
+  or one backend: ... -k "xla". On an idle 2-core CPU the large profile takes ~13 minutes.
 
 A crash that kills the process (a segfault) leaves no report: set JVA_PROPERTIES_LOG=/some/file and
 every call is appended there before it runs; the last line is the culprit.
