@@ -70,7 +70,8 @@ QUESTION = "with the page stride specialized, does the contiguous fast path stil
 # peer; 1: JAX's paged_attention and the runtime-stride variant; 2: our Pallas backend; 3: the XLA ones.
 PASS_OF = {("jva-triton", "default"): 0, ("jva-triton", "page-stride-constexpr"): 0,
            ("flaggems", "default"): 0, ("jax-pallas-paged", "default"): 1,
-           ("jva-triton", "runtime-stride"): 1, ("jva-pallas", "default"): 2,
+           ("jva-triton", "runtime-stride"): 1, ("jva-triton", "legacy-launch"): 1,
+           ("jva-pallas", "default"): 2,
            ("jva-xla", "default"): 3, ("xla-naive", "default"): 3}
 # Unrolled calls per jitted function, at most, for implementations whose compile grows with K or
 # whose time makes launch cost irrelevant.
@@ -669,8 +670,13 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
       config = Config(row_id_fast_path=False)
     elif variant == "runtime-stride":
       config = Config(row_id_fast_path=False, constexpr_strides=False)
+    elif variant == "legacy-launch":  # the row-id kernel through jax-triton's legacy custom call
+      config = Config(ffi_launch=False)
+    else:
+      raise ValueError(f"unknown jva-triton variant {variant!r}")
     rec["config"] = {"row_id_fast_path": config.row_id_fast_path,
-                     "constexpr_strides": config.constexpr_strides}
+                     "constexpr_strides": config.constexpr_strides,
+                     "ffi_launch": config.ffi_launch}
   if impl == "jva-triton" and variant == "default":
     rec["variant"] = ("row-id" if ld.name in ("contiguous", "stacked")
                       else "page-stride-constexpr")
@@ -921,6 +927,8 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants) -> List
           continue  # on every other layout the default already is the page-stride path
         if var == "runtime-stride" and layout not in ("contiguous", "strided"):
           continue
+        if var == "legacy-launch" and layout != "contiguous":
+          continue
         out.append((impl, var))
     elif impl == "flaggems":
       if layout in ("contiguous", "strided"):
@@ -1086,7 +1094,7 @@ def parse_args(argv=None):
   p.add_argument("--impls", default=None, help="comma list of " + ",".join(ALL_IMPLS) +
                  " (default: all; --tiny: jva-xla,xla-naive)")
   p.add_argument("--layouts", default="contiguous,strided", help="comma list of " + ",".join(ALL_LAYOUTS))
-  p.add_argument("--variants", default="default,page-stride-constexpr,runtime-stride",
+  p.add_argument("--variants", default="default,page-stride-constexpr,runtime-stride,legacy-launch",
                  help="jva-triton variants")
   p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
   p.add_argument("--reps", type=int, default=50, help="timed repeats per record (at most)")

@@ -126,10 +126,12 @@ def run_paged(model, cfg, block_size=4, num_tokens=32, num_seqs=4, seed=0):
   return seqs, logits
 
 
-@pytest.mark.parametrize("variant", ["tiny", "tied_no_qknorm_bias_unrolled"])
+@pytest.mark.parametrize("variant", ["tiny", "tied_no_qknorm_bias_unrolled", "naive_attention"])
 def test_paged_steps_match_dense_attention(variant):
   cfg = ModelConfig.tiny()
-  if variant != "tiny":
+  if variant == "naive_attention":  # the serving benchmark's baseline must be right too
+    cfg = dataclasses.replace(cfg, backend="naive")
+  elif variant != "tiny":
     cfg = dataclasses.replace(cfg, tie_embeddings=True, qk_norm=False, attention_bias=True,
                               scan_layers=False, rope_theta=1e6)
   model = DecoderLM(cfg, rngs=nnx.Rngs(1))

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jax_varlen_attn.api import flash_attn_varlen_func
 from jax_varlen_attn.cache import write_kv
+from jax_varlen_attn.reference import naive_paged_attention
 
 
 class PagedBatch(NamedTuple):
@@ -70,7 +71,9 @@ class PagedAttention(nnx.Module):
     qk_norm: RMSNorm (over head_dim, one learned scale shared by all heads) on q and k before RoPE.
     use_bias: biases on the q / k / v projections (o_proj has none).
     dtype / param_dtype: compute and weight dtypes; the cache must be in `dtype`.
-    backend: `flash_attn_varlen_func`'s backend ("auto": Triton on a CUDA GPU, else XLA).
+    backend: `flash_attn_varlen_func`'s backend ("auto": Triton on a CUDA GPU, else XLA), or
+      "naive": `jax_varlen_attn.reference.naive_paged_attention` (the serving benchmark's baseline;
+      the cache is then written with the XLA scatter).
     init_std: projections start as N(0, init_std^2) (biases at 0, norm scales at 1).
   """
 
@@ -123,8 +126,14 @@ class PagedAttention(nnx.Module):
     Under `jax.jit` with the caches donated the write is in place.
     """
     q, k, v = self.project(x, batch.positions)
+    naive = self.backend == "naive"
     k_cache, v_cache = write_kv(k, v, k_cache, v_cache, batch.slot_mapping, layer=layer,
-                                backend=self.backend)
+                                backend="xla" if naive else self.backend)
+    if naive:
+      o = naive_paged_attention(q, k_cache, v_cache, cu_seqlens_q=batch.cu_seqlens_q,
+                                seqused_k=batch.seqused_k, block_table=batch.block_table,
+                                causal=True, layer=layer)
+      return self.output(o), k_cache, v_cache
     o = flash_attn_varlen_func(
         q, k_cache, v_cache, cu_seqlens_q=batch.cu_seqlens_q, seqused_k=batch.seqused_k,
         block_table=batch.block_table, causal=True, layer=layer, backend=self.backend)

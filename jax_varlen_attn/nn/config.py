@@ -35,7 +35,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True  # lax.scan over stacked blocks (one compiled block); False: Python loop
   init_std: float = 0.02  # weights ~ N(0, init_std^2) (Qwen's initializer_range); norms start at 1
-  backend: str = "auto"  # the attention backend (flash_attn_varlen_func's `backend=`)
+  backend: str = "auto"  # the attention backend (flash_attn_varlen_func's `backend=`, or "naive")
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",

@@ -2,10 +2,21 @@
 
 jax-triton 0.4 renames `out_shape` / `input_output_aliases`; keeping every launch behind `launch`
 makes that a one-place change.
+
+How a launch reaches XLA. jax-triton 0.3.1 emits the legacy custom call `triton_kernel_call`, whose
+opaque payload is the zlib-compressed kernel (PTX included, tens of KB). Its handler looks that
+payload up in a hash map *on every launch*: hashing and comparing it costs about as much host time
+as a small batch's whole kernel (seed2 runs ~8 us on the GPU), so back-to-back small calls left the
+GPU waiting on the host. jaxlib > 0.10.2 also registers the same launcher as a typed XLA FFI handler,
+`triton_kernel_call_ffi` (Pallas' Triton lowering uses it): XLA parses the payload once, when the
+executable is loaded, launches with no lookup, and may record the launch into a CUDA graph
+(command buffer) with its neighbours. `launch` sends our kernels there: jax-triton builds the call as
+usual and `_retarget_to_ffi` rewrites the one custom-call op it emitted (same payload, new target).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -19,9 +30,22 @@ from jax_varlen_attn.backends import triton_interpreting
 _INTERPRETER_LOCK = threading.Lock()
 
 
+# The FFI target jaxlib registers for jax-triton's launcher, and the marker our launches carry in
+# the primitive's `custom_call_target_name` so our lowering rule knows to retarget them (never
+# reaches XLA; every other jax-triton user in the process keeps the legacy lowering untouched).
+FFI_TARGET = "triton_kernel_call_ffi"
+_VIA_FFI = "jax_varlen_attn:" + FFI_TARGET
+
+
+def ffi_available() -> bool:
+  """Whether this jaxlib registers `triton_kernel_call_ffi` (the same test Pallas' lowering makes)."""
+  from jax._src.lib import version as jaxlib_version
+  return tuple(jaxlib_version) > (0, 10, 2)
+
+
 def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct], grid,
            num_warps: int, num_stages: int, constexprs: Dict[str, object],
-           input_output_aliases: Optional[Mapping[str, int]] = None):
+           input_output_aliases: Optional[Mapping[str, int]] = None, ffi: bool = True):
   """Runs `kernel` over `grid`; returns the outputs (a list, in the order of `outputs`).
 
   inputs: the kernel's input parameters by name, in the kernel's order (arrays and scalars: a
@@ -31,6 +55,8 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
   under `jax.jit(..., donate_argnums=...)` of the input nothing is copied (written in place). The
   kernel still takes the aliased output as its own parameter, pointing at the same memory (the
   jax-triton 0.3 convention; 0.4 drops that parameter: the one place to change is here).
+  ffi: launch through XLA's FFI handler where jaxlib has it (see the module docstring); False keeps
+  jax-triton's legacy custom call (the benchmark times both).
   """
   params = list(kernel.arg_names)
   expected = params[:len(inputs)]
@@ -57,8 +83,46 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
   array_names = [n for n, x in inputs.items() if not _is_scalar(x)]
   by_index = {array_names.index(name): out_idx for name, out_idx in aliases.items()}
   extra = dict(input_output_aliases=by_index) if by_index else {}
+  if ffi and ffi_available():
+    _install_ffi_lowering()
+    extra["custom_call_target_name"] = _VIA_FFI
   return jax_triton.triton_call(*inputs.values(), kernel=kernel, out_shape=list(outputs), grid=grid,
                                 num_warps=num_warps, num_stages=num_stages, **extra, **constexprs)
+
+
+@functools.lru_cache(maxsize=None)
+def _install_ffi_lowering() -> None:
+  """Wraps jax-triton's CUDA lowering: calls marked `_VIA_FFI` are retargeted, the rest unchanged."""
+  from jax.interpreters import mlir
+  from jax_triton import triton_lib
+
+  legacy = functools.partial(triton_lib.triton_kernel_call_lowering, triton_lib.get_cuda_backend)
+
+  def lowering(ctx, *args, custom_call_target_name, **params):
+    if custom_call_target_name != _VIA_FFI:
+      return legacy(ctx, *args, custom_call_target_name=custom_call_target_name, **params)
+    results = legacy(ctx, *args, custom_call_target_name=FFI_TARGET, **params)
+    return retarget_to_ffi(ctx, args, results, dict(params["input_output_aliases"]))
+
+  mlir.register_lowering(triton_lib.triton_kernel_call_p, lowering, platform="cuda")
+
+
+def retarget_to_ffi(ctx, operands, legacy_results, input_output_aliases):
+  """Replaces the legacy custom call that produced `legacy_results` (jax-triton's payload as its
+  backend_config string) by the typed-FFI call jaxlib's handler reads the same payload from (its
+  `opaque` attribute), built by jax's own FFI lowering; returns the new call's results.
+
+  operands: the MLIR values the legacy call took (the array arguments, in order);
+  input_output_aliases: {operand index: result index}, as the legacy call had them.
+  """
+  from jax._src.lib.mlir import ir
+  legacy_op = legacy_results[0].owner  # every launch has outputs
+  legacy_op = getattr(legacy_op, "operation", legacy_op)
+  payload = ir.StringAttr(legacy_op.attributes["backend_config"]).value_bytes
+  results = jax.ffi.ffi_lowering(FFI_TARGET, operand_output_aliases=input_output_aliases or None)(
+      ctx, *operands, opaque=payload)
+  legacy_op.erase()  # nothing uses its results yet: they were never returned to JAX
+  return results
 
 
 def _is_scalar(x) -> bool:

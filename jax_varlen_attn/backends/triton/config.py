@@ -31,6 +31,9 @@ class Config:
     rather than by the (constexpr) page stride. Both are exact; kept switchable for the benchmark.
   constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
     constants (benchmark only: shows what the specialization buys).
+  ffi_launch: launch through XLA's typed FFI handler (parsed once per executable, CUDA-graph
+    capturable) rather than jax-triton's legacy custom call (a payload hash lookup per launch);
+    False only to measure the difference (backends/triton/call.py says why).
   """
 
   block_m: Optional[int] = None
@@ -40,6 +43,7 @@ class Config:
   num_stages: Optional[int] = None
   row_id_fast_path: bool = True
   constexpr_strides: bool = True
+  ffi_launch: bool = True
 
   def __post_init__(self):
     _pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
