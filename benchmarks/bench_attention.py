@@ -230,6 +230,9 @@ def setup_env(args) -> Env:
 
 
 def git_commit() -> Tuple[str, Optional[bool]]:
+  """(commit, dirty). $JVA_COMMIT wins: the GPU machine's copy of the tree may carry a stale .git."""
+  if os.environ.get("JVA_COMMIT"):
+    return os.environ["JVA_COMMIT"], None
   try:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                          timeout=10)

@@ -43,6 +43,9 @@ UNTIMED_DECODE_STEPS = 2  # the first decode step compiles the decode bucket; on
 
 
 def git_commit():
+  """$JVA_COMMIT wins: the GPU machine's copy of the tree may carry a stale .git."""
+  if os.environ.get("JVA_COMMIT"):
+    return os.environ["JVA_COMMIT"]
   try:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                          timeout=10)

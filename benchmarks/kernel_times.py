@@ -1,0 +1,129 @@
+"""Kernel durations (device time of the kernel alone, from Nsight Compute) of ours and FlagGems.
+
+bench_attention.py times a jitted function of K calls by wall clock, which includes the executable's
+dispatch; FlagGems is timed by CUDA-graph replay. For the small seed cases (8-40 us) that difference
+matters, so this script lets `ncu` read each kernel's `gpu__time_duration` instead:
+
+    bash benchmarks/kernel_times.sh seed1_prefill512,seed2_small_mixed   # on the GPU machine
+
+It builds the case (benchmarks/shapes.py; fp16, NHD contiguous cache), runs each implementation
+--warmup times (compiles, autotunes), then --reps more inside cudaProfilerStart/Stop so ncu profiles
+only those. With --configs it runs a list of Triton configs (a sweep) instead of the default one;
+the summary lines name each config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import shapes  # noqa: E402
+
+
+def build(case: shapes.Case, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  h, hk, d, bs = case.num_heads, case.num_kv_heads, case.head_dim, case.block_size
+  q = rng.standard_normal((case.total_q, h, d)).astype(np.float16)
+  k = rng.standard_normal((case.num_blocks, bs, hk, d)).astype(np.float16)
+  v = rng.standard_normal((case.num_blocks, bs, hk, d)).astype(np.float16)
+  return dict(q=q, k=k, v=v, cu=np.asarray(case.cu_seqlens_q, np.int32),
+              used=np.asarray(case.seqused_k, np.int32), table=case.block_table(seed))
+
+
+def ours(case: shapes.Case, data: dict, config_kwargs: dict):
+  import jax
+  import jax.numpy as jnp
+  from jax_varlen_attn import flash_attn_varlen_func
+  from jax_varlen_attn.backends.triton import Config
+
+  config = Config(**config_kwargs)
+  fn = jax.jit(lambda q, k, v, cu, used, table: flash_attn_varlen_func(
+      q, k, v, max_seqlen_q=case.max_seqlen_q, cu_seqlens_q=cu, max_seqlen_k=case.max_seqlen_k,
+      seqused_k=used, block_table=table, causal=case.causal, backend="triton", config=config))
+  args = [jnp.asarray(data[n]) for n in ("q", "k", "v", "cu", "used", "table")]
+  return lambda: jax.block_until_ready(fn(*args))
+
+
+def flaggems(case: shapes.Case, data: dict):
+  import torch
+  from flag_gems.ops import flash_attn_varlen_func as fg
+
+  t = {n: torch.from_numpy(a).cuda() for n, a in data.items()}
+  scale = 1.0 / np.sqrt(case.head_dim)
+
+  def run():
+    fg(t["q"], t["k"], t["v"], case.max_seqlen_q, t["cu"], case.max_seqlen_k, seqused_k=t["used"],
+       softmax_scale=scale, causal=case.causal, block_table=t["table"], fa_version=2)
+    torch.cuda.synchronize()
+  return run
+
+
+def summarize(csv_path: str, log_path: str, reps: int) -> list:
+  """ncu's CSV (--print-units base: ns) + our log's PROFILE lines -> one row per profiled block:
+  (label, {kernel name: median us}). Kernels are attributed to blocks in launch order; a block holds
+  `reps` runs, each launching the same kernels, so its share is reps x (kernels of one run)."""
+  import csv
+  import statistics
+  labels = [line.split(" ", 1)[1].strip() for line in open(log_path) if line.startswith("PROFILE ")]
+  lines = open(csv_path).read().splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+  kernels = [(r["Kernel Name"], float(r["Metric Value"].replace(",", "")) / 1e3)
+             for r in csv.DictReader(lines[start:]) if r["Metric Name"] == "gpu__time_duration.sum"]
+  if not labels or len(kernels) % (len(labels) * reps):
+    return [("unattributed", {"kernels": len(kernels), "blocks": len(labels)})]
+  per_block = len(kernels) // len(labels)
+  rows = []
+  for i, label in enumerate(labels):
+    block = kernels[i * per_block:(i + 1) * per_block]
+    by_name = {}
+    for name, us in block:
+      by_name.setdefault(name.split("(")[0][:60], []).append(us)
+    rows.append((label, {n: round(statistics.median(v), 2) for n, v in by_name.items()}))
+  return rows
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--summarize", nargs=2, metavar=("NCU_CSV", "LOG"),
+                 help="print the kernel medians of a finished ncu run, one line per block")
+  p.add_argument("--case")
+  p.add_argument("--impl", choices=("ours", "flaggems"))
+  p.add_argument("--configs", default="[{}]", help="JSON list of Config kwargs (ours only)")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--reps", type=int, default=5)
+  args = p.parse_args(argv)
+  if args.summarize:
+    for label, kernels in summarize(*args.summarize, args.reps):
+      total = round(sum(v for v in kernels.values() if isinstance(v, float)), 2)
+      print(f"KERNEL_US {label}: total {total} | " + ", ".join(f"{n} {v}" for n, v in kernels.items()))
+    return 0
+  if not (args.case and args.impl):
+    p.error("--case and --impl are required (or --summarize)")
+  import torch  # for cudaProfilerStart/Stop (ncu --profile-from-start off)
+  case = shapes.get_cases()[args.case]
+  data = build(case)
+  configs = json.loads(args.configs)
+  runs = ([(json.dumps(c, sort_keys=True), ours(case, data, c)) for c in configs]
+          if args.impl == "ours" else [("flaggems", flaggems(case, data))])
+  for label, run in runs:
+    for _ in range(args.warmup):
+      run()
+  for label, run in runs:  # one profiled block per config, in order: the summary labels them
+    print(f"PROFILE {args.case} {args.impl} {label}", flush=True)
+    torch.cuda.cudart().cudaProfilerStart()
+    for _ in range(args.reps):
+      run()
+    torch.cuda.cudart().cudaProfilerStop()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
