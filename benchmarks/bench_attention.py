@@ -1107,7 +1107,8 @@ def parse_args(argv=None):
   p.add_argument("--budget-s", type=float, default=0.0, help="skip remaining work after this many s")
   p.add_argument("--reserve-s", type=float, default=15.0, help="kept for writing results at the end")
   p.add_argument("--max-sets", type=int, default=48, help="distinct cache sets per case, at most")
-  p.add_argument("--min-calls", type=int, default=4, help="calls per jitted function, at least")
+  p.add_argument("--min-calls", type=int, default=32,
+                 help="calls per jitted function, at least (amortizes the executable's dispatch, ~tens of us)")
   p.add_argument("--mem-gb", type=float, default=24.0, help="device memory for cache sets")
   p.add_argument("--naive-mem-gb", type=float, default=20.0, help="xla-naive skipped above this")
   p.add_argument("--strided-parity", type=int, default=1, choices=(0, 1),
