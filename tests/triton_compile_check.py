@@ -35,8 +35,8 @@ _TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i3
 
 VARIANTS = [
     # (name, Problem overrides, Config)
-    ("nhd-row-id-causal", dict(causal=True), Config()),
-    ("nhd-page-stride-constexpr", dict(causal=True), Config(row_id_fast_path=False)),
+    ("nhd-page-stride-constexpr-causal", dict(causal=True), Config()),
+    ("nhd-row-id", dict(causal=True), Config(row_id_fast_path=True)),
     ("strided-constexpr", dict(layout="strided", causal=True), Config()),
     ("strided-runtime-stride", dict(layout="strided", causal=True), Config(constexpr_strides=False)),
     ("hnd-window", dict(layout="HND", window=(8, 4)), Config()),
@@ -54,7 +54,7 @@ VARIANTS = [
     ("split-kv-decode", dict(seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33), causal=True), Config(num_splits=4)),
     ("split-kv-strided-window-lse", dict(layout="strided", window=(30, 2), alibi="head"), Config(num_splits=3)),
 ]
-QUICK = {"split-kv-decode", "nhd-row-id-causal", "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill"}
+QUICK = {"split-kv-decode", "nhd-page-stride-constexpr-causal", "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill"}
 
 
 def signature_of(inputs, outputs):

@@ -28,7 +28,10 @@ class Config:
   num_splits: split-KV (flash-decoding): each (query block, kv head) program's keys are divided
     among this many programs, whose partial outputs are combined by their LSEs. 1 = off.
   row_id_fast_path: on a contiguous cache, address keys by row id (page * block_size + offset)
-    rather than by the (constexpr) page stride. Both are exact; kept switchable for the benchmark.
+    rather than by the (constexpr) page stride. Both are exact. Off by default: with the stride a
+    compile-time constant the row id buys nothing (H100, session 1: geo-mean 1.001 over 8 cases) and
+    on an H200 it was slower (decode_256x4096 1.103 vs 1.011 ms, geo-mean 2.2%: commit 5ecabcb,
+    benchmarks/results/h200_2026-11-26_all.json). Kept for the benchmark's answer to that question.
   constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
     constants (benchmark only: shows what the specialization buys).
   ffi_launch: launch through XLA's typed FFI handler (parsed once per executable, CUDA-graph
@@ -41,7 +44,7 @@ class Config:
   num_splits: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
-  row_id_fast_path: bool = True
+  row_id_fast_path: bool = False
   constexpr_strides: bool = True
   ffi_launch: bool = True
 
