@@ -61,8 +61,11 @@ def naive_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, 
   keys = k_cache[pages].reshape(num_tokens, max_keys, num_kv_heads, head_dim)  # the naive copy
   values = v_cache[pages].reshape(num_tokens, max_keys, num_kv_heads, head_dim)
 
+  # fp32 inputs get fp32 products (a GPU would otherwise use tf32); half inputs the default.
+  precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
   qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
-  scores = jnp.einsum("tkgd,tskd->tkgs", qg, keys.astype(jnp.float32)) * scale  # [T, Hk, G, S]
+  scores = jnp.einsum("tkgd,tskd->tkgs", qg, keys.astype(jnp.float32),
+                      precision=precision) * scale  # [T, Hk, G, S]
   key_pos = jnp.arange(max_keys, dtype=jnp.int32)[None, :]
   allowed = key_pos < k_len[:, None]  # [T, S]
   if causal:  # query i of a sequence sits at key position k_len - q_len + i
@@ -76,5 +79,5 @@ def naive_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, 
   weights = weights / jnp.where(total > 0, total, 1.0)  # a row with no key gives zeros
   # Masked keys' values may be anything (unused pages, NaN included): 0 x NaN would leak, so zero them.
   values = jnp.where(allowed[:, :, None, None], values.astype(jnp.float32), 0.0)
-  out = jnp.einsum("tkgs,tskd->tkgd", weights, values)
+  out = jnp.einsum("tkgs,tskd->tkgd", weights, values, precision=precision)
   return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
