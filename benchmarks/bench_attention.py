@@ -71,7 +71,7 @@ QUESTION = "with the page stride specialized, does the contiguous fast path stil
 # peer; 1: JAX's paged_attention and the runtime-stride variant; 2: our Pallas backend; 3: the XLA ones.
 PASS_OF = {("jva-triton", "default"): 0, ("jva-triton", "row-id"): 0,
            ("flaggems", "default"): 0, ("jax-pallas-paged", "default"): 1,
-           ("jva-triton", "runtime-stride"): 1, ("jva-triton", "legacy-launch"): 1,
+           ("jva-triton", "runtime-stride"): 1, ("jva-triton", "ffi-launch"): 1,
            ("jva-pallas", "default"): 2,
            ("jva-xla", "default"): 3, ("xla-naive", "default"): 3}
 # Unrolled calls per jitted function, at most, for implementations whose compile grows with K or
@@ -674,8 +674,8 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
       config = Config(row_id_fast_path=True)
     elif variant == "runtime-stride":
       config = Config(row_id_fast_path=False, constexpr_strides=False)
-    elif variant == "legacy-launch":  # the default kernel through jax-triton's legacy custom call
-      config = Config(ffi_launch=False)
+    elif variant == "ffi-launch":  # the default kernel through jaxlib's typed-FFI handler
+      config = Config(ffi_launch=True)
     else:
       raise ValueError(f"unknown jva-triton variant {variant!r}")
     rec["config"] = {"row_id_fast_path": config.row_id_fast_path,
@@ -930,7 +930,7 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants) -> List
           continue  # the row-id address exists for a contiguous cache only
         if var == "runtime-stride" and layout not in ("contiguous", "strided"):
           continue
-        if var == "legacy-launch" and layout != "contiguous":
+        if var == "ffi-launch" and layout != "contiguous":
           continue
         out.append((impl, var))
     elif impl == "flaggems":
@@ -1097,7 +1097,7 @@ def parse_args(argv=None):
   p.add_argument("--impls", default=None, help="comma list of " + ",".join(ALL_IMPLS) +
                  " (default: all; --tiny: jva-xla,xla-naive)")
   p.add_argument("--layouts", default="contiguous,strided", help="comma list of " + ",".join(ALL_LAYOUTS))
-  p.add_argument("--variants", default="default,row-id,runtime-stride,legacy-launch",
+  p.add_argument("--variants", default="default,row-id,runtime-stride,ffi-launch",
                  help="jva-triton variants")
   p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
   p.add_argument("--reps", type=int, default=50, help="timed repeats per record (at most)")

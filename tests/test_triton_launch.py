@@ -1,10 +1,9 @@
-"""How Triton launches reach XLA: jaxlib's typed-FFI handler, not jax-triton's legacy custom call.
+"""How Triton launches reach XLA: jax-triton's legacy custom call (default) or jaxlib's typed FFI.
 
-The legacy handler hashes the whole compressed kernel payload on every launch (see
-backends/triton/call.py); the FFI handler parses it once per executable. On the CPU we check the
-rewrite itself on a stand-in primitive; on a GPU, that the compiled program calls the FFI target and
-that both launch paths give bitwise the same answer.
-"""
+`Config(ffi_launch=True)` rewrites our launches to `triton_kernel_call_ffi` (backends/triton/call.py
+says why that is opt-in). On the CPU we check the rewrite itself on a stand-in primitive; on a GPU,
+that the compiled program calls the target asked for and that both paths give bitwise the same
+answer."""
 
 import re
 import zlib

@@ -4,14 +4,18 @@ jax-triton 0.4 renames `out_shape` / `input_output_aliases`; keeping every launc
 makes that a one-place change.
 
 How a launch reaches XLA. jax-triton 0.3.1 emits the legacy custom call `triton_kernel_call`, whose
-opaque payload is the zlib-compressed kernel (PTX included, tens of KB). Its handler looks that
-payload up in a hash map *on every launch*: hashing and comparing it costs about as much host time
-as a small batch's whole kernel (seed2 runs ~8 us on the GPU), so back-to-back small calls left the
-GPU waiting on the host. jaxlib > 0.10.2 also registers the same launcher as a typed XLA FFI handler,
-`triton_kernel_call_ffi` (Pallas' Triton lowering uses it): XLA parses the payload once, when the
-executable is loaded, launches with no lookup, and may record the launch into a CUDA graph
-(command buffer) with its neighbours. `launch` sends our kernels there: jax-triton builds the call as
-usual and `_retarget_to_ffi` rewrites the one custom-call op it emitted (same payload, new target).
+opaque payload is the zlib-compressed kernel (PTX included, tens of KB); its handler looks that
+payload up in a hash map on every launch. jaxlib > 0.10.2 also registers the launcher as a typed
+XLA FFI handler, `triton_kernel_call_ffi` (Pallas' Triton lowering uses it), which XLA may record
+into CUDA graphs. `launch(..., ffi=True)` sends a kernel there (jax-triton builds the call as usual;
+`retarget_to_ffi` swaps the one custom-call op it emitted for the FFI one, same payload).
+
+Measured on an H200 (benchmarks/NOTES.md), the FFI route did not pay: jitted functions of 32-48
+small attention calls ran 0-9 us *slower* per call through it than through the legacy call, with
+XLA command buffers on or off (seed1 31 vs 39 us; kernel alone 16 us). Our reading of jaxlib's
+source: its FFI initialize hook runs per execution and looks the payload up again, and the call
+frame carries the payload as an attribute. So the legacy call is the default and FFI is opt-in
+(`Config(ffi_launch=True)`), kept tested for when jaxlib caches it per executable.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def ffi_available() -> bool:
 
 def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct], grid,
            num_warps: int, num_stages: int, constexprs: Dict[str, object],
-           input_output_aliases: Optional[Mapping[str, int]] = None, ffi: bool = True):
+           input_output_aliases: Optional[Mapping[str, int]] = None, ffi: bool = False):
   """Runs `kernel` over `grid`; returns the outputs (a list, in the order of `outputs`).
 
   inputs: the kernel's input parameters by name, in the kernel's order (arrays and scalars: a
@@ -55,8 +59,8 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
   under `jax.jit(..., donate_argnums=...)` of the input nothing is copied (written in place). The
   kernel still takes the aliased output as its own parameter, pointing at the same memory (the
   jax-triton 0.3 convention; 0.4 drops that parameter: the one place to change is here).
-  ffi: launch through XLA's FFI handler where jaxlib has it (see the module docstring); False keeps
-  jax-triton's legacy custom call (the benchmark times both).
+  ffi: launch through XLA's FFI handler where jaxlib has it; False (default) keeps jax-triton's
+  legacy custom call (the module docstring says why; the benchmark times both).
   """
   params = list(kernel.arg_names)
   expected = params[:len(inputs)]

@@ -34,9 +34,8 @@ class Config:
     benchmarks/results/h200_2026-11-26_all.json). Kept for the benchmark's answer to that question.
   constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
     constants (benchmark only: shows what the specialization buys).
-  ffi_launch: launch through XLA's typed FFI handler (parsed once per executable, CUDA-graph
-    capturable) rather than jax-triton's legacy custom call (a payload hash lookup per launch);
-    False only to measure the difference (backends/triton/call.py says why).
+  ffi_launch: launch through jaxlib's typed FFI handler instead of jax-triton's legacy custom
+    call. Off: measured no faster, sometimes slower (backends/triton/call.py says why).
   """
 
   block_m: Optional[int] = None
@@ -46,7 +45,7 @@ class Config:
   num_stages: Optional[int] = None
   row_id_fast_path: bool = False
   constexpr_strides: bool = True
-  ffi_launch: bool = True
+  ffi_launch: bool = False
 
   def __post_init__(self):
     _pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
