@@ -113,10 +113,15 @@ def main(argv=None) -> int:
   configs = json.loads(args.configs)
   runs = ([(json.dumps(c, sort_keys=True), ours(case, data, c)) for c in configs]
           if args.impl == "ours" else [("flaggems", flaggems(case, data))])
+  ready = []
   for label, run in runs:
-    for _ in range(args.warmup):
-      run()
-  for label, run in runs:  # one profiled block per config, in order: the summary labels them
+    try:
+      for _ in range(args.warmup):
+        run()
+      ready.append((label, run))
+    except Exception as e:  # a config that does not fit (registers, shared memory) is reported
+      print(f"SKIP {args.case} {args.impl} {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+  for label, run in ready:  # one profiled block per config, in order: the summary labels them
     print(f"PROFILE {args.case} {args.impl} {label}", flush=True)
     torch.cuda.cudart().cudaProfilerStart()
     for _ in range(args.reps):
