@@ -28,26 +28,38 @@ sys.path.insert(0, str(HERE))
 import shapes  # noqa: E402
 
 
-def build(case: shapes.Case, seed: int = 0):
+def build(case: shapes.Case, seed: int = 0, strided: bool = False):
+  """Inputs of `case`; strided: every cache is every other page of a storage twice as large (the
+  real pages at odd slots), as in benchmarks/shapes.py's strided layout."""
   rng = np.random.default_rng(seed)
   h, hk, d, bs = case.num_heads, case.num_kv_heads, case.head_dim, case.block_size
   q = rng.standard_normal((case.total_q, h, d)).astype(np.float16)
-  k = rng.standard_normal((case.num_blocks, bs, hk, d)).astype(np.float16)
-  v = rng.standard_normal((case.num_blocks, bs, hk, d)).astype(np.float16)
+  pages = case.num_blocks * (2 if strided else 1)
+  k = rng.standard_normal((pages, bs, hk, d)).astype(np.float16)
+  v = rng.standard_normal((pages, bs, hk, d)).astype(np.float16)
   return dict(q=q, k=k, v=v, cu=np.asarray(case.cu_seqlens_q, np.int32),
               used=np.asarray(case.seqused_k, np.int32), table=case.block_table(seed))
 
 
-def ours(case: shapes.Case, data: dict, config_kwargs: dict):
+def ours(case: shapes.Case, data: dict, config_kwargs: dict, strided: bool = False):
   import jax
   import jax.numpy as jnp
   from jax_varlen_attn import flash_attn_varlen_func
   from jax_varlen_attn.backends.triton import Config
 
+  from jax_varlen_attn.layout import KVCacheLayout
+
   config = Config(**config_kwargs)
+  layout = "NHD"
+  if strided:
+    span = case.block_size * case.num_kv_heads * case.head_dim
+    layout = KVCacheLayout(block_size=case.block_size, num_kv_heads=case.num_kv_heads,
+                           head_dim=case.head_dim, page_stride=2 * span, k_offset=span,
+                           v_offset=span)
   fn = jax.jit(lambda q, k, v, cu, used, table: flash_attn_varlen_func(
       q, k, v, max_seqlen_q=case.max_seqlen_q, cu_seqlens_q=cu, max_seqlen_k=case.max_seqlen_k,
-      seqused_k=used, block_table=table, causal=case.causal, backend="triton", config=config))
+      seqused_k=used, block_table=table, causal=case.causal, kv_layout=layout, backend="triton",
+      config=config))
   args = [jnp.asarray(data[n]) for n in ("q", "k", "v", "cu", "used", "table")]
   return lambda: jax.block_until_ready(fn(*args))
 
@@ -97,6 +109,8 @@ def main(argv=None) -> int:
   p.add_argument("--case")
   p.add_argument("--impl", choices=("ours", "flaggems"))
   p.add_argument("--configs", default="[{}]", help="JSON list of Config kwargs (ours only)")
+  p.add_argument("--strided", action="store_true", help="strided cache (ours only: FlagGems "
+                 "5.0.2 reads a strided cache wrongly)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--reps", type=int, default=5)
   args = p.parse_args(argv)
@@ -109,9 +123,12 @@ def main(argv=None) -> int:
     p.error("--case and --impl are required (or --summarize)")
   import torch  # for cudaProfilerStart/Stop (ncu --profile-from-start off)
   case = shapes.get_cases()[args.case]
-  data = build(case)
+  if args.strided and args.impl != "ours":
+    p.error("--strided is for --impl ours")
+  data = build(case, strided=args.strided)
   configs = json.loads(args.configs)
-  runs = ([(json.dumps(c, sort_keys=True), ours(case, data, c)) for c in configs]
+  tag = " strided" if args.strided else ""
+  runs = ([(json.dumps(c, sort_keys=True) + tag, ours(case, data, c, args.strided)) for c in configs]
           if args.impl == "ours" else [("flaggems", flaggems(case, data))])
   ready = []
   for label, run in runs:
