@@ -20,6 +20,7 @@ for case in ${cases//,/ }; do
       python3 benchmarks/kernel_times.py --case "$case" --impl "$impl" --configs "$configs" \
       --reps "$reps" $extra > "$out/kt_$tag.log" 2>&1 || { echo "$tag failed:"; tail -5 "$out/kt_$tag.log"; continue; }
     grep "^SKIP" "$out/kt_$tag.log"
-    python3 benchmarks/kernel_times.py --summarize "$out/ncu_$tag.csv" "$out/kt_$tag.log" --reps "$reps"
+    python3 benchmarks/kernel_times.py --summarize "$out/ncu_$tag.csv" "$out/kt_$tag.log" --reps "$reps" \
+      | tee -a "$out/kernel_us.txt"
   done
 done
