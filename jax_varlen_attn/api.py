@@ -127,6 +127,9 @@ def _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, 
     raise TypeError(f"config for backend={impl.name!r} must be a {impl.config_cls.__module__}."
                     f"{impl.config_cls.__name__}, got {type(config).__name__}")
   if split is None:
+    # Inputs split on an Explicit mesh that we do not take up (a KVCacheLayout: its head axis is
+    # unknown) are gathered first: jax's sharding-in-types would reject the unsplit computation.
+    arrays = sharding.replicate_explicit(arrays)
     out, lse = _run(impl.name, spec, config, arrays)
   else:
     out, lse = _run_split(impl.name, spec, config, split, arrays)

@@ -147,6 +147,21 @@ def detect(spec: AttentionSpec, arrays: AttentionArrays) -> Optional[HeadSplit]:
   return plan(spec, arrays, mesh, axes)
 
 
+def replicate_explicit(arrays: AttentionArrays) -> AttentionArrays:
+  """Every input split over Explicit mesh axes, resharded to replicated on its mesh (an
+  all-gather); the rest unchanged. For calls that run unsplit although an input is split."""
+  def gather(x):
+    found = None if x is None else _sharding_of(x)
+    if found is None:
+      return x
+    mesh, pspec = found
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if not any(types.get(a) == AxisType.Explicit for entry in pspec for a in _axes(entry)):
+      return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, P()))
+  return AttentionArrays(*(gather(x) for x in arrays))
+
+
 def plan(spec: AttentionSpec, arrays: AttentionArrays, mesh, head_axis: AxisNames) -> Optional[HeadSplit]:
   """The split of `spec` over mesh axes `head_axis`; None when they have one device in all.
 

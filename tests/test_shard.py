@@ -281,7 +281,8 @@ def test_shard_helper_bad_arguments_raise():
 
 def test_shard_custom_layout_helper_raises_and_detection_leaves_it():
   """A KVCacheLayout does not say which axis of k holds the kv heads: the helper refuses, and an
-  Explicit-mesh split of q alone is not taken up (XLA's partitioner handles that call as before)."""
+  Explicit-mesh split of q alone is not taken up: q is gathered and the call runs unsplit (jax 0.11
+  would otherwise reject the unsplit einsums of the XLA backend for their mixed shardings)."""
   p = _problem("strided")
   kwargs, oracle = make_problem(p)
   assert isinstance(kwargs["kv_layout"], KVCacheLayout)
