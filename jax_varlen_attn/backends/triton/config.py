@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from jax_varlen_attn.backends.triton import tuned
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
 _WARPS = (1, 2, 4, 8, 16)
@@ -78,8 +79,10 @@ class Config:
       while (block_m > max(16, next_pow2(group))
              and spec.query_programs(block_m // group) * spec.num_kv_heads < NUM_SMS):
         block_m //= 2
+    # The measured table first (tuned.py; fields the caller set always win), then the heuristics.
+    tuned_entry = tuned.lookup(spec) or {}
     # 64 keys a tile keeps K / V tiles at 16 KB (fp16, D=128); halve for wide heads.
-    block_n = self.block_n or (64 if spec.head_dim <= 128 else 32)
+    block_n = self.block_n or tuned_entry.get("block_n") or (64 if spec.head_dim <= 128 else 32)
     if self.block_n is None and spec.head_dim <= 128 and self.num_splits in (None, 1):
       # A grid that fits on the GPU at once (seed1: 136 programs, seed2: 96) is latency-bound: the
       # longest program's chain of dependent tile steps (page lookup -> K load -> dot -> V) sets
@@ -92,9 +95,10 @@ class Config:
     # 4 warps. 8 for 128-row tiles is the usual FlashAttention-2 choice, but measured on an H200
     # (ncu, prefill_4x4096, commit 39d223a) 4 warps ran 782 us against 867 us with 8; smaller tiles
     # never gained from 8 either (seed1 21.8 vs 18.6 us).
-    num_warps = self.num_warps or 4
+    num_warps = self.num_warps or tuned_entry.get("num_warps") or 4
     # Three stages pipeline the K/V loads of big tiles; two where registers / smem are tight.
-    num_stages = self.num_stages or (3 if block_m >= 64 and spec.head_dim <= 128 else 2)
+    num_stages = self.num_stages or tuned_entry.get("num_stages") or (
+        3 if block_m >= 64 and spec.head_dim <= 128 else 2)
     num_splits = self.num_splits or self._default_splits(spec, block_m, block_n)
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
                                num_warps=num_warps, num_stages=num_stages)

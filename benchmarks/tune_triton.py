@@ -1,0 +1,164 @@
+"""Sweeps the Triton kernel's tile options per (head_dim, page size, GQA group, regime); writes the table.
+
+    python benchmarks/tune_triton.py --out tuned                 # GPU machine: ~5 min
+    python benchmarks/tune_triton.py --tiny --out tuned_tiny     # CPU, TRITON_INTERPRET=1: plumbing
+
+For every combination it builds one problem (fp16, causal, 8 kv heads, num_heads = 8 x group):
+  decode:  64 sequences, 1 query each, 4096 keys each, distinct pages (bound by KV bytes);
+  prefill: 2 sequences of 2048 queries over 2048 keys (bound by FLOPs; page size 16 only: the
+           page size changes the K/V addressing, which prefill hides behind its matmuls).
+It times the default config and each candidate (block_n, num_warps, num_stages; block_m stays the
+heuristic's: it follows the queries per sequence and the group) as one jitted function of --calls
+calls, median of --reps, after checking the candidate's output against the default config's.
+Writes $OUT/<out>.json (else benchmarks/results/) with every time and, per combination, the best
+candidate where it beats the default by more than --min-gain; that "table" is what
+jax_varlen_attn/backends/triton/tuned.py reads (copy it to jax_varlen_attn/backends/triton/tuned_h100.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jax_varlen_attn import flash_attn_varlen_func  # noqa: E402
+from jax_varlen_attn.backends.triton import Config  # noqa: E402
+from jax_varlen_attn.backends.triton.tuned import key_of  # noqa: E402
+
+NUM_KV_HEADS = 8
+# (block_n, num_warps, num_stages) tried per regime; wide heads get narrower key tiles (registers).
+CANDIDATES = {
+    ("decode", "narrow"): [(32, 4, 2), (64, 4, 2), (128, 4, 2), (64, 4, 3)],
+    ("prefill", "narrow"): [(64, 4, 3), (128, 4, 2), (32, 4, 3), (64, 8, 3)],
+    ("decode", "wide"): [(16, 4, 2), (32, 4, 2), (64, 4, 1), (32, 8, 2)],
+    ("prefill", "wide"): [(16, 4, 2), (32, 4, 2), (32, 4, 1), (32, 8, 2)],
+}
+
+
+def problem(regime: str, head_dim: int, page: int, group: int, tiny: bool, rng):
+  if regime == "decode":
+    batch, q_len, k_len = (4, 1, 64) if tiny else (64, 1, 4096)
+  else:
+    batch, q_len, k_len = (1, 32, 32) if tiny else (2, 2048, 2048)
+  heads, kv_heads = NUM_KV_HEADS * group, NUM_KV_HEADS
+  if tiny:
+    heads, kv_heads = 2 * group, 2
+  pages_per_seq = -(-k_len // page)
+  num_pages = batch * pages_per_seq
+  q = jnp.asarray(rng.standard_normal((batch * q_len, heads, head_dim)), jnp.float16)
+  k = jnp.asarray(rng.standard_normal((num_pages, page, kv_heads, head_dim)), jnp.float16)
+  v = jnp.asarray(rng.standard_normal((num_pages, page, kv_heads, head_dim)), jnp.float16)
+  table = jnp.asarray(rng.permutation(num_pages).reshape(batch, pages_per_seq), jnp.int32)
+  cu = jnp.arange(batch + 1, dtype=jnp.int32) * q_len
+  used = jnp.full((batch,), k_len, jnp.int32)
+  return dict(q=q, k=k, v=v, cu=cu, used=used, table=table, q_len=q_len, k_len=k_len,
+              bytes=2 * batch * k_len * kv_heads * head_dim * 2,
+              flops=4 * head_dim * heads * batch * (q_len * (k_len - q_len) + q_len * (q_len + 1) // 2))
+
+
+def timed(p: dict, config: Config, calls: int, reps: int):
+  """(median seconds per call, output of the first call)."""
+  def one(q, k, v, cu, used, table):
+    return flash_attn_varlen_func(q, k, v, max_seqlen_q=p["q_len"], cu_seqlens_q=cu,
+                                  max_seqlen_k=p["k_len"], seqused_k=used, block_table=table,
+                                  causal=True, backend="triton", config=config)
+
+  # Different q per call (nothing cached between calls); the cache is shared: decode's is > L2.
+  qs = [p["q"] * (1 + 0.01 * i) for i in range(calls)]
+  fn = jax.jit(lambda qs, k, v, cu, used, table: [one(q, k, v, cu, used, table) for q in qs])
+  args = (qs, p["k"], p["v"], p["cu"], p["used"], p["table"])
+  outs = jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) / calls, np.asarray(outs[0], np.float32)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default="tuned")
+  ap.add_argument("--head-dims", default="64,128,256")
+  ap.add_argument("--pages", default="16,32,64")
+  ap.add_argument("--groups", default="1,2,4,8")
+  ap.add_argument("--regimes", default="prefill,decode")
+  ap.add_argument("--calls", type=int, default=4)
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--min-gain", type=float, default=0.03, help="keep a candidate only if this much faster")
+  ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new combinations after this")
+  ap.add_argument("--tiny", action="store_true")
+  args = ap.parse_args(argv)
+  if args.tiny:
+    args.head_dims, args.pages, args.groups, args.calls, args.reps = "64", "16", "1,2", 1, 1
+  start = time.perf_counter()
+  rng = np.random.default_rng(0)
+  device = jax.devices()[0]
+  doc = dict(benchmark="tile sweep of the Triton kernel", gpu=device.device_kind,
+             commit=os.environ.get("JVA_COMMIT", "unknown"), jax=jax.__version__, dtype="float16",
+             num_kv_heads=NUM_KV_HEADS, candidates={f"{r}/{w}": c for (r, w), c in CANDIDATES.items()},
+             entries=[], table={})
+  combos = []
+  for regime in args.regimes.split(","):
+    pages = args.pages.split(",") if regime == "decode" else ["16"]
+    for d, page, g in itertools.product(args.head_dims.split(","), pages, args.groups.split(",")):
+      combos.append((regime, int(d), int(page), int(g)))
+  for regime, d, page, g in combos:
+    if time.perf_counter() - start > args.budget_s:
+      print(f"budget: stopped before {regime} d{d} p{page} g{g}", flush=True)
+      break
+    p = problem(regime, d, page, g, args.tiny, rng)
+    entry = dict(regime=regime, head_dim=d, page=page, group=g, key=key_of(regime, d, page, g))
+    try:
+      base_s, base_out = timed(p, Config(), args.calls, args.reps)
+    except Exception as e:
+      entry["error"] = f"default: {type(e).__name__}: {str(e)[:200]}"
+      doc["entries"].append(entry)
+      continue
+    entry["default_us"] = round(base_s * 1e6, 2)
+    results = {}
+    for bn, w, st in CANDIDATES[(regime, "wide" if d > 128 else "narrow")]:
+      label = f"n{bn}_w{w}_s{st}"
+      try:
+        s, out = timed(p, Config(block_n=bn, num_warps=w, num_stages=st), args.calls, args.reps)
+        err = float(np.linalg.norm(out - base_out) / max(np.linalg.norm(base_out), 1e-30))
+        results[label] = dict(us=round(s * 1e6, 2), rel_diff=err) if err < 2e-2 else dict(wrong=err)
+      except Exception as e:  # out of registers / shared memory: recorded, not fatal
+        results[label] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
+    entry["candidates"] = results
+    ok = {k: r["us"] for k, r in results.items() if "us" in r}
+    if ok:
+      best = min(ok, key=ok.get)
+      entry["best"], entry["best_us"] = best, ok[best]
+      gain = 1 - ok[best] / entry["default_us"]
+      entry["gain"] = round(gain, 3)
+      if gain > args.min_gain:
+        bn, w, st = (int(x[1:]) for x in best.split("_"))
+        doc["table"][entry["key"]] = dict(block_n=bn, num_warps=w, num_stages=st,
+                                          us=ok[best], default_us=entry["default_us"])
+    doc["entries"].append(entry)
+    print(f"{entry['key']:22s} default {entry['default_us']:9.2f} us  best {entry.get('best')} "
+          f"{entry.get('best_us')} ({100 * entry.get('gain', 0):+.1f}%)", flush=True)
+  out_dir = Path(os.environ.get("OUT") or REPO / "benchmarks" / "results")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / f"{args.out}.json"
+  path.write_text(json.dumps(doc, indent=1))
+  print(f"wrote {path}: {len(doc['table'])} table entries of {len(doc['entries'])} combinations")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

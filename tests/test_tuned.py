@@ -1,0 +1,67 @@
+"""The tuned tile table: well-formed, looked up by problem class, never above the caller's fields."""
+
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from jax_varlen_attn.api import _validate
+from jax_varlen_attn.backends.triton import Config, tuned
+
+
+def spec_for(batch, q_per_seq, pages, head_dim=128, heads=16, kv_heads=8, page=16):
+  q = jnp.zeros((batch * q_per_seq, heads, head_dim), jnp.float16)
+  cache = jnp.zeros((batch * pages, page, kv_heads, head_dim), jnp.float16)
+  cu = jnp.arange(batch + 1, dtype=jnp.int32) * q_per_seq
+  spec, _ = _validate(q, cache, cache, q_per_seq, cu, None, None, jnp.zeros((batch,), jnp.int32),
+                      None, True, (-1, -1), 0.0, None, jnp.zeros((batch, pages), jnp.int32), False,
+                      "NHD", None)
+  return spec
+
+
+def test_committed_table_is_well_formed():
+  entries = tuned.table()  # raises on a malformed entry
+  for key in entries:
+    regime, d, p, g = key.split("_")
+    assert regime in ("decode", "prefill") and d[0] == "d" and p[0] == "p" and g[0] == "g"
+
+
+@pytest.fixture
+def fake_table(tmp_path, monkeypatch):
+  path = tmp_path / "tuned.json"
+  entries = {tuned.key_of("decode", 128, 16, 2): dict(block_n=32, num_warps=8, num_stages=3),
+             tuned.key_of("prefill", 128, 16, 2): dict(block_n=128, num_warps=4, num_stages=2)}
+  path.write_text(json.dumps({"gpu": "test", "table": entries}))
+  monkeypatch.setattr(tuned, "TABLE_PATH", path)
+  return entries
+
+
+def test_table_entry_applies_to_its_class(fake_table):
+  decode = spec_for(256, 1, 256)  # 2304 programs: not latency-bound
+  c = Config.get_default(decode)
+  assert (c.block_n, c.num_warps, c.num_stages) == (32, 8, 3)
+  prefill = spec_for(4, 4096, 256)
+  c = Config.get_default(prefill)
+  assert (c.block_n, c.num_warps, c.num_stages) == (128, 4, 2)
+
+
+def test_callers_fields_win_and_other_classes_fall_back(fake_table):
+  decode = spec_for(256, 1, 256)
+  c = Config(block_n=64, num_stages=2).resolved(decode)
+  assert (c.block_n, c.num_warps, c.num_stages) == (64, 8, 2)
+  other = spec_for(256, 1, 256, head_dim=64)  # no entry: the heuristic
+  c = Config.get_default(other)
+  assert (c.block_n, c.num_warps) == (64, 4)
+
+
+def test_latency_rule_still_wins_for_small_grids(fake_table):
+  small = spec_for(3, 24, 5)  # seed2-like: 96 programs, far below two waves
+  assert Config.get_default(small).block_n == 128
+
+
+def test_malformed_table_raises(tmp_path, monkeypatch):
+  path = tmp_path / "bad.json"
+  path.write_text(json.dumps({"table": {"decode_d128_p16_g2": {"block_n": 0, "num_warps": 4,
+                                                               "num_stages": 2}}}))
+  with pytest.raises(ValueError, match="block_n"):
+    tuned.table(path)
