@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU correctness on the lent H100: the shared test suite on the GPU backends, natively (no interpreter).
 # Run from the repo root on the GPU machine, with the wheels of ../shared/tools/device-wheels.sh in .whl:
-#   bash scripts/gpu_check.sh [pytest test files...]     (default: triton, pallas and xla suites)
+#   bash scripts/gpu_check.sh [pytest test files...]     (default: triton, pallas and xla suites,
+#   the launch paths, the tile table, write_kv and the naive reference)
 # Prints the pytest summary line last; the full log goes to $OUT/pytest_gpu.log when $OUT is set.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -12,7 +13,9 @@ log=${OUT:-/tmp}/pytest_gpu.log
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax, jax_triton, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())"
 files=("$@")
-[ ${#files[@]} -gt 0 ] || files=(tests/test_triton_backend.py tests/test_pallas_backend.py tests/test_xla_backend.py)
+[ ${#files[@]} -gt 0 ] || files=(tests/test_triton_backend.py tests/test_triton_launch.py tests/test_tuned.py
+                                  tests/test_cache.py tests/test_reference.py tests/test_pallas_backend.py
+                                  tests/test_xla_backend.py)
 existing=()
 for f in "${files[@]}"; do [ -f "$f" ] && existing+=("$f"); done
 python3 -m pytest "${existing[@]}" -q -p no:cacheprovider -rfE 2>&1 | tee "$log" | tail -40
