@@ -1103,6 +1103,8 @@ def parse_args(argv=None):
   p.add_argument("--reps", type=int, default=50, help="timed repeats per record (at most)")
   p.add_argument("--unit-time-s", type=float, default=1.0, help="stop repeating after this long")
   p.add_argument("--out", default=None, help="results name: benchmarks/results/<name>.json")
+  p.add_argument("--results-dir", default=str(HERE / "results"),
+                 help="where <name>.json / .png go (copies, and the .log, in $OUT when set)")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny shapes, jva-xla + xla-naive")
   p.add_argument("--budget-s", type=float, default=0.0, help="skip remaining work after this many s")
   p.add_argument("--reserve-s", type=float, default=15.0, help="kept for writing results at the end")
@@ -1176,7 +1178,8 @@ def main(argv=None) -> int:
 
   cases = shapes.get_cases(tiny=args.tiny)
   records: List[dict] = []
-  results_path = HERE / "results" / f"{name}.json"
+  results_path = Path(args.results_dir) / f"{name}.json"
+  results_path.parent.mkdir(parents=True, exist_ok=True)
   doc = dict(commit=commit, gpu=env.gpu, date=date, dtype=args.dtype, ceilings=ceilings,
              ceilings_detail=ceil_detail, records=records,
              answers=None, commit_dirty=dirty, versions=env.versions,

@@ -1,0 +1,86 @@
+"""The benchmark scripts' plumbing on the CPU: they run, write their JSON, and their pure logic
+(ncu attribution, the tile table's consistency rule) does what their docstrings say.
+
+The timings here mean nothing (CPU, tiny shapes); the GPU numbers come from the GPU machine.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def _run(script, *args, out_dir):
+  env = dict(os.environ, OUT=str(out_dir), JVA_COMMIT="test")
+  env.pop("TRITON_INTERPRET", None)  # the dry runs use the XLA paths only
+  proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_bench_attention_tiny_writes_checked_records(tmp_path):
+  _run("bench_attention.py", "--tiny", "--out", "tiny_test", "--results-dir", str(tmp_path),
+       out_dir=tmp_path / "copies")
+  doc = json.loads((tmp_path / "tiny_test.json").read_text())
+  assert doc["commit"] == "test" and doc["records"]
+  ok = [r for r in doc["records"] if r["status"] == "ok"]
+  assert ok and all(r["rel_err"] is not None and r["rel_err"] < r["tolerance"] for r in ok)
+  assert (tmp_path / "tiny_test.png").is_file()
+
+
+def test_bench_serving_tiny_compares_two_backends(tmp_path):
+  out = _run("bench_serving.py", "--tiny", "--out", "serving_test", out_dir=tmp_path)
+  doc = json.loads((tmp_path / "serving_test.json").read_text())
+  assert {r["backend"] for r in doc["records"]} == {"auto", "naive"}
+  assert [r["batch"] for r in doc["ratios"]] == [1, 4]
+  assert all(r["tokens_per_s"] > 0 and r["decode_steps_timed"] >= 3 for r in doc["records"])
+  assert "speedup" in out
+
+
+def test_kernel_times_attributes_kernels_to_blocks_in_order(tmp_path):
+  from kernel_times import summarize
+  header = ('"ID","Kernel Name","Grid Size","Metric Name","Metric Unit","Metric Value"\n')
+  rows = [("varlen_attention_kernel", 10_000), ("varlen_attention_kernel", 12_000),
+          ("varlen_attention_kernel", 20_000), ("varlen_attention_kernel", 22_000)]
+  csv = tmp_path / "ncu.csv"
+  csv.write_text("==PROF== Connected\n" + header + "".join(
+      f'"{i}","{name}(int)","(1, 1, 1)","gpu__time_duration.sum","nsecond","{ns:,}"\n'
+      for i, (name, ns) in enumerate(rows)))
+  log = tmp_path / "kt.log"
+  log.write_text("PROFILE seed1 ours {}\nnoise\nPROFILE seed1 ours {\"block_n\": 128}\n")
+  got = summarize(str(csv), str(log), reps=2)
+  assert got == [("seed1 ours {}", {"varlen_attention_kernel": 11.0}),
+                 ("seed1 ours {\"block_n\": 128}", {"varlen_attention_kernel": 21.0})]
+  # A kernel count that does not split into the blocks is reported, not guessed.
+  assert summarize(str(csv), str(log), reps=3)[0][0] == "unattributed"
+
+
+def _entry(group, best_us, default_us=100.0, regime="decode", d=256, page=16, best="n16_w4_s2"):
+  from jax_varlen_attn.backends.triton.tuned import key_of
+  cands = {"n32_w4_s2": dict(us=default_us), "n64_w4_s1": dict(us=default_us * 1.1),
+           best: dict(us=best_us)}
+  return dict(regime=regime, head_dim=d, page=page, group=group, key=key_of(regime, d, page, group),
+              default_us=default_us, candidates=cands)
+
+
+def test_tile_table_keeps_only_winners_repeated_across_groups():
+  pytest.importorskip("jax")
+  from tune_triton import build_table
+  consistent = [_entry(g, 88.0) for g in (1, 2, 4, 8)]  # 12% in every group
+  assert sorted(build_table(consistent, 0.05)) == sorted(e["key"] for e in consistent)
+  lone = [_entry(1, 80.0)] + [_entry(g, 99.0) for g in (2, 4, 8)]  # one group only
+  assert build_table(lone, 0.05) == {}
+  # The default-equivalent candidate (n32_w4_s2 for wide decode) counts as the default: a slow
+  # first default timing alone does not make a win.
+  slow_first = [dict(_entry(g, 97.0), default_us=120.0) for g in (1, 2, 4, 8)]
+  for e in slow_first:
+    e["candidates"]["n32_w4_s2"] = dict(us=98.0)
+  assert build_table(slow_first, 0.05) == {}
