@@ -2,9 +2,10 @@
 
 The table is data: `tuned.json` beside this module, written by `benchmarks/tune_triton.py` (its
 header names the GPU and commit that produced it; copy the script's output here). Keys are
-`key_of(regime, head_dim, page_size, group)`; a class the sweep did not cover, or where no candidate
-beat the heuristic by 3%, has no entry and `Config.resolved` falls back to its heuristic. An entry
-never overrides a field the caller set, nor the latency rule for grids smaller than two waves.
+`key_of(regime, head_dim, page_size, group)`; a class the sweep did not cover, or without a clear
+winner (one beating the heuristic by 5% in at least 3 of the 4 GQA groups of its class: see
+`build_table` in the script), has no entry and `Config.resolved` falls back to its heuristic. An
+entry never overrides a field the caller set, nor the latency rule for grids smaller than two waves.
 
 regime: "decode" when a sequence brings at most `DECODE_MAX_QUERIES` queries on average (bound by
 KV bytes: decode and decode-heavy mixed batches), else "prefill" (bound by matmuls; the sweep
