@@ -11,7 +11,7 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +215,15 @@ def _window(window_size) -> Tuple[int, int]:
   return left, right
 
 
+def _check_kv_layout(kv_layout) -> None:
+  """kv_layout is a known name or a KVCacheLayout (shared by write_kv)."""
+  if isinstance(kv_layout, str):
+    if kv_layout not in NAMED_LAYOUTS:
+      raise ValueError(f"kv_layout must be one of {NAMED_LAYOUTS} or a KVCacheLayout, got {kv_layout!r}")
+  elif not isinstance(kv_layout, KVCacheLayout):
+    raise TypeError(f"kv_layout must be a str or KVCacheLayout, got {type(kv_layout).__name__}")
+
+
 def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
               softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
               return_softmax_lse, kv_layout, layer) -> Tuple[AttentionSpec, AttentionArrays]:
@@ -245,11 +254,7 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
 
   # kv_layout's type and name are checked first, so that a misspelled name is reported as such and
   # not as "describes a paged cache" on the non-paged path.
-  if isinstance(kv_layout, str):
-    if kv_layout not in NAMED_LAYOUTS:
-      raise ValueError(f"kv_layout must be one of {NAMED_LAYOUTS} or a KVCacheLayout, got {kv_layout!r}")
-  elif not isinstance(kv_layout, KVCacheLayout):
-    raise TypeError(f"kv_layout must be a str or KVCacheLayout, got {type(kv_layout).__name__}")
+  _check_kv_layout(kv_layout)
 
   paged = block_table is not None
   if paged:

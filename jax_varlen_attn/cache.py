@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from jax_varlen_attn import backends as registry
-from jax_varlen_attn.api import _FLOAT_DTYPES, _array, _is_array, _layer, _static_layer
-from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout, resolve
+from jax_varlen_attn.api import (_FLOAT_DTYPES, _array, _check_kv_layout, _is_array, _layer,
+                                 _static_layer)
+from jax_varlen_attn.layout import KVCacheLayout, resolve
 
 WRITE_BACKENDS = ("auto", "xla", "triton", "pallas")
 _I32_MAX = 2**31 - 1
@@ -141,11 +142,7 @@ def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer):
     v_cache = _array("v_cache", v_cache)
     if jnp.dtype(v_cache.dtype) != dtype:
       raise TypeError(f"v_cache must have k_cache's dtype {dtype.name}, got {jnp.dtype(v_cache.dtype).name}")
-  if isinstance(kv_layout, str):
-    if kv_layout not in NAMED_LAYOUTS:
-      raise ValueError(f"kv_layout must be one of {NAMED_LAYOUTS} or a KVCacheLayout, got {kv_layout!r}")
-  elif not isinstance(kv_layout, KVCacheLayout):
-    raise TypeError(f"kv_layout must be a str or KVCacheLayout, got {type(kv_layout).__name__}")
+  _check_kv_layout(kv_layout)
 
   static_layer = _static_layer(layer)
   if layer is not None:

@@ -19,8 +19,6 @@ Defined answers without the check (every backend; never a read outside a buffer,
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from jax_varlen_attn.api import _validate

@@ -29,21 +29,18 @@ import numpy as np
 from flax import nnx
 
 from jax_varlen_attn.nn import DecoderLM, PagedBatch, init_cache
+from jax_varlen_attn.spec import next_pow2
 
 
 def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
-
-
 def bucket(n: int, minimum: int, maximum: int) -> int:
   """The smallest power of two >= max(n, minimum), capped at `maximum` (itself always a bucket)."""
   if n > maximum:
     raise ValueError(f"{n} exceeds the largest bucket {maximum}")
-  return min(_next_pow2(max(n, minimum)), maximum)
+  return min(next_pow2(max(n, minimum)), maximum)
 
 
 class OutOfPages(RuntimeError):

@@ -68,7 +68,7 @@ class AttentionSpec:
 
 def next_pow2(n: int) -> int:
   """Smallest power of two >= n (1 for n <= 1)."""
-  return 1 << max(0, (int(n) - 1).bit_length())
+  return 1 << max(0, int(n) - 1).bit_length()
 
 
 class AttentionArrays(NamedTuple):

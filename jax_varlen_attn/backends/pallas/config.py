@@ -5,14 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from jax_varlen_attn.backends.config_checks import check_int_range, check_launch_options, check_pow2
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
-_WARPS = (1, 2, 4, 8, 16)
 _MAX_BLOCK_Q = 1024
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,17 +28,9 @@ class Config:
   num_stages: Optional[int] = None
 
   def __post_init__(self):
-    if self.block_q is not None and (not _is_int(self.block_q)
-                                     or not 1 <= self.block_q <= _MAX_BLOCK_Q):
-      raise ValueError(f"Config.block_q must be an int in [1, {_MAX_BLOCK_Q}] or None, "
-                       f"got {self.block_q!r}")
-    if self.block_k is not None and (not _is_int(self.block_k) or self.block_k < 16
-                                     or self.block_k & (self.block_k - 1)):
-      raise ValueError(f"Config.block_k must be a power of two >= 16 or None, got {self.block_k!r}")
-    if self.num_warps is not None and (not _is_int(self.num_warps) or self.num_warps not in _WARPS):
-      raise ValueError(f"Config.num_warps must be one of {_WARPS} or None, got {self.num_warps!r}")
-    if self.num_stages is not None and (not _is_int(self.num_stages) or self.num_stages < 1):
-      raise ValueError(f"Config.num_stages must be a positive int or None, got {self.num_stages!r}")
+    check_int_range("block_q", self.block_q, 1, _MAX_BLOCK_Q)
+    check_pow2("block_k", self.block_k, 16)  # Triton's tensor and dot sizes
+    check_launch_options(self.num_warps, self.num_stages)
 
   @classmethod
   def get_default(cls, spec: AttentionSpec) -> "Config":

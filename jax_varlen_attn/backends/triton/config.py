@@ -5,19 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from jax_varlen_attn.backends.config_checks import check_int_range, check_launch_options, check_pow2
 from jax_varlen_attn.backends.triton import tuned
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
-_WARPS = (1, 2, 4, 8, 16)
 # Streaming multiprocessors of an H100 SXM. Only used to size tiles so small batches still give
 # every SM a program; being off by a few on another GPU costs little.
 NUM_SMS = 132
 MAX_SPLITS = 64
-
-
-def _pow2(name, value, minimum):
-  if value is not None and (not isinstance(value, int) or value < minimum or value & (value - 1)):
-    raise ValueError(f"Config.{name} must be a power of two >= {minimum} or None, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +44,10 @@ class Config:
   ffi_launch: bool = False
 
   def __post_init__(self):
-    _pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
-    _pow2("block_n", self.block_n, 16)
-    if self.num_splits is not None and (not isinstance(self.num_splits, int) or isinstance(
-        self.num_splits, bool) or not 1 <= self.num_splits <= MAX_SPLITS):
-      raise ValueError(f"Config.num_splits must be an int in [1, {MAX_SPLITS}] or None, got "
-                       f"{self.num_splits!r}")
-    if self.num_warps is not None and self.num_warps not in _WARPS:
-      raise ValueError(f"Config.num_warps must be one of {_WARPS} or None, got {self.num_warps!r}")
-    if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
-      raise ValueError(f"Config.num_stages must be a positive int or None, got {self.num_stages!r}")
+    check_pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
+    check_pow2("block_n", self.block_n, 16)
+    check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
+    check_launch_options(self.num_warps, self.num_stages)
 
   @classmethod
   def get_default(cls, spec: AttentionSpec) -> "Config":
@@ -83,14 +72,17 @@ class Config:
     tuned_entry = tuned.lookup(spec) or {}
     # 64 keys a tile keeps K / V tiles at 16 KB (fp16, D=128); halve for wide heads.
     block_n = self.block_n or tuned_entry.get("block_n") or (64 if spec.head_dim <= 128 else 32)
-    if self.block_n is None and spec.head_dim <= 128 and self.num_splits in (None, 1):
+    default_splits = self._default_splits(spec, block_m, block_n)
+    num_splits = self.num_splits or default_splits
+    if self.block_n is None and spec.head_dim <= 128 and num_splits == 1 and default_splits == 1:
       # A grid that fits on the GPU at once (seed1: 136 programs, seed2: 96) is latency-bound: the
       # longest program's chain of dependent tile steps (page lookup -> K load -> dot -> V) sets
       # the time, so halve the chain with 128-key tiles. Measured on an H200 (ncu, commit 9541130):
       # seed1 18.6 -> 16.2 us, seed2 7.3 -> 6.5 us; seed3 (712 programs) is not latency-bound and
-      # stays at 64. Not where split-KV will split: splits already shorten the chain.
+      # stays at 64. Not where split-KV splits: splits already shorten the chain. (Wider tiles
+      # never turn splits on: _default_splits only shrinks as block_n grows.)
       programs = spec.query_programs(block_m // group) * spec.num_kv_heads
-      if programs < 2 * NUM_SMS and self._default_splits(spec, block_m, block_n) == 1:
+      if programs < 2 * NUM_SMS:
         block_n = 128
     # 4 warps. 8 for 128-row tiles is the usual FlashAttention-2 choice, but measured on an H200
     # (ncu, prefill_4x4096, commit 39d223a) 4 warps ran 782 us against 867 us with 8; smaller tiles
@@ -99,7 +91,6 @@ class Config:
     # Three stages pipeline the K/V loads of big tiles; two where registers / smem are tight.
     num_stages = self.num_stages or tuned_entry.get("num_stages") or (
         3 if block_m >= 64 and spec.head_dim <= 128 else 2)
-    num_splits = self.num_splits or self._default_splits(spec, block_m, block_n)
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
                                num_warps=num_warps, num_stages=num_stages)
 
