@@ -8,6 +8,9 @@ For each case x cache layout x implementation: the output is first compared with
     rotated over S distinct sets so that the bytes brought through L2 exceed 4x its 50 MB where memory
     allows), unrolled in Python inside the jit; wall clock around block_until_ready; median of many
     repeats, divided by K. `ms_wall`: one plain (eager) call, launch cost included.
+    `ms_device`: the GPU's own busy time per call (kernel timestamps from jax.profiler; see
+    device_time.py), the like-for-like partner of a CUDA-graph replay where XLA's host-side launch
+    cost exceeds a small kernel's time; `ms_device_span` adds the gaps the GPU waited for the host.
   - torch peers (FlagGems): CUDA-graph replay of K calls over the same rotation, CUDA events, median,
     divided by K. `ms_wall`: one plain Python call timed with events, launch cost included.
 Ceilings measured in the same run: read TB/s (Triton sum kernel / torch.sum / jnp.sum over 4 GiB),
@@ -58,6 +61,7 @@ for p in (str(REPO), str(HERE)):
 
 import numpy as np  # noqa: E402
 
+import device_time  # noqa: E402  (benchmarks/device_time.py)
 import shapes  # noqa: E402  (benchmarks/shapes.py)
 
 ALL_IMPLS = ("jva-triton", "jva-pallas", "jva-xla", "flaggems", "jax-pallas-paged", "xla-naive")
@@ -72,6 +76,7 @@ QUESTION = "with the page stride specialized, does the contiguous fast path stil
 PASS_OF = {("jva-triton", "default"): 0, ("jva-triton", "row-id"): 0,
            ("flaggems", "default"): 0, ("jax-pallas-paged", "default"): 1,
            ("jva-triton", "runtime-stride"): 1, ("jva-triton", "ffi-launch"): 1,
+           ("jva-triton", "grid-order"): 1,
            ("jva-pallas", "default"): 2,
            ("jva-xla", "default"): 3, ("xla-naive", "default"): 3}
 # Unrolled calls per jitted function, at most, for implementations whose compile grows with K or
@@ -649,6 +654,14 @@ def run_jax_unit(env: Env, cd: CaseData, rec: dict, one: Callable, per_set: List
   finish_timing(rec, cd, sec * 1e3 / calls, ceilings)
   rec["spread"], rec["reps"] = round(spread, 3), n
   rec["status"] = "ok"
+  if env.on_gpu and args.device_time:
+    dev = device_time.measure(jax, fn, fargs, calls)
+    if dev is None:
+      rec["note"] = (rec.get("note", "") + " no device time (trace held no GPU stream)").strip()
+    else:
+      rec["ms_device"] = round(dev["busy_ms"], 5)
+      rec["ms_device_span"] = round(dev["span_ms"], 5)
+      rec["kernels_per_call"] = dev["kernels_per_call"]
   if wall:
     rec["ms_wall"] = time_wall(env, one if wall_fn is None else wall_fn, cd, per_set, metas, args,
                                jit=wall_fn is None)
@@ -660,6 +673,18 @@ def time_wall(env: Env, one: Callable, cd: CaseData, per_set, metas, args, jit: 
   w, _, _ = time_jax(env.jax, fn, (cd.qs[0], per_set[0], metas[0]), min(args.reps, 30),
                      min(0.5, args.unit_time_s))
   return round(w * 1e3, 5)
+
+
+def parse_config_variant(variant: str) -> dict:
+  """Config kwargs of a `cfg:key=value;key=value` variant ({} for any other variant)."""
+  if not variant.startswith("cfg:"):
+    return {}
+  kwargs = {}
+  for item in filter(None, variant[4:].split(";")):
+    key, _, value = item.partition("=")
+    low = value.strip().lower()
+    kwargs[key.strip()] = True if low == "true" else False if low == "false" else int(value)
+  return kwargs
 
 
 def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, args, ceilings) -> dict:
@@ -676,11 +701,15 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
       config = Config(row_id_fast_path=False, constexpr_strides=False)
     elif variant == "ffi-launch":  # the default kernel through jaxlib's typed-FFI handler
       config = Config(ffi_launch=True)
+    elif variant == "grid-order":  # query programs launched first to last (not heaviest first)
+      config = Config(heavy_first=False)
+    elif variant.startswith("cfg:"):  # a sweep point: cfg:num_splits=2;block_n=32
+      config = Config(**parse_config_variant(variant))
     else:
       raise ValueError(f"unknown jva-triton variant {variant!r}")
-    rec["config"] = {"row_id_fast_path": config.row_id_fast_path,
+    rec["config"] = {**parse_config_variant(variant), "row_id_fast_path": config.row_id_fast_path,
                      "constexpr_strides": config.constexpr_strides,
-                     "ffi_launch": config.ffi_launch}
+                     "ffi_launch": config.ffi_launch, "heavy_first": config.heavy_first}
   if impl == "jva-triton" and variant == "default":
     rec["variant"] = "page-stride-constexpr"  # the default address on every layout
   case = cd.case
@@ -912,6 +941,14 @@ def flaggems_unit(env: Env, cd: CaseData, ld: LayoutData, args, ceilings) -> dic
     finish_timing(rec, cd, sec * 1e3 / calls, ceilings)
     rec["spread"], rec["reps"] = round(spread, 3), n
   rec["status"] = "ok"
+  if env.on_gpu and args.device_time:
+    dev = device_time.measure(jax, fn, fargs, calls)
+    if dev is None:
+      rec["note"] = (rec.get("note", "") + " no device time (trace held no GPU stream)").strip()
+    else:
+      rec["ms_device"] = round(dev["busy_ms"], 5)
+      rec["ms_device_span"] = round(dev["span_ms"], 5)
+      rec["kernels_per_call"] = dev["kernels_per_call"]
   return rec  # the torch views die with this frame; free_device() empties torch's cache
 
 
@@ -930,7 +967,7 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants) -> List
           continue  # the row-id address exists for a contiguous cache only
         if var == "runtime-stride" and layout not in ("contiguous", "strided"):
           continue
-        if var == "ffi-launch" and layout != "contiguous":
+        if (var in ("ffi-launch", "grid-order") or var.startswith("cfg:")) and layout != "contiguous":
           continue
         out.append((impl, var))
     elif impl == "flaggems":
@@ -990,17 +1027,19 @@ def add_ratios(records: List[dict]):
         r[key] = round(same[0]["ms"] / r["ms"], 3)
         if peer == "flaggems" and same[0].get("ms_wall") and r.get("ms_wall"):
           r[key + "_wall"] = round(same[0]["ms_wall"] / r["ms_wall"], 3)
+        if r.get("ms_device"):  # the peer's ms (a graph replay, or wall) / our device busy time
+          r[key + "_device"] = round(same[0].get("ms_device", same[0]["ms"]) / r["ms_device"], 3)
       elif contig:
         r[key + "_contiguous"] = round(contig[0]["ms"] / r["ms"], 3)
 
 
 def answers(records: List[dict], case_order) -> dict:
   """Per case: row-id vs page-stride-constexpr on the contiguous cache, and strided / contiguous."""
-  def ms(case, layout, variant):
+  def ms(case, layout, variant, key="ms"):
     for r in records:
       if (r["case"], r["layout"], r["impl"], r["variant"]) == (case, layout, "jva-triton", variant) \
           and r.get("status") == "ok":
-        return r["ms"]
+        return r.get(key)
     return None
 
   rows = []
@@ -1013,10 +1052,13 @@ def answers(records: List[dict], case_order) -> dict:
     if not any(x is not None for x in (row_id, psc, strided)):
       continue
     ratio = lambda a, b: round(a / b, 3) if a is not None and b else None  # noqa: E731
+    psc_dev = ms(case, "contiguous", "page-stride-constexpr", "ms_device")
+    strided_dev = ms(case, "strided", "page-stride-constexpr", "ms_device")
     rows.append(dict(case=case, row_id_ms=row_id, page_stride_constexpr_ms=psc,
                      row_id_speedup=ratio(psc, row_id),
                      runtime_stride_contiguous_ms=rt_c, strided_ms=strided,
                      strided_over_contiguous=ratio(strided, psc),  # both the default path
+                     strided_over_contiguous_device=ratio(strided_dev, psc_dev),
                      runtime_stride_strided_ms=rt_s, constexpr_speedup_strided=ratio(rt_s, strided)))
   speedups = [r["row_id_speedup"] for r in rows if r["row_id_speedup"]]
   verdict = None
@@ -1066,12 +1108,17 @@ def table(doc: dict) -> str:
            f"{doc['commit'][:10]} | {doc['dtype']}",
            "impls: triton/pallas/xla = jva-*, jax-paged = jax-pallas-paged; pstride-c = page stride "
            "constexpr, rt-stride = runtime strides; vsFG = FlagGems ms / ms (same layout, else its "
-           "contiguous); wall = plain call ms",
+           "contiguous); dev = device busy ms (profiler), dvFG = FlagGems ms / dev; wall = plain call ms",
            f"{'case':15s} {'layout':6s} {'impl':9s} {'variant':9s} {'ms':>8s} {'perf':>10s} "
-           f"{'%ceil':>5s} {'vsFG':>5s} {'wall':>7s} status"]
+           f"{'%ceil':>5s} {'vsFG':>5s} {'dev':>7s} {'dvFG':>5s} {'wall':>7s} status"]
   for r in doc["records"]:
     var = r.get("variant") or "-"
     var = "best-cfg" if var.startswith("block_h") else VARIANT_SHORT.get(var, var)
+    if var.startswith("cfg:"):  # cfg:num_splits=2;block_n=32 -> s2n32
+      for long, short in (("num_splits=", "s"), ("block_n=", "n"), ("block_m=", "m"),
+                          ("num_stages=", "st"), ("num_warps=", "w"), (";", "")):
+        var = var.replace(long, short)
+      var = var[4:]
     if r.get("ms") is not None:
       perf = (f"{r['tflops']:.0f}TFLOP/s" if r["bound"] == "flops" else f"{r['tbps']:.3g}TB/s")
     else:
@@ -1084,7 +1131,9 @@ def table(doc: dict) -> str:
       status = f"{status}: {str(r.get('note') or r.get('error') or '')[:36]}"
     lines.append(f"{r['case'][:15]:15s} {r['layout'][:6]:6s} {IMPL_SHORT.get(r['impl'], r['impl'])[:9]:9s} "
                  f"{var[:9]:9s} {_fmt(r.get('ms'), 4):>8s} {perf:>10s} "
-                 f"{_fmt(r.get('pct_of_ceiling'), 0):>5s} {_fmt(vs, 2):>5s} {_fmt(r.get('ms_wall'), 3):>7s} "
+                 f"{_fmt(r.get('pct_of_ceiling'), 0):>5s} {_fmt(vs, 2):>5s} "
+                 f"{_fmt(r.get('ms_device'), 4):>7s} {_fmt(r.get('vs_flaggems_device'), 2):>5s} "
+                 f"{_fmt(r.get('ms_wall'), 3):>7s} "
                  f"{status}")
   return "\n".join(lines)
 
@@ -1121,6 +1170,8 @@ def parse_args(argv=None):
                  help="CPU plumbing test only: allow jva-triton (needs TRITON_INTERPRET=1), jva-pallas "
                       "and jax-pallas-paged in interpreter modes")
   p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--device-time", type=int, default=1, choices=(0, 1),
+                 help="also read each JAX record's device time from a profiler trace (GPU only)")
   args = p.parse_args(argv)
   args.cases = list(shapes.CASE_NAMES) if args.cases == "all" else args.cases.split(",")
   for c in args.cases:

@@ -84,3 +84,45 @@ def test_tile_table_keeps_only_winners_repeated_across_groups():
   for e in slow_first:
     e["candidates"]["n32_w4_s2"] = dict(us=98.0)
   assert build_table(slow_first, 0.05) == {}
+
+
+def _trace_with_two_streams():
+  meta = lambda pid, tid, kind, name: {"ph": "M", "pid": pid, "tid": tid, "name": kind,  # noqa: E731
+                                       "args": {"name": name}}
+  x = lambda tid, ts, dur, name="k": {"ph": "X", "pid": 2, "tid": tid, "ts": ts, "dur": dur,  # noqa: E731
+                                      "name": name}
+  return {"traceEvents": [
+      meta(1, None, "process_name", "/host:CPU"), meta(2, None, "process_name", "/device:GPU:0"),
+      meta(1, 7, "thread_name", "python"),
+      meta(2, 10, "thread_name", "Stream #13(Compute)"), meta(2, 11, "thread_name", "Stream #14(MemcpyD2D)"),
+      meta(2, 12, "thread_name", "XLA Ops"), meta(2, 13, "thread_name", "XLA Modules"),
+      x(10, 100.0, 10.0, "attn"), x(10, 130.0, 5.0, "attn"), x(11, 105.0, 10.0, "memcpy"),
+      x(12, 100.0, 35.0, "op"), x(13, 90.0, 60.0, "module"),  # annotations: never counted
+      {"ph": "X", "pid": 1, "tid": 7, "ts": 0.0, "dur": 500.0, "name": "host"}]}
+
+
+def test_device_time_counts_stream_work_once():
+  import device_time
+  events, rows = device_time.stream_events(_trace_with_two_streams())
+  assert sorted(rows.values()) == ["Stream #13(Compute)", "Stream #14(MemcpyD2D)"]
+  s = device_time.summarize(events)
+  # [100, 115) from the overlapping kernel and copy, then [130, 135): 20 us busy over a 35 us span.
+  assert s["busy_us"] == pytest.approx(20.0) and s["span_us"] == pytest.approx(35.0)
+  assert s["events"] == 3 and s["names"] == ["attn", "memcpy"]
+
+
+def test_device_time_is_none_without_a_gpu_stream():
+  import jax
+  import jax.numpy as jnp
+  import device_time
+  fn = jax.jit(lambda x: x * 2)
+  x = jnp.ones((8,))
+  fn(x).block_until_ready()
+  assert device_time.measure(jax, fn, (x,), calls=1, runs=1) is None
+
+
+def test_config_variant_parses_to_config_kwargs():
+  import bench_attention
+  assert bench_attention.parse_config_variant("cfg:num_splits=2;block_n=32;heavy_first=false") == \
+      dict(num_splits=2, block_n=32, heavy_first=False)
+  assert bench_attention.parse_config_variant("row-id") == {}

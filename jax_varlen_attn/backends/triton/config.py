@@ -32,6 +32,8 @@ class Config:
     constants (benchmark only: shows what the specialization buys).
   ffi_launch: launch through jaxlib's typed FFI handler instead of jax-triton's legacy custom
     call. Off: measured no faster, sometimes slower (backends/triton/call.py says why).
+  heavy_first: launch query programs from each sequence's last block to its first (the heaviest
+    under a causal mask first); False keeps grid order (benchmark: what the order buys).
   """
 
   block_m: Optional[int] = None
@@ -42,12 +44,16 @@ class Config:
   row_id_fast_path: bool = False
   constexpr_strides: bool = True
   ffi_launch: bool = False
+  heavy_first: bool = True
 
   def __post_init__(self):
     check_pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
     check_pow2("block_n", self.block_n, 16)
     check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
     check_launch_options(self.num_warps, self.num_stages)
+    for name in ("row_id_fast_path", "constexpr_strides", "ffi_launch", "heavy_first"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
 
   @classmethod
   def get_default(cls, spec: AttentionSpec) -> "Config":
@@ -121,7 +127,7 @@ class Config:
         NUM_HEADS=spec.num_heads, NUM_KV_HEADS=spec.num_kv_heads, GROUP=group,
         HEAD_DIM=spec.head_dim, HEAD_DIM_PAD=max(16, next_pow2(spec.head_dim)),
         BLOCK_M=self.block_m, BLOCK_Q=self.block_m // group, BLOCK_N=self.block_n,
-        NUM_SPLITS=self.num_splits,
+        NUM_SPLITS=self.num_splits, HEAVY_FIRST=self.heavy_first,
         IS_PAGED=paged, IS_CONTIGUOUS_KV=contiguous, CONSTEXPR_STRIDES=self.constexpr_strides,
         # A tile inside one page looks its page up once (a scalar) instead of once per key.
         SINGLE_PAGE_TILE=paged and layout.block_size % self.block_n == 0,

@@ -3,8 +3,9 @@
 One program handles BLOCK_Q query tokens of one sequence for one kv head, together with the GROUP
 q heads that share it: its tile has BLOCK_M = BLOCK_Q * GROUP rows (query token x q head), so each
 K / V tile is read once per kv head, not once per q head. The grid is static:
-(cdiv(total_q, BLOCK_Q) + batch, num_kv_heads); each program finds its sequence by binary search
-over `cu_seqlens_q`, and the programs past the last sequence write the padding rows (zeros).
+((cdiv(total_q, BLOCK_Q) + batch) * num_kv_heads, 1, NUM_SPLITS), query programs x kv heads on one
+axis; each program finds its sequence by binary search over `cu_seqlens_q`, and the programs past
+the last sequence write the padding rows (zeros).
 
 With NUM_SPLITS > 1 (split-KV, flash-decoding, for grids too small to fill the GPU) a third grid
 axis divides each program's keys into NUM_SPLITS whole-tile ranges; each split writes a normalized
@@ -175,6 +176,7 @@ def varlen_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
     # cache addressing
     IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr, CONSTEXPR_STRIDES: tl.constexpr,
     SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
@@ -186,8 +188,15 @@ def varlen_attention_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-  pid = tl.program_id(0)
-  kv_head = tl.program_id(1)
+  # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
+  # about launch order, so HEAVY_FIRST launches query programs from the last to the first: under a
+  # causal mask a sequence's last query block sees the most keys, and launching the light ones
+  # first (prefill_4x4096: 1 to 64 key tiles each) leaves the heaviest for a ragged last wave.
+  num_query_programs = tl.num_programs(0) // NUM_KV_HEADS
+  kv_head = tl.program_id(0) % NUM_KV_HEADS
+  pid = tl.program_id(0) // NUM_KV_HEADS
+  if HEAVY_FIRST:
+    pid = num_query_programs - 1 - pid
   seq = _find_sequence(cu_seqlens_q_ptr, pid, batch, BLOCK_Q)
   seq_start = tl.load(cu_seqlens_q_ptr + seq)
   first = (pid - (seq_start // BLOCK_Q + seq)) * BLOCK_Q  # first query of this program in its sequence

@@ -49,7 +49,9 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
   else:
     outputs = (jax.ShapeDtypeStruct(out_shape, arrays.q.dtype),
                jax.ShapeDtypeStruct(lse_shape if spec.return_lse else (1,), jnp.float32))
-  grid = (spec.query_programs(consts["BLOCK_Q"]), spec.num_kv_heads, splits)
+  # Query programs x kv heads on axis 0 (the kernel splits them; axis 1 would cap the programs at
+  # 65535), split-KV on axis 2.
+  grid = (spec.query_programs(consts["BLOCK_Q"]) * spec.num_kv_heads, 1, splits)
   return inputs, outputs, grid, consts
 
 

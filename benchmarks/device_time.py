@@ -1,0 +1,129 @@
+"""Device time of a jitted JAX function: the GPU's own kernel timestamps (CUPTI, via jax.profiler).
+
+Why: bench_attention's `ms` for a JAX implementation is wall time around a jitted function of K
+calls, so a small kernel (seed1, seed2: 6-16 us) is charged XLA's host-side cost of launching each
+custom call. FlagGems' figure is a CUDA-graph replay, which has no host cost in the loop. This
+module reads what the GPU itself spent: every kernel / memset / memcpy the function ran on the
+device, from the profiler's trace, as
+
+  busy_us: the union of those intervals (time some work of ours was on the GPU), and
+  span_us: first start to last end (busy plus the gaps where the GPU waited for the host).
+
+Both divided by the number of calls in the function. busy is the like-for-like partner of a graph
+replay's time (a graph also leaves ~1 us between its kernels, so busy slightly favours us on tiny
+kernels); span is what the GPU was held for.
+
+  python -m benchmarks.device_time TRACE.json.gz   # prints the stream threads and their totals
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+from typing import Dict, Iterable, List, Optional, Tuple
+
+# Rows of the GPU process in the trace that are not work on a stream: XLA's per-op / per-module
+# annotations repeat the kernels' intervals, launch statistics are host-side.
+_NOT_STREAMS = ("xla", "step", "launch", "source", "framework", "tensorflow", "python")
+
+
+def _union(intervals: List[Tuple[float, float]]) -> float:
+  total, end = 0.0, float("-inf")
+  for s, e in sorted(intervals):
+    if s > end:
+      total += e - s
+      end = e
+    elif e > end:
+      total += e - end
+      end = e
+  return total
+
+
+def stream_events(trace: dict) -> Tuple[List[dict], Dict[Tuple[int, int], str]]:
+  """X events on the GPU's stream rows, and the names of those rows ((pid, tid) -> name)."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  processes, threads = {}, {}
+  for e in events:
+    if e.get("ph") != "M":
+      continue
+    if e.get("name") == "process_name":
+      processes[e["pid"]] = str(e.get("args", {}).get("name", ""))
+    elif e.get("name") == "thread_name":
+      threads[(e["pid"], e.get("tid"))] = str(e.get("args", {}).get("name", ""))
+  gpu_pids = {pid for pid, name in processes.items() if name.startswith("/device:GPU")}
+  rows = {}
+  for (pid, tid), name in threads.items():
+    if pid in gpu_pids and not any(word in name.lower() for word in _NOT_STREAMS):
+      rows[(pid, tid)] = name
+  # Prefer rows named as streams where the profiler names them so.
+  named = {k: v for k, v in rows.items() if "stream" in v.lower()}
+  rows = named or rows
+  out = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in rows
+         and e.get("dur") is not None]
+  return out, rows
+
+
+def summarize(events: Iterable[dict]) -> dict:
+  """busy / span (us) and the distinct event names of a list of X events."""
+  ivs = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events]
+  if not ivs:
+    return dict(busy_us=None, span_us=None, events=0, names=[])
+  names = sorted({str(e.get("name", ""))[:80] for e in events})
+  return dict(busy_us=_union(ivs), span_us=max(e for _, e in ivs) - min(s for s, _ in ivs),
+              events=len(ivs), names=names)
+
+
+def load_trace(directory: str) -> dict:
+  paths = sorted(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True))
+  if not paths:
+    paths = sorted(glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True))
+  if not paths:
+    raise FileNotFoundError(f"no trace under {directory}")
+  with gzip.open(paths[-1], "rt") as f:
+    return json.load(f)
+
+
+def measure(jax, fn, args, calls: int, runs: int = 3) -> Optional[dict]:
+  """Device time per call of `fn(*args)` (which makes `calls` calls), fn already compiled.
+
+  Profiles `runs` executions and keeps the one with the least busy time per call (the profiler's
+  own start-up can land in the first). Returns dict(busy_ms, span_ms, kernels_per_call, names) or
+  None where the trace holds no GPU stream (a CPU run, or a profiler without CUPTI).
+  """
+  best = None
+  for _ in range(runs):
+    with tempfile.TemporaryDirectory(prefix="jva-trace-") as d:
+      jax.block_until_ready(fn(*args))  # nothing of a previous run still queued
+      with jax.profiler.trace(d):
+        jax.block_until_ready(fn(*args))
+      try:
+        events, _ = stream_events(load_trace(d))
+      except FileNotFoundError:
+        return None
+    s = summarize(events)
+    if s["busy_us"] is None:
+      return None
+    if best is None or s["busy_us"] < best["busy_us"]:
+      best = s
+  return dict(busy_ms=best["busy_us"] / 1e3 / calls, span_ms=best["span_us"] / 1e3 / calls,
+              kernels_per_call=round(best["events"] / calls, 2), names=best["names"][:8])
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  with gzip.open(argv[0], "rt") as f:
+    trace = json.load(f)
+  events, rows = stream_events(trace)
+  for key, name in sorted(rows.items()):
+    mine = [e for e in events if (e["pid"], e["tid"]) == key]
+    s = summarize(mine)
+    print(f"{name}: {s['events']} events, busy {s['busy_us']} us, span {s['span_us']} us")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
