@@ -941,14 +941,6 @@ def flaggems_unit(env: Env, cd: CaseData, ld: LayoutData, args, ceilings) -> dic
     finish_timing(rec, cd, sec * 1e3 / calls, ceilings)
     rec["spread"], rec["reps"] = round(spread, 3), n
   rec["status"] = "ok"
-  if env.on_gpu and args.device_time:
-    dev = device_time.measure(jax, fn, fargs, calls)
-    if dev is None:
-      rec["note"] = (rec.get("note", "") + " no device time (trace held no GPU stream)").strip()
-    else:
-      rec["ms_device"] = round(dev["busy_ms"], 5)
-      rec["ms_device_span"] = round(dev["span_ms"], 5)
-      rec["kernels_per_call"] = dev["kernels_per_call"]
   return rec  # the torch views die with this frame; free_device() empties torch's cache
 
 
