@@ -66,7 +66,7 @@ import shapes  # noqa: E402  (benchmarks/shapes.py)
 
 ALL_IMPLS = ("jva-triton", "jva-pallas", "jva-xla", "flaggems", "jax-pallas-paged", "xla-naive")
 PEERS = ("flaggems", "jax-pallas-paged", "xla-naive")
-ALL_LAYOUTS = ("contiguous", "strided", "hnd", "fused", "stacked")
+ALL_LAYOUTS = ("contiguous", "strided", "contiguous_2x", "hnd", "fused", "stacked")
 TOLERANCE = {"float16": 4e-3, "bfloat16": 1.6e-2}
 QUESTION = "with the page stride specialized, does the contiguous fast path still pay?"
 # Passes: what matters most runs first, so a budget cut drops the least important work.
@@ -554,6 +554,8 @@ class LayoutData:
   kv_layout: Any  # what flash_attn_varlen_func takes as kv_layout
   stacked: bool = False
   note: str = ""
+  # per set: arrays replacing the case's own (contiguous_2x: its block table), or None
+  meta_sets: Optional[List[dict]] = None
 
 
 def build_layout(env: Env, cd: CaseData, name: str) -> LayoutData:
@@ -562,7 +564,7 @@ def build_layout(env: Env, cd: CaseData, name: str) -> LayoutData:
   Hk, D, bs, N = case.num_kv_heads, case.head_dim, case.block_size, case.num_blocks
   if name == "contiguous":
     return LayoutData(name, list(cd.kv), "NHD")
-  if name == "strided":
+  if name in ("strided", "contiguous_2x"):
     from jax_varlen_attn import KVCacheLayout
     page = bs * Hk * D
     sets = []
@@ -577,6 +579,13 @@ def build_layout(env: Env, cd: CaseData, name: str) -> LayoutData:
         del junk
       sets.append(tuple(pair))
       jax.block_until_ready(sets[-1])
+    if name == "contiguous_2x":
+      # The strided run's very storage and addresses, read as a plain contiguous cache whose block
+      # table names the real (odd or even) slots: what strided / contiguous costs beyond touching
+      # twice the memory (a larger footprint, more TLB reach) is strided / contiguous_2x.
+      metas = [dict(block_table=2 * m["block_table"] + cd.parity) for m in cd.metas]
+      return LayoutData(name, sets, "NHD", meta_sets=metas,
+                        note=f"[{2 * N}, {bs}, {Hk}, {D}] NHD cache, block table 2p+{cd.parity}")
     layout = KVCacheLayout(block_size=bs, num_kv_heads=Hk, head_dim=D, page_stride=2 * page,
                            k_offset=cd.parity * page, v_offset=cd.parity * page)
     return LayoutData(name, sets, layout,
@@ -607,14 +616,15 @@ def base_record(cd: CaseData, layout: str, impl: str, variant: str) -> dict:
               bound="flops" if case.flop_bound else "bytes")
 
 
-def finish_timing(rec: dict, cd: CaseData, ms: float, ceilings: dict):
-  rec["ms"] = round(ms, 5)
+def finish_timing(rec: dict, cd: CaseData, ms: float, ceilings: dict, suffix: str = ""):
+  """ms and the figures derived from it (suffix "_device": from the device busy time)."""
+  rec["ms" + suffix] = round(ms, 5)
   sec = ms / 1e3
-  rec["tbps"] = float(f"{rec['bytes'] / sec / 1e12:.4g}")
-  rec["tflops"] = float(f"{rec['flops'] / sec / 1e12:.4g}")
+  rec["tbps" + suffix] = float(f"{rec['bytes'] / sec / 1e12:.4g}")
+  rec["tflops" + suffix] = float(f"{rec['flops'] / sec / 1e12:.4g}")
   ceil = ceilings.get("matmul_fp16_tflops") if cd.case.flop_bound else ceilings.get("read_tbps")
-  value = rec["tflops"] if cd.case.flop_bound else rec["tbps"]
-  rec["pct_of_ceiling"] = round(100 * value / ceil, 1) if ceil else None
+  value = rec["tflops" + suffix] if cd.case.flop_bound else rec["tbps" + suffix]
+  rec["pct_of_ceiling" + suffix] = round(100 * value / ceil, 1) if ceil else None
 
 
 def check(rec: dict, cd: CaseData, out) -> bool:
@@ -659,7 +669,7 @@ def run_jax_unit(env: Env, cd: CaseData, rec: dict, one: Callable, per_set: List
     if dev is None:
       rec["note"] = (rec.get("note", "") + " no device time (trace held no GPU stream)").strip()
     else:
-      rec["ms_device"] = round(dev["busy_ms"], 5)
+      finish_timing(rec, cd, dev["busy_ms"], ceilings, suffix="_device")
       rec["ms_device_span"] = round(dev["span_ms"], 5)
       rec["kernels_per_call"] = dev["kernels_per_call"]
   if wall:
@@ -715,6 +725,8 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
   case = cd.case
   layer = env.jnp.asarray(1, env.jnp.int32) if ld.stacked else None
   extra = [dict(layer=layer) for _ in range(cd.sets)] if ld.stacked else None
+  if ld.meta_sets is not None:
+    extra = [dict(extra[s] if extra else {}, **ld.meta_sets[s]) for s in range(cd.sets)]
 
   def one(q, kv, meta):
     k, v = (kv[0], None) if len(kv) == 1 else kv
@@ -884,7 +896,8 @@ def flaggems_unit(env: Env, cd: CaseData, ld: LayoutData, args, ceilings) -> dic
     if ld.name == "strided":  # a view: every other page, starting at the parity slot
       k, v = k[cd.parity::2], v[cd.parity::2]
     kvs.append((k, v))
-  metas = [{n: to_torch(a) for n, a in m.items()} for m in cd.metas[:sets_used]]
+  metas = [{n: to_torch(a) for n, a in dict(m, **(ld.meta_sets[s] if ld.meta_sets else {})).items()}
+           for s, m in enumerate(cd.metas[:sets_used])]
   fn = env.flaggems_fn
 
   def call(i):
@@ -963,7 +976,7 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants) -> List
           continue
         out.append((impl, var))
     elif impl == "flaggems":
-      if layout in ("contiguous", "strided"):
+      if layout in ("contiguous", "strided", "contiguous_2x"):
         out.append((impl, "default"))
     elif impl == "jax-pallas-paged":
       if case.decode_only and layout == "contiguous":
@@ -1046,11 +1059,14 @@ def answers(records: List[dict], case_order) -> dict:
     ratio = lambda a, b: round(a / b, 3) if a is not None and b else None  # noqa: E731
     psc_dev = ms(case, "contiguous", "page-stride-constexpr", "ms_device")
     strided_dev = ms(case, "strided", "page-stride-constexpr", "ms_device")
+    wide_dev = ms(case, "contiguous_2x", "page-stride-constexpr", "ms_device")
     rows.append(dict(case=case, row_id_ms=row_id, page_stride_constexpr_ms=psc,
                      row_id_speedup=ratio(psc, row_id),
                      runtime_stride_contiguous_ms=rt_c, strided_ms=strided,
                      strided_over_contiguous=ratio(strided, psc),  # both the default path
                      strided_over_contiguous_device=ratio(strided_dev, psc_dev),
+                     # same storage and addresses as strided, contiguous addressing
+                     strided_over_contiguous_2x_device=ratio(strided_dev, wide_dev),
                      runtime_stride_strided_ms=rt_s, constexpr_speedup_strided=ratio(rt_s, strided)))
   speedups = [r["row_id_speedup"] for r in rows if r["row_id_speedup"]]
   verdict = None
@@ -1088,6 +1104,7 @@ def _fmt(x, nd=3):
 
 IMPL_SHORT = {"jva-triton": "triton", "jva-pallas": "pallas", "jva-xla": "xla", "flaggems": "flaggems",
               "jax-pallas-paged": "jax-paged", "xla-naive": "xla-naive"}
+LAYOUT_SHORT = {"contiguous": "contig", "strided": "stride", "contiguous_2x": "cont2x"}
 VARIANT_SHORT = {"page-stride-constexpr": "pstride-c", "runtime-stride": "rt-stride", "cuda-graph": "graph",
                  "default": "-", "plain-calls": "plain"}
 
@@ -1102,7 +1119,7 @@ def table(doc: dict) -> str:
            "constexpr, rt-stride = runtime strides; vsFG = FlagGems ms / ms (same layout, else its "
            "contiguous); dev = device busy ms (profiler), dvFG = FlagGems ms / dev; wall = plain call ms",
            f"{'case':15s} {'layout':6s} {'impl':9s} {'variant':9s} {'ms':>8s} {'perf':>10s} "
-           f"{'%ceil':>5s} {'vsFG':>5s} {'dev':>7s} {'dvFG':>5s} {'wall':>7s} status"]
+           f"{'%ceil':>5s} {'vsFG':>5s} {'dev':>7s} {'%dev':>4s} {'dvFG':>5s} {'wall':>7s} status"]
   for r in doc["records"]:
     var = r.get("variant") or "-"
     var = "best-cfg" if var.startswith("block_h") else VARIANT_SHORT.get(var, var)
@@ -1121,10 +1138,11 @@ def table(doc: dict) -> str:
       status = f"WRONG rel_err {r.get('rel_err')}"
     elif status in ("error", "skipped"):
       status = f"{status}: {str(r.get('note') or r.get('error') or '')[:36]}"
-    lines.append(f"{r['case'][:15]:15s} {r['layout'][:6]:6s} {IMPL_SHORT.get(r['impl'], r['impl'])[:9]:9s} "
+    lines.append(f"{r['case'][:15]:15s} {LAYOUT_SHORT.get(r['layout'], r['layout'])[:6]:6s} {IMPL_SHORT.get(r['impl'], r['impl'])[:9]:9s} "
                  f"{var[:9]:9s} {_fmt(r.get('ms'), 4):>8s} {perf:>10s} "
                  f"{_fmt(r.get('pct_of_ceiling'), 0):>5s} {_fmt(vs, 2):>5s} "
-                 f"{_fmt(r.get('ms_device'), 4):>7s} {_fmt(r.get('vs_flaggems_device'), 2):>5s} "
+                 f"{_fmt(r.get('ms_device'), 4):>7s} {_fmt(r.get('pct_of_ceiling_device'), 0):>4s} "
+                 f"{_fmt(r.get('vs_flaggems_device'), 2):>5s} "
                  f"{_fmt(r.get('ms_wall'), 3):>7s} "
                  f"{status}")
   return "\n".join(lines)
@@ -1337,11 +1355,13 @@ def main(argv=None) -> int:
   a = doc["answers"]
   if a and a.get("per_case"):
     log(f"Q: {a['question']}\nA: {a['verdict']}")
-    log("  case            row-id ms  pstride-c ms  speedup | strided ms  strided/contig | rt-stride strided")
+    log("  case            row-id ms  pstride-c ms  speedup | strided ms  strided/contig (device, "
+        "/contig_2x device) | rt-stride strided")
     for r in a["per_case"]:
       log(f"  {r['case'][:15]:15s} {_fmt(r['row_id_ms'], 4):>9s} {_fmt(r['page_stride_constexpr_ms'], 4):>13s} "
           f"{_fmt(r['row_id_speedup'], 3):>8s} | {_fmt(r['strided_ms'], 4):>10s} "
-          f"{_fmt(r['strided_over_contiguous'], 3):>15s} | {_fmt(r['runtime_stride_strided_ms'], 4):>9s}")
+          f"{_fmt(r['strided_over_contiguous'], 3):>6s} ({_fmt(r['strided_over_contiguous_device'], 3)}, "
+          f"{_fmt(r['strided_over_contiguous_2x_device'], 3)}) | {_fmt(r['runtime_stride_strided_ms'], 4):>9s}")
   log(table(doc))
   return 0
 

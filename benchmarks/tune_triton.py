@@ -39,6 +39,9 @@ from jax_varlen_attn import flash_attn_varlen_func  # noqa: E402
 from jax_varlen_attn.backends.triton import Config  # noqa: E402
 from jax_varlen_attn.backends.triton.tuned import key_of  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import device_time  # noqa: E402  (benchmarks/device_time.py)
+
 NUM_KV_HEADS = 8
 # (block_n, num_warps, num_stages) tried per regime; wide heads get narrower key tiles (registers).
 CANDIDATES = {
@@ -107,7 +110,11 @@ def problem(regime: str, head_dim: int, page: int, group: int, tiny: bool, rng):
 
 
 def timed(p: dict, config: Config, calls: int, reps: int):
-  """(median seconds per call, output of the first call)."""
+  """(seconds per call, output of the first call): the GPU's busy time per call read from a
+  profiler trace (device_time.py) where there is one, else the median wall time of `reps` runs.
+
+  Device time because wall time of a few calls carried XLA's per-launch host cost and its noise:
+  repeats of one config differed by up to 10% in the wall-timed sweep of 2026-11-26."""
   def one(q, k, v, cu, used, table):
     return flash_attn_varlen_func(q, k, v, max_seqlen_q=p["q_len"], cu_seqlens_q=cu,
                                   max_seqlen_k=p["k_len"], seqused_k=used, block_table=table,
@@ -118,6 +125,10 @@ def timed(p: dict, config: Config, calls: int, reps: int):
   fn = jax.jit(lambda qs, k, v, cu, used, table: [one(q, k, v, cu, used, table) for q in qs])
   args = (qs, p["k"], p["v"], p["cu"], p["used"], p["table"])
   outs = jax.block_until_ready(fn(*args))
+  if jax.devices()[0].platform == "gpu":
+    dev = device_time.measure(jax, fn, args, calls, runs=2)
+    if dev is not None:
+      return dev["busy_ms"] / 1e3, np.asarray(outs[0], np.float32)
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -133,7 +144,7 @@ def main(argv=None) -> int:
   ap.add_argument("--pages", default="16,32,64")
   ap.add_argument("--groups", default="1,2,4,8")
   ap.add_argument("--regimes", default="prefill,decode")
-  ap.add_argument("--calls", type=int, default=4)
+  ap.add_argument("--calls", type=int, default=8)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--min-gain", type=float, default=0.05, help="keep a candidate only if this much faster")
   ap.add_argument("--rebuild", metavar="SWEEP_JSON",

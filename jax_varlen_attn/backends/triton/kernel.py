@@ -124,31 +124,39 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
     k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
 
-  s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] f32
-  if USE_SOFTCAP:
-    s = softcap * _tanh(s * (qk_scale / softcap)) * LOG2E
+  s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] f32, raw q . k
+  if not MASKED and not USE_SOFTCAP and not USE_ALIBI:
+    # The hot tile of plain attention: the scale (positive: the API checks) commutes with the row
+    # max, so each score costs one fused multiply-add (s * c - m) before exp2, not a multiply and a
+    # subtract.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * (qk_scale * LOG2E))
+    p = tl.math.exp2(s * (qk_scale * LOG2E) - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)  # m_i = -inf on a first tile: alpha = 0, acc and l_i are 0
   else:
-    s = s * (qk_scale * LOG2E)
-  rel = diag[:, None] - offs_n[None, :]  # [BLOCK_M, BLOCK_N]: (i + len_k - len_q) - j
-  if USE_ALIBI:
-    s = s - slopes[:, None] * tl.abs(rel).to(tl.float32) * LOG2E
-  if MASKED:
-    allowed = key_ok[None, :]
-    if WINDOW_RIGHT >= 0:
-      allowed = allowed & (rel >= -WINDOW_RIGHT)
-    if WINDOW_LEFT >= 0:
-      allowed = allowed & (rel <= WINDOW_LEFT)
-    s = tl.where(allowed, s, float("-inf"))
-
-  m_new = tl.maximum(m_i, tl.max(s, 1))
-  m_ref = m_new
-  if MASKED:
-    # A row that has seen no allowed key yet has m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-  p = tl.math.exp2(s - m_ref[:, None])
-  alpha = tl.math.exp2(m_i - m_ref)
+    if USE_SOFTCAP:
+      s = softcap * _tanh(s * (qk_scale / softcap)) * LOG2E
+    else:
+      s = s * (qk_scale * LOG2E)
+    rel = diag[:, None] - offs_n[None, :]  # [BLOCK_M, BLOCK_N]: (i + len_k - len_q) - j
+    if USE_ALIBI:
+      s = s - slopes[:, None] * tl.abs(rel).to(tl.float32) * LOG2E
+    if MASKED:
+      allowed = key_ok[None, :]
+      if WINDOW_RIGHT >= 0:
+        allowed = allowed & (rel >= -WINDOW_RIGHT)
+      if WINDOW_LEFT >= 0:
+        allowed = allowed & (rel <= WINDOW_LEFT)
+      s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = m_new
+    if MASKED:
+      # A row that has seen no allowed key yet has m = -inf: subtract 0 so exp2 gives 0, not NaN.
+      m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
   l_i = l_i * alpha + tl.sum(p, 1)
-  acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+  # P @ V accumulates into the rescaled accumulator in place (the MMA's own accumulator operand).
+  acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
   return acc, m_new, l_i
 
 
