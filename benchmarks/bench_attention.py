@@ -719,7 +719,8 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
       raise ValueError(f"unknown jva-triton variant {variant!r}")
     rec["config"] = {**parse_config_variant(variant), "row_id_fast_path": config.row_id_fast_path,
                      "constexpr_strides": config.constexpr_strides,
-                     "ffi_launch": config.ffi_launch, "heavy_first": config.heavy_first}
+                     "ffi_launch": config.ffi_launch, "heavy_first": config.heavy_first,
+                     "wide_offsets": config.wide_offsets}
   if impl == "jva-triton" and variant == "default":
     rec["variant"] = "page-stride-constexpr"  # the default address on every layout
   case = cd.case

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -58,33 +59,37 @@ DEFAULT_EQUIVALENT = {("decode", "narrow"): "n64_w4_s2", ("prefill", "narrow"): 
 
 
 def build_table(entries, min_gain: float) -> dict:
-  """{key: tiles}: an entry's best candidate, kept where it beats the default by more than min_gain
-  *and* the same candidate wins that way in at least 3/4 of the GQA groups of its (regime,
-  head_dim, page) class.
+  """{key: tiles}: per (regime, head_dim, page) class, the candidate with the lowest geometric mean
+  of time / default over the class's GQA groups, written for every group of the class where it
+  beats the default by more than min_gain in at least 3/4 of them (and at least 2).
 
-  "The default" is the faster of the default's own timing and the candidate equal to it: the first
-  problem timed in a process ran up to 15% slow. Repeats of one config differed by up to 10% (one
-  25% outlier) in the H100 sweep of 2026-11-26, so a lone winner is not trusted; a winner repeated
-  across groups is (there: block_n 16 for head_dim 256 decode, 9-13% in all four groups).
+  "The default" is the faster of the default's own timing and the candidate equal to it (a slow
+  first timing alone is no win). One choice per class rather than per entry: the wall-timed sweep
+  of 2026-11-26 saw repeats of one config differ by up to 10%, and even with device time (repeats
+  within 1%) near-ties between candidates swap winners from group to group.
   """
-  wins = {}
+  classes = {}
   for e in entries:
     cands = {k: r["us"] for k, r in e.get("candidates", {}).items() if "us" in r}
     if not cands or "default_us" not in e:
       continue
     width = "wide" if e["head_dim"] > 128 else "narrow"
     base = min(e["default_us"], cands.get(DEFAULT_EQUIVALENT[(e["regime"], width)], float("inf")))
-    best = min(cands, key=cands.get)
-    cls = (e["regime"], e["head_dim"], e["page"])
-    wins.setdefault(cls, []).append((e, best, cands[best], base))
+    classes.setdefault((e["regime"], e["head_dim"], e["page"]), []).append((e, cands, base))
   table = {}
-  for cls, rows in wins.items():
-    for e, best, us, base in rows:
-      agree = sum(1 for _, b, u, d in rows if b == best and 1 - u / d > min_gain)
-      if 1 - us / base > min_gain and agree >= max(2, -(-3 * len(rows) // 4)):
-        bn, w, st = (int(x[1:]) for x in best.split("_"))
-        table[e["key"]] = dict(block_n=bn, num_warps=w, num_stages=st, us=us,
-                               default_us=round(base, 2))
+  for rows in classes.values():
+    common = set.intersection(*(set(c) for _, c, _ in rows))
+    if not common:
+      continue
+    geo = {k: math.exp(sum(math.log(c[k] / base) for _, c, base in rows) / len(rows)) for k in common}
+    best = min(sorted(common), key=geo.get)
+    wins = sum(1 for _, c, base in rows if 1 - c[best] / base > min_gain)
+    if wins < max(2, -(-3 * len(rows) // 4)):
+      continue
+    bn, w, st = (int(x[1:]) for x in best.split("_"))
+    for e, c, base in rows:
+      table[e["key"]] = dict(block_n=bn, num_warps=w, num_stages=st, us=c[best],
+                             default_us=round(base, 2))
   return table
 
 

@@ -56,17 +56,20 @@ def test_split_count_follows_static_shapes_only():
   assert short_few.num_splits == 1
 
 
-def test_program_order_changes_no_output():
-  """Heaviest-first launch order (the default) and plain grid order compute identical outputs:
-  every program still owns the same rows, only when it starts differs."""
+@pytest.mark.parametrize("other", [dict(heavy_first=False), dict(wide_offsets=True)],
+                         ids=["grid-order", "int64-offsets"])
+def test_launch_options_change_no_output(other):
+  """Heaviest-first launch order (the default) vs plain grid order, and int32 key offsets (the
+  default where they fit) vs int64: identical outputs. Every program still owns the same rows and
+  reads the same addresses; only when it starts, or the width of its address arithmetic, differs."""
   import numpy as np
   from jax_varlen_attn import flash_attn_varlen_func
   from jax_varlen_attn.backends.triton import Config
   from tests.problems import Problem, make_problem
 
   kwargs, _ = make_problem(Problem(seqlens_q=(40, 1, 17), seqlens_k=(40, 23, 30), causal=True))
-  outs = [flash_attn_varlen_func(**kwargs, backend="triton", config=Config(block_m=16, heavy_first=h))
-          for h in (True, False)]
+  outs = [flash_attn_varlen_func(**kwargs, backend="triton", config=Config(block_m=16, **options))
+          for options in ({}, other)]
   for a, b in zip(*outs):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert np.isfinite(np.asarray(outs[0][0])[:58]).all()
@@ -76,3 +79,5 @@ def test_config_flags_must_be_bools():
   from jax_varlen_attn.backends.triton import Config
   with pytest.raises(TypeError, match="heavy_first"):
     Config(heavy_first="yes")
+  with pytest.raises(TypeError, match="wide_offsets"):
+    Config(wide_offsets=1)

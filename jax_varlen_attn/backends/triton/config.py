@@ -34,6 +34,8 @@ class Config:
     call. Off: measured no faster, sometimes slower (backends/triton/call.py says why).
   heavy_first: launch query programs from each sequence's last block to its first (the heaviest
     under a causal mask first); False keeps grid order (benchmark: what the order buys).
+  wide_offsets: compute key offsets in int64 even where int32 holds every one (benchmark: what
+    the int32 offsets buy).
   """
 
   block_m: Optional[int] = None
@@ -45,13 +47,14 @@ class Config:
   constexpr_strides: bool = True
   ffi_launch: bool = False
   heavy_first: bool = True
+  wide_offsets: bool = False
 
   def __post_init__(self):
     check_pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
     check_pow2("block_n", self.block_n, 16)
     check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
     check_launch_options(self.num_warps, self.num_stages)
-    for name in ("row_id_fast_path", "constexpr_strides", "ffi_launch", "heavy_first"):
+    for name in ("row_id_fast_path", "constexpr_strides", "ffi_launch", "heavy_first", "wide_offsets"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -140,6 +143,10 @@ class Config:
         HEAD_STRIDE=layout.head_stride if paged else 0,
         K_OFFSET=layout.k_offset if paged else 0,
         V_OFFSET=layout.v_offset if paged else 0,
+        # Per-key offsets in int32 where every address inside one layer's K / V fits (the layer's
+        # offset is added to the base pointer in int64): half the registers and shuffle traffic
+        # of int64 offsets on the tile loads' address path.
+        OFFSETS_I32=_max_key_offset(spec) < 2**31 and not self.wide_offsets,
         IS_STACKED=paged and layout.stacked,
         NUM_LAYERS=max(layout.num_layers, 1) if paged else 1,
         LAYER_STRIDE=layout.layer_stride if paged else 0,
@@ -148,3 +155,12 @@ class Config:
         # fp32 inputs get exact fp32 products (the user asked for fp32), not tf32.
         DOT_PRECISION="ieee" if spec.dtype == "float32" else "tf32",
     )
+
+
+def _max_key_offset(spec: AttentionSpec) -> int:
+  """One past the largest element offset a key's K or V row may have inside one layer's buffer."""
+  layout = spec.layout
+  if layout is None:
+    return spec.total_k * spec.num_kv_heads * spec.head_dim
+  return ((layout.num_pages - 1) * layout.page_stride + layout.page_span()
+          + max(layout.k_offset, layout.v_offset))
