@@ -54,8 +54,9 @@ CANDIDATES = {
 
 
 # The candidate equal to what the heuristic picks for the sweep's problems (none latency-bound).
-DEFAULT_EQUIVALENT = {("decode", "narrow"): "n64_w4_s2", ("prefill", "narrow"): "n64_w4_s3",
-                      ("decode", "wide"): "n32_w4_s2", ("prefill", "wide"): "n32_w4_s2"}
+# (Decode: config._default_block_n's choice for the sweep's 4096-key sequences.)
+DEFAULT_EQUIVALENT = {("decode", "narrow"): "n128_w4_s2", ("prefill", "narrow"): "n64_w4_s3",
+                      ("decode", "wide"): "n16_w4_s2", ("prefill", "wide"): "n32_w4_s2"}
 
 
 def build_table(entries, min_gain: float) -> dict:
@@ -151,17 +152,20 @@ def main(argv=None) -> int:
   ap.add_argument("--regimes", default="prefill,decode")
   ap.add_argument("--calls", type=int, default=8)
   ap.add_argument("--reps", type=int, default=10)
-  ap.add_argument("--min-gain", type=float, default=0.05, help="keep a candidate only if this much faster")
-  ap.add_argument("--rebuild", metavar="SWEEP_JSON",
+  ap.add_argument("--min-gain", type=float, default=0.02, help="keep a candidate only if this much faster")
+  ap.add_argument("--rebuild", metavar="SWEEP_JSON[,SWEEP_JSON...]",
                   help="no sweep: rebuild the table of a finished sweep's JSON (with --min-gain) and "
                        "write it as jax_varlen_attn/backends/triton/tuned.json")
   ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new combinations after this")
   ap.add_argument("--tiny", action="store_true")
   args = ap.parse_args(argv)
   if args.rebuild:
-    sweep = json.loads(Path(args.rebuild).read_text())
-    out = dict(gpu=sweep["gpu"], commit=sweep["commit"], source=str(args.rebuild),
-               min_gain=args.min_gain, table=build_table(sweep["entries"], args.min_gain))
+    # Several sweeps: a later file's entry replaces an earlier one's of the same key.
+    sweeps = [json.loads(Path(p).read_text()) for p in args.rebuild.split(",")]
+    entries = {e["key"]: e for sw in sweeps for e in sw["entries"]}
+    out = dict(gpu=sorted({sw["gpu"] for sw in sweeps}), commit=[sw["commit"] for sw in sweeps],
+               source=args.rebuild.split(","), min_gain=args.min_gain,
+               table=build_table(list(entries.values()), args.min_gain))
     path = REPO / "jax_varlen_attn" / "backends" / "triton" / "tuned.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}: {len(out['table'])} entries")
@@ -169,6 +173,16 @@ def main(argv=None) -> int:
   if args.tiny:
     args.head_dims, args.pages, args.groups, args.calls, args.reps = "64", "16", "1,2", 1, 1
   start = time.perf_counter()
+  out_dir = Path(os.environ.get("OUT") or REPO / "benchmarks" / "results")
+
+  def write(doc) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{args.out}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+    return path
+
   rng = np.random.default_rng(0)
   device = jax.devices()[0]
   doc = dict(benchmark="tile sweep of the Triton kernel", gpu=device.device_kind,
@@ -212,12 +226,10 @@ def main(argv=None) -> int:
       entry["gain"] = round(1 - ok[best] / entry["default_us"], 3)
     doc["entries"].append(entry)
     doc["table"] = build_table(doc["entries"], args.min_gain)
+    write(doc)  # after every combination: a run cut short keeps what it measured
     print(f"{entry['key']:22s} default {entry['default_us']:9.2f} us  best {entry.get('best')} "
           f"{entry.get('best_us')} ({100 * entry.get('gain', 0):+.1f}%)", flush=True)
-  out_dir = Path(os.environ.get("OUT") or REPO / "benchmarks" / "results")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  path = out_dir / f"{args.out}.json"
-  path.write_text(json.dumps(doc, indent=1))
+  path = write(doc)
   print(f"wrote {path}: {len(doc['table'])} table entries of {len(doc['entries'])} combinations")
   return 0
 

@@ -49,9 +49,9 @@ def test_callers_fields_win_and_other_classes_fall_back(fake_table):
   decode = spec_for(256, 1, 256)
   c = Config(block_n=64, num_stages=2).resolved(decode)
   assert (c.block_n, c.num_warps, c.num_stages) == (64, 8, 2)
-  other = spec_for(256, 1, 256, head_dim=64)  # no entry: the heuristic
+  other = spec_for(256, 1, 256, head_dim=64)  # no entry: the heuristic (4096-key decode: 128)
   c = Config.get_default(other)
-  assert (c.block_n, c.num_warps) == (64, 4)
+  assert (c.block_n, c.num_warps) == (128, 4)
 
 
 def test_latency_rule_still_wins_for_small_grids(fake_table):
