@@ -7,9 +7,11 @@ For every combination it builds one problem (fp16, causal, 8 kv heads, num_heads
   decode:  64 sequences, 1 query each, 4096 keys each, distinct pages (bound by KV bytes);
   prefill: 2 sequences of 2048 queries over 2048 keys (bound by FLOPs; page size 16 only: the
            page size changes the K/V addressing, which prefill hides behind its matmuls).
-It times the default config and each candidate (block_n, num_warps, num_stages; block_m stays the
-heuristic's: it follows the queries per sequence and the group) as one jitted function of --calls
-calls, median of --reps, after checking the candidate's output against the default config's.
+It times the default config and each candidate (block_n, num_warps, num_stages, and for narrow
+prefill block_m; elsewhere block_m stays the heuristic's: it follows the queries per sequence and
+the group) as one jitted function of --calls calls (the GPU's busy time per call from a profiler
+trace; median wall time of --reps runs without one), after checking the candidate's output against
+the default config's.
 Writes $OUT/<out>.json (else benchmarks/results/) with every time and, per combination, the best
 candidate where it beats the default by more than --min-gain consistently (see build_table); `--rebuild
 SWEEP_JSON` turns a committed sweep into jax_varlen_attn/backends/triton/tuned.json, the table
@@ -44,25 +46,39 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import device_time  # noqa: E402  (benchmarks/device_time.py)
 
 NUM_KV_HEADS = 8
-# (block_n, num_warps, num_stages) tried per regime; wide heads get narrower key tiles (registers).
+SWEEP_GROUPS = (1, 2, 4, 8)
+# (block_m or None, block_n, num_warps, num_stages) tried per regime (None: the heuristic's rows,
+# which follow the queries per sequence and the group); wide heads get narrower key tiles.
 CANDIDATES = {
-    ("decode", "narrow"): [(32, 4, 2), (64, 4, 2), (128, 4, 2), (64, 4, 3)],
-    ("prefill", "narrow"): [(64, 4, 3), (128, 4, 2), (32, 4, 3), (64, 8, 3)],
-    ("decode", "wide"): [(16, 4, 2), (32, 4, 2), (64, 4, 1), (32, 8, 2)],
-    ("prefill", "wide"): [(16, 4, 2), (32, 4, 2), (32, 4, 1), (32, 8, 2)],
+    ("decode", "narrow"): [(None, 32, 4, 2), (None, 64, 4, 2), (None, 128, 4, 2), (None, 64, 4, 3)],
+    ("prefill", "narrow"): [(256, 64, 8, 3), (256, 64, 8, 2), (128, 64, 4, 3), (256, 32, 8, 3),
+                            (128, 128, 8, 3)],
+    ("decode", "wide"): [(None, 16, 4, 2), (None, 32, 4, 2), (None, 64, 4, 1), (None, 32, 8, 2)],
+    ("prefill", "wide"): [(None, 16, 4, 2), (None, 32, 4, 2), (None, 32, 4, 1), (None, 32, 8, 2)],
 }
+
+
+def label_of(block_m, block_n, num_warps, num_stages) -> str:
+  return (f"m{block_m}_" if block_m else "") + f"n{block_n}_w{num_warps}_s{num_stages}"
+
+
+def fields_of(label: str) -> dict:
+  """Config fields of a candidate label (m256_n64_w8_s3 -> block_m, block_n, num_warps, num_stages)."""
+  names = dict(m="block_m", n="block_n", w="num_warps", s="num_stages")
+  return {names[tok[0]]: int(tok[1:]) for tok in label.split("_")}
 
 
 # The candidate equal to what the heuristic picks for the sweep's problems (none latency-bound).
 # (Decode: config._default_block_n's choice for the sweep's 4096-key sequences.)
-DEFAULT_EQUIVALENT = {("decode", "narrow"): "n128_w4_s2", ("prefill", "narrow"): "n64_w4_s3",
+DEFAULT_EQUIVALENT = {("decode", "narrow"): "n128_w4_s2", ("prefill", "narrow"): "m256_n64_w8_s3",
                       ("decode", "wide"): "n16_w4_s2", ("prefill", "wide"): "n32_w4_s2"}
 
 
 def build_table(entries, min_gain: float) -> dict:
   """{key: tiles}: per (regime, head_dim, page) class, the candidate with the lowest geometric mean
   of time / default over the class's GQA groups, written for every group of the class where it
-  beats the default by more than min_gain in at least 3/4 of them (and at least 2).
+  beats the default by more than min_gain in at least 3/4 of them (and at least 2); the groups of
+  SWEEP_GROUPS it did not measure get the class's choice too (marked "extrapolated").
 
   "The default" is the faster of the default's own timing and the candidate equal to it (a slow
   first timing alone is no win). One choice per class rather than per entry: the wall-timed sweep
@@ -87,10 +103,12 @@ def build_table(entries, min_gain: float) -> dict:
     wins = sum(1 for _, c, base in rows if 1 - c[best] / base > min_gain)
     if wins < max(2, -(-3 * len(rows) // 4)):
       continue
-    bn, w, st = (int(x[1:]) for x in best.split("_"))
     for e, c, base in rows:
-      table[e["key"]] = dict(block_n=bn, num_warps=w, num_stages=st, us=c[best],
-                             default_us=round(base, 2))
+      table[e["key"]] = dict(fields_of(best), us=c[best], default_us=round(base, 2))
+    # The class's choice also for its GQA groups the sweep did not reach (a budget cut).
+    regime, d, page = rows[0][0]["regime"], rows[0][0]["head_dim"], rows[0][0]["page"]
+    for g in SWEEP_GROUPS:
+      table.setdefault(key_of(regime, d, page, g), dict(fields_of(best), extrapolated=True))
   return table
 
 
@@ -148,7 +166,7 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default="tuned")
   ap.add_argument("--head-dims", default="64,128,256")
   ap.add_argument("--pages", default="16,32,64")
-  ap.add_argument("--groups", default="1,2,4,8")
+  ap.add_argument("--groups", default=",".join(map(str, SWEEP_GROUPS)))
   ap.add_argument("--regimes", default="prefill,decode")
   ap.add_argument("--calls", type=int, default=8)
   ap.add_argument("--reps", type=int, default=10)
@@ -210,10 +228,10 @@ def main(argv=None) -> int:
       continue
     entry["default_us"] = round(base_s * 1e6, 2)
     results = {}
-    for bn, w, st in CANDIDATES[(regime, "wide" if d > 128 else "narrow")]:
-      label = f"n{bn}_w{w}_s{st}"
+    for cand in CANDIDATES[(regime, "wide" if d > 128 else "narrow")]:
+      label = label_of(*cand)
       try:
-        s, out = timed(p, Config(block_n=bn, num_warps=w, num_stages=st), args.calls, args.reps)
+        s, out = timed(p, Config(**fields_of(label)), args.calls, args.reps)
         err = float(np.linalg.norm(out - base_out) / max(np.linalg.norm(base_out), 1e-30))
         results[label] = dict(us=round(s * 1e6, 2), rel_diff=err) if err < 2e-2 else dict(wrong=err)
       except Exception as e:  # out of registers / shared memory: recorded, not fatal

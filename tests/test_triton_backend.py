@@ -93,12 +93,28 @@ def _decode_spec(batch, pages, max_seqlen_k, head_dim=128, max_seqlen_q=1, q_per
 
 
 def test_key_tile_follows_sequence_length_and_head_dim():
-  """Decode tiles: 128 keys for long sequences, 32 for short ones (more programs per SM), 16 for
-  wide heads; prefill tiles 64 (config.py's _default_block_n says what was measured)."""
+  """Decode tiles: 128 keys for long sequences, 64 for short ones (more programs per SM), 16 for
+  wide heads; prefill: 256 x 64 tiles on 8 warps (config.py says what was measured)."""
   from jax_varlen_attn.backends.triton import Config
   assert Config.get_default(_decode_spec(200, 146, 2333)).block_n == 128  # seed4_distinct-like
-  assert Config.get_default(_decode_spec(200, 64, 1024)).block_n == 64
-  assert Config.get_default(_decode_spec(200, 33, 515)).block_n == 32  # seed3-like
+  assert Config.get_default(_decode_spec(200, 64, 1024)).block_n == 128
+  assert Config.get_default(_decode_spec(200, 33, 515)).block_n == 64  # seed3-like
   assert Config.get_default(_decode_spec(200, 256, 4096, head_dim=256)).block_n == 16
   prefill = Config.get_default(_decode_spec(4, 256, 4096, max_seqlen_q=4096, q_per_seq=4096))
-  assert prefill.block_m == 128 and prefill.block_n == 64
+  assert (prefill.block_m, prefill.block_n, prefill.num_warps) == (256, 64, 8)
+  small = Config.get_default(_decode_spec(1, 32, 512, max_seqlen_q=512, q_per_seq=512))  # seed1
+  assert (small.block_m, small.num_warps) == (64, 4)
+
+
+@pytest.mark.parametrize("dtype", TestTriton.dtypes[:2])
+@pytest.mark.parametrize("layout", ["NHD", "strided"])
+def test_prefill_256_row_tiles_on_8_warps(dtype, layout):
+  """The big prefill tile (256 rows = 128 queries x a group of 2, 8 warps) against the oracle,
+  causal and windowed: small problems never reach it by default (their grids are too small)."""
+  from jax_varlen_attn.backends.triton import Config
+  suite = TestTriton()
+  config = Config(block_m=256, block_n=64, num_warps=8)
+  for window in ((-1, -1), (100, 0)):
+    p = suite.problem(seqlens_q=(300, 40, 0), seqlens_k=(300, 90, 5), causal=True, window=window,
+                      dtype=dtype, layout=layout)
+    suite.check(p, config=config)

@@ -51,10 +51,12 @@ VARIANTS = [
     ("d256-decode", dict(head_dim=256, seqlens_q=(1, 1, 1), seqlens_k=(40, 7, 33)), Config()),
     ("page32-single-page-tiles", dict(block_size=32, causal=True), Config(block_n=32)),
     ("prefill-128x64", dict(causal=True, seqlens_q=(300, 40), seqlens_k=(300, 90)), Config(block_m=128, block_n=64)),
+    ("prefill-256x64-w8", dict(causal=True, seqlens_q=(300, 40), seqlens_k=(300, 90)),
+     Config(block_m=256, block_n=64, num_warps=8)),
     ("split-kv-decode", dict(seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33), causal=True), Config(num_splits=4)),
     ("split-kv-strided-window-lse", dict(layout="strided", window=(30, 2), alibi="head"), Config(num_splits=3)),
 ]
-QUICK = {"split-kv-decode", "nhd-page-stride-constexpr-causal", "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill"}
+QUICK = {"split-kv-decode", "prefill-256x64-w8", "nhd-page-stride-constexpr-causal", "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill"}
 
 
 def signature_of(inputs, outputs):

@@ -63,10 +63,19 @@ class Config:
     """This config with every None field chosen from the static shapes."""
     group = spec.group_size
     mean_q = spec.mean_queries_per_sequence  # query tokens a program should cover
+    # The measured table first (tuned.py; fields the caller set always win), then the heuristics.
+    tuned_entry = tuned.lookup(spec) or {}
     # Rows: at least 16 (tl.dot's minimum M) and the whole GQA group; at most 128 (FlashAttention-2's
-    # tile for head_dim <= 128), 64 for wider heads so the accumulator fits in registers.
+    # tile for head_dim <= 128), 64 for wider heads so the accumulator fits in registers. Prefill
+    # with 2-byte inputs and head_dim <= 128 takes 256 rows on 8 warps (two warpgroups of 128 rows,
+    # each K / V tile feeding twice the math): measured on an H100 (device time, commit d140e8e),
+    # prefill_4x4096 0.669 ms against 0.717 with 128 rows on 4 warps (128 rows on 8 warps: 0.81).
+    # Not fp32: its tiles would not fit in shared memory.
     max_m = 128 if spec.head_dim <= 128 else 64
-    block_m = self.block_m or min(max(16, next_pow2(mean_q * group)), max(max_m, next_pow2(group)))
+    if spec.head_dim <= 128 and spec.dtype != "float32" and mean_q * group >= 256:
+      max_m = 256
+    block_m = (self.block_m or tuned_entry.get("block_m")
+               or min(max(16, next_pow2(mean_q * group)), max(max_m, next_pow2(group))))
     block_m = max(block_m, next_pow2(group))
     if self.block_m is None:
       # A small prefill (seed1: 512 queries, 8 kv heads) would leave SMs idle with 128-row tiles:
@@ -74,8 +83,6 @@ class Config:
       while (block_m > max(16, next_pow2(group))
              and spec.query_programs(block_m // group) * spec.num_kv_heads < NUM_SMS):
         block_m //= 2
-    # The measured table first (tuned.py; fields the caller set always win), then the heuristics.
-    tuned_entry = tuned.lookup(spec) or {}
     block_n = self.block_n or tuned_entry.get("block_n") or _default_block_n(spec, block_m)
     default_splits = self._default_splits(spec, block_m, block_n)
     num_splits = self.num_splits or default_splits
@@ -89,10 +96,11 @@ class Config:
       programs = spec.query_programs(block_m // group) * spec.num_kv_heads
       if programs < 2 * NUM_SMS:
         block_n = 128
-    # 4 warps. 8 for 128-row tiles is the usual FlashAttention-2 choice, but measured on an H200
-    # (ncu, prefill_4x4096, commit 39d223a) 4 warps ran 782 us against 867 us with 8; smaller tiles
-    # never gained from 8 either (seed1 21.8 vs 18.6 us).
-    num_warps = self.num_warps or tuned_entry.get("num_warps") or 4
+    # 4 warps, 8 for 256-row tiles (one warpgroup per 128 rows). 8 for 128-row tiles is the usual
+    # FlashAttention-2 choice, but measured on an H200 (ncu, prefill_4x4096, commit 39d223a) 4
+    # warps ran 782 us against 867 us with 8; smaller tiles never gained from 8 either (seed1 21.8
+    # vs 18.6 us).
+    num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
     # Three stages pipeline the K/V loads of big tiles; two where registers / smem are tight.
     num_stages = self.num_stages or tuned_entry.get("num_stages") or (
         3 if block_m >= 64 and spec.head_dim <= 128 else 2)
@@ -156,12 +164,13 @@ def _default_block_n(spec: AttentionSpec, block_m: int) -> int:
   Decode-shaped tiles (block_m <= 16: a query or two x the GQA group) stream K / V and do little
   math per key; the tile size trades loads in flight per program (bigger tiles) against programs
   resident per SM (smaller tiles: fp16 D=128 K+V stages of 64 KB at 128 keys leave room for one).
-  Long sequences want the former, short ones the latter: the largest of 128 / 64 / 32 keys that
-  still gives the longest sequence 16 tiles. Measured: H100 device time (tune_triton.py, 4096-key
-  sequences, commits 53ba7c0 / 226ac10): 128 never more than 0.5% slower than 64 in 20 (head_dim,
-  page, group) classes, 1-9% faster in 7, and 2.6% faster on seed4_distinct (2333 keys); H200 ncu
-  (commit 9541130) on seed3 (515 keys): 32-key tiles 41.7 us, 64 45.9, 128 46.2. Head dim 256
-  decode ran 9-13% faster with 16-key tiles than 32 (H100, pages 16 and 32).
+  Long sequences want the former, short ones the latter: 128 keys where the longest sequence has
+  at least 8 such tiles, else 64. Measured, H100 device time: tune_triton.py over 4096-key
+  sequences (commits 53ba7c0 / 226ac10 / d140e8e): 128 within 1% of the best in 20 of 24 (head_dim,
+  page, group) classes, and 1-9% faster than 64 in 7; d64 page 64 wants 64 (10%: the tuned
+  table); bench_attention (d140e8e): seed4_distinct (2333 keys) 128: 0.647 ms, 64: 0.672; seed3
+  (515 keys) 64: 49.5 us, 128: 52.7, 32: 57.9. Head dim 256 decode ran 9-13% faster with 16-key
+  tiles than 32 (H100, pages 16 and 32; equal at 64).
   Prefill-shaped tiles keep 64 keys (16 KB K / V tiles at D = 128; 32 for wide heads): 128 with 4
   warps spilled registers (prefill_4x4096 1.45 vs 0.72 ms).
   """
@@ -169,7 +178,4 @@ def _default_block_n(spec: AttentionSpec, block_m: int) -> int:
     return 64 if spec.head_dim <= 128 else 32
   if spec.head_dim > 128:
     return 16
-  for block_n in (128, 64):
-    if spec.max_seqlen_k >= 16 * block_n:
-      return block_n
-  return 32
+  return 128 if spec.max_seqlen_k >= 8 * 128 else 64

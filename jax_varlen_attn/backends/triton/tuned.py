@@ -1,9 +1,9 @@
-"""The tuned tile table: measured (block_n, num_warps, num_stages) per problem class.
+"""The tuned tile table: measured (block_n, num_warps, num_stages, optionally block_m) per problem class.
 
 The table is data: `tuned.json` beside this module, written by `benchmarks/tune_triton.py` (its
 header names the GPU and commit that produced it; copy the script's output here). Keys are
 `key_of(regime, head_dim, page_size, group)`; a class the sweep did not cover, or without a clear
-winner (one beating the heuristic by 5% in at least 3 of the 4 GQA groups of its class: see
+winner (one beating the heuristic by 2% in at least 3 of the 4 GQA groups of its class: see
 `build_table` in the script), has no entry and `Config.resolved` falls back to its heuristic. An
 entry never overrides a field the caller set, nor the latency rule for grids smaller than two waves.
 
@@ -42,7 +42,9 @@ def _read(path: Path) -> dict:
     return {}
   entries = json.loads(path.read_text()).get("table", {})
   for key, entry in entries.items():
-    for field in ("block_n", "num_warps", "num_stages"):
+    for field in ("block_n", "num_warps", "num_stages", "block_m"):
+      if field == "block_m" and field not in entry:
+        continue  # optional: rows stay the heuristic's
       if not isinstance(entry.get(field), int) or entry[field] < 1:
         raise ValueError(f"{path}: entry {key!r} has no positive int {field!r}: {entry}")
   return entries
