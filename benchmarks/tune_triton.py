@@ -69,9 +69,14 @@ def fields_of(label: str) -> dict:
 
 
 # The candidate equal to what the heuristic picks for the sweep's problems (none latency-bound).
-# (Decode: config._default_block_n's choice for the sweep's 4096-key sequences.)
-DEFAULT_EQUIVALENT = {("decode", "narrow"): "n128_w4_s2", ("prefill", "narrow"): "m256_n64_w8_s3",
-                      ("decode", "wide"): "n16_w4_s2", ("prefill", "wide"): "n32_w4_s2"}
+# (Decode: config._default_block_n's choice for the sweep's 4096-key sequences; prefill: 256-row
+# tiles on 8 warps for 64 < head_dim <= 128, 128 rows on 4 warps for head_dim <= 64.)
+def default_equivalent(regime: str, head_dim: int) -> str:
+  if head_dim > 128:
+    return "n16_w4_s2" if regime == "decode" else "n32_w4_s2"
+  if regime == "decode":
+    return "n128_w4_s2"
+  return "m256_n64_w8_s3" if head_dim > 64 else "m128_n64_w4_s3"
 
 
 def build_table(entries, min_gain: float) -> dict:
@@ -90,8 +95,7 @@ def build_table(entries, min_gain: float) -> dict:
     cands = {k: r["us"] for k, r in e.get("candidates", {}).items() if "us" in r}
     if not cands or "default_us" not in e:
       continue
-    width = "wide" if e["head_dim"] > 128 else "narrow"
-    base = min(e["default_us"], cands.get(DEFAULT_EQUIVALENT[(e["regime"], width)], float("inf")))
+    base = min(e["default_us"], cands.get(default_equivalent(e["regime"], e["head_dim"]), float("inf")))
     classes.setdefault((e["regime"], e["head_dim"], e["page"]), []).append((e, cands, base))
   table = {}
   for rows in classes.values():

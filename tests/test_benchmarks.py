@@ -65,7 +65,7 @@ def test_kernel_times_attributes_kernels_to_blocks_in_order(tmp_path):
 
 def _entry(group, best_us, default_us=100.0, regime="decode", d=256, page=16, best="n32_w8_s2"):
   from jax_varlen_attn.backends.triton.tuned import key_of
-  # n16_w4_s2 is what the heuristic picks for wide-head decode (tune_triton.DEFAULT_EQUIVALENT)
+  # n16_w4_s2 is what the heuristic picks for wide-head decode (tune_triton.default_equivalent)
   cands = {"n16_w4_s2": dict(us=default_us), "n64_w4_s1": dict(us=default_us * 1.1),
            best: dict(us=best_us)}
   return dict(regime=regime, head_dim=d, page=page, group=group, key=key_of(regime, d, page, group),

@@ -67,12 +67,14 @@ class Config:
     tuned_entry = tuned.lookup(spec) or {}
     # Rows: at least 16 (tl.dot's minimum M) and the whole GQA group; at most 128 (FlashAttention-2's
     # tile for head_dim <= 128), 64 for wider heads so the accumulator fits in registers. Prefill
-    # with 2-byte inputs and head_dim <= 128 takes 256 rows on 8 warps (two warpgroups of 128 rows,
-    # each K / V tile feeding twice the math): measured on an H100 (device time, commit d140e8e),
-    # prefill_4x4096 0.669 ms against 0.717 with 128 rows on 4 warps (128 rows on 8 warps: 0.81).
-    # Not fp32: its tiles would not fit in shared memory.
+    # with 2-byte inputs and 64 < head_dim <= 128 takes 256 rows on 8 warps (two warpgroups of 128
+    # rows, each K / V tile feeding twice the math). Measured on an H100, device time:
+    # prefill_4x4096 (d128) 0.669 ms against 0.717 with 128 rows on 4 warps (commit d140e8e); the
+    # tune_triton sweep (commit 2e667c4, 2 x 2048 queries) d128: 256 rows 10% faster at groups 4
+    # and 8, equal at 2; d64: 128 rows on 4 warps 11-16% faster. Not fp32: its tiles would not fit
+    # in shared memory.
     max_m = 128 if spec.head_dim <= 128 else 64
-    if spec.head_dim <= 128 and spec.dtype != "float32" and mean_q * group >= 256:
+    if 64 < spec.head_dim <= 128 and spec.dtype != "float32" and mean_q * group >= 256:
       max_m = 256
     block_m = (self.block_m or tuned_entry.get("block_m")
                or min(max(16, next_pow2(mean_q * group)), max(max_m, next_pow2(group))))
