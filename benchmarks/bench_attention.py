@@ -1348,7 +1348,7 @@ def main(argv=None) -> int:
       import plot
       png = results_path.with_suffix(".png")
       plot.plot(doc, png)
-      if out_dir is not None:
+      if out_dir is not None and (out_dir / png.name).resolve() != png.resolve():
         shutil.copy(png, out_dir / png.name)
     except ImportError as e:
       log(f"no plot: {e}")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 IMPL_COLORS = {"jva-triton": "#1f77b4", "jva-pallas": "#17becf", "jva-xla": "#9467bd",
                "flaggems": "#d62728", "jax-pallas-paged": "#ff7f0e", "xla-naive": "#7f7f7f"}
-LAYOUT_HATCH = {"contiguous": "", "strided": "//", "hnd": "..", "fused": "xx", "stacked": "\\\\"}
+LAYOUT_HATCH = {"contiguous": "", "strided": "//", "contiguous_2x": "--", "hnd": "..", "fused": "xx",
+                "stacked": "\\\\"}
 SHORT = {"page-stride-constexpr": "pstride", "runtime-stride": "rt-stride", "row-id": "row-id",
          "cuda-graph": "", "default": "", "plain-calls": "plain"}
 
@@ -26,7 +27,8 @@ def _label(r: dict) -> str:
   var = r.get("variant") or ""
   var = "best" if var.startswith("block_h") else SHORT.get(var, var)
   impl = r["impl"].replace("jva-", "")
-  parts = [impl, r["layout"][:6]] + ([var] if var else [])
+  layout = {"contiguous_2x": "cont2x"}.get(r["layout"], r["layout"][:6])
+  parts = [impl, layout] + ([var] if var else [])
   return " ".join(parts)
 
 
@@ -50,10 +52,14 @@ def plot(doc: dict, out_path, title: str = None):
     rows = [r for r in records if r["case"] == case and r.get("status") in ("ok", "wrong")]
     flops = any(r.get("bound") == "flops" for r in records if r["case"] == case)
     key, unit = ("tflops", "TFLOP/s") if flops else ("tbps", "TB/s")
-    labels, values, colors, hatches = [], [], [], []
+    labels, values, walls, colors, hatches = [], [], [], [], []
     for r in rows:
       labels.append(_label(r))
-      values.append(r.get(key) or 0.0 if r.get("status") == "ok" else 0.0)
+      ok = r.get("status") == "ok"
+      # JAX records: the device busy time (bench_attention's ms_device) is the bar, the wall-clock
+      # figure of the jitted K-call function a tick; peers (CUDA-graph replay) have one figure.
+      values.append((r.get(key + "_device") or r.get(key) or 0.0) if ok else 0.0)
+      walls.append(r.get(key) if ok and r.get(key + "_device") else None)
       colors.append(IMPL_COLORS.get(r["impl"], "#333333"))
       hatches.append(LAYOUT_HATCH.get(r["layout"], ""))
     xs = range(len(rows))
@@ -61,10 +67,13 @@ def plot(doc: dict, out_path, title: str = None):
     for bar, hatch in zip(bars, hatches):
       bar.set_hatch(hatch)
     for x, r in zip(xs, rows):
+      if walls[x]:
+        ax.plot([x - 0.4, x + 0.4], [walls[x]] * 2, color="black", linewidth=1.2)
       if r.get("status") == "wrong":
         ax.text(x, 0, "X\nwrong", ha="center", va="bottom", color="red", fontsize=7, fontweight="bold")
       elif r.get("ms") is not None:
-        ax.text(x, values[x], f"{r['ms']:.3g}ms", ha="center", va="bottom", fontsize=6, rotation=90)
+        ms = r.get("ms_device") or r["ms"]
+        ax.text(x, values[x], f"{ms:.3g}ms", ha="center", va="bottom", fontsize=6, rotation=90)
     if flops:
       lines = [("matmul fp16", ceil.get("matmul_fp16_tflops"), "black")]
     else:
@@ -84,7 +93,8 @@ def plot(doc: dict, out_path, title: str = None):
   for ax in list(axes.flat)[len(cases):]:
     ax.axis("off")
   fig.suptitle(title or f"{doc.get('gpu', '?')}  {doc.get('dtype', '')}  commit {str(doc.get('commit', '?'))[:10]}"
-               f"  {doc.get('date', '')}  (hatched: strided cache)", fontsize=11)
+               f"  {doc.get('date', '')}\nhatched: strided (//), contiguous_2x (--); bars: device time "
+               "(JAX) or CUDA-graph replay (torch); ticks: JAX wall time", fontsize=10)
   fig.tight_layout()
   out_path = Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
