@@ -118,27 +118,3 @@ def test_prefill_256_row_tiles_on_8_warps(dtype, layout):
     p = suite.problem(seqlens_q=(300, 40, 0), seqlens_k=(300, 90, 5), causal=True, window=window,
                       dtype=dtype, layout=layout)
     suite.check(p, config=config)
-
-
-@pytest.mark.parametrize("one_loop", [True, False])
-@pytest.mark.parametrize("features", [dict(causal=True), dict(causal=True, window=(20, 0)),
-                                      dict(window=(7, 3), softcap=2.0), dict(alibi="head")],
-                         ids=["causal", "causal-window", "window-softcap", "alibi"])
-def test_one_loop_and_three_loops_match_the_oracle(one_loop, features):
-  """Every key tile in one masked loop (the latency-bound default) or masked / unmasked / masked
-  loops: both exact, on problems whose windows put keys in all three ranges."""
-  from jax_varlen_attn.backends.triton import Config
-  suite = TestTriton()
-  p = suite.problem(seqlens_q=(70, 1, 33), seqlens_k=(90, 60, 33), **features)
-  suite.check(p, config=Config(block_m=16, block_n=16, one_loop=one_loop))
-
-
-def test_one_loop_is_on_for_latency_bound_grids_only():
-  from jax_varlen_attn.backends.triton import Config
-  seed1 = Config.get_default(_decode_spec(1, 32, 512, max_seqlen_q=512, q_per_seq=512))
-  assert seed1.one_loop and seed1.block_n == 128
-  assert not Config.get_default(_decode_spec(200, 146, 2333)).one_loop
-  assert not Config.get_default(_decode_spec(200, 146, 2333)).resolved(
-      _decode_spec(200, 146, 2333)).one_loop
-  assert Config(one_loop=False).resolved(
-      _decode_spec(1, 32, 512, max_seqlen_q=512, q_per_seq=512)).one_loop is False

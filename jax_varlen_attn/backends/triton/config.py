@@ -34,8 +34,6 @@ class Config:
     call. Off: measured no faster, sometimes slower (backends/triton/call.py says why).
   heavy_first: launch query programs from each sequence's last block to its first (the heaviest
     under a causal mask first); False keeps grid order (benchmark: what the order buys).
-  one_loop: visit every key tile in one loop, all masked, instead of masked / unmasked / masked
-    loops (None: on for latency-bound grids, see `resolved`).
   """
 
   block_m: Optional[int] = None
@@ -47,15 +45,14 @@ class Config:
   constexpr_strides: bool = True
   ffi_launch: bool = False
   heavy_first: bool = True
-  one_loop: Optional[bool] = None
 
   def __post_init__(self):
     check_pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
     check_pow2("block_n", self.block_n, 16)
     check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
     check_launch_options(self.num_warps, self.num_stages)
-    for name in ("row_id_fast_path", "constexpr_strides", "ffi_launch", "heavy_first", "one_loop"):
-      if not isinstance(getattr(self, name), bool) and not (name == "one_loop" and self.one_loop is None):
+    for name in ("row_id_fast_path", "constexpr_strides", "ffi_launch", "heavy_first"):
+      if not isinstance(getattr(self, name), bool):
         raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
 
   @classmethod
@@ -89,7 +86,6 @@ class Config:
              and spec.query_programs(block_m // group) * spec.num_kv_heads < NUM_SMS):
         block_m //= 2
     block_n = self.block_n or tuned_entry.get("block_n") or _default_block_n(spec, block_m)
-    latency_bound = False
     default_splits = self._default_splits(spec, block_m, block_n)
     num_splits = self.num_splits or default_splits
     if self.block_n is None and spec.head_dim <= 128 and num_splits == 1 and default_splits == 1:
@@ -102,7 +98,6 @@ class Config:
       programs = spec.query_programs(block_m // group) * spec.num_kv_heads
       if programs < 2 * NUM_SMS:
         block_n = 128
-        latency_bound = True
     # 4 warps, 8 for 256-row tiles (one warpgroup per 128 rows). 8 for 128-row tiles is the usual
     # FlashAttention-2 choice, but measured on an H200 (ncu, prefill_4x4096, commit 39d223a) 4
     # warps ran 782 us against 867 us with 8; smaller tiles never gained from 8 either (seed1 21.8
@@ -111,12 +106,7 @@ class Config:
     # Three stages pipeline the K/V loads of big tiles; two where registers / smem are tight.
     num_stages = self.num_stages or tuned_entry.get("num_stages") or (
         3 if block_m >= 64 and spec.head_dim <= 128 else 2)
-    # One pipelined loop where the longest program has a few tiles and nothing else runs beside
-    # it (latency-bound grids): the loads of its last, masked tile start before the unmasked ones
-    # finish. (Measured: benchmarks/NOTES.md, session 3.)
-    one_loop = latency_bound if self.one_loop is None else self.one_loop
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
-                               one_loop=one_loop,
                                num_warps=num_warps, num_stages=num_stages)
 
   @staticmethod
@@ -146,7 +136,7 @@ class Config:
         NUM_HEADS=spec.num_heads, NUM_KV_HEADS=spec.num_kv_heads, GROUP=group,
         HEAD_DIM=spec.head_dim, HEAD_DIM_PAD=max(16, next_pow2(spec.head_dim)),
         BLOCK_M=self.block_m, BLOCK_Q=self.block_m // group, BLOCK_N=self.block_n,
-        NUM_SPLITS=self.num_splits, HEAVY_FIRST=self.heavy_first, ONE_LOOP=bool(self.one_loop),
+        NUM_SPLITS=self.num_splits, HEAVY_FIRST=self.heavy_first,
         IS_PAGED=paged, IS_CONTIGUOUS_KV=contiguous, CONSTEXPR_STRIDES=self.constexpr_strides,
         # A tile inside one page looks its page up once (a scalar) instead of once per key.
         SINGLE_PAGE_TILE=paged and layout.block_size % self.block_n == 0,

@@ -190,7 +190,7 @@ def varlen_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr, ONE_LOOP: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
     # cache addressing
     IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr, CONSTEXPR_STRIDES: tl.constexpr,
     SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
@@ -301,21 +301,16 @@ def varlen_attention_kernel(
   l_i = tl.zeros([BLOCK_M], tl.float32)
   for phase in tl.static_range(3):
     # phase 0: [lo, full_lo) masked; 1: [full_lo, full_hi) unmasked; 2: [full_hi, hi) masked.
-    # ONE_LOOP: phase 1 alone covers [lo, hi), every tile masked: one software-pipelined loop whose
-    # loads run ahead across what would be the phase boundaries (programs of a few tiles).
     if phase == 0:
       start, stop = lo, full_lo
     elif phase == 1:
       start, stop = full_lo, full_hi
     else:
       start, stop = full_hi, hi
-    if ONE_LOOP:
-      start, stop = (lo, hi) if phase == 1 else (lo, lo)
     for n in range(tl.maximum(start, split_lo), tl.minimum(stop, split_hi), BLOCK_N):
       acc, m_i, l_i = _attend_tile(
           acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n, len_k, diag, slopes,
-          kv_head, scale, softcap, page_stride, token_stride, head_stride, ONE_LOOP or phase != 1,
-          IS_PAGED,
+          kv_head, scale, softcap, page_stride, token_stride, head_stride, phase != 1, IS_PAGED,
           IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM,
           HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
           HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, K_OFFSET,
