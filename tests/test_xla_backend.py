@@ -8,8 +8,7 @@ import pytest
 from jax_varlen_attn import flash_attn_varlen_func
 from jax_varlen_attn.backends.xla import Config
 from tests.attention_suite import AttentionSuite, _INSTRUCTION
-from tests.oracle import reference_attention
-from tests.problems import Problem, make_problem, rel_err
+from tests.problems import Problem, make_problem
 
 
 class TestXla(AttentionSuite):
