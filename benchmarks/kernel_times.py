@@ -41,7 +41,10 @@ def build(case: shapes.Case, seed: int = 0, strided: bool = False):
               used=np.asarray(case.seqused_k, np.int32), table=case.block_table(seed))
 
 
-def ours(case: shapes.Case, data: dict, config_kwargs: dict, strided: bool = False):
+def ours(case: shapes.Case, data: dict, config_kwargs: dict, strided: bool = False,
+         wide_contiguous: bool = False):
+  """wide_contiguous: the strided storage read as a plain NHD cache through block table 2p+1 (the
+  very addresses the strided layout reads, with contiguous addressing)."""
   import jax
   import jax.numpy as jnp
   from jax_varlen_attn import flash_attn_varlen_func
@@ -61,6 +64,8 @@ def ours(case: shapes.Case, data: dict, config_kwargs: dict, strided: bool = Fal
       seqused_k=used, block_table=table, causal=case.causal, kv_layout=layout, backend="triton",
       config=config))
   args = [jnp.asarray(data[n]) for n in ("q", "k", "v", "cu", "used", "table")]
+  if wide_contiguous:
+    args[5] = 2 * args[5] + 1
   return lambda: jax.block_until_ready(fn(*args))
 
 
@@ -111,6 +116,8 @@ def main(argv=None) -> int:
   p.add_argument("--configs", default="[{}]", help="JSON list of Config kwargs (ours only)")
   p.add_argument("--strided", action="store_true", help="strided cache (ours only: FlagGems "
                  "5.0.2 reads a strided cache wrongly)")
+  p.add_argument("--contiguous-2x", action="store_true", help="the strided storage read as a "
+                 "contiguous cache (block table 2p+1): same addresses as --strided (ours only)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--reps", type=int, default=5)
   args = p.parse_args(argv)
@@ -123,12 +130,15 @@ def main(argv=None) -> int:
     p.error("--case and --impl are required (or --summarize)")
   import torch  # for cudaProfilerStart/Stop (ncu --profile-from-start off)
   case = shapes.get_cases()[args.case]
-  if args.strided and args.impl != "ours":
-    p.error("--strided is for --impl ours")
-  data = build(case, strided=args.strided)
+  if (args.strided or args.contiguous_2x) and args.impl != "ours":
+    p.error("--strided / --contiguous-2x are for --impl ours")
+  if args.strided and args.contiguous_2x:
+    p.error("--strided or --contiguous-2x, not both")
+  data = build(case, strided=args.strided or args.contiguous_2x)
   configs = json.loads(args.configs)
-  tag = " strided" if args.strided else ""
-  runs = ([(json.dumps(c, sort_keys=True) + tag, ours(case, data, c, args.strided)) for c in configs]
+  tag = " strided" if args.strided else " contiguous_2x" if args.contiguous_2x else ""
+  runs = ([(json.dumps(c, sort_keys=True) + tag,
+            ours(case, data, c, args.strided, wide_contiguous=args.contiguous_2x)) for c in configs]
           if args.impl == "ours" else [("flaggems", flaggems(case, data))])
   ready = []
   for label, run in runs:

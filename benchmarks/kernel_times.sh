@@ -2,7 +2,8 @@
 # Kernel durations under Nsight Compute (see kernel_times.py). GPU machine, repo root, wheels
 # installed (PYTHONPATH=/tmp/site:$PWD as in scripts/gpu_check.sh).
 #   bash benchmarks/kernel_times.sh CASES [IMPLS] [CONFIGS_JSON] [REPS]
-# IMPLS: ours, flaggems, ours-strided (our kernel on a strided cache).
+# IMPLS: ours, flaggems, ours-strided (our kernel on a strided cache), ours-cont2x (that strided
+# storage read as a contiguous cache: same addresses, contiguous addressing).
 # Clocks are left as the GPU runs them (--clock-control none); caches are flushed between kernels
 # (ncu's default), so every figure reads its inputs from HBM. Prints one KERNEL_US line per block.
 cases=${1:-seed1_prefill512,seed2_small_mixed,seed3_mixed55}
@@ -15,6 +16,7 @@ for case in ${cases//,/ }; do
     tag=${case}_${impl}
     extra=""
     if [ "$impl" = ours-strided ]; then impl=ours; extra=--strided; fi
+    if [ "$impl" = ours-cont2x ]; then impl=ours; extra=--contiguous-2x; fi
     ncu --profile-from-start off --clock-control none --print-units base --csv \
       --metrics gpu__time_duration.sum --log-file "$out/ncu_$tag.csv" \
       python3 benchmarks/kernel_times.py --case "$case" --impl "$impl" --configs "$configs" \
