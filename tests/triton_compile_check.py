@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="jva-triton-cache-"))
@@ -96,11 +97,31 @@ def compile_variant(name, overrides, config):
   compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
   meta = compiled.metadata
-  n_regs = getattr(compiled, "n_regs", None)
-  n_spills = getattr(compiled, "n_spills", None)
+  regs, stack = resource_usage(compiled.asm.get("cubin", b""))
   return dict(name=name, block_m=config.block_m, block_n=config.block_n, warps=config.num_warps,
-              stages=config.num_stages, shared=getattr(meta, "shared", None), regs=n_regs,
-              spills=n_spills, cubin=len(compiled.asm.get("cubin", b"")))
+              stages=config.num_stages, shared=getattr(meta, "shared", None), regs=regs,
+              stack=stack, cubin=len(compiled.asm.get("cubin", b"")))
+
+
+def resource_usage(cubin: bytes):
+  """(registers, stack bytes) of a cubin by Triton's bundled cuobjdump; (None, None) without it.
+
+  STACK > 0 at 255 registers means spills (local memory on the tile loop's path): on sm_90 the
+  seed1 tile (64 x 128, 3 stages) and both prefill tiles spill, decode tiles do not
+  (benchmarks/NOTES.md, session 3)."""
+  import re
+  import shutil
+  import subprocess
+  tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+  tool = str(tool) if tool.is_file() else shutil.which("cuobjdump")
+  if not cubin or tool is None:
+    return None, None
+  with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(cubin)
+    f.flush()
+    out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+  m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+  return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
 
 def main(argv=None):
@@ -114,7 +135,7 @@ def main(argv=None):
     try:
       r = compile_variant(name, overrides, config)
       print(f"ok   {name:28s} M{r['block_m']:<4d}N{r['block_n']:<4d}w{r['warps']} s{r['stages']} "
-            f"smem={r['shared']} cubin={r['cubin']}B", flush=True)
+            f"smem={r['shared']} regs={r['regs']} stack={r['stack']}B cubin={r['cubin']}B", flush=True)
     except Exception as e:  # report every failing variant, then fail
       failures += 1
       print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
