@@ -71,8 +71,8 @@ TOLERANCE = {"float16": 4e-3, "bfloat16": 1.6e-2}
 QUESTION = "with the page stride specialized, does the contiguous fast path still pay?"
 # Passes: what matters most runs first, so a budget cut drops the least important work.
 # 0: ours (page-stride constexpr = the default, row-id, strided) and FlagGems: the reviewer's question
-# and the main
-# peer; 1: JAX's paged_attention and the runtime-stride variant; 2: our Pallas backend; 3: the XLA ones.
+# and the main peer; 1: JAX's paged_attention and the runtime-stride, ffi-launch and grid-order
+# variants; 2: our Pallas backend; 3: the XLA ones.
 PASS_OF = {("jva-triton", "default"): 0, ("jva-triton", "row-id"): 0,
            ("flaggems", "default"): 0, ("jax-pallas-paged", "default"): 1,
            ("jva-triton", "runtime-stride"): 1, ("jva-triton", "ffi-launch"): 1,
@@ -562,6 +562,31 @@ class LayoutData:
   meta_sets: Optional[List[dict]] = None
 
 
+def wide_sets(env: Env, cd: CaseData) -> List[tuple]:
+  """Per set: (k, v) storages of 2N pages, the case's pages at the parity slots and random pages
+  at the others (reading those gives wrong numbers). Kept on `cd` when both strided and
+  contiguous_2x run, so that both read the very same buffers."""
+  if cd.wide_sets is not None:
+    return cd.wide_sets
+  jax, jnp = env.jax, env.jnp
+  case = cd.case
+  Hk, D, bs, N = case.num_kv_heads, case.head_dim, case.block_size, case.num_blocks
+  sets = []
+  for s, (k, v) in enumerate(cd.kv):
+    gk, gv = jax.random.split(cd.garbage_keys[s])
+    pair = []
+    for x, g in ((k, gk), (v, gv)):
+      junk = jax.random.normal(g, x.shape, x.dtype)
+      both = (junk, x) if cd.parity else (x, junk)
+      pair.append(jnp.stack(both, axis=1).reshape(2 * N, bs, Hk, D))
+      del junk
+    sets.append(tuple(pair))
+    jax.block_until_ready(sets[-1])
+  if cd.keep_wide:
+    cd.wide_sets = sets
+  return sets
+
+
 def build_layout(env: Env, cd: CaseData, name: str) -> LayoutData:
   jax, jnp = env.jax, env.jnp
   case = cd.case
@@ -571,20 +596,7 @@ def build_layout(env: Env, cd: CaseData, name: str) -> LayoutData:
   if name in ("strided", "contiguous_2x"):
     from jax_varlen_attn import KVCacheLayout
     page = bs * Hk * D
-    sets = cd.wide_sets or []
-    for s, (k, v) in enumerate(cd.kv if not sets else []):
-    # the other half of the storage holds random pages: reading them gives wrong numbers
-      gk, gv = jax.random.split(cd.garbage_keys[s])
-      pair = []
-      for x, g in ((k, gk), (v, gv)):
-        junk = jax.random.normal(g, x.shape, x.dtype)
-        both = (junk, x) if cd.parity else (x, junk)
-        pair.append(jnp.stack(both, axis=1).reshape(2 * N, bs, Hk, D))
-        del junk
-      sets.append(tuple(pair))
-      jax.block_until_ready(sets[-1])
-    if cd.keep_wide:
-      cd.wide_sets = sets
+    sets = wide_sets(env, cd)
     if name == "contiguous_2x":
       # The strided run's very storage and addresses, read as a plain contiguous cache whose block
       # table names the real (odd or even) slots: what strided / contiguous costs beyond touching

@@ -35,18 +35,8 @@ class TestTritonSplitKV(AttentionSuite):
 
 def test_split_count_follows_static_shapes_only():
   """Split-KV turns on for few long sequences (grid below the SM count), off for big batches."""
-  import jax.numpy as jnp
-  from jax_varlen_attn.api import _validate
   from jax_varlen_attn.backends.triton import Config
-
-  def spec_for(batch, pages, max_seqlen_q=1):
-    q = jnp.zeros((batch, 16, 128), jnp.float16)
-    cache = jnp.zeros((batch * pages, 16, 8, 128), jnp.float16)
-    cu = jnp.arange(batch + 1, dtype=jnp.int32)
-    spec, _ = _validate(q, cache, cache, max_seqlen_q, cu, None, None, jnp.zeros((batch,), jnp.int32),
-                        None, True, (-1, -1), 0.0, None, jnp.zeros((batch, pages), jnp.int32), False,
-                        "NHD", None)
-    return spec
+  from tests.problems import static_spec as spec_for
 
   long_few = Config.get_default(spec_for(8, 2048))  # decode_8x32768
   many = Config.get_default(spec_for(256, 256))  # decode_256x4096
@@ -80,29 +70,18 @@ def test_config_flags_must_be_bools():
     Config(ffi_launch=1)
 
 
-def _decode_spec(batch, pages, max_seqlen_k, head_dim=128, max_seqlen_q=1, q_per_seq=1):
-  import jax.numpy as jnp
-  from jax_varlen_attn.api import _validate
-  q = jnp.zeros((batch * q_per_seq, 16, head_dim), jnp.float16)
-  cache = jnp.zeros((batch * pages, 16, 8, head_dim), jnp.float16)
-  cu = jnp.arange(batch + 1, dtype=jnp.int32) * q_per_seq
-  spec, _ = _validate(q, cache, cache, max_seqlen_q, cu, max_seqlen_k, None,
-                      jnp.zeros((batch,), jnp.int32), None, True, (-1, -1), 0.0, None,
-                      jnp.zeros((batch, pages), jnp.int32), False, "NHD", None)
-  return spec
-
-
 def test_key_tile_follows_sequence_length_and_head_dim():
   """Decode tiles: 128 keys for long sequences, 64 for short ones (more programs per SM), 16 for
   wide heads; prefill: 256 x 64 tiles on 8 warps (config.py says what was measured)."""
   from jax_varlen_attn.backends.triton import Config
-  assert Config.get_default(_decode_spec(200, 146, 2333)).block_n == 128  # seed4_distinct-like
-  assert Config.get_default(_decode_spec(200, 64, 1024)).block_n == 128
-  assert Config.get_default(_decode_spec(200, 33, 515)).block_n == 64  # seed3-like
-  assert Config.get_default(_decode_spec(200, 256, 4096, head_dim=256)).block_n == 16
-  prefill = Config.get_default(_decode_spec(4, 256, 4096, max_seqlen_q=4096, q_per_seq=4096))
+  from tests.problems import static_spec
+  assert Config.get_default(static_spec(200, 146, max_seqlen_k=2333)).block_n == 128  # seed4_distinct-like
+  assert Config.get_default(static_spec(200, 64, max_seqlen_k=1024)).block_n == 128
+  assert Config.get_default(static_spec(200, 33, max_seqlen_k=515)).block_n == 64  # seed3-like
+  assert Config.get_default(static_spec(200, 256, head_dim=256)).block_n == 16
+  prefill = Config.get_default(static_spec(4, 256, q_per_seq=4096))
   assert (prefill.block_m, prefill.block_n, prefill.num_warps) == (256, 64, 8)
-  small = Config.get_default(_decode_spec(1, 32, 512, max_seqlen_q=512, q_per_seq=512))  # seed1
+  small = Config.get_default(static_spec(1, 32, q_per_seq=512))  # seed1
   assert (small.block_m, small.num_warps) == (64, 4)
 
 

@@ -2,21 +2,14 @@
 
 import json
 
-import jax.numpy as jnp
 import pytest
 
-from jax_varlen_attn.api import _validate
 from jax_varlen_attn.backends.triton import Config, tuned
+from tests.problems import static_spec
 
 
-def spec_for(batch, q_per_seq, pages, head_dim=128, heads=16, kv_heads=8, page=16):
-  q = jnp.zeros((batch * q_per_seq, heads, head_dim), jnp.float16)
-  cache = jnp.zeros((batch * pages, page, kv_heads, head_dim), jnp.float16)
-  cu = jnp.arange(batch + 1, dtype=jnp.int32) * q_per_seq
-  spec, _ = _validate(q, cache, cache, q_per_seq, cu, None, None, jnp.zeros((batch,), jnp.int32),
-                      None, True, (-1, -1), 0.0, None, jnp.zeros((batch, pages), jnp.int32), False,
-                      "NHD", None)
-  return spec
+def spec_for(batch, q_per_seq, pages, head_dim=128):
+  return static_spec(batch, pages, q_per_seq=q_per_seq, head_dim=head_dim)
 
 
 def test_committed_table_is_well_formed():

@@ -159,7 +159,6 @@ class Config:
     )
 
 
-
 def _default_block_n(spec: AttentionSpec, block_m: int) -> int:
   """Keys per tile where neither the caller nor the tuned table says.
 

@@ -115,8 +115,9 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
                               page_stride, token_stride, head_stride, IS_PAGED, IS_CONTIGUOUS_KV,
                               CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, MASKED, NUM_KV_HEADS, HEAD_DIM,
                               PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE)
-  # K_OFFSET / V_OFFSET join the per-key offsets (BLOCK_N adds) rather than the base pointer: the
-  # compiler re-adds a base's constant to every element pointer of the tile after its layout shuffle.
+  # K_OFFSET / V_OFFSET join the per-key offsets (BLOCK_N adds) rather than the base pointer, which
+  # the compiler re-added per tile after the offsets' layout shuffle: this way a strided layout's
+  # address code matches a contiguous one's but for constants (commit 226ac10, PTX compared).
   k_ptrs = k_base + (tok_off + K_OFFSET)[None, :] + offs_d[:, None]  # [HEAD_DIM_PAD, BLOCK_N]
   v_ptrs = v_base + (tok_off + V_OFFSET)[:, None] + offs_d[None, :]  # [BLOCK_N, HEAD_DIM_PAD]
   if MASKED:

@@ -42,9 +42,8 @@ def _read(path: Path) -> dict:
     return {}
   entries = json.loads(path.read_text()).get("table", {})
   for key, entry in entries.items():
-    for field in ("block_n", "num_warps", "num_stages", "block_m"):
-      if field == "block_m" and field not in entry:
-        continue  # optional: rows stay the heuristic's
+    # block_m is optional: without it the rows stay the heuristic's.
+    for field in ("block_n", "num_warps", "num_stages") + (("block_m",) if "block_m" in entry else ()):
       if not isinstance(entry.get(field), int) or entry[field] < 1:
         raise ValueError(f"{path}: entry {key!r} has no positive int {field!r}: {entry}")
   return entries
