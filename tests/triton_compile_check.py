@@ -67,8 +67,8 @@ def signature_of(inputs, outputs):
       sig[name] = "*" + _TYPES[jnp.dtype(value.dtype).name]
     elif isinstance(value, np.float32):
       sig[name] = "fp32"
-    elif isinstance(value, int):
-      sig[name] = "i32"
+    elif isinstance(value, int):  # as jax-triton types a Python int
+      sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
     else:
       raise TypeError(f"{name}: {type(value)}")
   params = list(varlen_attention_kernel.arg_names)

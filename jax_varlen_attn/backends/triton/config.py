@@ -147,8 +147,8 @@ class Config:
         PAGE_STRIDE=layout.page_stride if paged else 0,
         TOKEN_STRIDE=layout.token_stride if paged else 0,
         HEAD_STRIDE=layout.head_stride if paged else 0,
-        K_OFFSET=layout.k_offset if paged else 0,
-        V_OFFSET=layout.v_offset if paged else 0,
+        # k_offset / v_offset (runtime) are multiples of head_dim: of its power-of-two factor.
+        OFFSET_MULTIPLE=spec.head_dim & -spec.head_dim,
         IS_STACKED=paged and layout.stacked,
         NUM_LAYERS=max(layout.num_layers, 1) if paged else 1,
         LAYER_STRIDE=layout.layer_stride if paged else 0,

@@ -31,22 +31,29 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _find_sequence(cu_seqlens_q_ptr, pid, batch, BLOCK_Q: tl.constexpr):
-  """Largest b in [0, batch] whose first program `cu_seqlens_q[b] // BLOCK_Q + b` is <= pid.
+def _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q: tl.constexpr):
+  """(b, cu_seqlens_q[b], end of b): the largest b in [0, batch] whose first program
+  `cu_seqlens_q[b] // BLOCK_Q + b` is <= pid, with its query range.
 
   Sequence b owns programs [its first, the next sequence's first); b == batch is the padding region
-  [cu_seqlens_q[batch], total_q).
+  [cu_seqlens_q[batch], total_q). The bounds come out of the search's own loads (a probe that
+  moves `hi` below mid has just read the end of mid - 1): reloading them after the search put
+  one more dependent global load on every program's path to its first K tile.
   """
   lo = pid * 0
   hi = pid * 0 + batch
+  start = tl.load(cu_seqlens_q_ptr)  # cu_seqlens_q[lo]
+  end = total_q + pid * 0  # end of sequence hi
   while lo < hi:
     mid = (lo + hi + 1) // 2
-    first_program = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
-    if first_program <= pid:
+    offset = tl.load(cu_seqlens_q_ptr + mid)
+    if offset // BLOCK_Q + mid <= pid:
       lo = mid
+      start = offset
     else:
       hi = mid - 1
-  return lo
+      end = offset
+  return lo, start, end
 
 
 @triton.jit
@@ -56,38 +63,68 @@ def _tanh(x):
 
 
 @triton.jit
-def _kv_token_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
-                      page_stride, token_stride, head_stride,
-                      IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr,
-                      CONSTEXPR_STRIDES: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
-                      MASKED: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
-                      PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
-                      HEAD_STRIDE: tl.constexpr):
-  """i64[BLOCK_N]: element offset of (key offs_n, kv_head, dim 0) from the start of a layer's K (or V).
+def _kv_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
+                page_stride, token_stride, head_stride,
+                IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr,
+                CONSTEXPR_STRIDES: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
+                MASKED: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+                NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
+                HEAD_STRIDE: tl.constexpr):
+  """Element offsets of keys [n_start, n_start + BLOCK_N) (kv_head, dim 0) in a layer's K (or V).
 
-  int64 even where int32 would hold every offset: measured on an H100 (commit 226ac10), int32
-  offsets made prefill_4x4096 14% slower (0.814 vs 0.716 ms device time) and nothing faster."""
+  Returns (tile_off, fixed_off): tile_off (i64, a scalar or [BLOCK_N]) is all that changes from tile
+  to tile (the pages looked up); fixed_off (i32[BLOCK_N]: token within its page, kv head) is the
+  same for every tile. Every tile starts at a multiple of BLOCK_N (the kernel's key ranges are
+  whole tiles), so a key's place in its page depends on its lane only. Kept apart so the compiler
+  hoists fixed_off + dim out of the key loop and each tile's addresses cost one wide multiply-add
+  per pointer (sm_90 SASS of seed2, contiguous cache: 2503 instructions against 2791 with one
+  offset per key summed in the loop).
+
+  int64 tile offsets even where int32 would hold every offset: measured on an H100 (commit
+  226ac10), int32 offsets made prefill_4x4096 14% slower (0.814 vs 0.716 ms device time).
+  """
+  lane = tl.arange(0, BLOCK_N)  # [BLOCK_N]
   if not IS_PAGED:
-    return ((k_start + offs_n).to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_DIM
+    tile_off = (k_start + n_start).to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + tl.zeros_like(lane).to(tl.int64)
+    return tile_off, (lane * NUM_KV_HEADS + kv_head) * HEAD_DIM
   if SINGLE_PAGE_TILE:
     # The whole tile lies in one page: one scalar page lookup, and offsets the compiler sees as
     # contiguous.
     page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + tl.minimum(n_start // PAGE_SIZE, MAX_BLOCKS - 1))
+    page = page + tl.zeros_like(lane)  # [BLOCK_N], one value
+    token = lane + n_start % PAGE_SIZE  # [BLOCK_N]
   else:
     block = tl.minimum(offs_n // PAGE_SIZE, MAX_BLOCKS - 1)
     if MASKED:
       page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block, mask=key_ok, other=0)
     else:
       page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block)
+    token = lane % PAGE_SIZE  # [BLOCK_N]
   # A block-table entry out of range is clamped into the cache: never a read outside the buffer.
   page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)
-  token = offs_n % PAGE_SIZE
-  if IS_CONTIGUOUS_KV:
-    return ((page * PAGE_SIZE + token) * NUM_KV_HEADS + kv_head) * HEAD_DIM
-  if CONSTEXPR_STRIDES:
-    return page * PAGE_STRIDE + token * TOKEN_STRIDE + kv_head * HEAD_STRIDE
-  return page * page_stride + token * token_stride + kv_head * head_stride
+  if IS_CONTIGUOUS_KV:  # row id = page * PAGE_SIZE + token, rows of NUM_KV_HEADS * HEAD_DIM
+    tile_off = page * PAGE_SIZE * (NUM_KV_HEADS * HEAD_DIM)
+    fixed_off = (token * NUM_KV_HEADS + kv_head) * HEAD_DIM
+  elif CONSTEXPR_STRIDES:
+    tile_off = page * PAGE_STRIDE
+    fixed_off = token * TOKEN_STRIDE + kv_head * HEAD_STRIDE
+  else:
+    tile_off = page * page_stride
+    fixed_off = token * token_stride + kv_head * head_stride
+  if SINGLE_PAGE_TILE:
+    # token (and so fixed_off) moves with n_start here: keep its tile part in tile_off.
+    base_token = n_start % PAGE_SIZE
+    if IS_CONTIGUOUS_KV:
+      tile_off += base_token * (NUM_KV_HEADS * HEAD_DIM)
+      fixed_off -= base_token * (NUM_KV_HEADS * HEAD_DIM)
+    elif CONSTEXPR_STRIDES:
+      tile_off += base_token * TOKEN_STRIDE
+      fixed_off -= base_token * TOKEN_STRIDE
+    else:
+      tile_off += base_token * token_stride
+      fixed_off -= base_token * token_stride
+  return tile_off, fixed_off
 
 
 @triton.jit
@@ -100,8 +137,7 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
                  NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
                  HEAD_STRIDE: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 K_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr):
+                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
   """One online-softmax step over keys [n_start, n_start + BLOCK_N).
 
   acc: f32[BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: f32[BLOCK_M] (log2 units); q: [BLOCK_M, HEAD_DIM_PAD];
@@ -111,15 +147,14 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
   offs_n = n_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
   offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
   key_ok = offs_n < len_k  # [BLOCK_N]
-  tok_off = _kv_token_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
-                              page_stride, token_stride, head_stride, IS_PAGED, IS_CONTIGUOUS_KV,
-                              CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, MASKED, NUM_KV_HEADS, HEAD_DIM,
-                              PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE)
-  # K_OFFSET / V_OFFSET join the per-key offsets (BLOCK_N adds) rather than the base pointer, which
-  # the compiler re-added per tile after the offsets' layout shuffle: this way a strided layout's
-  # address code matches a contiguous one's but for constants (commit 226ac10, PTX compared).
-  k_ptrs = k_base + (tok_off + K_OFFSET)[None, :] + offs_d[:, None]  # [HEAD_DIM_PAD, BLOCK_N]
-  v_ptrs = v_base + (tok_off + V_OFFSET)[:, None] + offs_d[None, :]  # [BLOCK_N, HEAD_DIM_PAD]
+  tile_off, fixed_off = _kv_offsets(
+      kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head, page_stride, token_stride,
+      head_stride, IS_PAGED, IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, MASKED,
+      NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
+      HEAD_STRIDE)
+  # Loop-invariant part first (hoisted), the tile's page offsets last.
+  k_ptrs = (k_base + fixed_off[None, :] + offs_d[:, None]) + tile_off[None, :]  # [D_PAD, BLOCK_N]
+  v_ptrs = (v_base + fixed_off[:, None] + offs_d[None, :]) + tile_off[:, None]  # [BLOCK_N, D_PAD]
   if MASKED:
     # Masked keys may be poison (the unused tail of a last page): other=0 keeps 0 * NaN out of P @ V.
     k = tl.load(k_ptrs, mask=key_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
@@ -179,6 +214,7 @@ def varlen_attention_kernel(
     alibi_ptr,  # f32[batch, NUM_HEADS] (USE_ALIBI)
     layer_ptr,  # i32[1] (IS_STACKED)
     page_stride, token_stride, head_stride,  # runtime strides: read only if not CONSTEXPR_STRIDES
+    k_offset, v_offset,  # elements from the buffers' starts to K's / V's page 0 (added once, below)
     scale,  # f32 softmax scale
     softcap,  # f32 (USE_SOFTCAP)
     batch,  # number of sequences
@@ -196,8 +232,8 @@ def varlen_attention_kernel(
     IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr, CONSTEXPR_STRIDES: tl.constexpr,
     SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
     NUM_PAGES: tl.constexpr, KV_ROWS: tl.constexpr, PAGE_STRIDE: tl.constexpr,
-    TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, K_OFFSET: tl.constexpr,
-    V_OFFSET: tl.constexpr, IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr,
+    TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, OFFSET_MULTIPLE: tl.constexpr,
+    IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr,
     LAYER_STRIDE: tl.constexpr,
     # semantics
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
@@ -212,12 +248,9 @@ def varlen_attention_kernel(
   pid = tl.program_id(0) // NUM_KV_HEADS
   if HEAVY_FIRST:
     pid = num_query_programs - 1 - pid
-  seq = _find_sequence(cu_seqlens_q_ptr, pid, batch, BLOCK_Q)
-  seq_start = tl.load(cu_seqlens_q_ptr + seq)
+  seq, seq_start, q_end = _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q)
   first = (pid - (seq_start // BLOCK_Q + seq)) * BLOCK_Q  # first query of this program in its sequence
   q_start = tl.minimum(tl.maximum(seq_start, 0), total_q)
-  q_end = tl.load(cu_seqlens_q_ptr + tl.minimum(seq + 1, batch))
-  q_end = tl.where(seq < batch, q_end, total_q)  # the padding region ends at total_q
   q_end = tl.minimum(tl.maximum(q_end, q_start), total_q)
   len_q = q_end - q_start
   if (first >= len_q) | (first < 0):
@@ -258,8 +291,18 @@ def varlen_attention_kernel(
   else:
     k_start = tl.minimum(tl.maximum(tl.load(kv_index_ptr + seq), 0), KV_ROWS)
     len_k = tl.minimum(len_k, KV_ROWS - k_start)
-  k_base = k_ptr
-  v_base = v_ptr
+  # K / V offsets are runtime values added to the scalar base pointers once per program. As
+  # constants they were split off again by the compiler (LLVM moves constant offsets outward, for
+  # addressing-mode immediates that the cp.async loads cannot take) and re-added per pointer per
+  # tile: one more 64-bit add per loaded vector than a contiguous cache (offset 0), and the
+  # strided / contiguous gap of the small seed cases (sm_90 SASS, seed2: 2983 vs 2503
+  # instructions).
+  # The layout keeps them non-negative multiples of HEAD_DIM. `x // M * M` (the identity for
+  # M = OFFSET_MULTIPLE, HEAD_DIM's power-of-two factor) tells the compiler so: without it (an
+  # unknown base alignment) it gave up 16-byte loads and their cp.async pipeline. (tl.multiple_of
+  # has no effect on a scalar argument.)
+  k_base = k_ptr + k_offset // OFFSET_MULTIPLE * OFFSET_MULTIPLE
+  v_base = v_ptr + v_offset // OFFSET_MULTIPLE * OFFSET_MULTIPLE
   if IS_STACKED:
     # The layer is data (a traced scalar): its offset is added here, never by slicing the cache.
     layer = tl.minimum(tl.maximum(tl.load(layer_ptr), 0), NUM_LAYERS - 1).to(tl.int64)
@@ -314,8 +357,7 @@ def varlen_attention_kernel(
           kv_head, scale, softcap, page_stride, token_stride, head_stride, phase != 1, IS_PAGED,
           IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM,
           HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
-          HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, K_OFFSET,
-          V_OFFSET)
+          HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION)
 
   seen = l_i > 0.0  # rows that saw no allowed key output zeros and LSE +inf (-inf in a split)
   out = acc / tl.where(seen, l_i, 1.0)[:, None]

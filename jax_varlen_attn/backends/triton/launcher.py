@@ -36,6 +36,10 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
       page_stride=layout.page_stride if layout is not None else 0,
       token_stride=layout.token_stride if layout is not None else 0,
       head_stride=layout.head_stride if layout is not None else 0,
+      # Runtime, not constexpr: the kernel says why. Python ints: jax-triton types them i32, or i64
+      # past 2**31.
+      k_offset=layout.k_offset if layout is not None else 0,
+      v_offset=layout.v_offset if layout is not None else 0,
       scale=np.float32(spec.scale),  # np.float32: a Python float would become an fp64 argument
       softcap=np.float32(spec.softcap if spec.softcap > 0 else 1.0),
       batch=spec.batch,
