@@ -129,7 +129,7 @@ def _kv_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n_start, len_k,
-                 diag, slopes, kv_head, qk_scale, softcap,
+                 diag, key_lo, key_hi, slopes, kv_head, qk_scale, softcap,
                  page_stride, token_stride, head_stride,
                  MASKED: tl.constexpr, IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr,
                  CONSTEXPR_STRIDES: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
@@ -141,8 +141,9 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
   """One online-softmax step over keys [n_start, n_start + BLOCK_N).
 
   acc: f32[BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: f32[BLOCK_M] (log2 units); q: [BLOCK_M, HEAD_DIM_PAD];
-  diag: i32[BLOCK_M] key position of each row's query (i + len_k - len_q); slopes: f32[BLOCK_M].
-  MASKED tiles check key validity, causal / window bounds; unmasked tiles are wholly allowed.
+  diag: i32[BLOCK_M] key position of each row's query (i + len_k - len_q); key_lo, key_hi:
+  i32[BLOCK_M] each row's allowed keys [key_lo, key_hi) (length, causal and window bounds);
+  slopes: f32[BLOCK_M]. MASKED tiles apply key_lo / key_hi; unmasked tiles are wholly allowed.
   """
   offs_n = n_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
   offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
@@ -175,26 +176,29 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
     p = tl.math.exp2(s * (qk_scale * LOG2E) - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)  # m_i = -inf on a first tile: alpha = 0, acc and l_i are 0
   else:
+    scale = 1.0  # s below is in log2 units already, or scaled by qk_scale * LOG2E with the FMA
     if USE_SOFTCAP:
       s = softcap * _tanh(s * (qk_scale / softcap)) * LOG2E
-    else:
+    elif USE_ALIBI:
       s = s * (qk_scale * LOG2E)
-    rel = diag[:, None] - offs_n[None, :]  # [BLOCK_M, BLOCK_N]: (i + len_k - len_q) - j
+    else:
+      scale = qk_scale * LOG2E
     if USE_ALIBI:
+      rel = diag[:, None] - offs_n[None, :]  # [BLOCK_M, BLOCK_N]: (i + len_k - len_q) - j
       s = s - slopes[:, None] * tl.abs(rel).to(tl.float32) * LOG2E
     if MASKED:
-      allowed = key_ok[None, :]
-      if WINDOW_RIGHT >= 0:
-        allowed = allowed & (rel >= -WINDOW_RIGHT)
+      # key_lo / key_hi hold each row's allowed keys (length, causal / window bounds), one
+      # compare per bound and score.
+      allowed = offs_n[None, :] < key_hi[:, None]  # [BLOCK_M, BLOCK_N]
       if WINDOW_LEFT >= 0:
-        allowed = allowed & (rel <= WINDOW_LEFT)
+        allowed = allowed & (offs_n[None, :] >= key_lo[:, None])
       s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
     m_ref = m_new
     if MASKED:
       # A row that has seen no allowed key yet has m = -inf: subtract 0 so exp2 gives 0, not NaN.
       m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_ref[:, None])
+    p = tl.math.exp2(s * scale - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
   l_i = l_i * alpha + tl.sum(p, 1)
   # P @ V accumulates into the rescaled accumulator in place (the MMA's own accumulator operand).
@@ -313,6 +317,10 @@ def varlen_attention_kernel(
   diag = q_idx + shift  # [BLOCK_M]
   diag_lo = first + shift
   diag_hi = tl.minimum(first + BLOCK_Q, len_q) - 1 + shift
+  key_hi = tl.zeros_like(diag) + len_k  # [BLOCK_M]: allowed keys of each row are [key_lo, key_hi)
+  if WINDOW_RIGHT >= 0:
+    key_hi = tl.minimum(key_hi, diag + (WINDOW_RIGHT + 1))
+  key_lo = diag - WINDOW_LEFT  # [BLOCK_M], used only if WINDOW_LEFT >= 0
   slopes = tl.zeros([BLOCK_M], tl.float32)
   if USE_ALIBI:
     slopes = tl.load(alibi_ptr + seq * NUM_HEADS + head, mask=row_ok, other=0.0)
@@ -353,7 +361,8 @@ def varlen_attention_kernel(
       start, stop = full_hi, hi
     for n in range(tl.maximum(start, split_lo), tl.minimum(stop, split_hi), BLOCK_N):
       acc, m_i, l_i = _attend_tile(
-          acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n, len_k, diag, slopes,
+          acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n, len_k, diag, key_lo,
+          key_hi, slopes,
           kv_head, scale, softcap, page_stride, token_stride, head_stride, phase != 1, IS_PAGED,
           IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM,
           HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
