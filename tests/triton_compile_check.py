@@ -57,7 +57,8 @@ VARIANTS = [
     ("split-kv-decode", dict(seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33), causal=True), Config(num_splits=4)),
     ("split-kv-strided-window-lse", dict(layout="strided", window=(30, 2), alibi="head"), Config(num_splits=3)),
 ]
-QUICK = {"split-kv-decode", "prefill-256x64-w8", "nhd-page-stride-constexpr-causal", "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill"}
+QUICK = {"split-kv-decode", "prefill-256x64-w8", "nhd-page-stride-constexpr-causal", "strided-constexpr",
+         "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill"}
 
 
 def signature_of(inputs, outputs):
@@ -98,9 +99,30 @@ def compile_variant(name, overrides, config):
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
   meta = compiled.metadata
   regs, stack = resource_usage(compiled.asm.get("cubin", b""))
-  return dict(name=name, block_m=config.block_m, block_n=config.block_n, warps=config.num_warps,
+  return dict(name=name, instructions=sass_instructions(compiled.asm.get("cubin", b"")), block_m=config.block_m, block_n=config.block_n, warps=config.num_warps,
               stages=config.num_stages, shared=getattr(meta, "shared", None), regs=regs,
               stack=stack, cubin=len(compiled.asm.get("cubin", b"")))
+
+
+def _cuobjdump(cubin: bytes, flag: str):
+  """Output of Triton's bundled cuobjdump (else one on PATH) `flag` over a cubin; None without it."""
+  import shutil
+  import subprocess
+  tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+  tool = str(tool) if tool.is_file() else shutil.which("cuobjdump")
+  if not cubin or tool is None:
+    return None
+  with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(cubin)
+    f.flush()
+    return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def sass_instructions(cubin: bytes):
+  """Number of SASS instructions in a cubin (None without cuobjdump)."""
+  import re
+  out = _cuobjdump(cubin, "-sass")
+  return None if out is None else len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", out, re.M))
 
 
 def resource_usage(cubin: bytes):
@@ -110,16 +132,9 @@ def resource_usage(cubin: bytes):
   seed1 tile (64 x 128, 3 stages) and both prefill tiles spill, decode tiles do not
   (benchmarks/NOTES.md, session 3)."""
   import re
-  import shutil
-  import subprocess
-  tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-  tool = str(tool) if tool.is_file() else shutil.which("cuobjdump")
-  if not cubin or tool is None:
+  out = _cuobjdump(cubin, "--dump-resource-usage")
+  if out is None:
     return None, None
-  with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-    f.write(cubin)
-    f.flush()
-    out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
   m = re.search(r"REG:(\d+) STACK:(\d+)", out)
   return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
@@ -129,16 +144,27 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true", help="a representative subset")
   args = parser.parse_args(argv)
   failures = 0
+  counts = {}
   for name, overrides, config in VARIANTS:
     if args.quick and name not in QUICK:
       continue
     try:
       r = compile_variant(name, overrides, config)
       print(f"ok   {name:28s} M{r['block_m']:<4d}N{r['block_n']:<4d}w{r['warps']} s{r['stages']} "
-            f"smem={r['shared']} regs={r['regs']} stack={r['stack']}B cubin={r['cubin']}B", flush=True)
+            f"smem={r['shared']} regs={r['regs']} stack={r['stack']}B sass={r['instructions']} "
+            f"cubin={r['cubin']}B", flush=True)
+      counts[name] = r["instructions"]
     except Exception as e:  # report every failing variant, then fail
       failures += 1
       print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+  # The specialization's promise: a strided cache (page stride and K / V offsets unlike a contiguous
+  # cache's) compiles to the contiguous cache's code but for constants. Before commit 5cd9bb1 the
+  # compiler re-added constant K / V offsets per pointer per tile: 26% more SASS in seed2's kernel.
+  same = ("nhd-page-stride-constexpr-causal", "strided-constexpr")
+  if all(counts.get(n) for n in same) and counts[same[0]] != counts[same[1]]:
+    failures += 1
+    print(f"FAIL {same[1]} has {counts[same[1]]} SASS instructions, {same[0]} {counts[same[0]]}: "
+          "the strided build should differ only in constants", flush=True)
   print(f"{failures} failures")
   return 1 if failures else 0
 

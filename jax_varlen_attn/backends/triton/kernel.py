@@ -21,6 +21,9 @@ Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
   IS_CONTIGUOUS_KV     paged, token-major pages back to back: row id `page * PAGE_SIZE + offset`
   CONSTEXPR_STRIDES    any other layout: PAGE_STRIDE / TOKEN_STRIDE / HEAD_STRIDE are constants;
                        False (benchmark only) reads them from runtime arguments instead.
+The K / V offsets of a layout (k_offset, v_offset) are runtime arguments added once to the base
+pointers (the kernel body says why), so a strided cache compiles to the contiguous cache's code but
+for constants (tests/triton_compile_check.py checks the instruction counts match).
 """
 
 import triton
@@ -362,10 +365,9 @@ def varlen_attention_kernel(
     for n in range(tl.maximum(start, split_lo), tl.minimum(stop, split_hi), BLOCK_N):
       acc, m_i, l_i = _attend_tile(
           acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n, len_k, diag, key_lo,
-          key_hi, slopes,
-          kv_head, scale, softcap, page_stride, token_stride, head_stride, phase != 1, IS_PAGED,
-          IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM,
-          HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
+          key_hi, slopes, kv_head, scale, softcap, page_stride, token_stride, head_stride,
+          phase != 1, IS_PAGED, IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, NUM_KV_HEADS,
+          HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
           HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION)
 
   seen = l_i > 0.0  # rows that saw no allowed key output zeros and LSE +inf (-inf in a split)
