@@ -139,3 +139,20 @@ def test_tile_table_picks_one_candidate_per_class():
   table = build_table(rows, 0.05)
   assert sorted(table) == sorted(e["key"] for e in rows)
   assert {t["block_n"] for t in table.values()} == {32}  # n32_w8_s2: geo-mean 90.0 beats 90.1
+
+
+def test_ceilings_keep_the_best_measurement_and_percentages_follow():
+  from bench_attention import apply_ceilings, merge_ceilings
+  start = {"read_tbps": 3.1, "matmul_fp16_tflops": 698.0, "copy_tbps": None}
+  end = {"read_tbps": 3.0, "matmul_fp16_tflops": 758.0, "copy_tbps": 2.9}
+  best = merge_ceilings(start, end)
+  assert best == {"read_tbps": 3.1, "matmul_fp16_tflops": 758.0, "copy_tbps": 2.9}
+  recs = [dict(bound="flops", tflops=379.0, tflops_device=417.0, pct_of_ceiling=54.3,
+               pct_of_ceiling_device=59.7),
+          dict(bound="bytes", tbps=2.79, tbps_device=None, pct_of_ceiling=1.0,
+               pct_of_ceiling_device=None),
+          dict(bound="bytes", status="skipped")]
+  apply_ceilings(recs, best)
+  assert (recs[0]["pct_of_ceiling"], recs[0]["pct_of_ceiling_device"]) == (50.0, 55.0)
+  assert recs[1]["pct_of_ceiling"] == 90.0 and recs[1]["pct_of_ceiling_device"] is None
+  assert "pct_of_ceiling" not in recs[2]
