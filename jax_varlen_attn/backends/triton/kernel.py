@@ -89,44 +89,34 @@ def _kv_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
   """
   lane = tl.arange(0, BLOCK_N)  # [BLOCK_N]
   if not IS_PAGED:
-    tile_off = (k_start + n_start).to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + tl.zeros_like(lane).to(tl.int64)
-    return tile_off, (lane * NUM_KV_HEADS + kv_head) * HEAD_DIM
+    tile_off = (k_start + n_start).to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM)
+    return tile_off + tl.zeros_like(lane).to(tl.int64), (lane * NUM_KV_HEADS + kv_head) * HEAD_DIM
+  # A key's token within its page: lane % PAGE_SIZE, plus (single-page tiles, BLOCK_N < PAGE_SIZE)
+  # where in its page the tile starts, which moves with the tile and so joins tile_off.
+  token = lane % PAGE_SIZE  # [BLOCK_N]
+  first_token = 0
   if SINGLE_PAGE_TILE:
     # The whole tile lies in one page: one scalar page lookup, and offsets the compiler sees as
     # contiguous.
     page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + tl.minimum(n_start // PAGE_SIZE, MAX_BLOCKS - 1))
     page = page + tl.zeros_like(lane)  # [BLOCK_N], one value
-    token = lane + n_start % PAGE_SIZE  # [BLOCK_N]
+    first_token = n_start % PAGE_SIZE
   else:
     block = tl.minimum(offs_n // PAGE_SIZE, MAX_BLOCKS - 1)
     if MASKED:
       page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block, mask=key_ok, other=0)
     else:
       page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block)
-    token = lane % PAGE_SIZE  # [BLOCK_N]
   # A block-table entry out of range is clamped into the cache: never a read outside the buffer.
   page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)
   if IS_CONTIGUOUS_KV:  # row id = page * PAGE_SIZE + token, rows of NUM_KV_HEADS * HEAD_DIM
-    tile_off = page * PAGE_SIZE * (NUM_KV_HEADS * HEAD_DIM)
-    fixed_off = (token * NUM_KV_HEADS + kv_head) * HEAD_DIM
+    page_s, token_s, head_s = PAGE_SIZE * NUM_KV_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM, HEAD_DIM
   elif CONSTEXPR_STRIDES:
-    tile_off = page * PAGE_STRIDE
-    fixed_off = token * TOKEN_STRIDE + kv_head * HEAD_STRIDE
+    page_s, token_s, head_s = PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE
   else:
-    tile_off = page * page_stride
-    fixed_off = token * token_stride + kv_head * head_stride
-  if SINGLE_PAGE_TILE:
-    # token (and so fixed_off) moves with n_start here: keep its tile part in tile_off.
-    base_token = n_start % PAGE_SIZE
-    if IS_CONTIGUOUS_KV:
-      tile_off += base_token * (NUM_KV_HEADS * HEAD_DIM)
-      fixed_off -= base_token * (NUM_KV_HEADS * HEAD_DIM)
-    elif CONSTEXPR_STRIDES:
-      tile_off += base_token * TOKEN_STRIDE
-      fixed_off -= base_token * TOKEN_STRIDE
-    else:
-      tile_off += base_token * token_stride
-      fixed_off -= base_token * token_stride
+    page_s, token_s, head_s = page_stride, token_stride, head_stride
+  tile_off = page * page_s + first_token * token_s
+  fixed_off = token * token_s + kv_head * head_s
   return tile_off, fixed_off
 
 
