@@ -4,14 +4,20 @@
 #   bash scripts/gpu_check.sh [pytest test files...]     (default: triton, pallas and xla suites,
 #   the launch paths, the tile table, write_kv and the naive reference)
 # Prints the pytest summary line last; the full log goes to $OUT/pytest_gpu.log when $OUT is set.
+# jax-triton 0.4.1 + triton 3.7.1 instead (../shared/tools/triton-parts.sh installs them in /tmp/site37):
+#   JVA_SITE=/tmp/site37 bash scripts/gpu_check.sh
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
+if [ -n "${JVA_SITE:-}" ]; then
+  export PYTHONPATH=$JVA_SITE:$PWD
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 log=${OUT:-/tmp}/pytest_gpu.log
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import jax, jax_triton, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())"
+python3 -c "import jax, jax_triton, triton; print('jax', jax.__version__, 'jax_triton', jax_triton.__version__, 'triton', triton.__version__, jax.devices())"
 files=("$@")
 [ ${#files[@]} -gt 0 ] || files=(tests/test_triton_backend.py tests/test_triton_launch.py tests/test_tuned.py
                                   tests/test_cache.py tests/test_reference.py tests/test_pallas_backend.py

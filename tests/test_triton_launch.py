@@ -1,9 +1,10 @@
-"""How Triton launches reach XLA: jax-triton's legacy custom call (default) or jaxlib's typed FFI.
+"""How Triton launches reach XLA, on both jax-triton generations (backends/triton/call.py).
 
-`Config(ffi_launch=True)` rewrites our launches to `triton_kernel_call_ffi` (backends/triton/call.py
-says why that is opt-in). On the CPU we check the rewrite itself on a stand-in primitive; on a GPU,
-that the compiled program calls the target asked for and that both paths give bitwise the same
-answer."""
+jax-triton 0.4: its public triton_call (typed FFI), in-place buffers as Refs, f32 scalars as Python
+floats. jax-triton 0.3: the legacy custom call, or (`Config(ffi_launch=True)`) the same payload moved
+to `triton_kernel_call_ffi` by our lowering. On the CPU we check the argument translation for 0.4
+and the 0.3 rewrite on a stand-in primitive; on a GPU, that the compiled program calls the target
+asked for and that the routes give bitwise the same answer."""
 
 import re
 import zlib
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from jax.interpreters import mlir
 
+from jax_varlen_attn.backends.triton import call
 from jax_varlen_attn.backends.triton.call import FFI_TARGET, ffi_available, retarget_to_ffi
 from tests.conftest import HAS_GPU
 
@@ -92,8 +94,67 @@ def test_gpu_program_calls_the_ffi_target_and_both_paths_agree():
     return fn.lower(*args).compile().as_text(), np.asarray(fn(*args))
 
   ffi_hlo, ffi_out = run(True)
-  legacy_hlo, legacy_out = run(False)
+  default_hlo, default_out = run(None)
   want = FFI_TARGET if ffi_available() else "triton_kernel_call"
   assert f'custom_call_target="{want}"' in ffi_hlo
+  np.testing.assert_array_equal(ffi_out, default_out)
+  if call.jax_triton_generation() >= (0, 4):
+    with pytest.raises(ValueError, match="typed FFI only"):
+      run(False)
+    return
+  legacy_hlo, legacy_out = run(False)
   assert 'custom_call_target="triton_kernel_call"' in legacy_hlo
   np.testing.assert_array_equal(ffi_out, legacy_out)
+
+
+@pytest.mark.parametrize("text, want", [("0.3.1", (0, 3)), ("0.4.1", (0, 4)), ("0.4.0.dev20260801", (0, 4)),
+                                        ("1.0", (1, 0))])
+def test_generation_from_version_text(text, want):
+  assert call._parse_version(text) == want
+
+
+def test_v04_arguments_put_aliased_buffers_in_refs():
+  """write_kv's launch on jax-triton 0.4: the cache inputs' parameters get 1-element placeholders,
+  the output parameters Refs of the caches (0.4 aliases a Ref in place), and out_type is empty."""
+  from jax_varlen_attn.backends.triton import write_kernel
+  from jax_varlen_attn.layout import resolve
+
+  cache = jnp.arange(4 * 16 * 2 * 32, dtype=jnp.float16).reshape(4, 16, 2, 32)
+  new = jnp.ones((3, 2, 32), jnp.float16)
+  slots = jnp.asarray([0, 5, 17], jnp.int32)
+  layout = resolve("NHD", cache.shape, cache.shape, stacked=False)
+  kernel, inputs, outputs, _, _, _, aliases = write_kernel.kernel_arguments(
+      layout, new, new, cache, cache + 1, slots, None)
+  args, kwargs, placed = call.v04_call_arguments(kernel, inputs, outputs, aliases)
+  names = list(inputs)
+  assert len(args) == len(inputs)
+  for name in ("k_cache_ptr", "v_cache_ptr"):
+    assert args[names.index(name)].shape == (1,)
+  assert kwargs["out_type"] == []
+  assert set(placed) == {0, 1}
+  assert kwargs["k_out_ptr"] is placed[0] and kwargs["v_out_ptr"] is placed[1]
+  np.testing.assert_array_equal(np.asarray(placed[0][...]), np.asarray(cache))
+  np.testing.assert_array_equal(np.asarray(placed[1][...]), np.asarray(cache + 1))
+  assert args[names.index("num_tokens")] == 3  # ints stay static Python ints
+
+
+def test_v04_arguments_pass_f32_scalars_as_floats():
+  from jax_varlen_attn.api import _validate
+  from jax_varlen_attn.backends.triton import Config
+  from jax_varlen_attn.backends.triton.kernel import varlen_attention_kernel
+  from jax_varlen_attn.backends.triton.launcher import kernel_arguments
+
+  q = jnp.ones((5, 4, 64), jnp.float16)
+  cache = jnp.ones((6, 16, 2, 64), jnp.float16)
+  spec, arrays = _validate(q, cache, cache, None, jnp.asarray([0, 5], jnp.int32), None, None,
+                           jnp.asarray([20], jnp.int32), 0.125, True, (-1, -1), 0.0, None,
+                           jnp.asarray([[1, 2]], jnp.int32), False, "NHD", None)
+  config = Config().resolved(spec)
+  inputs, outputs, _, _ = kernel_arguments(spec, arrays, config)
+  args, kwargs, placed = call.v04_call_arguments(varlen_attention_kernel, inputs, outputs, {})
+  scale = args[list(inputs).index("scale")]
+  assert type(scale) is float and scale == 0.125
+  assert placed == {} and kwargs["out_type"] == list(outputs)
+  # A subnormal f32 would be typed f64 by jax-triton 0.4 as a float: it stays np.float32.
+  tiny = np.float32(1e-40)
+  assert isinstance(call._f32_scalar(tiny), np.float32)

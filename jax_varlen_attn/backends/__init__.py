@@ -54,14 +54,25 @@ def _triton_status() -> Tuple[bool, str]:
     return False, "triton is not installed (pip install 'jax_varlen_attn[gpu]')"
   if _on_cuda_gpu():
     try:
-      importlib.import_module("jax_triton")
-    except Exception as e:  # jax_triton raises RuntimeError on CPU-only jaxlib
+      jax_triton = importlib.import_module("jax_triton")
+    except Exception as e:  # jax_triton 0.3 raises RuntimeError on CPU-only jaxlib
       return False, f"jax_triton cannot be imported ({e}); pip install 'jax_varlen_attn[gpu]'"
-    return True, "Triton kernels through jax_triton on a CUDA GPU"
+    import triton
+    jt, tr = getattr(jax_triton, "__version__", "?"), triton.__version__
+    if not jt.startswith("0.3") and _version(tr) < (3, 7):
+      # jax-triton 0.4 imports against triton 3.6 but every launch then fails inside it.
+      return False, (f"jax-triton {jt} needs triton >= 3.7, found {tr}: pip install 'triton>=3.7,<3.8' "
+                     "(or jax-triton 0.3.1 for triton 3.6)")
+    return True, f"Triton kernels through jax-triton {jt} (triton {tr}) on a CUDA GPU"
   if triton_interpreting():
     return True, "Triton's CPU interpreter (TRITON_INTERPRET=1) through a host callback; slow, for checking"
   return False, ("no CUDA GPU is visible to JAX; set TRITON_INTERPRET=1 before importing triton to run "
                  "the kernel source under Triton's interpreter on the CPU")
+
+
+def _version(text: str) -> Tuple[int, int]:
+  parts = [int(p) for p in text.split(".")[:2] if p.isdigit()]
+  return tuple(parts + [0] * (2 - len(parts)))
 
 
 _STATUS = {"xla": _xla_status, "pallas": _pallas_status, "triton": _triton_status}

@@ -1,32 +1,41 @@
-"""The one function that launches a Triton kernel from JAX: jax-triton on a GPU, the interpreter on CPU.
+"""The one module that launches a Triton kernel from JAX, and the only one that knows jax-triton.
 
-jax-triton 0.4 renames `out_shape` / `input_output_aliases`; keeping every launch behind `launch`
-makes that a one-place change.
+Three routes, chosen per process:
+- jax-triton 0.4.x (Python >= 3.12, jax >= 0.11, triton >= 3.7): its public `triton_call`, which
+  emits jaxlib's typed-FFI custom call `triton_kernel_call_ffi`. That handler is marked
+  command-buffer compatible, so XLA records it into its CUDA graphs with the kernels around it.
+- jax-triton 0.3.x (Python 3.11, or jax 0.10): `triton_call` emits the legacy custom call
+  `triton_kernel_call` (its handler looks the kernel up by hashing the compressed payload on every
+  launch). Where this jaxlib also registers the typed-FFI handler (jaxlib > 0.10.2) our lowering
+  moves the call there (`ffi=True`, `retarget_to_ffi`); 0.3's public API cannot ask for it.
+- no GPU, TRITON_INTERPRET=1: the kernel source under Triton's interpreter in a host callback.
 
-How a launch reaches XLA. jax-triton 0.3.1 emits the legacy custom call `triton_kernel_call`, whose
-opaque payload is the zlib-compressed kernel (PTX included, tens of KB); its handler looks that
-payload up in a hash map on every launch. jaxlib > 0.10.2 also registers the launcher as a typed
-XLA FFI handler, `triton_kernel_call_ffi` (Pallas' Triton lowering uses it), which XLA may record
-into CUDA graphs. `launch(..., ffi=True)` sends a kernel there (jax-triton builds the call as usual;
-`retarget_to_ffi` swaps the one custom-call op it emitted for the FFI one, same payload).
-
-Measured on an H200 (benchmarks/NOTES.md), the FFI route did not pay: jitted functions of 32-48
-small attention calls ran 0-9 us *slower* per call through it than through the legacy call, with
-XLA command buffers on or off (seed1 31 vs 39 us; kernel alone 16 us). Our reading of jaxlib's
-source: its FFI initialize hook runs per execution and looks the payload up again, and the call
-frame carries the payload as an attribute. So the legacy call is the default and FFI is opt-in
-(`Config(ffi_launch=True)`), kept tested for when jaxlib caches it per executable.
+The two jax-triton generations differ in what a launch looks like, and this module absorbs it:
+| | 0.3.x | 0.4.x |
+| --- | --- | --- |
+| outputs | `out_shape=` | `out_type=` |
+| in-place buffers | `input_output_aliases`; the kernel takes the aliased input *and* its output | a `jax.Ref` operand; the kernel takes it once |
+| f32 scalars | `np.float32` (a Python float is f64) | Python float (np.float32 is deprecated) |
+Our kernels keep 0.3's parameter list (an aliased buffer appears as an input and as an output, and
+the kernel writes it only through the output parameter); on 0.4 the input parameter gets a 1-element
+placeholder and the output parameter a Ref of the buffer, so the compiled call is still in place.
+benchmarks/bench_loop.py times the routes; benchmarks/NOTES.md has the story.
 """
+
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
+import math
 import os
+import re
 import threading
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_varlen_attn.backends import triton_interpreting
@@ -44,6 +53,9 @@ FFI_TARGET = "triton_kernel_call_ffi"
 _OURS = "jax_varlen_attn:" + LEGACY_TARGET
 _VIA_FFI = "jax_varlen_attn:" + FFI_TARGET
 
+# jax-triton 0.3 on a jaxlib with the FFI handler: route a launch there unless told otherwise.
+DEFAULT_FFI_ON_03 = False
+
 
 def ffi_available() -> bool:
   """Whether this jaxlib registers `triton_kernel_call_ffi` (the same test Pallas' lowering makes)."""
@@ -51,20 +63,37 @@ def ffi_available() -> bool:
   return tuple(jaxlib_version) > (0, 10, 2)
 
 
+@functools.lru_cache(maxsize=None)
+def jax_triton_generation() -> Optional[Tuple[int, int]]:
+  """(major, minor) of the installed jax-triton, from its metadata (no import), or None."""
+  try:
+    version = importlib.metadata.version("jax-triton")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  return _parse_version(version)
+
+
+def _parse_version(version: str) -> Tuple[int, int]:
+  parts = re.findall(r"\d+", version)[:2]
+  return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
+
+
 def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct], grid,
            num_warps: int, num_stages: int, constexprs: Dict[str, object],
-           input_output_aliases: Optional[Mapping[str, int]] = None, ffi: bool = False):
+           input_output_aliases: Optional[Mapping[str, int]] = None, ffi: Optional[bool] = None):
   """Runs `kernel` over `grid`; returns the outputs (a list, in the order of `outputs`).
 
   inputs: the kernel's input parameters by name, in the kernel's order (arrays and scalars: a
-  Python int is a runtime i32, np.float32 a runtime f32); outputs follow them; then constexprs.
+  Python int is a runtime i32 (i64 past 2**31), np.float32 a runtime f32); the outputs' parameters
+  follow them, then the constexprs.
   input_output_aliases: {input name: output index}: that output *is* the input's buffer (same
   shape and dtype), so a kernel that stores into some of it leaves the rest as the input had it;
   under `jax.jit(..., donate_argnums=...)` of the input nothing is copied (written in place). The
-  kernel still takes the aliased output as its own parameter, pointing at the same memory (the
-  jax-triton 0.3 convention; 0.4 drops that parameter: the one place to change is here).
-  ffi: launch through XLA's FFI handler where jaxlib has it; False (default) keeps jax-triton's
-  legacy custom call (the module docstring says why; the benchmark times both).
+  kernel must read and write such a buffer only through the output's parameter (on jax-triton 0.4
+  the input's parameter receives a placeholder: the module docstring says why).
+  ffi: jax-triton 0.3 only: True launches through jaxlib's typed-FFI handler (where jaxlib has it),
+  False through the legacy custom call, None picks `default_ffi()`. jax-triton 0.4 has only the
+  FFI route (False is an error there).
   """
   params = list(kernel.arg_names)
   expected = params[:len(inputs)]
@@ -85,16 +114,67 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
     raise ValueError(f"input_output_aliases: two inputs alias one output: {aliases}")
   if triton_interpreting():
     return _interpret(kernel, inputs, outputs, grid, constexprs, aliases)
-  import jax_triton  # imported here: it refuses to import on a CPU-only jaxlib
-
-  # jax-triton numbers aliased inputs among the *array* arguments only (scalars are not operands).
+  generation = jax_triton_generation()
+  if generation is None:
+    raise RuntimeError("the triton backend needs jax-triton on a GPU: pip install 'jax_varlen_attn[gpu]'")
+  import jax_triton  # imported here: 0.3 refuses to import on a CPU-only jaxlib
+  if generation >= (0, 4):
+    if ffi is False:
+      raise ValueError("jax-triton >= 0.4 launches through XLA's typed FFI only: ffi_launch=False "
+                       "(the legacy custom call) needs jax-triton 0.3")
+    args, kwargs, placed = v04_call_arguments(kernel, inputs, outputs, aliases)
+    results = iter(jax_triton.triton_call(
+        *args, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
+        name=kernel.fn.__name__, **kwargs, **constexprs))
+    # An aliased output is its Ref, read after the kernel wrote it; the others come back in order.
+    return [placed[i][...] if i in placed else next(results) for i in range(len(outputs))]
+  # jax-triton 0.3 numbers aliased inputs among the *array* arguments only (scalars are not operands).
   array_names = [n for n, x in inputs.items() if not _is_scalar(x)]
   by_index = {array_names.index(name): out_idx for name, out_idx in aliases.items()}
   extra = dict(input_output_aliases=by_index) if by_index else {}
   _install_lowering()
-  extra["custom_call_target_name"] = _VIA_FFI if ffi and ffi_available() else _OURS
+  use_ffi = default_ffi() if ffi is None else ffi
+  extra["custom_call_target_name"] = _VIA_FFI if use_ffi and ffi_available() else _OURS
   return jax_triton.triton_call(*inputs.values(), kernel=kernel, out_shape=list(outputs), grid=grid,
                                 num_warps=num_warps, num_stages=num_stages, **extra, **constexprs)
+
+
+def default_ffi() -> bool:
+  """jax-triton 0.3's route when the caller does not say: DEFAULT_FFI_ON_03 (measured, NOTES.md)."""
+  return DEFAULT_FFI_ON_03 and ffi_available()
+
+
+def v04_call_arguments(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct],
+                       aliases: Mapping[str, int]):
+  """(positional operands, keyword arguments, {output index: Ref}) of a jax-triton 0.4 `triton_call`.
+
+  Inputs go positionally, f32 scalars as Python floats; an aliased input's parameter gets a
+  1-element placeholder (the kernel never touches it) and its output's parameter, by name, a Ref of
+  the input; `out_type` lists the other outputs, whose parameters jax-triton fills in order.
+  """
+  out_params = list(kernel.arg_names)[len(inputs):len(inputs) + len(outputs)]
+  args, placed, kwargs = [], {}, {}
+  aliased = {name: out_idx for name, out_idx in aliases.items()}
+  for name, value in inputs.items():
+    if name in aliased:
+      args.append(jnp.zeros((1,), value.dtype))
+      ref = jax.new_ref(value)
+      placed[aliased[name]] = ref
+      kwargs[out_params[aliased[name]]] = ref
+    else:
+      args.append(_f32_scalar(value) if isinstance(value, np.float32) else value)
+  kwargs["out_type"] = [o for i, o in enumerate(outputs) if i not in placed]
+  return args, kwargs, placed
+
+
+def _f32_scalar(x: np.float32):
+  """An f32 kernel argument for jax-triton 0.4: a Python float where 0.4 types it f32 (zero, inf,
+  nan and normal f32 magnitudes); a subnormal stays np.float32 (0.4 would type its float f64)."""
+  value = float(x)
+  fi = np.finfo(np.float32)
+  if value == 0.0 or not math.isfinite(value) or fi.tiny <= abs(value) <= fi.max:
+    return value
+  return x
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,6 +184,10 @@ def _install_lowering() -> None:
   from jax.interpreters import mlir
   from jax_triton import triton_lib
 
+  # 0.3's public triton_call cannot name the FFI target nor drop line info: wrap its lowering rule.
+  if not hasattr(triton_lib, "get_cuda_backend"):
+    raise RuntimeError(f"jax-triton {jax_triton_generation()} lacks the 0.3 lowering this route wraps "
+                       "(triton_lib.get_cuda_backend); the 0.4 route should have been taken")
   legacy = functools.partial(triton_lib.triton_kernel_call_lowering, triton_lib.get_cuda_backend)
 
   def lowering(ctx, *args, custom_call_target_name, **params):

@@ -30,8 +30,9 @@ class Config:
     benchmarks/results/h200_2026-11-26_all.json). Kept for the benchmark's answer to that question.
   constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
     constants (benchmark only: shows what the specialization buys).
-  ffi_launch: launch through jaxlib's typed FFI handler instead of jax-triton's legacy custom
-    call. Off: measured no faster, sometimes slower (backends/triton/call.py says why).
+  ffi_launch: jax-triton 0.3 only: True launches through jaxlib's typed-FFI handler, False through
+    jax-triton's legacy custom call; None (default) takes the measured default of
+    `call.default_ffi()`. jax-triton 0.4 has only the FFI route.
   heavy_first: launch query programs from each sequence's last block to its first (the heaviest
     under a causal mask first); False keeps grid order (benchmark: what the order buys).
   """
@@ -43,7 +44,7 @@ class Config:
   num_stages: Optional[int] = None
   row_id_fast_path: bool = False
   constexpr_strides: bool = True
-  ffi_launch: bool = False
+  ffi_launch: Optional[bool] = None
   heavy_first: bool = True
 
   def __post_init__(self):
@@ -51,9 +52,11 @@ class Config:
     check_pow2("block_n", self.block_n, 16)
     check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
     check_launch_options(self.num_warps, self.num_stages)
-    for name in ("row_id_fast_path", "constexpr_strides", "ffi_launch", "heavy_first"):
+    for name in ("row_id_fast_path", "constexpr_strides", "heavy_first"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.ffi_launch is not None and not isinstance(self.ffi_launch, bool):
+      raise TypeError(f"Config.ffi_launch must be a bool or None, got {self.ffi_launch!r}")
 
   @classmethod
   def get_default(cls, spec: AttentionSpec) -> "Config":
