@@ -752,8 +752,8 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
       config = Config(row_id_fast_path=True)
     elif variant == "runtime-stride":
       config = Config(row_id_fast_path=False, constexpr_strides=False)
-    elif variant == "ffi-launch":  # the default kernel through jaxlib's typed-FFI handler
-      config = Config(ffi_launch=True)
+    elif variant == "ffi-launch":  # the default kernel through jax-triton's typed-FFI call
+      config = Config(launch="ffi")
     elif variant == "grid-order":  # query programs launched first to last (not heaviest first)
       config = Config(heavy_first=False)
     elif variant.startswith("cfg:"):  # a sweep point: cfg:num_splits=2;block_n=32
@@ -762,7 +762,7 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
       raise ValueError(f"unknown jva-triton variant {variant!r}")
     rec["config"] = {**parse_config_variant(variant), "row_id_fast_path": config.row_id_fast_path,
                      "constexpr_strides": config.constexpr_strides,
-                     "ffi_launch": config.ffi_launch, "heavy_first": config.heavy_first}
+                     "launch": config.launch, "heavy_first": config.heavy_first}
   if impl == "jva-triton" and variant == "default":
     rec["variant"] = "page-stride-constexpr"  # the default address on every layout
   case = cd.case

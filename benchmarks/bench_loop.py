@@ -12,9 +12,9 @@ device_time.py), its ratio (`loop_over_device`), the kernels per call, and for t
 host-side events of the run (`host`: XLA thunks, driver calls; where the time between kernels goes).
 FlagGems (CUDA-graph replay of the same K calls, bench_attention's unit) runs in the same process.
 
-The `launch_floor` section times a trivial kernel the same way through each route this process
-can take (jax-triton's launch, XLA's own fusion for scale, and, as an experiment, XLA's Triton
-custom call `__gpu$xla.gpu.triton` fed our TTIR), which separates launch cost from kernel time.
+The `launch_floor` section times a trivial kernel the same way through each launch route this
+process can take (XLA's Triton custom call, jax-triton's calls; an XLA fusion for scale), which
+separates launch cost from kernel time.
 
   python benchmarks/bench_loop.py                      # GPU; writes benchmarks/results/<gpu>_<date>_loop_<jt>.json
   python benchmarks/bench_loop.py --tiny --impls jva-xla   # CPU dry run of the plumbing
@@ -33,12 +33,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import argparse
 import datetime
 import json
-import re
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -73,9 +72,10 @@ def routes_for(impl: str) -> List[tuple]:
     return [("default", {})]
   from jax_varlen_attn.backends.triton import call
   gen = call.jax_triton_generation()
-  if gen is not None and gen < (0, 4) and call.ffi_available():
-    return [("legacy", dict(ffi_launch=False)), ("ffi", dict(ffi_launch=True))]
-  return [("ffi" if gen is not None and gen >= (0, 4) else "default", {})]
+  routes = ["xla"]
+  if gen is not None:
+    routes += ["ffi"] if gen >= (0, 4) else (["legacy", "ffi"] if call.ffi_available() else ["legacy"])
+  return [(r, dict(launch=r)) for r in routes]
 
 
 def one_call(env, cd, ld, backend: str, config):
@@ -191,13 +191,9 @@ def launch_floor(env, args) -> List[dict]:
   out = jax.ShapeDtypeStruct((n,), jnp.float32)
   routes = []
   for variant, kw in routes_for("jva-triton"):
-    ffi = kw.get("ffi_launch")
-    routes.append((f"jax-triton {variant}", lambda y, ffi=ffi: call.launch(
-        _plus_one, dict(x_ptr=y), [out], (1,), 1, 1, dict(N=n), ffi=ffi)[0]))
+    routes.append((f"route {variant}", lambda y, r=variant: call.launch(
+        _plus_one, dict(x_ptr=y), [out], (1,), 1, 1, dict(N=n), route=r)[0]))
   routes.append(("xla fusion", lambda y: y + 1.0))
-  native = xla_triton_call(_plus_one, dict(N=n), out, num_warps=1)
-  if native is not None:
-    routes.append(("__gpu$xla.gpu.triton (experiment)", native))
   recs = []
   for name, step in routes:
     rec = dict(impl="launch-floor", route=name, k_calls=k)
@@ -225,44 +221,6 @@ def launch_floor(env, args) -> List[dict]:
     log(f"  launch floor {name:36s} {rec.get('status')} us/call {rec.get('us')} device {rec.get('us_device')}")
     recs.append(rec)
   return recs
-
-
-def xla_triton_call(kernel, constexprs, out, num_warps: int) -> Optional[Callable]:
-  """y -> kernel(y) through XLA's own Triton custom call (an experiment: XLA compiles our TTIR with
-  its bundled Triton into an ordinary kernel thunk). One f32 array in, one out, grid (1,). None when
-  this Triton cannot produce the TTIR."""
-  import jax
-  import triton
-  from jax.interpreters import mlir
-  from jax._src.lib.mlir import ir
-  from jax.extend.core import Primitive
-  try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    names = list(kernel.arg_names)
-    sig = {names[0]: "*fp32", names[1]: "*fp32", **{c: "constexpr" for c in constexprs}}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs),
-                    attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    ttir = compiled.asm["ttir"]
-    name = re.search(r"tt\.func public @([\w$.]+)", ttir).group(1)
-  except Exception as e:
-    log(f"  launch floor: no TTIR for the XLA Triton call ({type(e).__name__}: {e})")
-    return None
-  prim = Primitive("jva_xla_triton_probe")
-  prim.def_abstract_eval(lambda x: jax.core.ShapedArray(out.shape, out.dtype))
-
-  def lowering(ctx, x):
-    config = dict(name=ir.StringAttr.get(name), ir=ir.StringAttr.get(ttir),
-                  num_stages=mlir.i32_attr(1), num_warps=mlir.i32_attr(num_warps),
-                  grid_x=mlir.i32_attr(1), grid_y=mlir.i32_attr(1), grid_z=mlir.i32_attr(1),
-                  debug=ir.BoolAttr.get(False))
-    return mlir.custom_call("__gpu$xla.gpu.triton", result_types=[mlir.aval_to_ir_type(ctx.avals_out[0])],
-                            operands=[x], backend_config=config, api_version=4,
-                            operand_layouts=[[0]], result_layouts=[[0]]).results
-
-  mlir.register_lowering(prim, lowering, platform="cuda")
-  return prim.bind
 
 
 # ---- report ----------------------------------------------------------------------------------------
@@ -306,6 +264,8 @@ def parse_args(argv=None):
   p.add_argument("--cases", default=",".join(DEFAULT_CASES))
   p.add_argument("--layouts", default="contiguous,strided")
   p.add_argument("--impls", default="jva-triton,flaggems", help="comma list of " + ",".join(IMPLS))
+  p.add_argument("--routes", default=None, help="jva-triton launch routes (default: every one this "
+                 "process has: xla, and ffi / legacy by jax-triton generation)")
   p.add_argument("--calls", type=int, default=32, help="calls unrolled in one jit")
   p.add_argument("--fori", type=int, default=64, help="calls in the fori_loop (0: skip)")
   p.add_argument("--reps", type=int, default=50)
@@ -319,6 +279,7 @@ def parse_args(argv=None):
   p.add_argument("--results-dir", default=str(HERE / "results"))
   p.add_argument("--no-ceilings", action="store_true")
   p.add_argument("--no-floor", action="store_true")
+  p.add_argument("--floor-only", action="store_true", help="only the launch floor")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny shapes")
   args = p.parse_args(argv)
   args.cases = args.cases.split(",")
@@ -388,7 +349,7 @@ def main(argv=None) -> int:
   if env.on_gpu and "jva-triton" in args.impls and not args.no_floor and "jva-triton" not in env.why_not:
     doc["launch_floor"] = launch_floor(env, args)
   ref_cache: dict = {}
-  for cname in args.cases:
+  for cname in ([] if args.floor_only else args.cases):
     case = cases[cname]
     cd = ba.CaseData(env, case, args, ref_cache)
     for lay in args.layouts:
@@ -401,6 +362,8 @@ def main(argv=None) -> int:
           units.append(("graph", lambda: dict(ba.flaggems_unit(env, cd, ld, args, ceilings), loop="graph")))
         else:
           for variant, kw in routes_for(impl):
+            if args.routes and impl == "jva-triton" and variant not in args.routes.split(","):
+              continue
             units.append((variant, lambda v=variant, kw=kw: unrolled_unit(
                 env, cd, ld, impl, v, kw, args, ceilings, jt)))
             if args.fori:

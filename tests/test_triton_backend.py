@@ -66,8 +66,8 @@ def test_config_flags_must_be_bools():
   from jax_varlen_attn.backends.triton import Config
   with pytest.raises(TypeError, match="heavy_first"):
     Config(heavy_first="yes")
-  with pytest.raises(TypeError, match="ffi_launch"):
-    Config(ffi_launch=1)
+  with pytest.raises(ValueError, match="launch"):
+    Config(launch="cuda-graph")
 
 
 def test_key_tile_follows_sequence_length_and_head_dim():

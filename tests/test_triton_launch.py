@@ -1,10 +1,12 @@
-"""How Triton launches reach XLA, on both jax-triton generations (backends/triton/call.py).
+"""How Triton launches reach XLA (backends/triton/call.py).
 
-jax-triton 0.4: its public triton_call (typed FFI), in-place buffers as Refs, f32 scalars as Python
-floats. jax-triton 0.3: the legacy custom call, or (`Config(ffi_launch=True)`) the same payload moved
-to `triton_kernel_call_ffi` by our lowering. On the CPU we check the argument translation for 0.4
-and the 0.3 rewrite on a stand-in primitive; on a GPU, that the compiled program calls the target
-asked for and that the routes give bitwise the same answer."""
+"xla" (default): XLA's own Triton custom call, fed the IR of our kernel with its scalars folded in.
+jax-triton 0.4 ("ffi"): its public triton_call, in-place buffers as Refs, f32 scalars as Python
+floats. jax-triton 0.3: the legacy custom call ("legacy") or the same payload moved to
+`triton_kernel_call_ffi` by our lowering ("ffi"). On the CPU we check the "xla" route's lowering
+(the IR is compiled for sm_90 by the installed triton), the argument translation for 0.4 and the 0.3
+rewrite on a stand-in primitive; on a GPU, that each route's program calls the target asked for and
+that all routes agree."""
 
 import re
 import zlib
@@ -18,6 +20,7 @@ from jax.interpreters import mlir
 from jax_varlen_attn.backends.triton import call
 from jax_varlen_attn.backends.triton.call import FFI_TARGET, ffi_available, retarget_to_ffi
 from tests.conftest import HAS_GPU
+from tests.sm90 import run_compile_check
 
 # A payload with every byte value: the rewrite must carry binary data through unchanged.
 PAYLOAD = zlib.compress(bytes(range(256)) * 8)
@@ -74,37 +77,54 @@ def test_retarget_keeps_the_payload_bytes():
   assert raw == PAYLOAD
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="launch paths exist on a CUDA GPU only")
-def test_gpu_program_calls_the_ffi_target_and_both_paths_agree():
-  from jax_varlen_attn import flash_attn_varlen_func
-  from jax_varlen_attn.backends.triton import Config
-
+def _gpu_problem():
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((40, 4, 64)), jnp.float16)
   cache = jnp.asarray(rng.standard_normal((12, 16, 2, 64)), jnp.float16)
   cu = jnp.asarray([0, 1, 40], jnp.int32)
   used = jnp.asarray([30, 60], jnp.int32)
   table = jnp.asarray([[3, 1, 0, 0], [5, 2, 7, 9]], jnp.int32)
+  return q, cache, cache, cu, used, table
 
-  def run(ffi):
-    fn = jax.jit(lambda q, k, v, cu, used, table: flash_attn_varlen_func(
-        q, k, v, max_seqlen_q=39, cu_seqlens_q=cu, max_seqlen_k=64, seqused_k=used,
-        block_table=table, causal=True, backend="triton", config=Config(ffi_launch=ffi)))
-    args = (q, cache, cache, cu, used, table)
-    return fn.lower(*args).compile().as_text(), np.asarray(fn(*args))
 
-  ffi_hlo, ffi_out = run(True)
-  default_hlo, default_out = run(None)
-  want = FFI_TARGET if ffi_available() else "triton_kernel_call"
-  assert f'custom_call_target="{want}"' in ffi_hlo
-  np.testing.assert_array_equal(ffi_out, default_out)
-  if call.jax_triton_generation() >= (0, 4):
+def _routed(route):
+  from jax_varlen_attn import flash_attn_varlen_func
+  from jax_varlen_attn.backends.triton import Config
+  return jax.jit(lambda q, k, v, cu, used, table: flash_attn_varlen_func(
+      q, k, v, max_seqlen_q=39, cu_seqlens_q=cu, max_seqlen_k=64, seqused_k=used,
+      block_table=table, causal=True, backend="triton", config=Config(launch=route)))
+
+
+ROUTE_TARGETS = {"xla": call.XLA_TRITON_TARGET, "ffi": FFI_TARGET, "legacy": "triton_kernel_call"}
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="launch paths exist on a CUDA GPU only")
+def test_gpu_every_route_calls_its_target_and_all_agree():
+  args = _gpu_problem()
+  routes = ["xla"]
+  gen = call.jax_triton_generation()
+  if gen is not None:
+    routes += ["ffi"] if gen >= (0, 4) else (["legacy", "ffi"] if ffi_available() else ["legacy"])
+  outs = {}
+  for route in routes:
+    fn = _routed(route)
+    text = fn.lower(*args).as_text()
+    assert f"@{ROUTE_TARGETS[route]}" in text or f'"{ROUTE_TARGETS[route]}"' in text, route
+    outs[route] = np.asarray(fn(*args), np.float32)
+  default = np.asarray(_routed(None)(*args), np.float32)
+  np.testing.assert_array_equal(default, outs["xla"])
+  for route, out in outs.items():  # two compilers of one kernel: fp16 rounding may differ
+    np.testing.assert_allclose(out, outs["xla"], atol=2e-3, rtol=2e-3, err_msg=route)
+  if gen is not None and gen >= (0, 4):
     with pytest.raises(ValueError, match="typed FFI only"):
-      run(False)
-    return
-  legacy_hlo, legacy_out = run(False)
-  assert 'custom_call_target="triton_kernel_call"' in legacy_hlo
-  np.testing.assert_array_equal(ffi_out, legacy_out)
+      _routed("legacy")(*args)
+
+
+def test_xla_route_lowers_to_xla_triton_call_with_folded_scalars(tmp_path):
+  """On any machine (tests/xla_route_check.py, exported for CUDA): attention and write_kv become
+  XLA Triton custom calls whose IR takes only buffers, write_kv's caches aliased in place."""
+  pytest.importorskip("triton")
+  run_compile_check("tests.xla_route_check", tmp_path)
 
 
 @pytest.mark.parametrize("text, want", [("0.3.1", (0, 3)), ("0.4.1", (0, 4)), ("0.4.0.dev20260801", (0, 4)),

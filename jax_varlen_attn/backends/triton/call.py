@@ -1,13 +1,21 @@
 """The one module that launches a Triton kernel from JAX, and the only one that knows jax-triton.
 
-Three routes, chosen per process:
-- jax-triton 0.4.x (Python >= 3.12, jax >= 0.11, triton >= 3.7): its public `triton_call`, which
+Routes (`launch(route=...)`, `Config(launch=...)`):
+- "xla" (the default on a GPU): the installed triton turns the kernel into Triton IR (every scalar
+  argument folded in as a constant), and XLA's own Triton custom call (`__gpu$xla.gpu.triton`, what
+  Pallas' Triton lowering emits) compiles it into an ordinary kernel of the executable. XLA then
+  launches it as it launches its fusions: no handler runs on the host per call, and its command
+  buffers (CUDA graphs) update it by pointer when buffers move. Measured on an H200: a chain of
+  small attention calls costs its kernels' time plus XLA's per-kernel cost, where jax-triton's
+  routes add 15-20 us of host work per call (benchmarks/NOTES.md, bench_loop.py). jax-triton is
+  not needed for it.
+- "ffi" with jax-triton 0.4.x (Python >= 3.12, jax >= 0.11, triton >= 3.7): its public `triton_call`, which
   emits jaxlib's typed-FFI custom call `triton_kernel_call_ffi`. That handler is marked
   command-buffer compatible, so XLA records it into its CUDA graphs with the kernels around it.
-- jax-triton 0.3.x (Python 3.11, or jax 0.10): `triton_call` emits the legacy custom call
+- "legacy" / "ffi" with jax-triton 0.3.x (Python 3.11, or jax 0.10): `triton_call` emits the legacy custom call
   `triton_kernel_call` (its handler looks the kernel up by hashing the compressed payload on every
   launch). Where this jaxlib also registers the typed-FFI handler (jaxlib > 0.10.2) our lowering
-  moves the call there (`ffi=True`, `retarget_to_ffi`); 0.3's public API cannot ask for it.
+  moves the call there ("ffi", `retarget_to_ffi`); 0.3's public API cannot ask for it.
 - no GPU, TRITON_INTERPRET=1: the kernel source under Triton's interpreter in a host callback.
 
 The two jax-triton generations differ in what a launch looks like, and this module absorbs it:
@@ -53,8 +61,6 @@ FFI_TARGET = "triton_kernel_call_ffi"
 _OURS = "jax_varlen_attn:" + LEGACY_TARGET
 _VIA_FFI = "jax_varlen_attn:" + FFI_TARGET
 
-# jax-triton 0.3 on a jaxlib with the FFI handler: route a launch there unless told otherwise.
-DEFAULT_FFI_ON_03 = False
 
 
 def ffi_available() -> bool:
@@ -78,27 +84,31 @@ def _parse_version(version: str) -> Tuple[int, int]:
   return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
 
 
+ROUTES = ("xla", "ffi", "legacy")
+
+
 def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct], grid,
            num_warps: int, num_stages: int, constexprs: Dict[str, object],
-           input_output_aliases: Optional[Mapping[str, int]] = None, ffi: Optional[bool] = None):
+           input_output_aliases: Optional[Mapping[str, int]] = None, route: Optional[str] = None):
   """Runs `kernel` over `grid`; returns the outputs (a list, in the order of `outputs`).
 
   inputs: the kernel's input parameters by name, in the kernel's order (arrays and scalars: a
-  Python int is a runtime i32 (i64 past 2**31), np.float32 a runtime f32); the outputs' parameters
-  follow them, then the constexprs.
+  Python int is an i32 (i64 past 2**31), np.float32 an f32; the "xla" route folds scalars in as
+  constants); the outputs' parameters follow them, then the constexprs.
   input_output_aliases: {input name: output index}: that output *is* the input's buffer (same
   shape and dtype), so a kernel that stores into some of it leaves the rest as the input had it;
   under `jax.jit(..., donate_argnums=...)` of the input nothing is copied (written in place). The
   kernel must read and write such a buffer only through the output's parameter (on jax-triton 0.4
   the input's parameter receives a placeholder: the module docstring says why).
-  ffi: jax-triton 0.3 only: True launches through jaxlib's typed-FFI handler (where jaxlib has it),
-  False through the legacy custom call, None picks `default_ffi()`. jax-triton 0.4 has only the
-  FFI route (False is an error there).
+  route: "xla", "ffi" (jax-triton's typed-FFI call), "legacy" (jax-triton 0.3's custom call) or
+  None for `default_route()`. Ignored under Triton's interpreter.
   """
   params = list(kernel.arg_names)
   expected = params[:len(inputs)]
   if list(inputs) != expected:
     raise TypeError(f"kernel {kernel.fn.__name__} takes inputs {expected}, got {list(inputs)}")
+  if route is not None and route not in ROUTES:
+    raise ValueError(f"route must be one of {ROUTES} or None, got {route!r}")
   aliases = dict(input_output_aliases or {})
   for name, out_idx in aliases.items():
     x = inputs.get(name)
@@ -114,14 +124,18 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
     raise ValueError(f"input_output_aliases: two inputs alias one output: {aliases}")
   if triton_interpreting():
     return _interpret(kernel, inputs, outputs, grid, constexprs, aliases)
+  route = default_route() if route is None else route
+  if route == "xla":
+    return _launch_xla(kernel, inputs, outputs, grid, num_warps, num_stages, constexprs, aliases)
   generation = jax_triton_generation()
   if generation is None:
-    raise RuntimeError("the triton backend needs jax-triton on a GPU: pip install 'jax_varlen_attn[gpu]'")
+    raise RuntimeError(f"route={route!r} needs jax-triton: pip install 'jax_varlen_attn[gpu]' (or take "
+                       "route 'xla', which does not)")
   import jax_triton  # imported here: 0.3 refuses to import on a CPU-only jaxlib
   if generation >= (0, 4):
-    if ffi is False:
-      raise ValueError("jax-triton >= 0.4 launches through XLA's typed FFI only: ffi_launch=False "
-                       "(the legacy custom call) needs jax-triton 0.3")
+    if route == "legacy":
+      raise ValueError("jax-triton >= 0.4 launches through XLA's typed FFI only: the legacy custom "
+                       "call needs jax-triton 0.3")
     args, kwargs, placed = v04_call_arguments(kernel, inputs, outputs, aliases)
     results = iter(jax_triton.triton_call(
         *args, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
@@ -133,15 +147,125 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
   by_index = {array_names.index(name): out_idx for name, out_idx in aliases.items()}
   extra = dict(input_output_aliases=by_index) if by_index else {}
   _install_lowering()
-  use_ffi = default_ffi() if ffi is None else ffi
-  extra["custom_call_target_name"] = _VIA_FFI if use_ffi and ffi_available() else _OURS
+  extra["custom_call_target_name"] = _VIA_FFI if route == "ffi" and ffi_available() else _OURS
   return jax_triton.triton_call(*inputs.values(), kernel=kernel, out_shape=list(outputs), grid=grid,
                                 num_warps=num_warps, num_stages=num_stages, **extra, **constexprs)
 
 
-def default_ffi() -> bool:
-  """jax-triton 0.3's route when the caller does not say: DEFAULT_FFI_ON_03 (measured, NOTES.md)."""
-  return DEFAULT_FFI_ON_03 and ffi_available()
+def default_route() -> str:
+  """"xla": measured cheapest per call (module docstring); the jax-triton routes stay selectable."""
+  return "xla"
+
+
+# ---- the "xla" route: XLA's own Triton custom call -----------------------------------------------
+
+XLA_TRITON_TARGET = "__gpu$xla.gpu.triton"
+_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32",
+                 "int64": "i64", "uint8": "u8", "int8": "i8"}
+
+
+def _launch_xla(kernel, inputs, outputs, grid, num_warps, num_stages, constexprs, aliases):
+  arrays = [n for n, x in inputs.items() if not _is_scalar(x)]
+  folded = {n: _plain(x) for n, x in inputs.items() if _is_scalar(x)}
+  out_names = list(kernel.arg_names)[len(inputs):len(inputs) + len(outputs)]
+  signature = tuple(
+      [(n, "*" + _TRITON_TYPES[np.dtype(inputs[n].dtype).name]) for n in arrays]
+      + [(n, "*" + _TRITON_TYPES[np.dtype(o.dtype).name]) for n, o in zip(out_names, outputs)])
+  ttir, name = triton_ir(kernel, signature, tuple(sorted({**folded, **constexprs}.items())),
+                         num_warps, num_stages, compute_capability())
+  grid = tuple(grid) + (1,) * (3 - len(grid))
+  results = _xla_triton_p.bind(
+      *(inputs[n] for n in arrays), ttir=ttir, name=name, grid=grid, num_warps=num_warps,
+      num_stages=num_stages, out_avals=tuple(jax.core.ShapedArray(o.shape, o.dtype) for o in outputs),
+      aliases=tuple(sorted((arrays.index(n), i) for n, i in aliases.items())))
+  return list(results)
+
+
+def _plain(x):
+  """A scalar argument as the constant it becomes (np.float32 -> float, bool stays bool)."""
+  return float(x) if isinstance(x, (float, np.floating)) else x
+
+
+@functools.lru_cache(maxsize=None)
+def compute_capability() -> int:
+  """sm number (90 for an H100 / H200) of the first GPU, 90 where JAX sees none (CPU lowering)."""
+  try:
+    cc = jax.devices("gpu")[0].compute_capability
+    major, minor = str(cc).split(".")[:2]
+    return int(major) * 10 + int(minor)
+  except Exception:
+    return 90
+
+
+@functools.lru_cache(maxsize=256)
+def triton_ir(kernel, signature: Tuple[Tuple[str, str], ...], constants: Tuple[Tuple[str, object], ...],
+              num_warps: int, num_stages: int, capability: int) -> Tuple[str, str]:
+  """(Triton IR text, kernel name) of `kernel` specialized to `signature` (buffer parameters, in
+  order) and `constants` (every other parameter's value), compiled by the installed triton for
+  sm_`capability` (which also checks it compiles); every buffer is 16-byte aligned (XLA's are)."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+
+  names = list(kernel.arg_names)
+  values = dict(constants)
+  types = dict(signature)
+  missing = [n for n in names if n not in types and n not in values]
+  if missing:
+    raise TypeError(f"kernel {kernel.fn.__name__}: no value or buffer for parameters {missing}")
+  sig = {n: types.get(n, "constexpr") for n in names}
+  attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in types}
+  source = ASTSource(fn=kernel, signature=sig, constexprs=values, attrs=attrs)
+  compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+  ttir = compiled.asm["ttir"]
+  match = re.search(r"tt\.func public @([\w$.]+)", ttir)
+  if match is None:
+    raise RuntimeError(f"no public function in the Triton IR of {kernel.fn.__name__}")
+  return ttir, match.group(1)
+
+
+def _xla_triton_abstract_eval(*avals, out_avals, **_):
+  return list(out_avals)
+
+
+def _xla_triton_lowering(ctx, *operands, ttir, name, grid, num_warps, num_stages, out_avals, aliases):
+  from jax._src.interpreters import mlir as mlir_internal  # custom_call is not public API
+  from jax._src.lib.mlir import ir
+  from jax.interpreters import mlir
+
+  config = dict(name=ir.StringAttr.get(name), ir=ir.StringAttr.get(ttir),
+                num_stages=mlir.i32_attr(num_stages), num_warps=mlir.i32_attr(num_warps),
+                grid_x=mlir.i32_attr(grid[0]), grid_y=mlir.i32_attr(grid[1]),
+                grid_z=mlir.i32_attr(grid[2]), debug=ir.BoolAttr.get(False))
+  row_major = lambda avals: [list(reversed(range(len(a.shape)))) for a in avals]
+  return mlir_internal.custom_call(
+      XLA_TRITON_TARGET, result_types=[mlir.aval_to_ir_type(ctx.module_context, a) for a in out_avals]
+      if _aval_type_takes_context() else [mlir.aval_to_ir_type(a) for a in out_avals],
+      operands=list(operands), backend_config=config, api_version=4,
+      operand_layouts=row_major(ctx.avals_in), result_layouts=row_major(out_avals),
+      operand_output_aliases=dict(aliases)).results
+
+
+@functools.lru_cache(maxsize=None)
+def _aval_type_takes_context() -> bool:
+  """jax >= 0.11's mlir.aval_to_ir_type takes the module context first."""
+  import inspect
+  from jax.interpreters import mlir
+  return len(inspect.signature(mlir.aval_to_ir_type).parameters) > 1
+
+
+def _make_xla_triton_primitive():
+  from jax.extend.core import Primitive
+  from jax.interpreters import mlir
+  prim = Primitive("jva_triton_kernel")
+  prim.multiple_results = True
+  prim.def_abstract_eval(_xla_triton_abstract_eval)
+  mlir.register_lowering(prim, _xla_triton_lowering, platform="cuda")
+  return prim
+
+
+_xla_triton_p = _make_xla_triton_primitive()
 
 
 def v04_call_arguments(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct],

@@ -7,6 +7,7 @@ from typing import Optional
 
 from jax_varlen_attn.backends.config_checks import check_int_range, check_launch_options, check_pow2
 from jax_varlen_attn.backends.triton import tuned
+from jax_varlen_attn.backends.triton.call import ROUTES
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
 # Streaming multiprocessors of an H100 SXM. Only used to size tiles so small batches still give
@@ -30,9 +31,9 @@ class Config:
     benchmarks/results/h200_2026-11-26_all.json). Kept for the benchmark's answer to that question.
   constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
     constants (benchmark only: shows what the specialization buys).
-  ffi_launch: jax-triton 0.3 only: True launches through jaxlib's typed-FFI handler, False through
-    jax-triton's legacy custom call; None (default) takes the measured default of
-    `call.default_ffi()`. jax-triton 0.4 has only the FFI route.
+  launch: how the kernel reaches XLA (backends/triton/call.py): "xla" (XLA's own Triton custom
+    call: the default, cheapest per call), "ffi" (jax-triton's typed-FFI call), "legacy"
+    (jax-triton 0.3's custom call); None for the default.
   heavy_first: launch query programs from each sequence's last block to its first (the heaviest
     under a causal mask first); False keeps grid order (benchmark: what the order buys).
   """
@@ -44,7 +45,7 @@ class Config:
   num_stages: Optional[int] = None
   row_id_fast_path: bool = False
   constexpr_strides: bool = True
-  ffi_launch: Optional[bool] = None
+  launch: Optional[str] = None
   heavy_first: bool = True
 
   def __post_init__(self):
@@ -55,8 +56,8 @@ class Config:
     for name in ("row_id_fast_path", "constexpr_strides", "heavy_first"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
-    if self.ffi_launch is not None and not isinstance(self.ffi_launch, bool):
-      raise TypeError(f"Config.ffi_launch must be a bool or None, got {self.ffi_launch!r}")
+    if self.launch is not None and self.launch not in ROUTES:
+      raise ValueError(f"Config.launch must be one of {ROUTES} or None, got {self.launch!r}")
 
   @classmethod
   def get_default(cls, spec: AttentionSpec) -> "Config":

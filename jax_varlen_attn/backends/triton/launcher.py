@@ -64,7 +64,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   config = config.resolved(spec)
   inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
   out, lse = launch(varlen_attention_kernel, inputs, outputs, grid, config.num_warps,
-                    config.num_stages, consts, ffi=config.ffi_launch)
+                    config.num_stages, consts, route=config.launch)
   if config.num_splits > 1:
     out, lse = combine_splits(out, lse)
     out = out.astype(arrays.q.dtype)
