@@ -1,8 +1,8 @@
 """How Triton launches reach XLA (backends/triton/call.py).
 
-"xla" (default): XLA's own Triton custom call, fed the IR of our kernel with its scalars folded in.
+"xla": XLA's own Triton custom call, fed the IR of our kernel with its scalars folded in.
 jax-triton 0.4 ("ffi"): its public triton_call, in-place buffers as Refs, f32 scalars as Python
-floats. jax-triton 0.3: the legacy custom call ("legacy") or the same payload moved to
+floats (its default). jax-triton 0.3: the legacy custom call ("legacy", its default) or the same payload moved to
 `triton_kernel_call_ffi` by our lowering ("ffi"). On the CPU we check the "xla" route's lowering
 (the IR is compiled for sm_90 by the installed triton), the argument translation for 0.4 and the 0.3
 rewrite on a stand-in primitive; on a GPU, that each route's program calls the target asked for and
@@ -112,7 +112,7 @@ def test_gpu_every_route_calls_its_target_and_all_agree():
     assert f"@{ROUTE_TARGETS[route]}" in text or f'"{ROUTE_TARGETS[route]}"' in text, route
     outs[route] = np.asarray(fn(*args), np.float32)
   default = np.asarray(_routed(None)(*args), np.float32)
-  np.testing.assert_array_equal(default, outs["xla"])
+  np.testing.assert_array_equal(default, outs[call.default_route()])
   for route, out in outs.items():  # two compilers of one kernel: fp16 rounding may differ
     np.testing.assert_allclose(out, outs["xla"], atol=2e-3, rtol=2e-3, err_msg=route)
   if gen is not None and gen >= (0, 4):

@@ -1,14 +1,13 @@
 """The one module that launches a Triton kernel from JAX, and the only one that knows jax-triton.
 
 Routes (`launch(route=...)`, `Config(launch=...)`):
-- "xla" (the default on a GPU): the installed triton turns the kernel into Triton IR (every scalar
-  argument folded in as a constant), and XLA's own Triton custom call (`__gpu$xla.gpu.triton`, what
-  Pallas' Triton lowering emits) compiles it into an ordinary kernel of the executable. XLA then
-  launches it as it launches its fusions: no handler runs on the host per call, and its command
-  buffers (CUDA graphs) update it by pointer when buffers move. Measured on an H200: a chain of
-  small attention calls costs its kernels' time plus XLA's per-kernel cost, where jax-triton's
-  routes add 15-20 us of host work per call (benchmarks/NOTES.md, bench_loop.py). jax-triton is
-  not needed for it.
+- "xla" (opt-in): the installed triton turns the kernel into Triton IR (every scalar argument
+  folded in as a constant), and XLA's own Triton custom call (`__gpu$xla.gpu.triton`, what Pallas'
+  Triton lowering emits) compiles it, with XLA's bundled Triton, into an ordinary kernel of the
+  executable: no handler runs on the host per call and command buffers update it by pointer. On an
+  H200 that halves the loop time of the smallest calls (seed2: 31.9 -> 14.5 us a call), but XLA's
+  Triton builds a slower prefill kernel (seed1: 19.2 vs 14.5 us of device time), so it is not the
+  default (benchmarks/NOTES.md, bench_loop.py). jax-triton is not needed for it.
 - "ffi" with jax-triton 0.4.x (Python >= 3.12, jax >= 0.11, triton >= 3.7): its public `triton_call`, which
   emits jaxlib's typed-FFI custom call `triton_kernel_call_ffi`. That handler is marked
   command-buffer compatible, so XLA records it into its CUDA graphs with the kernels around it.
@@ -100,8 +99,8 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
   under `jax.jit(..., donate_argnums=...)` of the input nothing is copied (written in place). The
   kernel must read and write such a buffer only through the output's parameter (on jax-triton 0.4
   the input's parameter receives a placeholder: the module docstring says why).
-  route: "xla", "ffi" (jax-triton's typed-FFI call), "legacy" (jax-triton 0.3's custom call) or
-  None for `default_route()`. Ignored under Triton's interpreter.
+  route: "xla" (XLA's Triton custom call), "ffi" (jax-triton's typed-FFI call), "legacy"
+  (jax-triton 0.3's custom call) or None for `default_route()`. Ignored under Triton's interpreter.
   """
   params = list(kernel.arg_names)
   expected = params[:len(inputs)]
@@ -153,8 +152,12 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
 
 
 def default_route() -> str:
-  """"xla": measured cheapest per call (module docstring); the jax-triton routes stay selectable."""
-  return "xla"
+  """jax-triton's route where it is installed ("ffi" on 0.4, "legacy" on 0.3: the kernels its
+  pinned triton compiles, measured fastest on the device), else "xla" (module docstring)."""
+  generation = jax_triton_generation()
+  if generation is None:
+    return "xla"
+  return "ffi" if generation >= (0, 4) else "legacy"
 
 
 # ---- the "xla" route: XLA's own Triton custom call -----------------------------------------------
@@ -216,13 +219,30 @@ def triton_ir(kernel, signature: Tuple[Tuple[str, str], ...], constants: Tuple[T
   sig = {n: types.get(n, "constexpr") for n in names}
   attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in types}
   source = ASTSource(fn=kernel, signature=sig, constexprs=values, attrs=attrs)
-  compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+  with _triton_cache_dir():
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
   ttir = compiled.asm["ttir"]
   match = re.search(r"tt\.func public @([\w$.]+)", ttir)
   if match is None:
     raise RuntimeError(f"no public function in the Triton IR of {kernel.fn.__name__}")
   return ttir, match.group(1)
+
+
+@contextlib.contextmanager
+def _triton_cache_dir():
+  """A usable Triton file cache for this compile: jax-triton 0.3 empties TRITON_CACHE_DIR at import
+  and Triton then fails ("Could not create or locate cache dir")."""
+  import tempfile
+  import triton
+  cache = getattr(getattr(triton, "knobs", None), "cache", None)
+  if cache is None or cache.dir:
+    yield
+    return
+  with cache.scope():
+    cache.dir = os.path.join(tempfile.gettempdir(), "jax_varlen_attn_triton_cache")
+    os.makedirs(cache.dir, exist_ok=True)
+    yield
 
 
 def _xla_triton_abstract_eval(*avals, out_avals, **_):

@@ -31,9 +31,10 @@ class Config:
     benchmarks/results/h200_2026-11-26_all.json). Kept for the benchmark's answer to that question.
   constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
     constants (benchmark only: shows what the specialization buys).
-  launch: how the kernel reaches XLA (backends/triton/call.py): "xla" (XLA's own Triton custom
-    call: the default, cheapest per call), "ffi" (jax-triton's typed-FFI call), "legacy"
-    (jax-triton 0.3's custom call); None for the default.
+  launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
+    call; the default on jax-triton 0.4), "legacy" (jax-triton 0.3's custom call; its default),
+    "xla" (XLA's own Triton custom call: least host cost per call, a slower prefill kernel); None
+    for the default.
   heavy_first: launch query programs from each sequence's last block to its first (the heaviest
     under a causal mask first); False keeps grid order (benchmark: what the order buys).
   """
