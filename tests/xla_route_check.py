@@ -62,8 +62,14 @@ def write_case():
   new = jnp.ones((3, 2, 32), jnp.float16)
   slots = jnp.asarray([0, 5, 17], jnp.int32)
   layout = resolve("NHD", cache.shape, cache.shape, stacked=False)
-  return (lambda new, slots, k, v: write_kernel.write_kv(layout, new, new, k, v, slots, None)), (
-      new, slots, cache, cache + 1)
+
+  def f(new, slots, k, v):
+    kernel, inputs, outputs, grid, warps, consts, aliases = write_kernel.kernel_arguments(
+        layout, new, new, k, v, slots, None)
+    return call.launch(kernel, inputs, outputs, grid, warps, 1, consts, input_output_aliases=aliases,
+                       route="xla")
+
+  return f, (new, slots, cache, cache + 1)
 
 
 def main() -> int:
