@@ -282,6 +282,21 @@ def time_jax(jax, fn, args, reps: int, max_s: float, warmup: int = 2) -> Tuple[f
   return med, spread, len(times)
 
 
+def time_chained(jax, fn, *fargs, inner: int = 10, outer: int = 5) -> float:
+  """Seconds per call of `inner` back-to-back (asynchronously dispatched) calls with one wait at
+  the end, median of `outer`: each call's host work overlaps the previous one's GPU work."""
+  jax.block_until_ready(fn(*fargs))
+  jax.block_until_ready(fn(*fargs))
+  per = []
+  for _ in range(outer):
+    t0 = time.perf_counter()
+    outs = [fn(*fargs) for _ in range(inner)]
+    jax.block_until_ready(outs)
+    per.append((time.perf_counter() - t0) / inner)
+    del outs
+  return statistics.median(per)
+
+
 def time_torch_events(torch, fn, reps: int, max_s: float, warmup: int = 2) -> Tuple[float, float, int]:
   """Median seconds between CUDA events around fn() (synchronized after each)."""
   for _ in range(warmup):
@@ -361,18 +376,7 @@ def measure_ceilings(env: Env, reps: int) -> Tuple[dict, dict]:
     except Exception as e:
       log(f"ceiling (torch) failed: {type(e).__name__}: {e}")
 
-  def chained(fn, *fargs, inner=10, outer=5):
-    """Seconds per call of inner back-to-back (asynchronously dispatched) calls, median of outer."""
-    jax.block_until_ready(fn(*fargs))
-    jax.block_until_ready(fn(*fargs))
-    per = []
-    for _ in range(outer):
-      t0 = time.perf_counter()
-      outs = [fn(*fargs) for _ in range(inner)]
-      jax.block_until_ready(outs)
-      per.append((time.perf_counter() - t0) / inner)
-      del outs
-    return statistics.median(per)
+  chained = functools.partial(time_chained, jax)
 
   try:
     xj = jax.random.normal(jax.random.key(1), (n,), jnp.float32)
@@ -740,9 +744,23 @@ def parse_config_variant(variant: str) -> dict:
   return kwargs
 
 
-def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, args, ceilings) -> dict:
+def case_call(cd: CaseData, ld: LayoutData, backend: str, config) -> Callable:
+  """one(q, kv, meta) -> out: flash_attn_varlen_func as the case calls it (kv: (k, v) or (kv,))."""
   from jax_varlen_attn import flash_attn_varlen_func
+  case = cd.case
 
+  def one(q, kv, meta):
+    k, v = (kv[0], None) if len(kv) == 1 else kv
+    return flash_attn_varlen_func(
+        q, k, v, max_seqlen_q=case.max_seqlen_q, cu_seqlens_q=meta["cu_seqlens_q"],
+        max_seqlen_k=case.max_seqlen_k, seqused_k=meta["seqused_k"], softmax_scale=cd.scale,
+        causal=case.causal, block_table=meta["block_table"], kv_layout=ld.kv_layout,
+        layer=meta.get("layer"), backend=backend, config=config)
+
+  return one
+
+
+def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, args, ceilings) -> dict:
   rec = base_record(cd, ld.name, impl, variant)
   backend = impl.split("-", 1)[1]
   config = None
@@ -765,20 +783,12 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
                      "launch": config.launch, "heavy_first": config.heavy_first}
   if impl == "jva-triton" and variant == "default":
     rec["variant"] = "page-stride-constexpr"  # the default address on every layout
-  case = cd.case
   layer = env.jnp.asarray(1, env.jnp.int32) if ld.stacked else None
   extra = [dict(layer=layer) for _ in range(cd.sets)] if ld.stacked else None
   if ld.meta_sets is not None:
     extra = [dict(extra[s] if extra else {}, **ld.meta_sets[s]) for s in range(cd.sets)]
 
-  def one(q, kv, meta):
-    k, v = (kv[0], None) if len(kv) == 1 else kv
-    return flash_attn_varlen_func(
-        q, k, v, max_seqlen_q=case.max_seqlen_q, cu_seqlens_q=meta["cu_seqlens_q"],
-        max_seqlen_k=case.max_seqlen_k, seqused_k=meta["seqused_k"], softmax_scale=cd.scale,
-        causal=case.causal, block_table=meta["block_table"], kv_layout=ld.kv_layout,
-        layer=meta.get("layer"), backend=backend, config=config)
-
+  one = case_call(cd, ld, backend, config)
   # ms_wall: the public function called eagerly (argument checks and dispatch included)
   run_jax_unit(env, cd, rec, one, ld.kv_sets, extra, cd.calls_for(impl), args, ceilings, wall_fn=one)
   if ld.note:

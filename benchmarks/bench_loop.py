@@ -7,6 +7,8 @@ ways a user's inference loop calls it:
             block_until_ready, median over repeats, / K.
   fori      a `lax.fori_loop` of N calls (default 64), each call's output the next call's q (so XLA
             cannot hoist the call out of the loop, and no op is added between calls); / N.
+`ms_pipelined`: the same function dispatched 8 times back to back with one wait (a loop that does not
+read results every step: host work overlaps the previous execution's GPU work), / 8 / K.
 Each record also carries the device busy time per call from a profiler trace (`ms_device`,
 device_time.py), its ratio (`loop_over_device`), the kernels per call, and for the unrolled loop the
 host-side events of the run (`host`: XLA thunks, driver calls; where the time between kernels goes).
@@ -22,17 +24,10 @@ separates launch cost from kernel time.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
-os.environ.setdefault("FLAGGEMS_CACHE_DIR", "/tmp/flaggems_cache")
-os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton_cache")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 import traceback
@@ -47,7 +42,8 @@ for p in (str(REPO), str(HERE)):
 
 import numpy as np  # noqa: E402
 
-import bench_attention as ba  # noqa: E402  (inputs, reference, FlagGems unit, ceilings)
+import bench_attention as ba  # noqa: E402  (sets the GPU env defaults before jax is imported; inputs,
+#                                             reference, FlagGems unit, ceilings)
 import device_time  # noqa: E402
 import shapes  # noqa: E402
 
@@ -78,22 +74,6 @@ def routes_for(impl: str) -> List[tuple]:
   return [(r, dict(launch=r)) for r in routes]
 
 
-def one_call(env, cd, ld, backend: str, config):
-  """one(q, kv, meta) -> out: flash_attn_varlen_func as the case calls it."""
-  from jax_varlen_attn import flash_attn_varlen_func
-  case = cd.case
-
-  def one(q, kv, meta):
-    k, v = (kv[0], None) if len(kv) == 1 else kv
-    return flash_attn_varlen_func(
-        q, k, v, max_seqlen_q=case.max_seqlen_q, cu_seqlens_q=meta["cu_seqlens_q"],
-        max_seqlen_k=case.max_seqlen_k, seqused_k=meta["seqused_k"], softmax_scale=cd.scale,
-        causal=case.causal, block_table=meta["block_table"], kv_layout=ld.kv_layout,
-        backend=backend, config=config)
-
-  return one
-
-
 def _metas(cd, ld, sets: int):
   return [dict(m, **(ld.meta_sets[s] if ld.meta_sets else {})) for s, m in enumerate(cd.metas[:sets])]
 
@@ -103,6 +83,8 @@ def _timed(env, args, rec, cd, fn, fargs, calls, ceilings, host: bool):
   ba.finish_timing(rec, cd, sec * 1e3 / calls, ceilings)
   rec["spread"], rec["reps"] = round(spread, 3), n
   rec["status"] = "ok"
+  # 8 executions dispatched before one wait: a loop that does not read every step's results
+  rec["ms_pipelined"] = round(ba.time_chained(env.jax, fn, *fargs, inner=8) * 1e3 / calls, 5)
   if env.on_gpu:
     dev = device_time.profile(env.jax, fn, fargs, calls)
     if dev is not None:
@@ -121,7 +103,7 @@ def unrolled_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt)
   if impl == "jva-triton" and config_kwargs:
     from jax_varlen_attn.backends.triton import Config
     config = Config(**config_kwargs)
-  one = one_call(env, cd, ld, impl.split("-", 1)[1], config)
+  one = ba.case_call(cd, ld, impl.split("-", 1)[1], config)
   calls = min(cd.calls, args.calls)
   sets = min(cd.sets, calls)
   metas = _metas(cd, ld, sets)
@@ -151,7 +133,7 @@ def fori_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) -> 
   if impl == "jva-triton" and config_kwargs:
     from jax_varlen_attn.backends.triton import Config
     config = Config(**config_kwargs)
-  one = one_call(env, cd, ld, impl.split("-", 1)[1], config)
+  one = ba.case_call(cd, ld, impl.split("-", 1)[1], config)
   n = args.fori
   meta = _metas(cd, ld, 1)[0]
 

@@ -36,6 +36,33 @@ def test_bench_attention_tiny_writes_checked_records(tmp_path):
   assert (tmp_path / "tiny_test.png").is_file()
 
 
+def test_bench_loop_tiny_writes_unrolled_and_fori_records(tmp_path):
+  out = _run("bench_loop.py", "--tiny", "--impls", "jva-xla", "--out", "loop_test", "--results-dir",
+             str(tmp_path), out_dir=tmp_path / "copies")
+  doc = json.loads((tmp_path / "loop_test.json").read_text())
+  assert doc["commit"] == "test"
+  loops = sorted((r["layout"], r["loop"]) for r in doc["records"])
+  assert loops == [("contiguous", "fori"), ("contiguous", "unrolled"), ("strided", "fori"),
+                   ("strided", "unrolled")]
+  for r in doc["records"]:
+    assert r["status"] == "ok" and r["rel_err"] < r["tolerance"], r
+    assert r["ms"] > 0 and r["ms_pipelined"] > 0 and r["k_calls"] >= 2
+  assert "loop/dev" in out
+
+
+def test_host_breakdown_groups_host_events_by_name():
+  import device_time
+  trace = _trace_with_two_streams()
+  trace["traceEvents"] += [
+      {"ph": "X", "pid": 1, "tid": 7, "ts": 1.0, "dur": 6.0, "name": "triton_kernel_call.96#hlo_op=x#"},
+      {"ph": "X", "pid": 1, "tid": 7, "ts": 9.0, "dur": 4.0, "name": "triton_kernel_call.96#hlo_op=y#"}]
+  rows = {r["name"]: r for r in device_time.host_breakdown(trace, calls=2)}
+  assert rows["host"]["us_per_call"] == pytest.approx(250.0)
+  assert rows["triton_kernel_call.96"] == dict(name="triton_kernel_call.96", us_per_call=5.0,
+                                               count_per_call=1.0)
+  assert not any(r["name"] in ("attn", "memcpy") for r in rows.values())  # GPU rows are not host
+
+
 def test_bench_serving_tiny_compares_two_backends(tmp_path):
   out = _run("bench_serving.py", "--tiny", "--out", "serving_test", out_dir=tmp_path)
   doc = json.loads((tmp_path / "serving_test.json").read_text())

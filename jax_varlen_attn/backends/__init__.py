@@ -58,8 +58,9 @@ def _triton_status() -> Tuple[bool, str]:
     except Exception as e:  # jax_triton 0.3 raises RuntimeError on CPU-only jaxlib
       return False, f"jax_triton cannot be imported ({e}); pip install 'jax_varlen_attn[gpu]'"
     import triton
+    from jax_varlen_attn.backends.triton.call import jax_triton_generation
     jt, tr = getattr(jax_triton, "__version__", "?"), triton.__version__
-    if not jt.startswith("0.3") and _version(tr) < (3, 7):
+    if (jax_triton_generation() or (0, 0)) >= (0, 4) and _version(tr) < (3, 7):
       # jax-triton 0.4 imports against triton 3.6 but every launch then fails inside it.
       return False, (f"jax-triton {jt} needs triton >= 3.7, found {tr}: pip install 'triton>=3.7,<3.8' "
                      "(or jax-triton 0.3.1 for triton 3.6)")
