@@ -10,7 +10,8 @@ Routes (`launch(route=...)`, `Config(launch=...)`):
   default (benchmarks/NOTES.md, bench_loop.py). jax-triton is not needed for it.
 - "ffi" with jax-triton 0.4.x (Python >= 3.12, jax >= 0.11, triton >= 3.7): its public `triton_call`, which
   emits jaxlib's typed-FFI custom call `triton_kernel_call_ffi`. That handler is marked
-  command-buffer compatible, so XLA records it into its CUDA graphs with the kernels around it.
+  command-buffer compatible, so XLA records it into its CUDA graphs, but re-records it on the host
+  at every execution (~18-20 us a call for our kernel on an H200).
 - "legacy" / "ffi" with jax-triton 0.3.x (Python 3.11, or jax 0.10): `triton_call` emits the legacy custom call
   `triton_kernel_call` (its handler looks the kernel up by hashing the compressed payload on every
   launch). Where this jaxlib also registers the typed-FFI handler (jaxlib > 0.10.2) our lowering
@@ -28,7 +29,6 @@ the kernel writes it only through the output parameter); on 0.4 the input parame
 placeholder and the output parameter a Ref of the buffer, so the compiled call is still in place.
 benchmarks/bench_loop.py times the routes; benchmarks/NOTES.md has the story.
 """
-
 
 from __future__ import annotations
 
@@ -59,7 +59,6 @@ LEGACY_TARGET = "triton_kernel_call"
 FFI_TARGET = "triton_kernel_call_ffi"
 _OURS = "jax_varlen_attn:" + LEGACY_TARGET
 _VIA_FFI = "jax_varlen_attn:" + FFI_TARGET
-
 
 
 def ffi_available() -> bool:
