@@ -58,7 +58,7 @@ def flash_attn_varlen_func(
     seqused_k: i32[B], keys of each sequence (required for a paged cache unless cu_seqlens_k is given).
     softmax_scale: positive finite float; default 1 / sqrt(D).
     causal: bottom-right aligned: query i of a sequence sees key j iff j <= i + seqlen_k - seqlen_q.
-    window_size: (left, right), -1 unbounded: key j allowed iff
+    window_size: (left, right), -1 (or window_size=None) unbounded: key j allowed iff
       i + sk - sq - left <= j <= i + sk - sq + right (right is 0 under causal).
     softcap: > 0 turns scores into softcap * tanh(score / softcap) (before ALiBi and masking).
     alibi_slopes: f32[H] or f32[B, H]; adds -slope * |i + sk - sq - j| to the score.
@@ -74,6 +74,12 @@ def flash_attn_varlen_func(
   Returns:
     out [T, H, D] in q's dtype, or (out, lse) when `return_softmax_lse`. A row that sees no key
     (zero-length sequence, empty window, padding) outputs zeros.
+
+  Positional order: vLLM's (q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, ...).
+  FlashAttention 2's `flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+  max_seqlen_k, ...)` differs: pass the lengths by keyword. There is no `out=` argument: JAX arrays
+  are immutable; the result is returned (jit with donation reuses buffers). Forward only: any
+  derivative raises a TypeError.
 
   Multi-device (heads split over a mesh axis, no communication): inside `jax.shard_map` pass each
   device's arrays; under `jax.jit` on an Explicit mesh (`jax.make_mesh`'s default), or outside jit,
@@ -130,10 +136,27 @@ def _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, 
     # Inputs split on an Explicit mesh that we do not take up (a KVCacheLayout: its head axis is
     # unknown) are gathered first: jax's sharding-in-types would reject the unsplit computation.
     arrays = sharding.replicate_explicit(arrays)
-    out, lse = _run(impl.name, spec, config, arrays)
+    out, lse = _forward_only(_run, (impl.name, spec, config), arrays)
   else:
-    out, lse = _run_split(impl.name, spec, config, split, arrays)
+    out, lse = _forward_only(_run_split, (impl.name, spec, config, split), arrays)
   return (out, lse) if return_softmax_lse else out
+
+
+FORWARD_ONLY = ("flash_attn_varlen_func is forward-only: it defines no derivative (jax.grad, jax.vjp, "
+                "jax.jvp). For inference inside a differentiated function, pass its inputs through "
+                "jax.lax.stop_gradient.")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _forward_only(run, static, arrays):
+  """run(*static, arrays), with a derivative rule that raises FORWARD_ONLY (instead of an error
+  from deep inside a backend: a while_loop's reverse mode, a Pallas assertion)."""
+  return run(*static, arrays)
+
+
+@_forward_only.defjvp
+def _no_derivative(run, static, primals, tangents):
+  raise TypeError(FORWARD_ONLY)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -156,7 +179,8 @@ def _is_array(x) -> bool:
 
 def _array(name: str, x, *, rank: Optional[int] = None, dtypes=None, dtype_desc: str = ""):
   if not _is_array(x):
-    raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    hint = _ORDER_HINT if name.startswith("cu_seqlens") and isinstance(x, numbers.Integral) else ""
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}{hint}")
   if rank is not None and x.ndim != rank:
     raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
   if dtypes is not None and jnp.dtype(x.dtype) not in dtypes:
@@ -170,9 +194,16 @@ def _int32(name: str, x, rank: int, shape_desc: str):
   return _array(name, x, rank=rank, dtypes=(jnp.dtype(jnp.int32),), dtype_desc=f"int32 {shape_desc}")
 
 
+_ORDER_HINT = ("; the positional order is vLLM's (q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, "
+               "cu_seqlens_k, ...): FlashAttention 2's puts cu_seqlens_q, cu_seqlens_k first, so pass "
+               "those by keyword")
+
+
 def _static_int(name: str, x) -> Optional[int]:
   if x is None:
     return None
+  if _is_array(x) and not isinstance(x, jax.core.Tracer) and getattr(x, "ndim", 0) == 1:
+    raise TypeError(f"{name} must be a Python int or None, got {type(x).__name__}{_ORDER_HINT}")
   if isinstance(x, jax.core.Tracer):
     raise TypeError(f"{name} must be a static Python int (an upper bound used to size grids), got a "
                     "traced value; pass it as a Python int, or leave it None")
@@ -186,6 +217,8 @@ def _static_int(name: str, x) -> Optional[int]:
 def _static_float(name: str, x, *, positive: bool) -> float:
   if isinstance(x, jax.core.Tracer):
     raise TypeError(f"{name} must be a static Python float, got a traced value")
+  if isinstance(x, (jax.Array, np.ndarray)) and x.shape == () and jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.item()  # a concrete scalar (np.float32(0.1) as an array, jnp.float32(0.1)) is its value
   if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Real, np.floating, np.integer)):
     raise TypeError(f"{name} must be a float, got {type(x).__name__}")
   x = float(x)
@@ -203,6 +236,8 @@ def _static_bool(name: str, x) -> bool:
 
 
 def _window(window_size) -> Tuple[int, int]:
+  if window_size is None:  # vLLM's spelling of unbounded
+    return -1, -1
   if isinstance(window_size, (tuple, list)) and any(isinstance(w, jax.core.Tracer) for w in window_size):
     raise TypeError("window_size must be static Python ints (left, right), got a traced value")
   if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2

@@ -51,6 +51,15 @@ def call(problem=None, **changes):
   return thunk
 
 
+def grad_of_q(problem=None):
+  """A thunk: jax.grad of a valid problem's output sum with respect to q."""
+  def thunk():
+    kw = _kwargs(problem or Problem(), {})
+    q = kw.pop("q")
+    return jax.grad(lambda q: flash_attn_varlen_func(q=q, **kw).astype(jnp.float32).sum())(q)
+  return thunk
+
+
 def traced(name, value, problem=None, wrap=lambda x: x, **changes):
   """A thunk: `name` = wrap(a traced `value`) inside jax.jit, the rest a valid problem with `changes`."""
   def thunk():
@@ -251,6 +260,12 @@ CASES = [
          call(max_seqlen_q=jnp.int32(5))),
     case("max_seqlen_k-neg", ValueError, r"^max_seqlen_k must be >= 0, got -1",
          call(max_seqlen_k=-1)),
+    case("max_seqlen_q-cu-array", TypeError,
+         r"^max_seqlen_q must be a Python int or None, got ArrayImpl; the positional order is vLLM's",
+         call(max_seqlen_q=lambda kw: kw["cu_seqlens_q"])),
+    # ---- derivatives ----------------------------------------------------------------------------
+    case("grad", TypeError, r"^flash_attn_varlen_func is forward-only",
+         grad_of_q()),
     # ---- softmax_scale / softcap ----------------------------------------------------------------
     case("scale-zero", ValueError, r"^softmax_scale must be a finite positive float, got 0\.0",
          call(softmax_scale=0.0)),
