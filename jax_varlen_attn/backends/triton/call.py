@@ -4,14 +4,13 @@ Routes (`launch(route=...)`, `Config(launch=...)`):
 - "xla" (opt-in): the installed triton turns the kernel into Triton IR (every scalar argument
   folded in as a constant), and XLA's own Triton custom call (`__gpu$xla.gpu.triton`, what Pallas'
   Triton lowering emits) compiles it, with XLA's bundled Triton, into an ordinary kernel of the
-  executable: no handler runs on the host per call and command buffers update it by pointer. On an
-  H200 that halves the loop time of the smallest calls (seed2: 31.9 -> 14.5 us a call), but XLA's
-  Triton builds a slower prefill kernel (seed1: 19.2 vs 14.5 us of device time), so it is not the
-  default (benchmarks/NOTES.md, bench_loop.py). jax-triton is not needed for it.
+  executable: no handler runs on the host per call and command buffers update it by pointer. It
+  halves the loop time of the smallest calls, but XLA's bundled Triton builds slower kernels (seed1
+  most), so it is not the default (benchmarks/NOTES.md, "launch routes"). jax-triton is not needed for it.
 - "ffi" with jax-triton 0.4.x (Python >= 3.12, jax >= 0.11, triton >= 3.7): its public `triton_call`, which
   emits jaxlib's typed-FFI custom call `triton_kernel_call_ffi`. That handler is marked
   command-buffer compatible, so XLA records it into its CUDA graphs, but re-records it on the host
-  at every execution (~18-20 us a call for our kernel on an H200).
+  at every execution (benchmarks/NOTES.md, "launch routes").
 - "legacy" / "ffi" with jax-triton 0.3.x (Python 3.11, or jax 0.10): `triton_call` emits the legacy custom call
   `triton_kernel_call` (its handler looks the kernel up by hashing the compressed payload on every
   launch). Where this jaxlib also registers the typed-FFI handler (jaxlib > 0.10.2) our lowering

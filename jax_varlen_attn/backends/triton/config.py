@@ -26,9 +26,8 @@ class Config:
     among this many programs, whose partial outputs are combined by their LSEs. 1 = off.
   row_id_fast_path: on a contiguous cache, address keys by row id (page * block_size + offset)
     rather than by the (constexpr) page stride. Both are exact. Off by default: with the stride a
-    compile-time constant the row id buys nothing (H100, session 1: geo-mean 1.001 over 8 cases) and
-    on an H200 it was slower (decode_256x4096 1.103 vs 1.011 ms, geo-mean 2.2%: commit 5ecabcb,
-    benchmarks/results/h200_2026-11-26_all.json). Kept for the benchmark's answer to that question.
+    compile-time constant the row id measured no faster, and slower on an H200 (NOTES.md, "Tile
+    rules"). Kept for the benchmark's answer to that question.
   constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
     constants (benchmark only: shows what the specialization buys).
   launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
@@ -73,11 +72,8 @@ class Config:
     # Rows: at least 16 (tl.dot's minimum M) and the whole GQA group; at most 128 (FlashAttention-2's
     # tile for head_dim <= 128), 64 for wider heads so the accumulator fits in registers. Prefill
     # with 2-byte inputs and 64 < head_dim <= 128 takes 256 rows on 8 warps (two warpgroups of 128
-    # rows, each K / V tile feeding twice the math). Measured on an H100, device time:
-    # prefill_4x4096 (d128) 0.669 ms against 0.717 with 128 rows on 4 warps (commit d140e8e); the
-    # tune_triton sweep (commit 2e667c4, 2 x 2048 queries) d128: 256 rows 10% faster at groups 4
-    # and 8, equal at 2; d64: 128 rows on 4 warps 11-16% faster. Not fp32: its tiles would not fit
-    # in shared memory.
+    # rows, each K / V tile feeding twice the math; measured faster, NOTES.md "Tile rules"). Not
+    # fp32: its tiles would not fit in shared memory.
     max_m = 128 if spec.head_dim <= 128 else 64
     if 64 < spec.head_dim <= 128 and spec.dtype != "float32" and mean_q * group >= 256:
       max_m = 256
@@ -96,17 +92,15 @@ class Config:
     if self.block_n is None and spec.head_dim <= 128 and num_splits == 1 and default_splits == 1:
       # A grid that fits on the GPU at once (seed1: 136 programs, seed2: 96) is latency-bound: the
       # longest program's chain of dependent tile steps (page lookup -> K load -> dot -> V) sets
-      # the time, so halve the chain with 128-key tiles. Measured on an H200 (ncu, commit 9541130):
-      # seed1 18.6 -> 16.2 us, seed2 7.3 -> 6.5 us; seed3 (712 programs) is not latency-bound and
-      # stays at 64. Not where split-KV splits: splits already shorten the chain. (Wider tiles
-      # never turn splits on: _default_splits only shrinks as block_n grows.)
+      # the time, so halve the chain with 128-key tiles (NOTES.md "Tile rules"); seed3 (712
+      # programs) is not latency-bound and stays at 64. Not where split-KV splits: splits already
+      # shorten the chain. (Wider tiles never turn splits on: _default_splits only shrinks as
+      # block_n grows.)
       programs = spec.query_programs(block_m // group) * spec.num_kv_heads
       if programs < 2 * NUM_SMS:
         block_n = 128
     # 4 warps, 8 for 256-row tiles (one warpgroup per 128 rows). 8 for 128-row tiles is the usual
-    # FlashAttention-2 choice, but measured on an H200 (ncu, prefill_4x4096, commit 39d223a) 4
-    # warps ran 782 us against 867 us with 8; smaller tiles never gained from 8 either (seed1 21.8
-    # vs 18.6 us).
+    # FlashAttention-2 choice, but 4 measured faster (NOTES.md "Tile rules").
     num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
     # Three stages pipeline the K/V loads of big tiles; two where registers / smem are tight.
     num_stages = self.num_stages or tuned_entry.get("num_stages") or (
