@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plots a benchmark results JSON (DESIGN.md section 8) as one panel per case.
+"""Plots a benchmark results JSON (docs/contract.md, "Benchmark results") as one panel per case.
 
 Bars: effective TB/s (memory-bound cases: decode / mixed) or TFLOP/s (prefill: seed1_prefill512,
 prefill_4x4096) of every implementation / layout / variant whose output was checked correct; wrong

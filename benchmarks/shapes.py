@@ -1,4 +1,4 @@
-"""The named benchmark cases (DESIGN.md section 8) and the two numbers of each: bytes and FLOPs.
+"""The named benchmark cases (docs/contract.md, "Benchmark results") and the two numbers of each: bytes and FLOPs.
 
 Every case: num_heads 16, num_kv_heads 8, head_dim 128, page (block) size 16, causal (bottom-right
 aligned), fp16 unless the caller asks for bf16.

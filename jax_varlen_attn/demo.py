@@ -3,7 +3,7 @@
 The batch is what a continuous-batching engine runs: a few prefills (whole prompts, causal) and many
 decodes (one new token each over a long history), packed into one q of `total_q` rows, with every
 sequence's keys in pages of a shared NHD cache named by a random block table. The output is compared
-with a float64 reference written here from the semantics (DESIGN.md section 1), then the jitted call
+with a float64 reference written here from the semantics (docs/contract.md, "Semantics"), then the jitted call
 is timed: compile once, then the median of a few steady-state calls.
 
     python -m jax_varlen_attn.demo [--backend auto|xla|pallas|triton] [--seed N] [--decodes N] ...
@@ -26,7 +26,7 @@ import numpy as np
 from jax_varlen_attn import backends
 from jax_varlen_attn.api import flash_attn_varlen_func
 
-# DESIGN.md section 7: relative error bounds against the float64 reference.
+# docs/contract.md, "Accuracy": relative error bounds against the float64 reference.
 TOLERANCE = {"float16": 4e-3, "bfloat16": 1.6e-2}
 
 

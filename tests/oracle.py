@@ -1,4 +1,4 @@
-"""The judge: float64 NumPy attention written from DESIGN.md section 1, one sequence and head at a time.
+"""The judge: float64 NumPy attention written from docs/contract.md ("Semantics"), one sequence and head at a time.
 
 It shares no code with the library: it takes each sequence's keys and values as plain arrays (the
 test builds them from its own logical pages) and applies the semantics literally.

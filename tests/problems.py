@@ -22,7 +22,7 @@ LAYOUTS = ("NHD", "HND", "fused_page_major", "fused_kv_major", "strided", "stack
            "stacked_fused_kv_major", "stacked_strided")
 
 NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-# DESIGN.md section 7: relative error bounds against the float64 oracle.
+# docs/contract.md, "Accuracy": relative error bounds against the float64 oracle.
 TOLERANCE = {"float16": 4e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
 
 

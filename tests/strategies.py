@@ -2,7 +2,7 @@
 
 `problems()` draws a `tests.problems.Problem`: everything `make_problem` needs to build poisoned inputs
 for one call of `flash_attn_varlen_func`, in any cache layout, and the float64 oracle's view of them.
-Every drawn problem is a *valid* call (DESIGN.md section 1): H % Hk == 0, at least one query row, a
+Every drawn problem is a *valid* call (docs/contract.md, "Semantics"): H % Hk == 0, at least one query row, a
 block table with at least one column, at least one page.
 """
 

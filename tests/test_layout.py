@@ -1,6 +1,6 @@
 """KVCacheLayout: strides of the named forms, derived facts, and its use as a static (jit) argument.
 
-Stride values are checked two ways: against the table of DESIGN.md section 2, and against NumPy's own
+Stride values are checked two ways: against the table of docs/contract.md ("Cache layouts"), and against NumPy's own
 indexing of an `arange` buffer in the named shape (so a layout that names the wrong element fails
 whatever its stride arithmetic says).
 """
@@ -49,7 +49,7 @@ def address(layout, p, t, h, d, which, layer=0):
           + h * layout.head_stride + d)
 
 
-# DESIGN.md section 2: page stride, token stride, head stride, V offset, fused.
+# docs/contract.md, "Cache layouts": page stride, token stride, head stride, V offset, fused.
 EXPECTED = {
     "NHD": (BS * HK * D, HK * D, D, 0, False),
     "HND": (HK * BS * D, D, BS * D, 0, False),
