@@ -161,7 +161,7 @@ def _no_derivative(run, static, primals, tangents):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _run(backend_name: str, spec: AttentionSpec, config, arrays: AttentionArrays):
-  return registry.select(backend_name).attention(spec, arrays, config)
+  return registry.load(backend_name).attention(spec, arrays, config)  # selected by _attention
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))

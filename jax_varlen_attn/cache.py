@@ -124,8 +124,7 @@ def _select(backend) -> str:
   if backend not in WRITE_BACKENDS:
     raise ValueError(f"backend must be one of {WRITE_BACKENDS}, got {backend!r}")
   if backend == "auto":
-    ok, _ = registry.status("triton")
-    return "triton" if ok and registry._on_cuda_gpu() else "xla"
+    return registry.auto_name()
   if backend == "triton":
     ok, why = registry.status("triton")
     if not ok:

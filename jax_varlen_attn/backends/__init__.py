@@ -102,14 +102,23 @@ def _load(name: str) -> Backend:
   return Backend(name=name, attention=module.attention, config_cls=module.Config)
 
 
+def auto_name() -> str:
+  """What backend="auto" means here, for attention and write_kv alike: triton on a CUDA GPU where
+  it can run (the measured fastest there), else xla."""
+  return "triton" if status("triton")[0] and _on_cuda_gpu() else "xla"
+
+
+def load(name: str) -> Backend:
+  """The backend called `name`, already selected (no availability check)."""
+  return _load(name)
+
+
 def select(backend: str) -> Backend:
   """The backend for `backend=` ("auto" = triton on a CUDA GPU when it can run, else xla)."""
   if not isinstance(backend, str):
     raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
   if backend == "auto":
-    ok, _ = status("triton")
-    name = "triton" if ok and _on_cuda_gpu() else "xla"
-    return _load(name)
+    return _load(auto_name())
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
   ok, why = status(backend)
