@@ -296,13 +296,12 @@ def v04_call_arguments(kernel, inputs: Dict[str, object], outputs: Sequence[jax.
   """
   out_params = list(kernel.arg_names)[len(inputs):len(inputs) + len(outputs)]
   args, placed, kwargs = [], {}, {}
-  aliased = {name: out_idx for name, out_idx in aliases.items()}
   for name, value in inputs.items():
-    if name in aliased:
+    if name in aliases:
       args.append(jnp.zeros((1,), value.dtype))
       ref = jax.new_ref(value)
-      placed[aliased[name]] = ref
-      kwargs[out_params[aliased[name]]] = ref
+      placed[aliases[name]] = ref
+      kwargs[out_params[aliases[name]]] = ref
     else:
       args.append(_f32_scalar(value) if isinstance(value, np.float32) else value)
   kwargs["out_type"] = [o for i, o in enumerate(outputs) if i not in placed]
