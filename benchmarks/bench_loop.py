@@ -5,8 +5,14 @@ For each case x layout, our Triton backend is checked against the float32 refere
 ways a user's inference loop calls it:
   unrolled  K calls (default 32) on distinct q / rotated cache sets inside one jit; wall clock around
             block_until_ready, median over repeats, / K.
+  stacked   K calls unrolled in one jit as a model's layers make them: call i reads layer i % S of
+            the rotation sets stacked into one layer-stacked cache and takes call i-1's output as its
+            q; six parameters, one result (the `unrolled` unit's 100+ parameters make the executable's
+            own per-execution work dominate its figure: see `harness-floor`); / K.
   fori      a `lax.fori_loop` of N calls (default 64), each call's output the next call's q (so XLA
             cannot hoist the call out of the loop, and no op is added between calls); / N.
+`harness-floor` (impl): the same loops with the attention call replaced by one trivial copy kernel
+of q through the same launch route: what any one-kernel op costs in that loop.
 `ms_pipelined`: the same function dispatched 8 times back to back with one wait (a loop that does not
 read results every step: host work overlaps the previous execution's GPU work), / 8 / K.
 Each record also carries the device busy time per call from a profiler trace (`ms_device`,
@@ -49,7 +55,7 @@ import shapes  # noqa: E402
 
 DEFAULT_CASES = ("seed1_prefill512", "seed2_small_mixed", "seed3_mixed55", "seed4_long200",
                  "seed4_distinct", "decode_256x4096")
-IMPLS = ("jva-triton", "jva-xla", "flaggems")
+IMPLS = ("jva-triton", "jva-xla", "flaggems", "harness-floor")
 log = ba.log
 
 
@@ -64,7 +70,7 @@ def jax_triton_version() -> Optional[str]:
 
 def routes_for(impl: str) -> List[tuple]:
   """(variant name, Config kwargs) per launch route of this process (jax-triton 0.3: both routes)."""
-  if impl != "jva-triton":
+  if impl not in ("jva-triton", "harness-floor"):
     return [("default", {})]
   from jax_varlen_attn.backends.triton import call
   gen = call.jax_triton_generation()
@@ -97,13 +103,39 @@ def _timed(env, args, rec, cd, fn, fargs, calls, ceilings, host: bool):
         rec["host"] = dev["host"]
 
 
+def floor_call(env, route: str):
+  """one(q, kv, meta) -> a copy of q by one trivial Triton kernel through launch `route`: the
+  harness's own cost per call (same parameters and outputs as the attention units, kept alive by
+  keep_unused), i.e. what any one-kernel op costs in this loop."""
+  import triton
+  import triton.language as tl
+  from jax_varlen_attn.backends.triton import call
+
+  @triton.jit
+  def _copy(x_ptr, o_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(o_ptr + offs, tl.load(x_ptr + offs, mask=offs < N), mask=offs < N)
+
+  block = 1024  # elements per program: one small copy kernel, not a bandwidth test
+
+  def one(q, kv, meta):
+    flat = q.reshape(-1)
+    out = env.jax.ShapeDtypeStruct(flat.shape, flat.dtype)
+    grid = (-(-flat.size // block),)
+    return call.launch(_copy, dict(x_ptr=flat), [out], grid, 4, 1, dict(N=flat.size, BLOCK=block),
+                       route=route)[0].reshape(q.shape)
+
+  return one
+
+
 def unrolled_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) -> dict:
   rec = dict(ba.base_record(cd, ld.name, impl, variant), loop="unrolled", jax_triton=jt)
   config = None
   if impl == "jva-triton" and config_kwargs:
     from jax_varlen_attn.backends.triton import Config
     config = Config(**config_kwargs)
-  one = ba.case_call(cd, ld, impl.split("-", 1)[1], config)
+  floor = impl == "harness-floor"
+  one = floor_call(env, variant) if floor else ba.case_call(cd, ld, impl.split("-", 1)[1], config)
   calls = min(cd.calls, args.calls)
   sets = min(cd.sets, calls)
   metas = _metas(cd, ld, sets)
@@ -111,17 +143,64 @@ def unrolled_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt)
   def many(qs, kvs, ms):
     return tuple(one(qs[i], kvs[i % sets], ms[i % sets]) for i in range(calls))
 
-  fn = env.jax.jit(many)
+  fn = env.jax.jit(many, keep_unused=floor)
   fargs = (tuple(cd.qs[:calls]), tuple(ld.kv_sets[:sets]), tuple(metas))
   t0 = time.perf_counter()
   outs = fn(*fargs)
   env.jax.block_until_ready(outs)
   rec["compile_s"] = round(time.perf_counter() - t0, 2)
   rec["k_calls"], rec["sets"], rec["rotation_mb"] = calls, sets, cd.rotation_mb(calls)
-  ok = ba.check(rec, cd, outs[0])
+  if floor:
+    ok = bool(np.array_equal(np.asarray(outs[0]), np.asarray(cd.qs[0])))
+    rec.update(status="ok" if ok else "wrong", what="copy of q, one kernel per call")
+  else:
+    ok = ba.check(rec, cd, outs[0])
   del outs
   if ok:
     _timed(env, args, rec, cd, fn, fargs, calls, ceilings, host=True)
+  return rec
+
+
+def stacked_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) -> dict:
+  """K chained calls unrolled in one jit over a layer-stacked cache: call i reads layer i % S of
+  [S, ...] (the S rotation sets stacked) and takes call i-1's output as its q, as a model's layers
+  do. Six parameters and one result, so the executable's own per-execution work (which the
+  `unrolled` unit's 100+ parameters make dominant) is amortized over the K calls."""
+  jax, jnp = env.jax, env.jnp
+  rec = dict(ba.base_record(cd, ld.name, impl, variant), loop="stacked", jax_triton=jt)
+  config = None
+  if impl == "jva-triton" and config_kwargs:
+    from jax_varlen_attn.backends.triton import Config
+    config = Config(**config_kwargs)
+  floor = impl == "harness-floor"
+  one = floor_call(env, variant) if floor else ba.case_call(cd, ld, impl.split("-", 1)[1], config)
+  calls = min(cd.calls, args.calls)
+  sets = min(cd.sets, calls)
+  stack = tuple(jnp.stack([ld.kv_sets[s][j] for s in range(sets)]) for j in range(len(ld.kv_sets[0])))
+  meta = _metas(cd, ld, 1)[0]
+  layers = [jnp.asarray(i % sets, jnp.int32) for i in range(calls)]
+
+  def chain(q, kv, meta):
+    x = q
+    for i in range(calls):
+      x = one(x, kv, dict(meta, layer=layers[i]))
+    return x
+
+  fn = jax.jit(chain, keep_unused=floor)
+  fargs = (cd.qs[0], stack, meta)
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*fargs))
+  rec["compile_s"] = round(time.perf_counter() - t0, 2)
+  rec["k_calls"], rec["sets"], rec["rotation_mb"] = calls, sets, cd.rotation_mb(calls)
+  first = jax.jit(lambda q, kv, m: one(q, kv, dict(m, layer=layers[0])))(*fargs)
+  if floor:
+    ok = bool(np.array_equal(np.asarray(first), np.asarray(cd.qs[0])))
+    rec.update(status="ok" if ok else "wrong", what="copy of q, one kernel per call")
+  else:
+    ok = ba.check(rec, cd, first)  # call 0 reads layer 0 = set 0 with set 0's metadata
+  if ok:
+    _timed(env, args, rec, cd, fn, fargs, calls, ceilings, host=False)
+  del stack
   return rec
 
 
@@ -250,6 +329,7 @@ def parse_args(argv=None):
                  "process has: xla, and ffi / legacy by jax-triton generation)")
   p.add_argument("--calls", type=int, default=32, help="calls unrolled in one jit")
   p.add_argument("--fori", type=int, default=64, help="calls in the fori_loop (0: skip)")
+  p.add_argument("--loops", default="unrolled,stacked,fori", help="comma list of unrolled, stacked, fori")
   p.add_argument("--reps", type=int, default=50)
   p.add_argument("--unit-time-s", type=float, default=1.0)
   p.add_argument("--max-sets", type=int, default=48)
@@ -267,6 +347,7 @@ def parse_args(argv=None):
   args.cases = args.cases.split(",")
   args.layouts = args.layouts.split(",")
   args.impls = args.impls.split(",")
+  args.loops = args.loops.split(",")
   for i in args.impls:
     if i not in IMPLS:
       p.error(f"unknown impl {i!r}")
@@ -287,6 +368,8 @@ def main(argv=None) -> int:
   if args.tiny:
     jax.config.update("jax_platforms", "cpu")
   env = ba.setup_env(args)
+  if not env.on_gpu:
+    env.why_not["harness-floor"] = "no GPU (the floor launches a compiled kernel)"
   jt = jax_triton_version() if "jva-triton" in args.impls and "jva-triton" not in env.why_not else None
   date = datetime.date.today().isoformat()
   gpu_tag = env.gpu.split()[1].lower() if env.on_gpu and len(env.gpu.split()) > 1 else "cpu"
@@ -344,11 +427,16 @@ def main(argv=None) -> int:
           units.append(("graph", lambda: dict(ba.flaggems_unit(env, cd, ld, args, ceilings), loop="graph")))
         else:
           for variant, kw in routes_for(impl):
-            if args.routes and impl == "jva-triton" and variant not in args.routes.split(","):
+            routed = impl in ("jva-triton", "harness-floor")
+            if args.routes and routed and variant not in args.routes.split(","):
               continue
-            units.append((variant, lambda v=variant, kw=kw: unrolled_unit(
-                env, cd, ld, impl, v, kw, args, ceilings, jt)))
-            if args.fori:
+            if "unrolled" in args.loops:
+              units.append((variant, lambda v=variant, kw=kw: unrolled_unit(
+                  env, cd, ld, impl, v, kw, args, ceilings, jt)))
+            if "stacked" in args.loops:
+              units.append((variant, lambda v=variant, kw=kw: stacked_unit(
+                  env, cd, ld, impl, v, kw, args, ceilings, jt)))
+            if "fori" in args.loops and args.fori and impl != "harness-floor":
               units.append((variant, lambda v=variant, kw=kw: fori_unit(
                   env, cd, ld, impl, v, kw, args, ceilings, jt)))
         for variant, unit in units:
