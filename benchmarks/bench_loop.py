@@ -56,6 +56,7 @@ import shapes  # noqa: E402
 DEFAULT_CASES = ("seed1_prefill512", "seed2_small_mixed", "seed3_mixed55", "seed4_long200",
                  "seed4_distinct", "decode_256x4096")
 IMPLS = ("jva-triton", "jva-xla", "flaggems", "harness-floor")
+EXTRA_CONFIG: dict = {}  # --config: Config fields every jva-triton route takes (a tile sweep point)
 log = ba.log
 
 
@@ -77,7 +78,7 @@ def routes_for(impl: str) -> List[tuple]:
   routes = ["xla"]
   if gen is not None:
     routes += ["ffi"] if gen >= (0, 4) else (["legacy", "ffi"] if call.ffi_available() else ["legacy"])
-  return [(r, dict(launch=r)) for r in routes]
+  return [(r, dict(launch=r, **EXTRA_CONFIG)) for r in routes]
 
 
 def _metas(cd, ld, sets: int):
@@ -129,7 +130,8 @@ def floor_call(env, route: str):
 
 
 def unrolled_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) -> dict:
-  rec = dict(ba.base_record(cd, ld.name, impl, variant), loop="unrolled", jax_triton=jt)
+  rec = dict(ba.base_record(cd, ld.name, impl, variant), loop="unrolled", jax_triton=jt,
+             config=dict(EXTRA_CONFIG))
   config = None
   if impl == "jva-triton" and config_kwargs:
     from jax_varlen_attn.backends.triton import Config
@@ -167,7 +169,8 @@ def stacked_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) 
   do. Six parameters and one result, so the executable's own per-execution work (which the
   `unrolled` unit's 100+ parameters make dominant) is amortized over the K calls."""
   jax, jnp = env.jax, env.jnp
-  rec = dict(ba.base_record(cd, ld.name, impl, variant), loop="stacked", jax_triton=jt)
+  rec = dict(ba.base_record(cd, ld.name, impl, variant), loop="stacked", jax_triton=jt,
+             config=dict(EXTRA_CONFIG))
   config = None
   if impl == "jva-triton" and config_kwargs:
     from jax_varlen_attn.backends.triton import Config
@@ -329,6 +332,8 @@ def parse_args(argv=None):
                  "process has: xla, and ffi / legacy by jax-triton generation)")
   p.add_argument("--calls", type=int, default=32, help="calls unrolled in one jit")
   p.add_argument("--fori", type=int, default=64, help="calls in the fori_loop (0: skip)")
+  p.add_argument("--config", default="", help="Config fields for every jva-triton route, "
+                 "'block_m=128;num_warps=8' (recorded as config)")
   p.add_argument("--loops", default="unrolled,stacked,fori", help="comma list of unrolled, stacked, fori")
   p.add_argument("--reps", type=int, default=50)
   p.add_argument("--unit-time-s", type=float, default=1.0)
@@ -348,6 +353,7 @@ def parse_args(argv=None):
   args.layouts = args.layouts.split(",")
   args.impls = args.impls.split(",")
   args.loops = args.loops.split(",")
+  EXTRA_CONFIG.update(ba.parse_config_variant("cfg:" + args.config) if args.config else {})
   for i in args.impls:
     if i not in IMPLS:
       p.error(f"unknown impl {i!r}")
