@@ -20,17 +20,20 @@ import numpy as np
 from jax_varlen_attn import backends as registry
 from jax_varlen_attn import sharding
 from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout, resolve
-from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
+from jax_varlen_attn.spec import FP8_DTYPES, AttentionArrays, AttentionSpec
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
 _FLOAT_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+_FP8_DTYPES = tuple(jnp.dtype(name) for name in FP8_DTYPES)
+_FP8_DESC = " or ".join(FP8_DTYPES)
 
 
 def flash_attn_varlen_func(
     q, k, v, max_seqlen_q=None, cu_seqlens_q=None, max_seqlen_k=None, cu_seqlens_k=None,
     seqused_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
     alibi_slopes=None, block_table=None, return_softmax_lse=False, *,
-    kv_layout: Union[str, KVCacheLayout] = "NHD", layer=None, backend: str = "auto", config=None):
+    kv_layout: Union[str, KVCacheLayout] = "NHD", layer=None, backend: str = "auto", config=None,
+    q_descale=None, k_descale=None, v_descale=None, s_aux=None):
   """Variable-length attention over packed sequences, with a contiguous or paged KV cache.
 
   Example (a prefill of 3 tokens and a decode of 1 over a paged NHD cache)::
@@ -47,9 +50,12 @@ def flash_attn_varlen_func(
           block_table=jnp.array([[0, 0], [5, 2]], jnp.int32), causal=True)  # out: [4, 8, 64] f16
 
   Args (shapes: T = total_q rows, B = batch, H / Hk = q / kv heads, D = head_dim):
-    q: f16/bf16/f32[T, H, D]. Rows past `cu_seqlens_q[-1]` are padding: they output zeros.
+    q: f16/bf16/f32[T, H, D], or fp8 (float8_e4m3fn / float8_e5m2, with an fp8 cache). Rows past
+      `cu_seqlens_q[-1]` are padding: they output zeros.
     k, v: non-paged: [total_k, Hk, D] (with `cu_seqlens_k`). Paged: the cache as `kv_layout`
       describes it (with `block_table`); `v=None` where V lives in k's buffer (fused forms).
+      In q's dtype, or an fp8 cache (float8_e4m3fn / float8_e5m2, k and v alike) read with
+      `k_descale` / `v_descale`.
     max_seqlen_q, max_seqlen_k: optional static Python ints, upper bounds of the per-sequence
       lengths (hints for block sizes and split counts; a traced value is a TypeError).
     cu_seqlens_q: i32[B + 1], query offsets of each sequence in q.
@@ -70,10 +76,29 @@ def flash_attn_varlen_func(
       clamped to [0, L); a Python / NumPy int outside it is a ValueError).
     backend: "auto" (triton on a CUDA GPU, else xla), "xla", "pallas" or "triton".
     config: the chosen backend's `Config` (block sizes), or None for its default.
+    k_descale, v_descale: f32[B, Hk], or a scalar (f32[] / f32[1] / a Python float: every
+      sequence and head), dequantization scales of an fp8 cache (vLLM's names and shapes): the key
+      sequence b reads in kv head h is `float(k element) * k_descale[b, h]`, likewise V. None: 1.0
+      (as vLLM). Applied as given, sign included. With a cache in q's dtype (not fp8) they are
+      checked and ignored, as FlashAttention 3 does, so vLLM's calls (which always pass them) port.
+    q_descale: the same for an fp8 q (q row of sequence b, q head h: `float(q) * q_descale[b,
+      h // (H / Hk)]`); checked and ignored for a q that is not fp8.
+    s_aux: f32[H], attention sinks (gpt-oss): logit s_aux[h] joins the softmax denominator of
+      every row of q head h and carries no value: out = sum_j exp(s_j) v_j / (exp(s_aux[h]) +
+      sum_j exp(s_j)). -inf is no sink for that head.
 
   Returns:
-    out [T, H, D] in q's dtype, or (out, lse) when `return_softmax_lse`. A row that sees no key
-    (zero-length sequence, empty window, padding) outputs zeros.
+    out [T, H, D] in q's dtype (bfloat16 for an fp8 q, as FlashAttention 3), or (out, lse) when
+    `return_softmax_lse`. A row that sees no key (zero-length sequence, empty window) outputs zeros;
+    padding rows (past cu_seqlens_q[-1]) output zeros too.
+    lse: f32[H, T], the natural log of the softmax denominator, sinks included: log(exp(s_aux[h])
+    + sum_j exp(s_j)). A row of a sequence that sees no key has lse +inf without a sink and
+    s_aux[h] with one (its denominator is exp(s_aux[h]): out is still zeros); padding rows have
+    +inf.
+
+  fp8 precision: keys and values are converted to the compute dtype exactly (every fp8 value is an
+  fp16 / bf16 / f32 value); descales are applied to the scores (q.k * k_descale) and to the output
+  (p @ v * v_descale), exact up to f32 rounding. An fp8 q computes in fp16.
 
   Positional order: vLLM's (q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, ...).
   FlashAttention 2's `flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -89,7 +114,8 @@ def flash_attn_varlen_func(
   return _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                     softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
                     return_softmax_lse, kv_layout=kv_layout, layer=layer, backend=backend,
-                    config=config, heads=None)
+                    config=config, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+                    s_aux=s_aux, heads=None)
 
 
 def sharded_flash_attn_varlen_func(mesh, head_axis, *args, **kwargs):
@@ -111,6 +137,9 @@ def sharded_flash_attn_varlen_func(mesh, head_axis, *args, **kwargs):
 
   Raises ValueError when num_kv_heads is not a multiple of the number of devices on `head_axis`,
   or for a `KVCacheLayout` (its kv-head axis is unknown: use jax.shard_map with per-device arrays).
+
+  Not split yet: a call with an fp8 cache or fp8 q (descales) or with `s_aux` runs unsplit (each
+  device computes every head; the result is the same). Inside `jax.shard_map` they work as usual.
   """
   bound = inspect.signature(flash_attn_varlen_func).bind(*args, **kwargs)
   bound.apply_defaults()
@@ -119,13 +148,19 @@ def sharded_flash_attn_varlen_func(mesh, head_axis, *args, **kwargs):
 
 def _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
-               return_softmax_lse, *, kv_layout, layer, backend, config, heads):
+               return_softmax_lse, *, kv_layout, layer, backend, config, heads, q_descale=None,
+               k_descale=None, v_descale=None, s_aux=None):
   """heads: None (split as q's / the cache's sharding says, if it says) or (mesh, head_axis)."""
   spec, arrays = _validate(
       q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k, softmax_scale,
-      causal, window_size, softcap, alibi_slopes, block_table, return_softmax_lse, kv_layout, layer)
+      causal, window_size, softcap, alibi_slopes, block_table, return_softmax_lse, kv_layout, layer,
+      q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, s_aux=s_aux)
   impl = registry.select(backend)
   split = sharding.detect(spec, arrays) if heads is None else sharding.plan(spec, arrays, *heads)
+  if split is not None and (spec.kv_fp8 or spec.has_sinks):
+    # sharding.HeadSplit's in_specs know no descale / sink arrays yet (their head axes: descales
+    # [B, Hk] on axis 1, s_aux [H] on axis 0): run unsplit, which computes the same result.
+    split = None
   run_spec = spec if split is None else split.local_spec  # what each device's kernel sees
   if config is None:
     config = impl.config_cls.get_default(run_spec)
@@ -261,8 +296,10 @@ def _check_kv_layout(kv_layout) -> None:
 
 def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
               softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
-              return_softmax_lse, kv_layout, layer) -> Tuple[AttentionSpec, AttentionArrays]:
-  q = _array("q", q, rank=3, dtypes=_FLOAT_DTYPES, dtype_desc="float16, bfloat16 or float32")
+              return_softmax_lse, kv_layout, layer, *, q_descale=None, k_descale=None,
+              v_descale=None, s_aux=None) -> Tuple[AttentionSpec, AttentionArrays]:
+  q = _array("q", q, rank=3, dtypes=_FLOAT_DTYPES + _FP8_DTYPES,
+             dtype_desc=f"float16, bfloat16, float32 or fp8 ({_FP8_DESC})")
   total_q, num_heads, head_dim = q.shape
   if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
     raise ValueError(f"q's head_dim (axis 2) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
@@ -280,12 +317,18 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
     raise ValueError(f"cu_seqlens_q must have batch + 1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
 
   k = _array("k", k)
-  if jnp.dtype(k.dtype) != jnp.dtype(q.dtype):
-    raise TypeError(f"k must have q's dtype {jnp.dtype(q.dtype).name}, got {jnp.dtype(k.dtype).name}")
+  q_dtype, kv_dtype = jnp.dtype(q.dtype), jnp.dtype(k.dtype)
+  if q_dtype in _FP8_DTYPES and kv_dtype not in _FP8_DTYPES:
+    raise TypeError(f"q is {q_dtype.name}: an fp8 q needs an fp8 cache, k {_FP8_DESC}, got "
+                    f"{kv_dtype.name}")
+  if kv_dtype != q_dtype and kv_dtype not in _FP8_DTYPES:
+    raise TypeError(f"k must have q's dtype {q_dtype.name} or be an fp8 cache ({_FP8_DESC}), got "
+                    f"{kv_dtype.name}")
   if v is not None:
     v = _array("v", v)
-    if jnp.dtype(v.dtype) != jnp.dtype(q.dtype):
-      raise TypeError(f"v must have q's dtype {jnp.dtype(q.dtype).name}, got {jnp.dtype(v.dtype).name}")
+    if jnp.dtype(v.dtype) != kv_dtype:
+      raise TypeError(f"v must have k's dtype {kv_dtype.name}, got {jnp.dtype(v.dtype).name}")
+  kv_fp8 = kv_dtype in _FP8_DTYPES
 
   # kv_layout's type and name are checked first, so that a misspelled name is reported as such and
   # not as "describes a paged cache" on the non-paged path.
@@ -372,6 +415,19 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
       raise ValueError(f"alibi_slopes must be [num_heads]=({num_heads},) or [batch, num_heads]=({batch}, "
                        f"{num_heads}), got {tuple(alibi_slopes.shape)}")
 
+  # Descales are checked whatever the dtypes; they apply to fp8 tensors only (the docstring says why).
+  scales = {name: _descale(name, x, batch, num_kv_heads)
+            for name, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))}
+  ones = jnp.ones((batch, num_kv_heads), jnp.float32)  # vLLM's missing descale: 1.0
+  q_scale = (ones if scales["q_descale"] is None else scales["q_descale"]) if q_dtype in _FP8_DTYPES else None
+  k_scale = (ones if scales["k_descale"] is None else scales["k_descale"]) if kv_fp8 else None
+  v_scale = (ones if scales["v_descale"] is None else scales["v_descale"]) if kv_fp8 else None
+  if s_aux is not None:
+    s_aux = _array("s_aux", s_aux, dtypes=(jnp.dtype(jnp.float32),), dtype_desc="float32 [num_heads]")
+    if tuple(s_aux.shape) != (num_heads,):
+      raise ValueError(f"s_aux must be [num_heads]=({num_heads},), one sink logit per q head, got "
+                       f"{tuple(s_aux.shape)}")
+
   if seqused_k is not None:
     seqlens_k = jnp.asarray(seqused_k)
   else:
@@ -384,13 +440,35 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
       max_seqlen_q=total_q if max_seqlen_q is None else min(max_seqlen_q, total_q),
       max_seqlen_k=capacity if max_seqlen_k is None else min(max_seqlen_k, capacity),
       scale=scale, causal=causal, window_left=left, window_right=right, softcap=softcap,
-      has_alibi=alibi_slopes is not None, return_lse=return_lse, dtype=jnp.dtype(q.dtype).name)
+      has_alibi=alibi_slopes is not None, return_lse=return_lse, dtype=q_dtype.name,
+      kv_dtype=kv_dtype.name if kv_fp8 else None, has_sinks=s_aux is not None)
   arrays = AttentionArrays(
       q=jnp.asarray(q), k=jnp.asarray(k), v=jnp.asarray(k if v is None else v),
       cu_seqlens_q=jnp.asarray(cu_seqlens_q), seqlens_k=seqlens_k,
       kv_index=jnp.asarray(block_table if paged else cu_seqlens_k),
-      alibi=None if alibi_slopes is None else jnp.asarray(alibi_slopes), layer=layer)
+      alibi=None if alibi_slopes is None else jnp.asarray(alibi_slopes), layer=layer,
+      q_descale=q_scale, k_descale=k_scale, v_descale=v_scale,
+      s_aux=None if s_aux is None else jnp.asarray(s_aux))
   return spec, arrays
+
+
+def _descale(name: str, x, batch: int, num_kv_heads: int) -> Optional[jax.Array]:
+  """A descale argument as f32[batch, num_kv_heads] (None stays None).
+
+  Forms (vLLM's and a per-tensor scale's): f32[batch, Hk], f32[] or f32[1], or a Python float.
+  """
+  if x is None:
+    return None
+  want = f"float32 [batch, num_kv_heads]=({batch}, {num_kv_heads}) or a scalar"
+  if isinstance(x, (numbers.Real, np.floating)) and not isinstance(x, (bool, np.bool_)):
+    return jnp.full((batch, num_kv_heads), x, jnp.float32)
+  x = _array(name, x, dtypes=(jnp.dtype(jnp.float32),), dtype_desc=want)
+  if tuple(x.shape) in ((), (1,)):
+    return jnp.broadcast_to(jnp.reshape(jnp.asarray(x), ()), (batch, num_kv_heads))
+  if tuple(x.shape) != (batch, num_kv_heads):
+    raise ValueError(f"{name} must be [batch, num_kv_heads]=({batch}, {num_kv_heads}) or a scalar "
+                     f"(shape () or (1,)), got {tuple(x.shape)}")
+  return jnp.asarray(x)
 
 
 def _static_layer(layer) -> Optional[int]:

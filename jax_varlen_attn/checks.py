@@ -15,6 +15,8 @@ Defined answers without the check (every backend; never a read outside a buffer,
 - layer outside [0, num_layers): clamped when traced (a Python or NumPy int out of range raises).
 - NaN / Inf inside the keys / values a row attends to: propagate to that row only (poison in
   padding, unused page tails and unreferenced pages never reaches a real row).
+- a non-finite descale (q / k / v_descale[b, h]): propagates to the rows of sequence b in the q
+  heads of kv head h only. An s_aux of NaN or +inf: to the rows of that q head (-inf is no sink).
 """
 
 from __future__ import annotations
@@ -32,18 +34,34 @@ def _first_bad(mask: np.ndarray):
 def check_inputs(q, k, v, max_seqlen_q=None, cu_seqlens_q=None, max_seqlen_k=None, cu_seqlens_k=None,
                  seqused_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                  alibi_slopes=None, block_table=None, return_softmax_lse=False, *, kv_layout="NHD",
-                 layer=None, **unused) -> None:
+                 layer=None, q_descale=None, k_descale=None, v_descale=None, s_aux=None,
+                 **unused) -> None:
   """Raises ValueError naming the argument and the first bad index if any index value is invalid.
 
   Takes exactly the arguments of `flash_attn_varlen_func` (extra keywords such as `backend` are
   ignored), runs its static validation first, then checks values eagerly:
   cu_seqlens_q / cu_seqlens_k start at 0, never decrease, end within total_q / total_k; seqused_k
   within [0, capacity]; every block-table entry a sequence uses lies in [0, num_pages); layer in
-  [0, num_layers); max_seqlen_q / max_seqlen_k, when given, bound the actual lengths.
+  [0, num_layers); max_seqlen_q / max_seqlen_k, when given, bound the actual lengths; descales
+  (where they apply: fp8 tensors) are finite; s_aux is neither NaN nor +inf.
   """
   spec, arrays = _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                            softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
-                           return_softmax_lse, kv_layout, layer)
+                           return_softmax_lse, kv_layout, layer, q_descale=q_descale,
+                           k_descale=k_descale, v_descale=v_descale, s_aux=s_aux)
+  for name in ("q_descale", "k_descale", "v_descale"):
+    scale = getattr(arrays, name)
+    if scale is not None:
+      bad = _first_bad(~np.isfinite(np.asarray(scale)))
+      if bad is not None:
+        raise ValueError(f"{name}: entry [{bad[0]}, {bad[1]}] (sequence, kv head) is "
+                         f"{float(np.asarray(scale)[bad])}: descales must be finite")
+  if arrays.s_aux is not None:
+    sinks = np.asarray(arrays.s_aux)
+    bad = _first_bad(np.isnan(sinks) | np.isposinf(sinks))
+    if bad is not None:
+      raise ValueError(f"s_aux[{bad[0]}] = {float(sinks[bad])}: a sink logit must be a number or -inf "
+                       "(no sink)")
   cu_q = np.asarray(arrays.cu_seqlens_q)
   _check_offsets("cu_seqlens_q", cu_q, spec.total_q, "total_q (rows of q)")
   len_q = np.diff(cu_q)

@@ -14,6 +14,12 @@ import jax
 
 from jax_varlen_attn.layout import KVCacheLayout
 
+# The fp8 formats a KV cache (and q) may have: an element is dequantized as float(element) * descale.
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+# The output dtype when q itself is fp8 (FlashAttention 3's choice, so vLLM's fp8 path ports as is):
+# bf16 holds every dequantized product's range, fp16 could overflow past 65504.
+FP8_Q_OUT_DTYPE = "bfloat16"
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
@@ -36,7 +42,24 @@ class AttentionSpec:
   softcap: float  # 0: off
   has_alibi: bool
   return_lse: bool
-  dtype: str  # dtype of q and of the output
+  dtype: str  # dtype of q (the output's too, unless q is fp8: see out_dtype)
+  # An fp8 cache's dtype (one of FP8_DTYPES), dequantized with k / v descales; None: the cache has
+  # q's dtype and no descale applies.
+  kv_dtype: Optional[str] = None
+  has_sinks: bool = False  # s_aux: a per-head logit in every row's softmax denominator
+
+  @property
+  def kv_fp8(self) -> bool:
+    return self.kv_dtype is not None
+
+  @property
+  def q_fp8(self) -> bool:
+    return self.dtype in FP8_DTYPES
+
+  @property
+  def out_dtype(self) -> str:
+    """The output's dtype: q's, or FP8_Q_OUT_DTYPE for an fp8 q."""
+    return FP8_Q_OUT_DTYPE if self.q_fp8 else self.dtype
 
   @property
   def paged(self) -> bool:
@@ -82,6 +105,10 @@ class AttentionArrays(NamedTuple):
   kv_index:     paged: block_table i32[batch, max_blocks]; non-paged: cu_seqlens_k i32[batch + 1]
   alibi:        f32[batch, H] or None
   layer:        i32[] or None (stacked caches)
+  q_descale:    f32[batch, Hk] or None: q's dequantization scales (an fp8 q only)
+  k_descale, v_descale: f32[batch, Hk] or None: the cache's dequantization scales (an fp8 cache
+                only; ones where the caller passed none)
+  s_aux:        f32[H] or None: attention sinks
   """
 
   q: jax.Array
@@ -92,3 +119,7 @@ class AttentionArrays(NamedTuple):
   kv_index: jax.Array
   alibi: Optional[jax.Array]
   layer: Optional[jax.Array]
+  q_descale: Optional[jax.Array] = None
+  k_descale: Optional[jax.Array] = None
+  v_descale: Optional[jax.Array] = None
+  s_aux: Optional[jax.Array] = None

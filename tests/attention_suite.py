@@ -17,7 +17,7 @@ import pytest
 
 from jax_varlen_attn import flash_attn_varlen_func
 from tests.oracle import reference_attention
-from tests.problems import LAYOUTS, TOLERANCE, Problem, make_problem, rel_err
+from tests.problems import LAYOUTS, TOLERANCE, Problem, make_problem, out_dtype, rel_err
 
 FEATURES = {
     "plain": dict(),
@@ -38,6 +38,39 @@ FEATURES = {
     "all_kwargs": dict(causal=True, window=(12, -1), softcap=3.0, alibi="batch", softmax_scale=0.3),
 }
 
+# fp8 caches (docs/contract.md, "fp8"): both formats, every descale form, paged layouts, GQA and the
+# mask / score options, with NaN poison (an fp8 NaN) in every unused slot.
+FP8_CASES = {
+    "e4m3_nhd_causal": dict(kv_dtype="float8_e4m3fn", causal=True),
+    "e5m2_hnd_window_scalar": dict(kv_dtype="float8_e5m2", layout="HND", window=(5, 3), descale="scalar"),
+    "e4m3_fused_softcap_alibi": dict(kv_dtype="float8_e4m3fn", layout="fused_page_major", softcap=2.0,
+                                     alibi="batch"),
+    "e5m2_strided_causal_window_none": dict(kv_dtype="float8_e5m2", layout="strided", causal=True,
+                                            window=(6, -1), descale="none"),
+    "e4m3_stacked_gqa8_decode": dict(kv_dtype="float8_e4m3fn", layout="stacked_fused_kv_major",
+                                     num_heads=8, num_kv_heads=1, causal=True,
+                                     seqlens_q=(1, 1, 1, 1, 1), seqlens_k=(1, 40, 33, 16, 7)),
+    "e4m3_non_paged": dict(kv_dtype="float8_e4m3fn", paged=False, causal=True),
+    "e4m3_q_and_cache": dict(dtype="float8_e4m3fn", kv_dtype="float8_e4m3fn", causal=True, alibi="head"),
+    "e5m2_q_e4m3_cache_scalar": dict(dtype="float8_e5m2", kv_dtype="float8_e4m3fn", descale="scalar",
+                                     window=(7, -1)),
+    "bf16_q_e4m3": dict(dtype="bfloat16", kv_dtype="float8_e4m3fn", causal=True),
+    "f32_q_e5m2": dict(dtype="float32", kv_dtype="float8_e5m2", causal=True),
+}
+
+# Attention sinks (s_aux): with and without LSE, rows that see no key (empty windows, a sequence
+# without keys), decode, and with fp8.
+SINK_CASES = {
+    "causal_lse": dict(sinks=True, causal=True),
+    "no_lse": dict(sinks=True, return_lse=False, window=(5, 3)),
+    "empty_rows": dict(sinks=True, window=(0, 0), seqlens_q=(6, 2), seqlens_k=(3, 40)),
+    "zero_lengths": dict(sinks=True, seqlens_q=(0, 4, 3, 0), seqlens_k=(5, 0, 20, 0), causal=True),
+    "decode_gqa": dict(sinks=True, num_heads=8, num_kv_heads=2, seqlens_q=(1, 1, 1, 1, 1),
+                       seqlens_k=(1, 40, 33, 0, 7), causal=True),
+    "softcap_alibi_fp8": dict(sinks=True, softcap=3.0, alibi="head", kv_dtype="float8_e4m3fn",
+                              layout="HND", causal=True),
+}
+
 
 class AttentionSuite:
   """Subclass with `backend = "..."`; optional overrides below."""
@@ -45,6 +78,8 @@ class AttentionSuite:
   backend: str = ""
   dtypes = ("float16", "bfloat16", "float32")
   head_dims = (32, 64, 80, 96, 112, 128, 192, 256)
+  fp8_cases = tuple(FP8_CASES)  # a subclass may run fewer (interpreters are slow)
+  sink_cases = tuple(SINK_CASES)
   tolerance = TOLERANCE  # per dtype
   shrink: dict = {}  # Problem overrides applied to every problem (smaller for interpreters)
 
@@ -62,14 +97,15 @@ class AttentionSuite:
     kwargs, oracle = make_problem(p)
     result = self.run(kwargs, **extra)
     out, lse = result if p.return_lse else (result, None)
-    assert out.shape == kwargs["q"].shape and out.dtype == kwargs["q"].dtype
+    dtype = out_dtype(p)
+    assert out.shape == kwargs["q"].shape and out.dtype == jnp.dtype(dtype)
     ref_out, ref_lse = reference_attention(**oracle)
     out = np.asarray(out.astype(jnp.float32))
     n_real = int(oracle["cu_seqlens_q"][-1])
     assert np.isfinite(out).all(), "NaN/Inf in the output (poison leaked?)"
     assert (out[n_real:] == 0).all(), "padding rows past cu_seqlens_q[-1] must be zero"
     err = rel_err(out[:n_real], ref_out[:n_real])
-    assert err < self.tolerance[p.dtype], f"rel err {err:.2e} >= {self.tolerance[p.dtype]} ({p})"
+    assert err < self.tolerance[dtype], f"rel err {err:.2e} >= {self.tolerance[dtype]} ({p})"
     if lse is not None:
       lse = np.asarray(lse)
       assert lse.shape == (p.num_heads, kwargs["q"].shape[0]) and lse.dtype == np.float32
@@ -94,6 +130,22 @@ class AttentionSuite:
     if head_dim not in self.head_dims:
       pytest.skip(f"head_dim {head_dim} is checked elsewhere for backend={self.backend}")
     self.check(self.problem(head_dim=head_dim, causal=True))
+
+  @pytest.mark.parametrize("case", sorted(FP8_CASES))
+  def test_fp8_cache(self, case):
+    """An fp8 cache (and q) against the oracle on the dequantized inputs."""
+    overrides = FP8_CASES[case]
+    if case not in self.fp8_cases:
+      pytest.skip(f"{case} is checked elsewhere for backend={self.backend}")
+    if overrides.get("dtype", "float16") not in self.dtypes + ("float8_e4m3fn", "float8_e5m2"):
+      pytest.skip(f"q dtype {overrides['dtype']} is checked elsewhere for backend={self.backend}")
+    self.check(self.problem(**overrides))
+
+  @pytest.mark.parametrize("case", sorted(SINK_CASES))
+  def test_sinks(self, case):
+    if case not in self.sink_cases:
+      pytest.skip(f"{case} is checked elsewhere for backend={self.backend}")
+    self.check(self.problem(**SINK_CASES[case]))
 
   @pytest.mark.parametrize("layout", LAYOUTS)
   def test_layout(self, layout):

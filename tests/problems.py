@@ -21,8 +21,10 @@ from jax_varlen_attn import KVCacheLayout
 LAYOUTS = ("NHD", "HND", "fused_page_major", "fused_kv_major", "strided", "stacked_NHD",
            "stacked_fused_kv_major", "stacked_strided")
 
-NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-# docs/contract.md, "Accuracy": relative error bounds against the float64 oracle.
+NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32,
+             "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}
+FP8 = ("float8_e4m3fn", "float8_e5m2")
+# docs/contract.md, "Accuracy": relative error bounds against the float64 oracle, by output dtype.
 TOLERANCE = {"float16": 4e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
 
 
@@ -34,7 +36,12 @@ class Problem:
   num_heads: int = 4
   num_kv_heads: int = 2
   head_dim: int = 64
-  dtype: str = "float16"
+  dtype: str = "float16"  # q's (fp8 needs an fp8 kv_dtype; the output is then bf16)
+  kv_dtype: Optional[str] = None  # None: q's dtype; an fp8 name: the cache is quantized
+  # fp8 tensors' descales: "seq_head" (f32[B, Hk], random magnitudes and signs), "scalar" (f32[]),
+  # "none" (not passed: 1.0).
+  descale: str = "seq_head"
+  sinks: bool = False  # s_aux f32[H] (the last head's sink is -inf: none)
   paged: bool = True
   layout: str = "NHD"
   block_size: int = 16
@@ -54,20 +61,79 @@ def _poison(dtype):
   return np.array(np.nan, dtype)
 
 
+def out_dtype(p: Problem) -> str:
+  """The output dtype of a problem: q's, bf16 for an fp8 q (docs/contract.md, "fp8")."""
+  return "bfloat16" if p.dtype in FP8 else p.dtype
+
+
+def _descales(p: Problem, rng, B: int, Hk: int, signs: bool):
+  """(descale f64[B, Hk] used to quantize, the argument to pass or None) for one fp8 tensor."""
+  if p.descale == "none":
+    return np.ones((B, Hk)), None
+  if p.descale == "scalar":
+    value = np.float32(rng.uniform(0.02, 0.2))
+    return np.full((B, Hk), value, np.float64), value
+  # Magnitudes that put N(0, 1) data at 5..50 (e4m3 max 448, e5m2 57344); random signs (applied as
+  # given: a negative scale flips the tensor).
+  scale = rng.uniform(0.02, 0.2, (B, Hk)).astype(np.float32)
+  if signs:
+    scale *= rng.choice(np.array([-1, 1], np.float32), (B, Hk))
+  return scale.astype(np.float64), scale
+
+
+def _quantize(x, scale_b, dt):
+  """x [n, Hk, D] (float) of one sequence / x / scale_b[Hk] rounded to fp8 `dt` (ml_dtypes: RNE)."""
+  return (np.asarray(x, np.float32) / scale_b.astype(np.float32)[None, :, None]).astype(dt)
+
+
 def make_problem(p: Problem):
   """Returns (kwargs for flash_attn_varlen_func, oracle dict)."""
   rng = np.random.default_rng(p.seed)
-  dt = NP_DTYPES[p.dtype]
+  q_dt = NP_DTYPES[p.dtype]
+  kv_name = p.kv_dtype or p.dtype
+  if p.dtype in FP8 and kv_name not in FP8:
+    raise ValueError(f"an fp8 q needs an fp8 kv_dtype: {p}")
+  dt = NP_DTYPES[kv_name]  # the cache's dtype
+  kv_fp8 = kv_name in FP8
   B = len(p.seqlens_q)
   H, Hk, D, bs = p.num_heads, p.num_kv_heads, p.head_dim, p.block_size
   cu_q = np.concatenate([[0], np.cumsum(p.seqlens_q)]).astype(np.int32)
   T = int(cu_q[-1]) + p.pad_q
-  q = rng.standard_normal((T, H, D)).astype(dt)
-  q[cu_q[-1]:] = _poison(dt)
-  keys, values = [], []
-
-  kwargs = dict(q=q, cu_seqlens_q=cu_q, causal=p.causal, window_size=p.window, softcap=p.softcap,
+  kwargs = dict(cu_seqlens_q=cu_q, causal=p.causal, window_size=p.window, softcap=p.softcap,
                 softmax_scale=p.softmax_scale, return_softmax_lse=p.return_lse)
+  oracle_scales = {}
+  if p.dtype in FP8:
+    q_scale, q_arg = _descales(p, rng, B, Hk, signs=False)
+    q = np.empty((T, H, D), q_dt)
+    for b in range(B):
+      rows = rng.standard_normal((p.seqlens_q[b], H, D)).reshape(-1, Hk, (H // Hk) * D)
+      q[cu_q[b]:cu_q[b + 1]] = _quantize(rows, q_scale[b], q_dt).reshape(-1, H, D)
+    kwargs["q_descale"] = q_arg
+    oracle_scales["q_descale"] = q_scale
+  else:
+    q = rng.standard_normal((T, H, D)).astype(q_dt)
+  q[cu_q[-1]:] = _poison(q_dt)
+  kwargs["q"] = q
+  if kv_fp8:
+    k_scale, k_arg = _descales(p, rng, B, Hk, signs=True)
+    v_scale, v_arg = _descales(p, rng, B, Hk, signs=True)
+    kwargs.update(k_descale=k_arg, v_descale=v_arg)
+    oracle_scales.update(k_descale=k_scale, v_descale=v_scale)
+
+  def draw(b, n):
+    """Keys and values of sequence b: N(0, 1), quantized with its descales for an fp8 cache."""
+    kb, vb = (rng.standard_normal((n, Hk, D)) for _ in range(2))
+    if kv_fp8:
+      return _quantize(kb, k_scale[b], dt), _quantize(vb, v_scale[b], dt)
+    return kb.astype(dt), vb.astype(dt)
+
+  keys, values = [], []
+  if p.sinks:
+    s_aux = rng.uniform(-3.0, 3.0, (H,)).astype(np.float32)
+    if H > 1:
+      s_aux[-1] = -np.inf  # no sink for that head
+    kwargs["s_aux"] = s_aux
+    oracle_scales["s_aux"] = s_aux
   if p.alibi == "head":
     slopes = rng.uniform(0.05, 0.5, (H,)).astype(np.float32)
     kwargs["alibi_slopes"] = slopes
@@ -86,8 +152,7 @@ def make_problem(p: Problem):
     k = np.full((int(cu_k[-1]) + 1, Hk, D), np.nan, dt)
     v = np.full_like(k, np.nan)
     for b in range(B):
-      kb = rng.standard_normal((seqlens_k[b], Hk, D)).astype(dt)
-      vb = rng.standard_normal((seqlens_k[b], Hk, D)).astype(dt)
+      kb, vb = draw(b, seqlens_k[b])
       k[cu_k[b]:cu_k[b] + seqlens_k[b]] = kb
       v[cu_k[b]:cu_k[b] + seqlens_k[b]] = vb
       keys.append(kb)
@@ -106,8 +171,7 @@ def make_problem(p: Problem):
       n, sk = pages_needed[b], p.seqlens_k[b]
       pages = perm[used:used + n]
       used += n
-      kb = rng.standard_normal((sk, Hk, D)).astype(dt)
-      vb = rng.standard_normal((sk, Hk, D)).astype(dt)
+      kb, vb = draw(b, sk)
       for t in range(sk):
         K[pages[t // bs], t % bs] = kb[t]
         V[pages[t // bs], t % bs] = vb[t]
@@ -124,8 +188,9 @@ def make_problem(p: Problem):
 
   scale = p.softmax_scale if p.softmax_scale is not None else 1.0 / np.sqrt(D)
   oracle = dict(q=q, keys=keys, values=values, cu_seqlens_q=cu_q, scale=scale, causal=p.causal,
-                window=p.window, softcap=p.softcap, alibi=slopes)
-  kwargs = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+                window=p.window, softcap=p.softcap, alibi=slopes, **oracle_scales)
+  kwargs = {k: (jnp.asarray(v) if isinstance(v, (np.ndarray, np.float32)) else v)
+            for k, v in kwargs.items()}
   return kwargs, oracle
 
 

@@ -16,6 +16,7 @@ from tests.problems import Problem, make_problem
 
 class TestPallas(AttentionSuite):
   backend = "pallas"
+  fp8_cases = sink_cases = ()  # temporary: lands with the kernel support
 
   @pytest.mark.parametrize("config", [
       Config(block_q=3, block_k=16),  # 6 rows of a 16-row tile, many small key steps

@@ -26,7 +26,7 @@ from jax_varlen_attn import KVCacheLayout, api, flash_attn_varlen_func, layout a
 from jax_varlen_attn import backends as registry
 from jax_varlen_attn.layout import resolve
 from tests.oracle import reference_attention
-from tests.problems import TOLERANCE, Problem, make_problem, rel_err
+from tests.problems import TOLERANCE, Problem, make_problem, out_dtype, rel_err
 
 DROP = object()  # a `changes` value that removes the argument
 
@@ -106,6 +106,8 @@ STRIDED = Problem(layout="strided")
 FPM = Problem(layout="fused_page_major")
 FKM = Problem(layout="fused_kv_major")
 H8 = Problem(num_heads=8)  # H = 8 differs from batch = 4, so alibi messages are unambiguous
+FP8 = Problem(kv_dtype="float8_e4m3fn")
+FP8Q = Problem(dtype="float8_e4m3fn", kv_dtype="float8_e4m3fn")
 D, HK, BS = 64, 2, 16  # head_dim, kv heads, page size of the default Problem
 ROW = HK * D  # elements of one token of one page (NHD)
 
@@ -130,7 +132,8 @@ CASES = [
          call(q=lambda kw: np.asarray(kw["q"]).tolist())),
     case("q-rank", ValueError, r"^q must have rank 3, got shape \(4, 64\)",
          call(q=lambda kw: kw["q"][0])),
-    case("q-int", TypeError, r"^q must be float16, bfloat16 or float32, got int32",
+    case("q-int", TypeError,
+         r"^q must be float16, bfloat16, float32 or fp8 \(float8_e4m3fn or float8_e5m2\), got int32",
          call(q=lambda kw: kw["q"].astype(jnp.int32))),
     case("head_dim-16", ValueError, r"^q's head_dim \(axis 2\) must be in \[32, 256\], got 16",
          call(Problem(head_dim=16))),
@@ -159,12 +162,48 @@ CASES = [
          call(k=lambda kw: np.asarray(kw["k"]).tolist())),
     case("v-list", TypeError, r"^v must be an array, got list",
          call(v=lambda kw: np.asarray(kw["v"]).tolist())),
-    case("k-dtype", TypeError, r"^k must have q's dtype float16, got float32",
+    case("k-dtype", TypeError,
+         r"^k must have q's dtype float16 or be an fp8 cache \(float8_e4m3fn or float8_e5m2\), got float32",
          call(k=lambda kw: kw["k"].astype(jnp.float32))),
-    case("v-dtype", TypeError, r"^v must have q's dtype float16, got bfloat16",
+    case("k-int8", TypeError, r"^k must have q's dtype float16 or be an fp8 cache .*got int8",
+         call(k=lambda kw: kw["k"].astype(jnp.int8))),
+    case("v-dtype", TypeError, r"^v must have k's dtype float16, got bfloat16",
          call(v=lambda kw: kw["v"].astype(jnp.bfloat16))),
-    case("nonpaged-k-dtype", TypeError, r"^k must have q's dtype float16, got float32",
+    case("v-fp8-k-f16", TypeError, r"^v must have k's dtype float16, got float8_e4m3fn",
+         call(v=lambda kw: kw["v"].astype(jnp.float8_e4m3fn))),
+    case("v-e5m2-k-e4m3", TypeError, r"^v must have k's dtype float8_e4m3fn, got float8_e5m2",
+         call(FP8, v=lambda kw: kw["v"].astype(jnp.float8_e5m2))),
+    case("nonpaged-k-dtype", TypeError, r"^k must have q's dtype float16 or be an fp8 cache",
          call(NP, k=lambda kw: kw["k"].astype(jnp.float32), v=lambda kw: kw["v"].astype(jnp.float32))),
+    case("q-fp8-cache-f16", TypeError,
+         r"^q is float8_e4m3fn: an fp8 q needs an fp8 cache, k float8_e4m3fn or float8_e5m2, got float16",
+         call(q=lambda kw: kw["q"].astype(jnp.float8_e4m3fn))),
+    # ---- descales (fp8) -------------------------------------------------------------------------
+    case("k_descale-f16", TypeError,
+         r"^k_descale must be float32 \[batch, num_kv_heads\]=\(4, 2\) or a scalar, got float16",
+         call(FP8, k_descale=jnp.ones((4, 2), jnp.float16))),
+    case("v_descale-list", TypeError, r"^v_descale must be an array, got list",
+         call(FP8, v_descale=[[1.0, 1.0]] * 4)),
+    case("k_descale-transposed", ValueError,
+         r"^k_descale must be \[batch, num_kv_heads\]=\(4, 2\) or a scalar \(shape \(\) or \(1,\)\), got \(2, 4\)",
+         call(FP8, k_descale=jnp.ones((2, 4), jnp.float32))),
+    case("q_descale-per-q-head", ValueError, r"^q_descale must be \[batch, num_kv_heads\]=\(4, 2\).*got \(4, 4\)",
+         call(FP8Q, q_descale=jnp.ones((4, 4), jnp.float32))),
+    # Checked also where they are ignored (a cache in q's dtype), so a wrong shape is never silent.
+    case("k_descale-f16-cache-bool", TypeError, r"^k_descale must be an array, got bool",
+         call(k_descale=True)),
+    case("q_descale-f16-q-shape", ValueError, r"^q_descale must be \[batch, num_kv_heads\]=\(4, 2\)",
+         call(q_descale=jnp.ones((3,), jnp.float32))),
+    # ---- s_aux (sinks) --------------------------------------------------------------------------
+    case("s_aux-bf16", TypeError, r"^s_aux must be float32 \[num_heads\], got bfloat16",
+         call(H8, s_aux=jnp.zeros((8,), jnp.bfloat16))),
+    case("s_aux-list", TypeError, r"^s_aux must be an array, got list",
+         call(H8, s_aux=[0.0] * 8)),
+    case("s_aux-kv-heads", ValueError,
+         r"^s_aux must be \[num_heads\]=\(8,\), one sink logit per q head, got \(2,\)",
+         call(H8, s_aux=jnp.zeros((2,), jnp.float32))),
+    case("s_aux-per-row", ValueError, r"^s_aux must be \[num_heads\]=\(8,\).*got \(4, 8\)",
+         call(H8, s_aux=jnp.zeros((4, 8), jnp.float32))),
     # ---- kv_layout (type, name) ------------------------------------------------------------------
     case("kv_layout-unknown", ValueError,
          r"^kv_layout must be one of \('NHD', 'HND', 'fused_page_major', 'fused_kv_major'\) or a "
@@ -502,11 +541,21 @@ def test_rejects(thunk, exc, match):
     pytest.param(Problem(head_dim=256), {}, id="head_dim-256"),
     pytest.param(Problem(num_heads=6, num_kv_heads=1), {}, id="mqa"),
     pytest.param(Problem(pad_q=0, seqlens_q=(0, 0, 0, 1)), {}, id="one-query"),
+    pytest.param(FP8, {}, id="fp8-e4m3-cache"),
+    pytest.param(Problem(kv_dtype="float8_e5m2", layout="fused_kv_major"), {}, id="fp8-e5m2-fused"),
+    pytest.param(FP8, dict(k_descale=DROP, v_descale=DROP), id="fp8-no-descales"),
+    pytest.param(FP8, dict(k_descale=0.5, v_descale=np.float32(2.0)), id="fp8-python-scalar-descales"),
+    pytest.param(FP8, dict(k_descale=jnp.ones((1,), jnp.float32)), id="fp8-descale-shape-1"),
+    pytest.param(FP8Q, {}, id="fp8-q"),
+    pytest.param(Problem(dtype="bfloat16", kv_dtype="float8_e5m2"), {}, id="bf16-q-fp8-cache"),
+    pytest.param(Problem(), dict(k_descale=jnp.ones((4, 2), jnp.float32), q_descale=1.0),
+                 id="descales-ignored-without-fp8"),
+    pytest.param(Problem(sinks=True), {}, id="sinks"),
 ])
 def test_accepts(problem, changes):
   kw = _kwargs(problem, changes)
   out, lse = jax.eval_shape(lambda: flash_attn_varlen_func(**kw))
-  assert out.shape == kw["q"].shape and out.dtype == kw["q"].dtype
+  assert out.shape == kw["q"].shape and out.dtype == jnp.dtype(out_dtype(problem))
   assert lse.shape == (kw["q"].shape[1], kw["q"].shape[0]) and lse.dtype == jnp.float32
 
 
@@ -566,3 +615,28 @@ def test_huge_window_is_unbounded():
   out, _ = flash_attn_varlen_func(**kw, backend="xla")
   ref, _ = reference_attention(**oracle)
   assert rel_err(out, ref) < TOLERANCE["float16"]
+
+
+# ---- check_inputs: the eager value checks of descales and sinks --------------------------------------
+
+@pytest.mark.parametrize("name,value,match", [
+    ("k_descale", np.nan, r"^k_descale: entry \[1, 0\] \(sequence, kv head\) is nan: descales must be finite"),
+    ("v_descale", np.inf, r"^v_descale: entry \[1, 0\] \(sequence, kv head\) is inf"),
+    ("s_aux", np.nan, r"^s_aux\[1\] = nan: a sink logit must be a number or -inf \(no sink\)"),
+    ("s_aux", np.inf, r"^s_aux\[1\] = inf"),
+])
+def test_check_inputs_names_bad_scales_and_sinks(name, value, match):
+  from jax_varlen_attn.checks import check_inputs
+  kw, _ = make_problem(Problem(kv_dtype="float8_e4m3fn", sinks=True))
+  check_inputs(**kw)  # valid as drawn
+  bad = np.array(kw[name])
+  bad[(1, 0) if bad.ndim == 2 else 1] = value
+  with pytest.raises(ValueError, match=match):
+    check_inputs(**{**kw, name: jnp.asarray(bad)})
+
+
+def test_check_inputs_takes_minus_inf_sinks_and_ignores_unused_descales():
+  from jax_varlen_attn.checks import check_inputs
+  kw, _ = make_problem(Problem(sinks=True))
+  check_inputs(**{**kw, "s_aux": jnp.full((4,), -jnp.inf, jnp.float32),
+                  "k_descale": jnp.full((4, 2), jnp.nan, jnp.float32)})  # f16 cache: not applied

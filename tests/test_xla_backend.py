@@ -8,7 +8,8 @@ import pytest
 from jax_varlen_attn import flash_attn_varlen_func
 from jax_varlen_attn.backends.xla import Config
 from tests.attention_suite import AttentionSuite, _INSTRUCTION
-from tests.problems import Problem, make_problem
+from tests.oracle import reference_attention
+from tests.problems import Problem, make_problem, rel_err
 
 
 class TestXla(AttentionSuite):
@@ -46,3 +47,56 @@ def test_copy_detector_sees_a_copy():
                                        seqused_k=kwargs["seqused_k"], block_table=kwargs["block_table"],
                                        backend="xla")
   assert _large_buffers(jax.jit(f).lower(kwargs["k"]).compile().as_text(), n)
+
+
+# ---- fp8 and sinks: what the arguments mean beyond the oracle comparison of the suite -------------
+
+def test_descales_are_ignored_without_fp8():
+  """With a cache (and q) in q's dtype the descales are checked and ignored (FlashAttention 3's
+  rule, so vLLM's calls that always pass them port): bit-identical outputs."""
+  kwargs, _ = make_problem(Problem(causal=True))
+  plain = flash_attn_varlen_func(**kwargs, backend="xla")
+  scaled = flash_attn_varlen_func(**kwargs, backend="xla", q_descale=jnp.float32(3.0),
+                                  k_descale=jnp.full((4, 2), 0.5, jnp.float32), v_descale=2.0)
+  for a, b in zip(plain, scaled):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_missing_descales_are_one():
+  """An fp8 cache without descales reads them as 1.0 (vLLM's default), for every form of 1."""
+  kwargs, _ = make_problem(Problem(kv_dtype="float8_e4m3fn", descale="none", causal=True))
+  base = flash_attn_varlen_func(**kwargs, backend="xla")
+  for ones in (1.0, jnp.ones((), jnp.float32), jnp.ones((1,), jnp.float32), jnp.ones((4, 2), jnp.float32)):
+    other = flash_attn_varlen_func(**{**kwargs, "k_descale": ones, "v_descale": ones}, backend="xla")
+    for a, b in zip(base, other):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sink_of_minus_inf_is_no_sink():
+  kwargs, _ = make_problem(Problem(causal=True, window=(0, 0), seqlens_q=(6, 2), seqlens_k=(3, 40)))
+  base_out, base_lse = flash_attn_varlen_func(**kwargs, backend="xla")
+  out, lse = flash_attn_varlen_func(**kwargs, backend="xla", s_aux=jnp.full((4,), -jnp.inf, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(base_out))
+  np.testing.assert_array_equal(np.asarray(lse), np.asarray(base_lse))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
+def test_head_split_with_fp8_and_sinks_runs_unsplit():
+  """On a mesh splitting heads, an fp8 / sinks call is not split (sharding has no specs for the
+  descale and sink arrays yet) but computes the same result as the plain call."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax_varlen_attn.api import sharded_flash_attn_varlen_func
+  kwargs, oracle = make_problem(Problem(num_heads=4, num_kv_heads=2, kv_dtype="float8_e4m3fn", sinks=True,
+                                        causal=True))
+  mesh = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+  want = flash_attn_varlen_func(**kwargs, backend="xla")
+  got = sharded_flash_attn_varlen_func(mesh, "tp", **kwargs, backend="xla")
+  q = jax.device_put(kwargs["q"], NamedSharding(mesh, P(None, "tp", None)))
+  detected = jax.jit(lambda q: flash_attn_varlen_func(**{**kwargs, "q": q}, backend="xla"))(q)
+  ref, _ = reference_attention(**oracle)
+  n = int(oracle["cu_seqlens_q"][-1])
+  for result in (got, detected):
+    for a, b in zip(result, want):
+      np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
+                                 rtol=1e-3, atol=1e-3)
+    assert rel_err(np.asarray(result[0].astype(jnp.float32))[:n], ref[:n]) < 4e-3

@@ -58,6 +58,8 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   Returns:
     (out [T, H, D] in q's dtype, lse f32[H, T] or None).
   """
+  if spec.kv_fp8 or spec.has_sinks:  # temporary: lands with the kernel support
+    raise NotImplementedError("fp8 caches and s_aux: backend='xla' only, for now")
   config = config.resolved(spec)
   p = kernel_params(spec, config)
   T, H, D = spec.total_q, spec.num_heads, spec.head_dim

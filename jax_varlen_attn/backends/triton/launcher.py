@@ -61,6 +61,8 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
 
 def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   """Returns (out [T, H, D] in q's dtype, lse f32[H, T] or None)."""
+  if spec.kv_fp8 or spec.has_sinks:  # temporary: lands with the kernel support
+    raise NotImplementedError("fp8 caches and s_aux: backend='xla' only, for now")
   config = config.resolved(spec)
   inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
   out, lse = launch(varlen_attention_kernel, inputs, outputs, grid, config.num_warps,

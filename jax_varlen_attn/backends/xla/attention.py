@@ -7,6 +7,11 @@ in the batch (their trip counts are data, not shapes: no recompile when lengths 
 
 The cache is read in place: the k / v buffers are viewed as rows of head_dim elements (a reshape,
 which XLA makes a bitcast) and each step gathers only the rows of the pages it needs.
+
+An fp8 cache (or q) is dequantized literally, as the contract states it: float32(element) *
+descale[sequence, kv head], per element, before the products. Sinks (s_aux) start each row's
+running max at s_aux[h] and its running sum at exp(s_aux[h] - s_aux[h]) = 1: the sink is one more
+term of the denominator, with no value.
 """
 
 from __future__ import annotations
@@ -59,8 +64,22 @@ def _kv_rows(spec: AttentionSpec, arrays: AttentionArrays, key_pos):
   return rows + st["k_offset"], rows + st["v_offset"]
 
 
+def _sink_init(spec: AttentionSpec, arrays: AttentionArrays, BQ: int):
+  """(m, l) f32[B, Hk, G, BQ]: the running max and sum every row starts from.
+
+  Without sinks m = -inf, l = 0. With sinks m = s_aux[h] and l = exp(s_aux[h] - m) = 1, so the sink
+  joins the denominator once and contributes no value; a -inf sink is none (l = 0).
+  """
+  B, Hk, G = spec.batch, spec.num_kv_heads, spec.group_size
+  shape = (B, Hk, G, BQ)
+  if arrays.s_aux is None:
+    return jnp.full(shape, _NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32)
+  sink = jnp.broadcast_to(arrays.s_aux.astype(jnp.float32).reshape(1, Hk, G, 1), shape)
+  return sink, jnp.where(sink == _NEG_INF, 0.0, 1.0)
+
+
 def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
-  """Returns (out [T, H, D] in q's dtype, lse f32[H, T] or None)."""
+  """Returns (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None)."""
   B, H, Hk, D, G = spec.batch, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size
   T, BQ, BK = spec.total_q, config.block_q, config.block_k
   f32 = jnp.float32
@@ -75,6 +94,8 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   k_rows_all = arrays.k.reshape(-1, D)
   v_rows_all = arrays.v.reshape(-1, D)
   slopes = None if arrays.alibi is None else arrays.alibi.astype(f32).reshape(B, Hk, G, 1, 1)
+  # f32[B, Hk] each, or None where that tensor is not fp8.
+  q_desc, k_desc, v_desc = arrays.q_descale, arrays.k_descale, arrays.v_descale
 
   num_q_chunks = _cdiv(jnp.max(len_q), BQ)
   num_k_blocks = jnp.minimum(_cdiv(jnp.max(len_k), BK), _cdiv(capacity, BK))
@@ -85,6 +106,8 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
     q_valid = qi[None, :] < len_q[:, None]  # [B, BQ]
     q_rows = jnp.where(q_valid, q_start[:, None] + qi[None, :], T)  # T: out of range, dropped
     qc = arrays.q[jnp.minimum(q_rows, T - 1)].astype(f32).reshape(B, BQ, Hk, G, D)
+    if q_desc is not None:  # an fp8 q: float(element) * q_descale[b, kv head]
+      qc = qc * q_desc[:, None, :, None, None]
     qc = qc * spec.scale
     # Bottom-right alignment: query i of a sequence sits at key position i + len_k - len_q.
     diag = qi[None, :] + (len_k - len_q)[:, None]  # [B, BQ]
@@ -95,8 +118,12 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
       k_idx, v_idx = _kv_rows(spec, arrays, key_pos)
       k_valid = key_pos[None, :] < len_k[:, None]  # [B, BK]
       kt = k_rows_all[k_idx].astype(f32)  # [B, BK, Hk, D]
+      vt = v_rows_all[v_idx].astype(f32)
+      if k_desc is not None:  # an fp8 cache: float(element) * descale[b, kv head]
+        kt = kt * k_desc[:, None, :, None]
+        vt = vt * v_desc[:, None, :, None]
       # Masked keys may be poison (the unused tail of a last page): zero them so 0 * NaN never occurs.
-      vt = jnp.where(k_valid[..., None, None], v_rows_all[v_idx].astype(f32), 0.0)
+      vt = jnp.where(k_valid[..., None, None], vt, 0.0)
       s = jnp.einsum("bqhgd,bkhd->bhgqk", qc, kt, precision=jax.lax.Precision.HIGHEST)
       if spec.softcap > 0:
         s = spec.softcap * jnp.tanh(s / spec.softcap)
@@ -113,8 +140,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
       s = jnp.where(allowed[:, None, None], s, _NEG_INF)
       return online_softmax_step(m, l, acc, s, vt)
 
-    init = (jnp.full((B, Hk, G, BQ), _NEG_INF, f32), jnp.zeros((B, Hk, G, BQ), f32),
-            jnp.zeros((B, Hk, G, BQ, D), f32))
+    init = _sink_init(spec, arrays, BQ) + (jnp.zeros((B, Hk, G, BQ, D), f32),)
     m, l, acc = jax.lax.fori_loop(0, num_k_blocks, k_block, init)
     seen = l > 0
     o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
@@ -126,7 +152,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
                                            mode="drop")
     return out, lse
 
-  out = jnp.zeros((T, H, D), arrays.q.dtype)  # padding rows stay zero
+  out = jnp.zeros((T, H, D), spec.out_dtype)  # padding rows stay zero
   lse = jnp.full((T, H), jnp.inf, f32) if spec.return_lse else None
   out, lse = jax.lax.fori_loop(0, num_q_chunks, q_chunk, (out, lse))
   return out, None if lse is None else lse.T
