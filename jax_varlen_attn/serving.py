@@ -7,11 +7,15 @@ Pieces, each usable alone:
   none are left); builds the flat batch as NumPy arrays padded to a token bucket and a sequence bucket
   (`StepBatch`), so the jitted step compiles once per bucket pair; takes the sampled tokens back.
 - `Engine`: owns the layer-stacked caches and runs the jitted step (model forward over the flat
-  batch, greedy argmax at each sequence's last token) with the caches donated, so the cache is
-  updated in place.
-- `generate(model, prompts, max_new_tokens)`: the whole loop.
+  batch, a token sampled at each sequence's last row) with the caches donated, so the cache is
+  updated in place. With `steps_per_call=N > 1`, whenever every running sequence is decoding and no
+  prompt waits, it runs up to N decode steps in one jitted call instead (`decode_chunk`:
+  `jax_varlen_attn.decode.decode_loop`, pages for the N tokens reserved beforehand); otherwise the
+  one-step path (`step`) admits, prefills and decodes as before.
+- `generate(model, prompts, max_new_tokens, steps_per_call=, sampling=)`: the whole loop.
 
-Greedy decoding only; token ids in, token ids out (no tokenizer).
+Greedy by default; temperature / top-k / top-p sampling per sequence with `decode.Sampling`. Token ids
+in, token ids out (no tokenizer).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import collections
 import dataclasses
 import functools
 import itertools
-from typing import Deque, Dict, Iterable, List, Optional, Sequence as Seq, Tuple
+from typing import Deque, Dict, Iterable, List, Optional, Sequence as Seq, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,8 @@ import numpy as np
 
 from flax import nnx
 
+from jax_varlen_attn.decode import (GREEDY, NO_EOS, DecodeBatch, Sampling, SamplingParams, decode_loop,
+                                    sample, sampling_arrays, sampling_mode, token_keys)
 from jax_varlen_attn.nn import DecoderLM, PagedBatch, init_cache
 from jax_varlen_attn.spec import next_pow2
 
@@ -108,6 +114,12 @@ class Sequence:
   num_computed: int = 0
   finished: bool = False
   num_preemptions: int = 0
+  sampling: Sampling = GREEDY
+
+  @property
+  def num_remaining(self) -> int:
+    """Tokens it may still generate."""
+    return self.max_new_tokens - len(self.generated)
 
   @property
   def tokens(self) -> List[int]:
@@ -195,7 +207,12 @@ class Scheduler:
     self.finished: List[Sequence] = []
     self._ids = itertools.count()
 
-  def add(self, prompt: Iterable[int], max_new_tokens: int, eos_token_id: Optional[int] = None) -> Sequence:
+  def add(self, prompt: Iterable[int], max_new_tokens: int, eos_token_id: Optional[int] = None,
+          sampling: Optional[Sampling] = None) -> Sequence:
+    """Queues a request; sampling: a `decode.Sampling` (None: greedy)."""
+    sampling = GREEDY if sampling is None else sampling
+    if not isinstance(sampling, Sampling):
+      raise TypeError(f"sampling must be a jax_varlen_attn.decode.Sampling or None, got {sampling!r}")
     prompt = [int(t) for t in prompt]
     if not prompt:
       raise ValueError("a prompt needs at least one token")
@@ -204,7 +221,7 @@ class Scheduler:
     if len(prompt) + max_new_tokens > self.config.max_model_len:
       raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
                        f"max_model_len={self.config.max_model_len}")
-    seq = Sequence(next(self._ids), prompt, max_new_tokens, eos_token_id)
+    seq = Sequence(next(self._ids), prompt, max_new_tokens, eos_token_id, sampling=sampling)
     self.waiting.append(seq)
     return seq
 
@@ -295,63 +312,180 @@ class Scheduler:
       seq.num_computed = start + n
       if not samples:
         continue
-      token = int(next_tokens[b])
-      seq.generated.append(token)
-      if len(seq.generated) >= seq.max_new_tokens or token == seq.eos_token_id:
-        seq.finished = True
-        self.allocator.free(seq.seq_id)
-        self.running.remove(seq)
-        self.finished.append(seq)
+      seq.generated.append(int(next_tokens[b]))
+      if self._finish_if_done(seq):
+        done.append(seq)
+    return done
+
+  def _finish_if_done(self, seq: Sequence) -> bool:
+    """Retires seq (frees its pages) once it has all its tokens or ends with its eos."""
+    if seq.num_remaining > 0 and not (seq.generated and seq.generated[-1] == seq.eos_token_id):
+      return False
+    seq.finished = True
+    self.allocator.free(seq.seq_id)
+    self.running.remove(seq)
+    self.finished.append(seq)
+    return True
+
+  # ---- multi-step decode ------------------------------------------------------------------------
+  def can_decode_many(self) -> bool:
+    """True when a multi-step decode call may run: no prompt waits, every running sequence decodes."""
+    return (not self.waiting and 0 < len(self.running) <= self.config.max_seqs
+            and not any(s.in_prefill for s in self.running))
+
+  def schedule_decode(self, steps: int) -> Optional["DecodeChunk"]:
+    """The next multi-step decode call (up to `steps` tokens for every running sequence), or None
+    when one may not run (`can_decode_many`) or the free pages cannot cover every sequence's next
+    min(steps, remaining) tokens (then the one-step path, which preempts, runs instead).
+
+    Reserves those pages before the call: the device then computes every step's slot itself.
+    """
+    if not self.can_decode_many():
+      return None
+    alloc, want = self.allocator, {}
+    for seq in self.running:  # tokens in the cache once the call has written min(steps, remaining)
+      want[seq.seq_id] = seq.num_computed + min(steps, seq.num_remaining)
+    if sum(alloc.pages_needed(i, n) for i, n in want.items()) > alloc.num_free:
+      return None
+    for seq_id, n in want.items():
+      alloc.reserve(seq_id, n)
+    return self._build_decode(list(self.running), steps)
+
+  def _build_decode(self, seqs: List[Sequence], steps: int) -> "DecodeChunk":
+    cfg = self.config
+    rows = bucket(len(seqs), cfg.min_seq_bucket, cfg.max_seqs)
+    tokens = np.zeros(rows, np.int32)
+    positions = np.zeros(rows, np.int32)
+    table = np.zeros((rows, cfg.max_blocks_per_seq), np.int32)  # past a sequence's pages: unread
+    remaining = np.zeros(rows, np.int32)  # padding rows: 0, inactive from the start
+    eos = np.full(rows, NO_EOS, np.int32)
+    for b, seq in enumerate(seqs):
+      pages = self.allocator.pages(seq.seq_id)
+      tokens[b] = seq.generated[-1]
+      positions[b] = seq.num_computed
+      table[b, :len(pages)] = pages
+      remaining[b] = seq.num_remaining
+      if seq.eos_token_id is not None:
+        eos[b] = seq.eos_token_id
+    params = sampling_arrays([s.sampling for s in seqs], [s.seq_id for s in seqs], rows)
+    mode = sampling_mode(params.temperature, params.top_k, params.top_p)
+    return DecodeChunk(seqs, DecodeBatch(tokens, positions, table, remaining, eos), params, mode, steps)
+
+  def update_decode(self, chunk: "DecodeChunk", tokens: np.ndarray, counts: np.ndarray) -> List[Sequence]:
+    """Records a decode call's results (tokens i32[S, steps], counts i32[S]); returns the sequences
+    that finished (their pages, unused reserved ones included, are freed)."""
+    done = []
+    for b, seq in enumerate(chunk.scheduled):
+      n = int(counts[b])
+      seq.generated.extend(int(t) for t in tokens[b, :n])
+      seq.num_computed += n  # every generated token but the last was fed back and written
+      if self._finish_if_done(seq):
         done.append(seq)
     return done
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
-def serving_step(graphdef, state, k_cache, v_cache, tokens, batch: PagedBatch, sample_rows):
-  """One step: the model over the flat batch, greedy argmax at `sample_rows` (each sequence's last
+@dataclasses.dataclass
+class DecodeChunk:
+  """One multi-step decode call: its sequences (rows, in order) and the host arrays it runs on.
+
+  batch: `decode.DecodeBatch` of NumPy arrays padded to the sequence bucket; sampling: NumPy
+  `decode.SamplingParams`; mode: the static sampling mode; steps: the call's most steps.
+  """
+
+  scheduled: List[Sequence]
+  batch: DecodeBatch
+  sampling: SamplingParams
+  mode: str
+  steps: int
+
+  @property
+  def bucket(self) -> Tuple[int, int]:
+    """(sequence bucket, steps): with the mode, the static shapes the jitted loop sees."""
+    return self.batch.tokens.shape[0], self.steps
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode",), donate_argnums=(2, 3))
+def serving_step(graphdef, state, k_cache, v_cache, tokens, batch: PagedBatch, sample_rows,
+                 sampling: Optional[SamplingParams] = None, *, mode: str = "filter"):
+  """One step: the model over the flat batch, a token sampled at `sample_rows` (each sequence's last
   row). Returns (next_tokens i32[S], logits [S, vocab], k_cache, v_cache).
 
+  sampling: None: greedy (argmax); else `decode.SamplingParams` of S rows, drawn with `decode.sample`
+  (static `mode`) keyed by the sampled row's position, as `decode.decode_loop` keys its steps.
+
   jitted with the model's graph static and the caches donated (updated in place): one compile per
-  (model, cache shape, token bucket, sequence bucket), shared by every `Engine` and `generate` call.
+  (model, cache shape, token bucket, sequence bucket, sampling or not, mode), shared by every
+  `Engine` and `generate` call.
   """
   model = nnx.merge(graphdef, state)
   logits, k_cache, v_cache = model(tokens, k_cache, v_cache, batch, logits_indices=sample_rows)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, k_cache, v_cache
+  if sampling is None:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, k_cache, v_cache
+  keys = token_keys(sampling, batch.positions[sample_rows])
+  next_tokens = sample(logits, keys, sampling.temperature, sampling.top_k, sampling.top_p, mode=mode)
+  return next_tokens, logits, k_cache, v_cache
 
 
 @dataclasses.dataclass
 class StepOutput:
   step: StepBatch
-  next_tokens: np.ndarray  # i32[S]: greedy token of each sequence row (meaningful where it samples)
+  next_tokens: np.ndarray  # i32[S]: sampled token of each sequence row (meaningful where it samples)
   logits: jax.Array  # [S, vocab] at each sequence's last row (on device)
   finished: List[Sequence]
 
 
+@dataclasses.dataclass
+class ChunkOutput:
+  chunk: DecodeChunk
+  tokens: np.ndarray  # i32[S, steps]: row s's new tokens in [s, :counts[s]], decode.PAD_TOKEN after
+  counts: np.ndarray  # i32[S]
+  finished: List[Sequence]
+
+
+def _options(samplings: Seq[Sampling]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(temperature, top_k, top_p) of these samplings as NumPy arrays (for `decode.sampling_mode`)."""
+  return (np.array([s.temperature for s in samplings], np.float32), np.array([s.top_k for s in samplings]),
+          np.array([s.top_p for s in samplings], np.float32))
+
+
+def _check_steps_per_call(steps_per_call) -> int:
+  if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, (int, np.integer)):
+    raise TypeError(f"steps_per_call must be an int, got {steps_per_call!r}")
+  if steps_per_call < 1:
+    raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+  return int(steps_per_call)
+
+
 class Engine:
-  """Runs a `DecoderLM` over a paged cache with a `Scheduler`; one jitted, cache-donating step.
+  """Runs a `DecoderLM` over a paged cache with a `Scheduler`; jitted, cache-donating calls.
 
-      engine = Engine(model, num_blocks=64, block_size=16, max_tokens_per_step=64)
-      engine.add([1, 2, 3], max_new_tokens=8)
-      while engine.has_work: engine.step()
+      engine = Engine(model, num_blocks=64, block_size=16, max_tokens_per_step=64, steps_per_call=16)
+      engine.add([1, 2, 3], max_new_tokens=8, sampling=Sampling(temperature=0.8, top_p=0.9))
+      while engine.has_work: engine.advance()
 
-  The step is `serving_step` (jitted; `serving_step._cache_size()` counts its compiles: one per
-  (token bucket, sequence bucket) pair for a given model and cache shape).
+  `step()` is the one-step path, `serving_step` (jitted; `serving_step._cache_size()` counts its
+  compiles: one per (token bucket, sequence bucket) pair for a given model and cache shape).
+  `decode_chunk()` runs up to `steps_per_call` decode steps in one call (`decode.decode_loop`:
+  one compile per sequence bucket and sampling mode) when every running sequence is decoding and
+  no prompt waits; `advance()` runs whichever applies.
   """
 
   def __init__(self, model: DecoderLM, *, num_blocks: int, block_size: int = 16,
                max_tokens_per_step: int = 256, max_seqs: int = 16, max_model_len: Optional[int] = None,
-               min_token_bucket: int = 16, min_seq_bucket: int = 4):
+               min_token_bucket: int = 16, min_seq_bucket: int = 4, steps_per_call: int = 1):
     if max_model_len is None:
       max_model_len = num_blocks * block_size
     self.config = SchedulerConfig(num_blocks=num_blocks, block_size=block_size,
                                   max_tokens_per_step=max_tokens_per_step, max_seqs=max_seqs,
                                   max_model_len=max_model_len, min_token_bucket=min_token_bucket,
                                   min_seq_bucket=min_seq_bucket)
+    self.steps_per_call = _check_steps_per_call(steps_per_call)
     self.scheduler = Scheduler(self.config)
     self.model_config = model.config
     self.graphdef, self.state = nnx.split(model)
     self.k_cache, self.v_cache = init_cache(model.config, num_blocks, block_size)
-    self.num_steps = 0
+    self.num_steps = 0  # one-step calls
+    self.num_chunks = 0  # multi-step decode calls
 
   @property
   def allocator(self) -> PageAllocator:
@@ -361,37 +495,79 @@ class Engine:
   def has_work(self) -> bool:
     return self.scheduler.has_work
 
-  def add(self, prompt: Iterable[int], max_new_tokens: int, eos_token_id: Optional[int] = None) -> Sequence:
-    return self.scheduler.add(prompt, max_new_tokens, eos_token_id)
+  def add(self, prompt: Iterable[int], max_new_tokens: int, eos_token_id: Optional[int] = None,
+          sampling: Optional[Sampling] = None) -> Sequence:
+    return self.scheduler.add(prompt, max_new_tokens, eos_token_id, sampling)
 
   def device_args(self, step: StepBatch):
-    """`serving_step`'s arguments for this step (graphdef, state, caches, tokens, batch, sample rows)."""
-    return (self.graphdef, self.state, self.k_cache, self.v_cache, jnp.asarray(step.tokens),
+    """`serving_step`'s positional arguments for this step (graphdef, state, caches, tokens, batch,
+    sample rows, and the `SamplingParams` where a sequence that samples in it is not greedy)."""
+    args = (self.graphdef, self.state, self.k_cache, self.v_cache, jnp.asarray(step.tokens),
             PagedBatch(*(jnp.asarray(a) for a in step.batch)), jnp.asarray(step.sample_rows))
+    seqs = [seq for seq, *_ in step.scheduled]
+    if all(seq.sampling.greedy for seq in seqs):
+      return args
+    params = sampling_arrays([s.sampling for s in seqs], [s.seq_id for s in seqs], step.sample_rows.shape[0])
+    return args + (SamplingParams(*(jnp.asarray(a) for a in params)),)
 
   def step(self) -> Optional[StepOutput]:
     """Schedules, runs and records one step; None when there is no work left."""
     step = self.scheduler.schedule()
     if step is None:
       return None
-    next_tokens, logits, self.k_cache, self.v_cache = serving_step(*self.device_args(step))
+    args = self.device_args(step)
+    samplings = [seq.sampling for seq, *_ in step.scheduled]
+    kwargs = {} if len(args) == 7 else dict(mode=sampling_mode(*_options(samplings)))
+    next_tokens, logits, self.k_cache, self.v_cache = serving_step(*args, **kwargs)
     next_tokens = np.asarray(next_tokens)
     finished = self.scheduler.update(step, next_tokens)
     self.num_steps += 1
     return StepOutput(step, next_tokens, logits, finished)
 
+  def decode_args(self, chunk: DecodeChunk):
+    """`decode.decode_loop`'s positional arguments (graphdef, state, caches, DecodeBatch, SamplingParams)."""
+    return (self.graphdef, self.state, self.k_cache, self.v_cache,
+            DecodeBatch(*(jnp.asarray(a) for a in chunk.batch)),
+            SamplingParams(*(jnp.asarray(a) for a in chunk.sampling)))
+
+  def decode_chunk(self, steps: Optional[int] = None) -> Optional[ChunkOutput]:
+    """Up to `steps` (default `steps_per_call`) decode steps of every running sequence in one jitted
+    call; None, running nothing, when that may not run now (`Scheduler.schedule_decode`)."""
+    steps = self.steps_per_call if steps is None else _check_steps_per_call(steps)
+    chunk = self.scheduler.schedule_decode(steps)
+    if chunk is None:
+      return None
+    tokens, counts, self.k_cache, self.v_cache = decode_loop(*self.decode_args(chunk), steps=chunk.steps,
+                                                             mode=chunk.mode)
+    tokens, counts = np.asarray(tokens), np.asarray(counts)
+    finished = self.scheduler.update_decode(chunk, tokens, counts)
+    self.num_chunks += 1
+    return ChunkOutput(chunk, tokens, counts, finished)
+
+  def advance(self) -> Optional[Union[StepOutput, ChunkOutput]]:
+    """One call: a multi-step decode where one may run (steps_per_call > 1), else one step; None
+    when there is no work left."""
+    if self.steps_per_call > 1:
+      out = self.decode_chunk()
+      if out is not None:
+        return out
+    return self.step()
+
   def run(self) -> Dict[int, List[int]]:
-    """Steps until every sequence has finished; returns seq_id -> generated tokens."""
-    while self.step() is not None:
+    """Advances until every sequence has finished; returns seq_id -> generated tokens."""
+    while self.advance() is not None:
       pass
     return {s.seq_id: list(s.generated) for s in self.scheduler.finished}
 
 
 def generate(model: DecoderLM, prompts: Seq[Seq[int]], max_new_tokens: int, *,
              eos_token_id: Optional[int] = None, block_size: int = 16, num_blocks: Optional[int] = None,
-             max_tokens_per_step: int = 128, max_seqs: int = 16, **engine_kwargs) -> List[List[int]]:
-  """Greedy generation for every prompt (lists of token ids); returns the generated ids per prompt.
+             max_tokens_per_step: int = 128, max_seqs: int = 16, steps_per_call: int = 1,
+             sampling: Optional[Sampling] = None, **engine_kwargs) -> List[List[int]]:
+  """Generation for every prompt (lists of token ids); returns the generated ids per prompt.
 
+  steps_per_call: decode steps per jitted call once every prompt is prefilled (1: one step per call).
+  sampling: a `decode.Sampling` for every prompt (None: greedy).
   num_blocks defaults to enough pages for every sequence at once (no preemption).
   """
   prompts = [list(p) for p in prompts]
@@ -400,7 +576,8 @@ def generate(model: DecoderLM, prompts: Seq[Seq[int]], max_new_tokens: int, *,
     num_blocks = sum(_cdiv(len(p) + max_new_tokens, block_size) for p in prompts)
   engine_kwargs.setdefault("max_model_len", _cdiv(longest, block_size) * block_size)
   engine = Engine(model, num_blocks=num_blocks, block_size=block_size,
-                  max_tokens_per_step=max_tokens_per_step, max_seqs=max_seqs, **engine_kwargs)
-  seqs = [engine.add(p, max_new_tokens, eos_token_id) for p in prompts]
+                  max_tokens_per_step=max_tokens_per_step, max_seqs=max_seqs, steps_per_call=steps_per_call,
+                  **engine_kwargs)
+  seqs = [engine.add(p, max_new_tokens, eos_token_id, sampling) for p in prompts]
   engine.run()
   return [list(s.generated) for s in seqs]

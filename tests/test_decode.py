@@ -1,0 +1,294 @@
+"""The multi-step decode path (`decode.decode_loop` via `serving.Engine(steps_per_call=N)`) and on-device
+sampling (`decode.sample`).
+
+The reference for the loop is the one-step path (`serving.serving_step`, itself checked against the
+model with dense attention in tests/test_serving.py): same tokens, greedy and sampled, with sequences
+of different lengths that stop at their eos or their max length mid-call and calls that cross page
+boundaries. The reference for sampling is softmax(logits / T) restricted by top-k / top-p, computed
+here in NumPy.
+"""
+
+import collections
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jax_varlen_attn import decode, serving  # noqa: E402
+from jax_varlen_attn.nn import DecoderLM, ModelConfig, init_cache  # noqa: E402
+from tests.test_nn import in_place_violations  # noqa: E402
+
+PROMPT_LENS = (3, 17, 9)
+MAX_NEW = (13, 6, 11)  # different lengths: the rows stop at different steps of a call
+BLOCK_SIZE = 4  # small pages: an 8-step call crosses a page boundary for every sequence
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = ModelConfig.tiny()
+  assert cfg.compute_dtype == jnp.float32 and cfg.weight_dtype == jnp.float32  # exact comparisons
+  return DecoderLM(cfg, rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  rng = np.random.default_rng(7)
+  return [rng.integers(0, 256, n).tolist() for n in PROMPT_LENS]
+
+
+NUM_BLOCKS = 40
+# One token bucket for prefill and decode steps and one sequence bucket: one compile of each path.
+ENGINE = dict(block_size=BLOCK_SIZE, max_tokens_per_step=32, min_token_bucket=32, max_seqs=4,
+              max_model_len=NUM_BLOCKS * BLOCK_SIZE)
+
+
+def make_engine(model, steps_per_call):
+  return serving.Engine(model, num_blocks=NUM_BLOCKS, steps_per_call=steps_per_call, **ENGINE)
+
+
+def run(engine, prompts, eos=None, sampling=None):
+  eos = eos or [None] * len(prompts)
+  seqs = [engine.add(p, n, e, sampling) for p, n, e in zip(prompts, MAX_NEW, eos)]
+  outputs = []
+  while (out := engine.advance()) is not None:
+    outputs.append(out)
+  return [s.generated for s in seqs], outputs
+
+
+def first_new_token(tokens, start):
+  """(index, token): the first token at index >= start not seen before it (an eos that stops there)."""
+  i = next(i for i in range(start, len(tokens)) if tokens.index(tokens[i]) == i)
+  return i, tokens[i]
+
+
+@pytest.fixture(scope="module")
+def one_step(model, prompts):
+  """The one-step path's greedy tokens, and an eos for sequence 0 that stops it inside a call."""
+  free, _ = run(make_engine(model, 1), prompts)
+  index, eos = first_new_token(free[0], 3)  # token 0 comes from the prefill step: 3 is in a call
+  stopped, _ = run(make_engine(model, 1), prompts, eos=[eos, None, None])
+  assert stopped[0] == free[0][:index + 1] and stopped[1:] == free[1:]
+  return stopped, [eos, None, None]
+
+
+def test_multi_step_matches_one_step_greedy(model, prompts, one_step):
+  want, eos = one_step
+  engine = make_engine(model, STEPS)
+  got, outputs = run(engine, prompts, eos)
+  assert got == want
+  chunks = [o for o in outputs if isinstance(o, serving.ChunkOutput)]
+  assert engine.num_chunks == len(chunks) >= 2 and engine.num_steps <= 2  # prefill, then calls
+  # Rows stopped mid-call (eos, max length), rows ran whole calls, and padding rows made nothing.
+  counts = np.concatenate([c.counts[:len(c.chunk.scheduled)] for c in chunks])
+  assert (counts == STEPS).any() and ((counts > 0) & (counts < STEPS)).any()
+  pad = np.concatenate([c.tokens[len(c.chunk.scheduled):] for c in chunks])
+  assert pad.size and (pad == decode.PAD_TOKEN).all()
+  assert engine.allocator.num_free == NUM_BLOCKS
+
+
+def test_finished_sequences_never_write_the_cache(model, prompts, one_step):
+  """NaN-poisoned caches: after the run exactly the slots of the tokens each sequence computed hold
+  numbers; every other slot (reserved tails of sequences that stopped early, padding rows' page 0,
+  untouched pages) keeps its poison, and the tokens are still the one-step path's."""
+  want, eos = one_step
+  engine = make_engine(model, STEPS)
+  engine.k_cache = jnp.full_like(engine.k_cache, jnp.nan)
+  engine.v_cache = jnp.full_like(engine.v_cache, jnp.nan)
+  pages = collections.defaultdict(list)
+  reserve = engine.allocator.reserve
+
+  def spy(seq_id, num_tokens):
+    new = reserve(seq_id, num_tokens)
+    pages[seq_id] += new
+    return new
+
+  engine.allocator.reserve = spy
+  got, _ = run(engine, prompts, eos)
+  assert got == want
+  seqs = engine.scheduler.finished
+  written = np.zeros(engine.k_cache.shape[1] * BLOCK_SIZE, bool)
+  reserved = written.copy()
+  for seq in seqs:
+    assert len(set(pages[seq.seq_id])) == len(pages[seq.seq_id])
+    slots = np.array(pages[seq.seq_id])[:, None] * BLOCK_SIZE + np.arange(BLOCK_SIZE)
+    reserved[slots.ravel()] = True
+    written[slots.ravel()[:seq.num_computed]] = True
+  assert (reserved & ~written).sum() > BLOCK_SIZE  # the eos row's unused reservation at least
+  for cache in (engine.k_cache, engine.v_cache):
+    finite = np.isfinite(np.asarray(cache)).reshape(cache.shape[0], -1, cache[0, 0, 0].size)
+    assert finite.all(axis=(0, 2))[written].all() and not finite[:, ~written].any()
+
+
+def test_sampled_tokens_do_not_depend_on_steps_per_call(model, prompts):
+  """Keys are per (seed, sequence, position): grouping steps into calls changes no draw."""
+  kw = dict(ENGINE, num_blocks=NUM_BLOCKS)
+  hot = decode.Sampling(temperature=0.8, top_k=40, top_p=0.9, seed=5)
+  one = serving.generate(model, prompts, 10, sampling=hot, **kw)
+  many = serving.generate(model, prompts, 10, steps_per_call=STEPS, sampling=hot, **kw)
+  assert one == many
+  reseeded = serving.generate(model, prompts, 10, steps_per_call=STEPS,
+                              sampling=decode.Sampling(temperature=0.8, top_k=40, top_p=0.9, seed=6), **kw)
+  assert reseeded != many
+
+
+def loop_args(model, seed, rows=4, num_blocks=NUM_BLOCKS):
+  """decode_loop's arguments (the engine's shapes) for `rows` sequences at random lengths on random
+  distinct pages."""
+  rng = np.random.default_rng(seed)
+  cfg = model.config
+  k_cache, v_cache = init_cache(cfg, num_blocks, BLOCK_SIZE)
+  used = 6  # pages per sequence
+  positions = rng.integers(1, used * BLOCK_SIZE - STEPS, rows).astype(np.int32)
+  table = np.zeros((rows, NUM_BLOCKS), np.int32)  # the engine's width: max_model_len / block_size
+  table[:, :used] = rng.permutation(num_blocks)[:rows * used].reshape(rows, used)
+  batch = decode.DecodeBatch(tokens=rng.integers(0, cfg.vocab_size, rows).astype(np.int32),
+                             positions=positions, block_table=table,
+                             remaining=rng.integers(1, STEPS + 3, rows).astype(np.int32),
+                             eos=np.full(rows, decode.NO_EOS, np.int32))
+  params = decode.sampling_arrays([decode.GREEDY] * rows, list(range(rows)), rows)
+  return (*nnx.split(model), k_cache, v_cache, jax.tree.map(jnp.asarray, batch),
+          jax.tree.map(jnp.asarray, params))
+
+
+def test_decode_loop_compiles_once_for_new_lengths_tables_positions(model):
+  sizes = []
+  for seed in (0, 1, 2):  # new tokens, positions, tables, remaining counts: the same program
+    args = loop_args(model, seed)
+    tokens, counts, *_ = decode.decode_loop(*args, steps=STEPS, mode="greedy")
+    np.testing.assert_array_equal(counts, np.minimum(args[4].remaining, STEPS))
+    sizes.append(decode.decode_loop._cache_size())
+  assert sizes[0] == sizes[1] == sizes[2]
+  decode.decode_loop(*loop_args(model, 0, rows=2), steps=STEPS, mode="greedy")  # a new bucket does compile
+  assert decode.decode_loop._cache_size() == sizes[0] + 1
+
+
+def test_decode_loop_updates_the_donated_cache_in_place(model):
+  args = loop_args(model, 0, num_blocks=301)  # a cache larger than any other buffer
+  k_cache = args[2]
+  hlo = decode.decode_loop.lower(*args, steps=STEPS, mode="greedy").compile().as_text()
+  assert not in_place_violations(hlo, k_cache.size)
+  ptr = k_cache.unsafe_buffer_pointer()
+  _, _, k_new, _ = decode.decode_loop(*args, steps=STEPS, mode="greedy")
+  assert k_cache.is_deleted() and k_new.unsafe_buffer_pointer() == ptr
+
+
+def test_schedule_decode_reserves_the_call_pages_and_waits_for_prefill():
+  cfg = serving.SchedulerConfig(num_blocks=8, block_size=4, max_tokens_per_step=32, max_seqs=4,
+                                max_model_len=32, min_token_bucket=4, min_seq_bucket=4)
+  sched = serving.Scheduler(cfg)
+  a = sched.add(range(6), max_new_tokens=26)
+  b = sched.add(range(3), max_new_tokens=3)
+  assert sched.schedule_decode(STEPS) is None  # prompts wait
+  sched.update(sched.schedule(), np.array([1, 2, 0, 0]))
+  # 24 steps: a needs 6 + 24 = 30 tokens (8 pages), b 3 + 2 left (2 pages): 7 more, 5 free.
+  assert sched.schedule_decode(3 * STEPS) is None and sched.allocator.num_free == 5
+  chunk = sched.schedule_decode(STEPS)
+  # a: 6 tokens in the cache + 8 this call = 14 -> 4 pages; b: 3 + min(8, 2 left) = 5 -> 2 pages.
+  assert [len(sched.allocator.pages(s.seq_id)) for s in (a, b)] == [4, 2]
+  bt = chunk.batch
+  np.testing.assert_array_equal(bt.tokens, [1, 2, 0, 0])
+  np.testing.assert_array_equal(bt.positions, [6, 3, 0, 0])
+  np.testing.assert_array_equal(bt.remaining, [25, 2, 0, 0])
+  assert list(bt.block_table[0, :4]) == sched.allocator.pages(a.seq_id) and chunk.mode == "greedy"
+  out = np.full((4, STEPS), decode.PAD_TOKEN)
+  out[0], out[1, :2] = np.arange(10, 18), [5, 6]
+  done = sched.update_decode(chunk, out, np.array([STEPS, 2, 0, 0]))
+  assert done == [b] and b.generated == [2, 5, 6] and a.generated == [1, *range(10, 18)]
+  assert a.num_computed == 14 and sched.allocator.pages(b.seq_id) == []
+  sched.add(range(30), max_new_tokens=2)  # a waiting prompt: the one-step path runs
+  assert sched.schedule_decode(STEPS) is None
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+def test_top_k_1_and_tiny_top_p_are_greedy():
+  logits = jax.random.normal(jax.random.key(0), (64, 100)) * 3
+  greedy = np.asarray(jnp.argmax(logits, -1))
+  key = jax.random.key(1)
+  for t, k, p in [(1.0, 1, 1.0), (0.7, 0, 1e-6), (2.0, 5, 1e-6), (0.0, 7, 0.5)]:
+    np.testing.assert_array_equal(decode.sample(logits, key, t, k, p), greedy, err_msg=f"{t} {k} {p}")
+  np.testing.assert_array_equal(decode.sample(logits, key, 0.0, 0, 1.0, mode="greedy"), greedy)
+
+
+def restricted_softmax(logits, t, k, p):
+  """f64 NumPy reference: softmax(logits / t) over the top-k tokens, then the top-p nucleus."""
+  z = np.asarray(logits, np.float64) / t
+  order = np.argsort(-z)[:k or len(z)]
+  probs = np.exp(z[order] - z[order].max())
+  probs /= probs.sum()
+  before = np.cumsum(probs) - probs
+  assert np.abs(before - p).min() > 1e-3  # no cut within rounding of top_p
+  keep = order[before < p]
+  out = np.zeros(len(z))
+  out[keep] = np.exp(z[keep] - z[keep].max())
+  return out / out.sum()
+
+
+def test_sampling_matches_the_restricted_softmax():
+  """4000 draws per option set (one vectorised call): chi-square against the reference within
+  mean + 6 standard deviations, and never a token the restriction removes."""
+  n, vocab = 4000, 8
+  logits = np.random.default_rng(0).standard_normal(vocab).astype(np.float32) * 1.5
+  options = [(0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8), (0.9, 5, 0.6)]
+  t, k, p = (np.repeat(np.array(col), n) for col in zip(*options))
+  rows = jnp.broadcast_to(jnp.asarray(logits), (len(t), vocab))
+  tokens = np.asarray(decode.sample(rows, jax.random.key(0), t.astype(np.float32), k.astype(np.int32),
+                                    p.astype(np.float32)))
+  for i, opt in enumerate(options):
+    want = restricted_softmax(logits, *opt)
+    counts = np.bincount(tokens[i * n:(i + 1) * n], minlength=vocab)
+    assert not counts[want == 0].any(), (opt, counts, want)
+    kept = want > 0
+    expected = n * want[kept]
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    df = kept.sum() - 1
+    assert chi2 < df + 6 * np.sqrt(2 * df), (opt, chi2, counts, expected)
+
+
+def test_sampling_modes_agree_and_a_fixed_key_is_reproducible():
+  logits = jax.random.normal(jax.random.key(2), (32, 50)) * 2
+  keys = jax.random.split(jax.random.key(3), 32)
+  t = jnp.full(32, 0.9).at[:4].set(0.0)  # a few greedy rows among sampled ones
+  draws = decode.sample(logits, keys, t, 0, 1.0, mode="sample")
+  np.testing.assert_array_equal(draws, decode.sample(logits, keys, t, 0, 1.0, mode="filter"))
+  np.testing.assert_array_equal(draws, decode.sample(logits, keys, t, 0, 1.0))
+  np.testing.assert_array_equal(draws[:4], jnp.argmax(logits[:4], -1))
+  raw = jax.random.PRNGKey(3)  # raw uint32 key data works too
+  np.testing.assert_array_equal(decode.sample(logits, raw, t, 0, 1.0), decode.sample(logits, raw, t, 0, 1.0))
+  other = decode.sample(logits, jax.random.split(jax.random.key(4), 32), t, 0, 1.0)
+  assert (np.asarray(other) != np.asarray(draws)).any()
+  jitted = jax.jit(decode.sample, static_argnames="mode")  # traced options: mode "filter"
+  np.testing.assert_array_equal(jitted(logits, keys, t, jnp.zeros(32, jnp.int32), jnp.ones(32)), draws)
+
+
+def test_sampling_options_are_checked(model):
+  logits = jnp.zeros((2, 5))
+  key = jax.random.key(0)
+  for kw, err, word in [(dict(temperature=-1.0), ValueError, "temperature"),
+                        (dict(top_p=0.0), ValueError, "top_p"), (dict(top_p=1.5), ValueError, "top_p"),
+                        (dict(top_k=-1), ValueError, "top_k"), (dict(top_k=1.5), TypeError, "top_k"),
+                        (dict(temperature=float("nan")), ValueError, "temperature"),
+                        (dict(seed=-3), ValueError, "seed"), (dict(temperature="hot"), TypeError, "temperature")]:
+    with pytest.raises(err, match=word):
+      decode.Sampling(**kw)
+    if word != "seed":
+      args = {**dict(temperature=1.0, top_k=0, top_p=1.0), **kw}
+      with pytest.raises(err, match=word):
+        decode.sample(logits, key, **{k: np.asarray(v) for k, v in args.items()})
+  with pytest.raises(ValueError, match="logits"):
+    decode.sample(jnp.zeros(5), key, 1.0, 0, 1.0)
+  with pytest.raises(ValueError, match="temperature"):
+    decode.sample(logits, key, jnp.ones(3), 0, 1.0)
+  with pytest.raises(ValueError, match="mode"):
+    decode.sample(logits, key, 1.0, 0, 1.0, mode="beam")
+  with pytest.raises(ValueError, match="steps_per_call"):
+    serving.Engine(model, num_blocks=4, steps_per_call=0)
+  with pytest.raises(TypeError, match="steps_per_call"):
+    serving.generate(model, [[1, 2]], 2, steps_per_call=2.0)
+  with pytest.raises(TypeError, match="sampling"):
+    serving.generate(model, [[1, 2]], 2, sampling=0.7)
