@@ -24,9 +24,17 @@ from jax_varlen_attn.nn import DecoderLM, ModelConfig, init_cache  # noqa: E402
 from tests.test_nn import in_place_violations  # noqa: E402
 
 PROMPT_LENS = (3, 17, 9)
-MAX_NEW = (13, 6, 11)  # different lengths: the rows stop at different steps of a call
+MAX_NEW = (11, 6, 13)  # different lengths: the rows stop at different steps of a call
+HOT = decode.Sampling(temperature=0.8, top_k=40, top_p=0.9, seed=5)
+# Rows 0 and 1 greedy, row 2 sampled; row 2 runs longest, so every step of the one-step path samples
+# (one compile of each path).
+SAMPLINGS = (decode.GREEDY, decode.GREEDY, HOT)
 BLOCK_SIZE = 4  # small pages: an 8-step call crosses a page boundary for every sequence
 STEPS = 8
+NUM_BLOCKS = 40
+# One token bucket for prefill and decode steps and one sequence bucket: one compile of each path.
+ENGINE = dict(block_size=BLOCK_SIZE, max_tokens_per_step=32, min_token_bucket=32, max_seqs=4,
+              max_model_len=NUM_BLOCKS * BLOCK_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +50,12 @@ def prompts():
   return [rng.integers(0, 256, n).tolist() for n in PROMPT_LENS]
 
 
-NUM_BLOCKS = 40
-# One token bucket for prefill and decode steps and one sequence bucket: one compile of each path.
-ENGINE = dict(block_size=BLOCK_SIZE, max_tokens_per_step=32, min_token_bucket=32, max_seqs=4,
-              max_model_len=NUM_BLOCKS * BLOCK_SIZE)
-
-
 def make_engine(model, steps_per_call):
   return serving.Engine(model, num_blocks=NUM_BLOCKS, steps_per_call=steps_per_call, **ENGINE)
 
 
-def run(engine, prompts, eos=None, sampling=None):
-  eos = eos or [None] * len(prompts)
-  seqs = [engine.add(p, n, e, sampling) for p, n, e in zip(prompts, MAX_NEW, eos)]
+def run(engine, prompts, eos=(None, None, None), samplings=SAMPLINGS):
+  seqs = [engine.add(*args) for args in zip(prompts, MAX_NEW, eos, samplings)]
   outputs = []
   while (out := engine.advance()) is not None:
     outputs.append(out)
@@ -69,27 +70,36 @@ def first_new_token(tokens, start):
 
 @pytest.fixture(scope="module")
 def one_step(model, prompts):
-  """The one-step path's greedy tokens, and an eos for sequence 0 that stops it inside a call."""
+  """The one-step path's tokens, with an eos for sequence 0 that stops it inside a call."""
   free, _ = run(make_engine(model, 1), prompts)
   index, eos = first_new_token(free[0], 3)  # token 0 comes from the prefill step: 3 is in a call
-  stopped, _ = run(make_engine(model, 1), prompts, eos=[eos, None, None])
+  stopped, _ = run(make_engine(model, 1), prompts, eos=(eos, None, None))
   assert stopped[0] == free[0][:index + 1] and stopped[1:] == free[1:]
-  return stopped, [eos, None, None]
+  return stopped, (eos, None, None)
 
 
-def test_multi_step_matches_one_step_greedy(model, prompts, one_step):
+def test_multi_step_matches_one_step(model, prompts, one_step):
+  """Greedy rows (one stops at its eos, one at its max length, mid-call) and a sampled row (keys are
+  per seed, sequence and position, so grouping steps into calls changes no draw): the same tokens."""
   want, eos = one_step
   engine = make_engine(model, STEPS)
   got, outputs = run(engine, prompts, eos)
   assert got == want
   chunks = [o for o in outputs if isinstance(o, serving.ChunkOutput)]
-  assert engine.num_chunks == len(chunks) >= 2 and engine.num_steps <= 2  # prefill, then calls
+  assert engine.num_chunks == len(chunks) >= 2 and engine.num_steps == 1  # the prefill, then calls
   # Rows stopped mid-call (eos, max length), rows ran whole calls, and padding rows made nothing.
   counts = np.concatenate([c.counts[:len(c.chunk.scheduled)] for c in chunks])
   assert (counts == STEPS).any() and ((counts > 0) & (counts < STEPS)).any()
   pad = np.concatenate([c.tokens[len(c.chunk.scheduled):] for c in chunks])
   assert pad.size and (pad == decode.PAD_TOKEN).all()
   assert engine.allocator.num_free == NUM_BLOCKS
+
+
+def test_a_new_seed_changes_only_the_sampled_row(model, prompts, one_step):
+  want, eos = one_step
+  reseeded = (*SAMPLINGS[:2], decode.Sampling(temperature=0.8, top_k=40, top_p=0.9, seed=6))
+  got, _ = run(make_engine(model, STEPS), prompts, eos, reseeded)
+  assert got[:2] == want[:2] and got[2] != want[2]
 
 
 def test_finished_sequences_never_write_the_cache(model, prompts, one_step):
@@ -111,30 +121,17 @@ def test_finished_sequences_never_write_the_cache(model, prompts, one_step):
   engine.allocator.reserve = spy
   got, _ = run(engine, prompts, eos)
   assert got == want
-  seqs = engine.scheduler.finished
-  written = np.zeros(engine.k_cache.shape[1] * BLOCK_SIZE, bool)
+  written = np.zeros(NUM_BLOCKS * BLOCK_SIZE, bool)
   reserved = written.copy()
-  for seq in seqs:
-    assert len(set(pages[seq.seq_id])) == len(pages[seq.seq_id])
-    slots = np.array(pages[seq.seq_id])[:, None] * BLOCK_SIZE + np.arange(BLOCK_SIZE)
-    reserved[slots.ravel()] = True
-    written[slots.ravel()[:seq.num_computed]] = True
+  for seq in engine.scheduler.finished:
+    assert len(set(pages[seq.seq_id])) == len(pages[seq.seq_id])  # no page reused
+    slots = (np.array(pages[seq.seq_id])[:, None] * BLOCK_SIZE + np.arange(BLOCK_SIZE)).ravel()
+    reserved[slots] = True
+    written[slots[:seq.num_computed]] = True
   assert (reserved & ~written).sum() > BLOCK_SIZE  # the eos row's unused reservation at least
   for cache in (engine.k_cache, engine.v_cache):
-    finite = np.isfinite(np.asarray(cache)).reshape(cache.shape[0], -1, cache[0, 0, 0].size)
-    assert finite.all(axis=(0, 2))[written].all() and not finite[:, ~written].any()
-
-
-def test_sampled_tokens_do_not_depend_on_steps_per_call(model, prompts):
-  """Keys are per (seed, sequence, position): grouping steps into calls changes no draw."""
-  kw = dict(ENGINE, num_blocks=NUM_BLOCKS)
-  hot = decode.Sampling(temperature=0.8, top_k=40, top_p=0.9, seed=5)
-  one = serving.generate(model, prompts, 10, sampling=hot, **kw)
-  many = serving.generate(model, prompts, 10, steps_per_call=STEPS, sampling=hot, **kw)
-  assert one == many
-  reseeded = serving.generate(model, prompts, 10, steps_per_call=STEPS,
-                              sampling=decode.Sampling(temperature=0.8, top_k=40, top_p=0.9, seed=6), **kw)
-  assert reseeded != many
+    finite = np.isfinite(np.asarray(cache)).reshape(cache.shape[0], NUM_BLOCKS * BLOCK_SIZE, -1)
+    assert finite[:, written].all() and not finite[:, ~written].any()
 
 
 def loop_args(model, seed, rows=4, num_blocks=NUM_BLOCKS):
@@ -160,18 +157,16 @@ def test_decode_loop_compiles_once_for_new_lengths_tables_positions(model):
   sizes = []
   for seed in (0, 1, 2):  # new tokens, positions, tables, remaining counts: the same program
     args = loop_args(model, seed)
-    tokens, counts, *_ = decode.decode_loop(*args, steps=STEPS, mode="greedy")
+    tokens, counts, *_ = decode.decode_loop(*args, steps=STEPS, mode="filter")
     np.testing.assert_array_equal(counts, np.minimum(args[4].remaining, STEPS))
     sizes.append(decode.decode_loop._cache_size())
   assert sizes[0] == sizes[1] == sizes[2]
-  decode.decode_loop(*loop_args(model, 0, rows=2), steps=STEPS, mode="greedy")  # a new bucket does compile
-  assert decode.decode_loop._cache_size() == sizes[0] + 1
 
 
 def test_decode_loop_updates_the_donated_cache_in_place(model):
   args = loop_args(model, 0, num_blocks=301)  # a cache larger than any other buffer
   k_cache = args[2]
-  hlo = decode.decode_loop.lower(*args, steps=STEPS, mode="greedy").compile().as_text()
+  hlo = decode.decode_loop.lower(*args, steps=STEPS, mode="greedy").compile().as_text()  # no sort
   assert not in_place_violations(hlo, k_cache.size)
   ptr = k_cache.unsafe_buffer_pointer()
   _, _, k_new, _ = decode.decode_loop(*args, steps=STEPS, mode="greedy")
@@ -206,9 +201,13 @@ def test_schedule_decode_reserves_the_call_pages_and_waits_for_prefill():
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
+def random_logits(seed, rows=32, vocab=50):
+  return np.random.default_rng(seed).standard_normal((rows, vocab)).astype(np.float32) * 2
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy():
-  logits = jax.random.normal(jax.random.key(0), (64, 100)) * 3
-  greedy = np.asarray(jnp.argmax(logits, -1))
+  logits = random_logits(0)
+  greedy = logits.argmax(-1)
   key = jax.random.key(1)
   for t, k, p in [(1.0, 1, 1.0), (0.7, 0, 1e-6), (2.0, 5, 1e-6), (0.0, 7, 0.5)]:
     np.testing.assert_array_equal(decode.sample(logits, key, t, k, p), greedy, err_msg=f"{t} {k} {p}")
@@ -251,13 +250,14 @@ def test_sampling_matches_the_restricted_softmax():
 
 
 def test_sampling_modes_agree_and_a_fixed_key_is_reproducible():
-  logits = jax.random.normal(jax.random.key(2), (32, 50)) * 2
+  logits = random_logits(2)
   keys = jax.random.split(jax.random.key(3), 32)
-  t = jnp.full(32, 0.9).at[:4].set(0.0)  # a few greedy rows among sampled ones
+  t = np.full(32, 0.9, np.float32)
+  t[:4] = 0  # a few greedy rows among sampled ones
   draws = decode.sample(logits, keys, t, 0, 1.0, mode="sample")
   np.testing.assert_array_equal(draws, decode.sample(logits, keys, t, 0, 1.0, mode="filter"))
   np.testing.assert_array_equal(draws, decode.sample(logits, keys, t, 0, 1.0))
-  np.testing.assert_array_equal(draws[:4], jnp.argmax(logits[:4], -1))
+  np.testing.assert_array_equal(draws[:4], logits[:4].argmax(-1))
   raw = jax.random.PRNGKey(3)  # raw uint32 key data works too
   np.testing.assert_array_equal(decode.sample(logits, raw, t, 0, 1.0), decode.sample(logits, raw, t, 0, 1.0))
   other = decode.sample(logits, jax.random.split(jax.random.key(4), 32), t, 0, 1.0)
