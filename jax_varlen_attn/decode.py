@@ -311,7 +311,8 @@ class _Carry(NamedTuple):
   v_cache: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode"), donate_argnames=("k_cache", "v_cache"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode"),
+                   donate_argnames=("k_cache", "v_cache"))
 def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: DecodeBatch,
                 sampling: SamplingParams, *, steps: int, mode: str = "filter"):
   """Up to `steps` decode steps of the model in one call; returns (tokens, counts, k_cache, v_cache).
@@ -357,7 +358,7 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
                   counts, out, k_cache, v_cache)
 
   init = _Carry(jnp.int32(0), batch.tokens.astype(jnp.int32), batch.positions.astype(jnp.int32),
-                batch.remaining > 0, jnp.zeros(rows, jnp.int32), jnp.full((rows, steps), PAD_TOKEN, jnp.int32),
-                k_cache, v_cache)
+                batch.remaining > 0, jnp.zeros(rows, jnp.int32),
+                jnp.full((rows, steps), PAD_TOKEN, jnp.int32), k_cache, v_cache)
   final = jax.lax.while_loop(cond, body, init)
   return final.out, final.counts, final.k_cache, final.v_cache

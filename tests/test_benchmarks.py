@@ -63,13 +63,57 @@ def test_host_breakdown_groups_host_events_by_name():
   assert not any(r["name"] in ("attn", "memcpy") for r in rows.values())  # GPU rows are not host
 
 
-def test_bench_serving_tiny_compares_two_backends(tmp_path):
-  out = _run("bench_serving.py", "--tiny", "--out", "serving_test", out_dir=tmp_path)
+def test_bench_serving_tiny_compares_backends_and_modes(tmp_path):
+  out = _run("bench_serving.py", "--tiny", "--mixed", "--profile", "--out", "serving_test", out_dir=tmp_path)
   doc = json.loads((tmp_path / "serving_test.json").read_text())
-  assert {r["backend"] for r in doc["records"]} == {"auto", "naive"}
-  assert [r["batch"] for r in doc["ratios"]] == [1, 4]
-  assert all(r["tokens_per_s"] > 0 and r["decode_steps_timed"] >= 3 for r in doc["records"])
-  assert "speedup" in out
+  keys = sorted((r["backend"], r["batch"], r["mode"]) for r in doc["records"])
+  assert keys == sorted((b, n, m) for b in ("auto", "naive") for n in (1, 4) for m in ("multi", "step"))
+  assert doc["read_ceiling"]["read_gbps"] > 0
+  for r in doc["records"]:
+    assert r["tokens_per_s"] > 0 and r["decode_steps_timed"] >= 3 and 0 < r["bound_ms"], r
+    assert r["weight_bytes"] > 0 and r["kv_bytes_per_step"] > 0
+    if r["mode"] == "multi":  # the tiny model is fp32: the multi-step loop gives the same greedy tokens
+      assert r["steps_per_call"] > 1 and r["same_tokens_as_step"] == 1.0
+  assert [(r["batch"], r["mode"]) for r in doc["ratios"] if "speedup" in r] == [
+      (1, "step"), (4, "step"), (1, "multi"), (4, "multi")]
+  assert len([r for r in doc["ratios"] if "multi_over_step" in r]) == 4
+  assert [m["mode"] for m in doc["mixed"]] == ["step", "multi"]
+  for m in doc["mixed"]:
+    assert m["tokens"] > 0 and m["tokens_per_s"] > 0 and m["ttft_ms_p50"] <= m["ttft_ms_p99"]
+    assert m["itl_ms_p99"] is not None and m["tpot_ms_p50"] is not None
+  assert [p["batch"] for p in doc["profile"]] == [1, 4]  # on a CPU: no GPU stream, a note each
+  assert "speedup" in out and "multi / step" in out
+
+
+def test_bench_serving_kernel_mix_groups_gpu_time_by_category():
+  import bench_serving
+  meta = 'metadata={op_name="jit(decode_loop)/while/body/'
+  hlo = "\n".join([
+      "%fused_computation.1 (p: f32[4]) -> f32[4] {",
+      f'  %multiply.1 = f32[4]{{0}} multiply(f32[4]{{0}} %p, f32[4]{{0}} %p), {meta}closed_call/rsqrt"}}',
+      "}",
+      "%fused_sort (p: f32[4]) -> f32[4] {",
+      f'  %sort.2 = f32[4]{{0}} sort(f32[4]{{0}} %p), {meta}jit(_sample)/sort"}}',
+      "}",
+      "ENTRY %main (a: f32[4]) -> f32[4] {",
+      "  %loop_multiply_fusion.3 = f32[4]{0} fusion(f32[4]{0} %a), kind=kLoop, calls=%fused_computation.1",
+      "  %sort_fusion = f32[4]{0} fusion(f32[4]{0} %a), kind=kLoop, calls=%fused_sort",
+      f'  %copy.4 = f32[4]{{0}} copy(f32[4]{{0}} %a), {meta}jit(dynamic_slice)"}}',
+      "}"])
+  trace = _trace_with_two_streams()
+  x = lambda ts, dur, name, **args: {"ph": "X", "pid": 2, "tid": 10, "ts": ts, "dur": dur,  # noqa: E731
+                                     "name": name, "args": args}
+  trace["traceEvents"] = [e for e in trace["traceEvents"] if e["ph"] == "M"] + [
+      x(0.0, 10.0, "varlen_attention_kernel"), x(10.0, 2.0, "write_kv_kernel"),
+      x(12.0, 20.0, "nvjet_tst_64x8_64x16_4x1_v_bz_TNT"), x(32.0, 3.0, "loop_multiply_fusion_3"),
+      x(35.0, 4.0, "some_kernel", hlo_op="sort_fusion"), x(39.0, 1.0, "copy_4"),
+      x(50.0, 2.0, "MemcpyDtoH")]  # 10 us idle before it: a while-loop gap
+  mix = bench_serving.kernel_mix(trace, hlo, steps=2)
+  assert mix["us_per_step"] == {"attention": 5.0, "matmul/gemm": 10.0, "cache write": 1.0, "sampling": 2.0,
+                                "copies/slices": 1.5, "norm/rope/elementwise": 1.5, "other": 0.0}
+  assert mix["busy_us_per_step"] == 21.0 and mix["while_loop_gaps_us_per_step"] == 5.0
+  assert mix["top_kernels"][0]["name"].startswith("nvjet") and mix["kernels_per_step"] == 3.5
+  assert bench_serving.kernel_mix({"traceEvents": []}, hlo, steps=1) is None
 
 
 def test_kernel_times_attributes_kernels_to_blocks_in_order(tmp_path):

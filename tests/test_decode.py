@@ -273,7 +273,8 @@ def test_sampling_options_are_checked(model):
                         (dict(top_p=0.0), ValueError, "top_p"), (dict(top_p=1.5), ValueError, "top_p"),
                         (dict(top_k=-1), ValueError, "top_k"), (dict(top_k=1.5), TypeError, "top_k"),
                         (dict(temperature=float("nan")), ValueError, "temperature"),
-                        (dict(seed=-3), ValueError, "seed"), (dict(temperature="hot"), TypeError, "temperature")]:
+                        (dict(seed=-3), ValueError, "seed"),
+                        (dict(temperature="hot"), TypeError, "temperature")]:
     with pytest.raises(err, match=word):
       decode.Sampling(**kw)
     if word != "seed":
