@@ -16,7 +16,6 @@ from tests.problems import Problem, make_problem
 
 class TestPallas(AttentionSuite):
   backend = "pallas"
-  fp8_cases = sink_cases = ()  # temporary: lands with the kernel support
 
   @pytest.mark.parametrize("config", [
       Config(block_q=3, block_k=16),  # 6 rows of a 16-row tile, many small key steps
@@ -81,6 +80,12 @@ LOWERING_VARIANTS = [
     ("d192-gqa8-prefill", dict(head_dim=192, num_heads=8, num_kv_heads=1, causal=True,
                                seqlens_q=(300, 40), seqlens_k=(300, 90)), None),
     ("hnd-single-page-tiles", dict(layout="HND", block_size=32, causal=True), Config(block_k=32)),
+    ("fp8-e4m3-decode-sinks", dict(kv_dtype="float8_e4m3fn", sinks=True, head_dim=128, seqlens_q=(1, 1, 1),
+                                   seqlens_k=(40, 7, 33), causal=True), None),
+    ("fp8-q-e5m2-strided-softcap", dict(dtype="float8_e5m2", kv_dtype="float8_e5m2", layout="strided",
+                                        softcap=5.0, window=(8, 4)), None),
+    ("bf16-fp8-e4m3-prefill", dict(dtype="bfloat16", kv_dtype="float8_e4m3fn", head_dim=128, causal=True,
+                                   seqlens_q=(300, 40), seqlens_k=(300, 90)), None),
 ]
 
 

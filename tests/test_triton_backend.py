@@ -15,7 +15,6 @@ if not HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 
 class TestTriton(AttentionSuite):
   backend = "triton"
-  fp8_cases = sink_cases = ()  # temporary: lands with the kernel support
   # Triton's interpreter computes bf16 on raw bits (wrong numbers): bf16 is checked on the GPU only.
   dtypes = ("float16", "bfloat16", "float32") if HAS_GPU else ("float16", "float32")
   # On the GPU an fp32 dot is exact only with input_precision="ieee", which the kernel uses.
@@ -26,7 +25,9 @@ class TestTritonSplitKV(AttentionSuite):
 
   backend = "triton"
   dtypes = TestTriton.dtypes
-  fp8_cases = sink_cases = ()  # temporary: lands with the kernel support
+  # What splitting changes: the sink joins one split's partial only (every sink case), and the
+  # descales scale each split's partial (two fp8 cases; the rest run unsplit above).
+  fp8_cases = ("e4m3_nhd_causal", "e5m2_q_e4m3_cache_scalar")
 
   def run(self, kwargs, **extra):
     from jax_varlen_attn import flash_attn_varlen_func

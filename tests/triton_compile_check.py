@@ -32,7 +32,8 @@ from jax_varlen_attn.backends.triton.kernel import varlen_attention_kernel  # no
 from jax_varlen_attn.backends.triton.launcher import kernel_arguments  # noqa: E402
 from tests.problems import Problem, make_problem  # noqa: E402
 
-_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32"}
+_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32",
+          "float8_e4m3fn": "fp8e4nv", "float8_e5m2": "fp8e5"}  # jax-triton 0.3 / 0.4's names
 
 VARIANTS = [
     # (name, Problem overrides, Config)
@@ -56,9 +57,27 @@ VARIANTS = [
      Config(block_m=256, block_n=64, num_warps=8)),
     ("split-kv-decode", dict(seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33), causal=True), Config(num_splits=4)),
     ("split-kv-strided-window-lse", dict(layout="strided", window=(30, 2), alibi="head"), Config(num_splits=3)),
+    # fp8 caches (fp8 tiles converted in registers) and sinks, on the decode and prefill tiles.
+    ("fp8-e4m3-decode", dict(kv_dtype="float8_e4m3fn", head_dim=128, seqlens_q=(1, 1, 1),
+                             seqlens_k=(400, 7, 33), causal=True), Config()),
+    ("fp8-e5m2-bf16-hnd-decode", dict(dtype="bfloat16", kv_dtype="float8_e5m2", layout="HND", head_dim=128,
+                                      seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33)), Config()),
+    ("fp8-e4m3-prefill-128x64", dict(kv_dtype="float8_e4m3fn", head_dim=128, causal=True,
+                                     seqlens_q=(300, 40), seqlens_k=(300, 90)), Config(block_m=128, block_n=64)),
+    ("fp8-e4m3-prefill-256x64-w8", dict(kv_dtype="float8_e4m3fn", head_dim=128, causal=True,
+                                        seqlens_q=(300, 40), seqlens_k=(300, 90)),
+     Config(block_m=256, block_n=64, num_warps=8)),
+    ("fp8-q-e4m3-strided", dict(dtype="float8_e4m3fn", kv_dtype="float8_e4m3fn", layout="strided", causal=True),
+     Config()),
+    ("fp8-f32-q-e5m2", dict(dtype="float32", kv_dtype="float8_e5m2", causal=True), Config()),
+    ("sinks-decode-split-kv", dict(sinks=True, head_dim=128, seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33)),
+     Config(num_splits=4)),
+    ("sinks-fp8-softcap-prefill", dict(sinks=True, kv_dtype="float8_e4m3fn", softcap=5.0, head_dim=128,
+                                       causal=True, seqlens_q=(300, 40), seqlens_k=(300, 90)), Config()),
 ]
 QUICK = {"split-kv-decode", "prefill-256x64-w8", "nhd-page-stride-constexpr-causal", "strided-constexpr",
-         "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill"}
+         "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill",
+         "fp8-e4m3-decode", "sinks-decode-split-kv"}
 
 
 def signature_of(inputs, outputs):
@@ -85,7 +104,8 @@ def compile_variant(name, overrides, config):
           "return_softmax_lse", "kv_layout", "layer"]
   defaults = dict(max_seqlen_q=None, max_seqlen_k=None, cu_seqlens_k=None, alibi_slopes=None,
                   block_table=None, kv_layout="NHD", layer=None)
-  spec, arrays = _validate(*[kwargs.get(k, defaults.get(k)) for k in keys])
+  extra = {k: kwargs[k] for k in ("q_descale", "k_descale", "v_descale", "s_aux") if k in kwargs}
+  spec, arrays = _validate(*[kwargs.get(k, defaults.get(k)) for k in keys], **extra)
   config = config.resolved(spec)
   inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
   sig = signature_of(inputs, outputs)

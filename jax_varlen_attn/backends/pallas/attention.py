@@ -27,6 +27,7 @@ def kernel_params(spec: AttentionSpec, config: Config) -> KernelParams:
       block_m=Config.block_m_for(config.block_q, spec.group_size), block_k=config.block_k,
       scale=spec.scale, softcap=spec.softcap, window_left=spec.window_left,
       window_right=spec.window_right, has_alibi=spec.has_alibi, return_lse=spec.return_lse,
+      kv_fp8=spec.kv_fp8, q_fp8=spec.q_fp8, has_sinks=spec.has_sinks,
       paged=paged,
       max_blocks=spec.max_blocks if paged else 1,
       block_size=layout.block_size if paged else 1,
@@ -52,14 +53,13 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
     spec: the static description of the call (shapes, layout, options).
     arrays: the normalized arrays (see AttentionArrays): q [T, H, D]; k / v the caller's cache
       buffers (paged) or [total_k, Hk, D]; cu_seqlens_q i32[B + 1]; seqlens_k i32[B]; kv_index
-      i32[B, max_blocks] (paged) or i32[B + 1]; alibi f32[B, H] or None; layer i32[] or None.
+      i32[B, max_blocks] (paged) or i32[B + 1]; alibi f32[B, H] or None; layer i32[] or None;
+      q_descale / k_descale / v_descale f32[B, Hk] or None; s_aux f32[H] or None.
     config: block sizes (None fields are chosen from the spec).
 
   Returns:
-    (out [T, H, D] in q's dtype, lse f32[H, T] or None).
+    (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None).
   """
-  if spec.kv_fp8 or spec.has_sinks:  # temporary: lands with the kernel support
-    raise NotImplementedError("fp8 caches and s_aux: backend='xla' only, for now")
   config = config.resolved(spec)
   p = kernel_params(spec, config)
   T, H, D = spec.total_q, spec.num_heads, spec.head_dim
@@ -74,12 +74,18 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
     operands.append(jnp.reshape(arrays.layer, (1,)).astype(jnp.int32))
   if p.has_alibi:
     operands.append(arrays.alibi.astype(jnp.float32))
+  if p.q_fp8:
+    operands.append(arrays.q_descale)  # f32[B, Hk]
+  if p.kv_fp8:
+    operands += [arrays.k_descale, arrays.v_descale]  # f32[B, Hk] each
+  if p.has_sinks:
+    operands.append(arrays.s_aux)  # f32[H]
   operands.append(_rows(arrays.q, D))
   operands.append(_rows(arrays.k, D))
   if not p.fused:  # a fused cache is one buffer: passing it twice would make two operands of it
     operands.append(_rows(arrays.v, D))
 
-  out_shape = [jax.ShapeDtypeStruct((T * H, D), arrays.q.dtype)]
+  out_shape = [jax.ShapeDtypeStruct((T * H, D), spec.out_dtype)]
   if spec.return_lse:
     out_shape.append(jax.ShapeDtypeStruct((H, T), jnp.float32))
   grid = (spec.query_programs(config.block_q), spec.num_kv_heads)

@@ -14,6 +14,11 @@ Scores are kept in log2 units (scaled by log2(e)) so the softmax uses exp2.
 Every ref is a whole caller buffer viewed as rows of head_dim elements (a free reshape): the kernel
 gathers the rows it needs with addresses computed from the static layout, so the cache is read in
 place. All strides are Python ints baked into the kernel (the layout is static to `jax.jit`).
+
+An fp8 cache is read as fp8 and converted to the compute dtype in registers (exact); its descales,
+one per (sequence, kv head) and so one per program, fold into the score scale (k_descale, and
+q_descale for an fp8 q, which computes in fp16) and the final normalization (v_descale), as in the
+Triton kernel. Sinks start each row's running max at s_aux[h] and its running sum at 1.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class KernelParams:
   window_right: int  # -1: unbounded (0 under causal)
   has_alibi: bool
   return_lse: bool
+  kv_fp8: bool  # an fp8 cache, with k / v descales
+  q_fp8: bool  # an fp8 q, with q descales (computes in fp16)
+  has_sinks: bool
   # Cache addressing, in rows of head_dim elements.
   paged: bool
   max_blocks: int  # block-table width (paged)
@@ -160,12 +168,13 @@ def _kv_rows(kv_index_ref, seq, n_start, pos, kv_head, layer_rows, k_start, p: K
 
 
 def _attend_tile(carry, n_start, *, q, k_ref, v_ref, kv_index_ref, seq, kv_head, layer_rows,
-                 k_start, len_k, diag, slopes, masked: bool, p: KernelParams):
+                 k_start, len_k, diag, slopes, qk_scale, masked: bool, p: KernelParams):
   """One online-softmax step over keys [n_start, n_start + block_k) of the program's sequence.
 
-  carry: (acc f32[M, D_pad], m f32[M], l f32[M]) with m in log2 units; q: [M, D_pad] in the input
-  dtype; diag: i32[M] key position of each row's query (i + len_k - len_q); slopes: f32[M] ALiBi
-  slopes (or None). `masked` tiles check key validity and the causal / window bounds; unmasked tiles
+  carry: (acc f32[M, D_pad], m f32[M], l f32[M]) with m in log2 units; q: [M, D_pad] in the compute
+  dtype (fp8 K / V tiles are converted to it); diag: i32[M] key position of each row's query
+  (i + len_k - len_q); slopes: f32[M] ALiBi slopes (or None); qk_scale: f32[] (or a Python float)
+  the score scale, k_descale (and q_descale) included. `masked` tiles check key validity and the causal / window bounds; unmasked tiles
   lie wholly inside every row's allowed range (the caller's loop bounds guarantee it).
   """
   acc, m_i, l_i = carry
@@ -176,16 +185,19 @@ def _attend_tile(carry, n_start, *, q, k_ref, v_ref, kv_index_ref, seq, kv_head,
   # Masked keys may be poison (the unused tail of a last page): loading them as 0 keeps 0 * NaN out
   # of P @ V (and skips their reads on the GPU).
   load_ok = _and(key_ok[:, None], col_ok) if masked else col_ok
-  k = lowering.load(k_ref, (k_rows[:, None], cols), load_ok, 0)  # [BK, D_pad]
-  v = lowering.load(v_ref, (v_rows[:, None], cols), load_ok, 0)  # [BK, D_pad]
+  k = lowering.load(k_ref, (k_rows[:, None], cols), load_ok, 0.0)  # [BK, D_pad]
+  v = lowering.load(v_ref, (v_rows[:, None], cols), load_ok, 0.0)  # [BK, D_pad]
+  if p.kv_fp8:  # fp8 from memory, the compute dtype in registers (exact)
+    k = k.astype(q.dtype)
+    v = v.astype(q.dtype)
 
   # HIGHEST: fp32 inputs get exact (IEEE) products on the GPU instead of tf32; fp16 / bf16 unchanged.
   s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                       preferred_element_type=jnp.float32)
   if p.softcap > 0:
-    s = jnp.tanh(s * (p.scale / p.softcap)) * (p.softcap * LOG2E)
+    s = jnp.tanh(s * (qk_scale / p.softcap)) * (p.softcap * LOG2E)
   else:
-    s = s * (p.scale * LOG2E)
+    s = s * (qk_scale * LOG2E)
   if slopes is not None or masked:
     rel = diag[:, None] - pos[None, :]  # [M, BK] = (i + len_k - len_q) - j
   if slopes is not None:
@@ -219,6 +231,30 @@ def online_softmax_step(acc, m_i, l_i, s, v, masked: bool):
   pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   return acc * alpha[:, None] + pv, m_new, l_i
+
+
+def _dequant_scales(q, descale_refs, seq, kv_head, p: KernelParams):
+  """(qk_scale f32[], v_scale f32[], q) of an fp8 cache for this program's (sequence, kv head):
+  k_descale (times q_descale for an fp8 q, which becomes fp16, exactly) joins the score scale,
+  v_descale the final normalization."""
+  q_descale_ref, k_descale_ref, v_descale_ref = descale_refs
+  descale = k_descale_ref[seq, kv_head]
+  if p.q_fp8:
+    q = q.astype(jnp.float16)
+    descale = descale * q_descale_ref[seq, kv_head]
+  return p.scale * descale, v_descale_ref[seq, kv_head], q
+
+
+def _row_start(sinks_ref, head, with_sink, p: KernelParams):
+  """(m f32[M] in log2 units, l f32[M]): where each row's online softmax starts.
+
+  A row `with_sink` (bool[M]) starts from its head's (head: i32[M]) sink: m = s_aux[head], l =
+  exp2(m - m) = 1 (0 for a -inf sink, which is none); every other row from m = -inf, l = 0.
+  """
+  if not p.has_sinks:
+    return (jnp.full((p.block_m,), _NEG_INF, jnp.float32), jnp.zeros((p.block_m,), jnp.float32))
+  m = lowering.load(sinks_ref, (head,), with_sink, _NEG_INF) * LOG2E
+  return m, jnp.where(m > _NEG_INF, 1.0, 0.0).astype(jnp.float32)
 
 
 def _key_ranges(first, len_q, len_k, shift, p: KernelParams):
@@ -259,6 +295,9 @@ def varlen_attention_kernel(*refs, p: KernelParams):
   kv_index_ref  paged: i32[batch, max_blocks] block table; else i32[batch + 1] cu_seqlens_k
   layer_ref     i32[1]                (stacked caches only) the layer, clamped into [0, L)
   alibi_ref     f32[batch, H]         (ALiBi only) slopes
+  q_descale_ref f32[batch, Hk]        (fp8 q only)
+  k_descale_ref, v_descale_ref f32[batch, Hk] (fp8 cache only)
+  sinks_ref     f32[H]                (sinks only) s_aux
   q_ref         [T * H, D]            q as rows (token * H + head)
   k_ref         [rows, D]             the K buffer as rows (paged: the whole cache, as laid out)
   v_ref         [rows, D]             the V buffer as rows (absent when V is fused into k_ref)
@@ -269,6 +308,9 @@ def varlen_attention_kernel(*refs, p: KernelParams):
   cu_q_ref, seqlens_k_ref, kv_index_ref = next(it), next(it), next(it)
   layer_ref = next(it) if p.stacked else None
   alibi_ref = next(it) if p.has_alibi else None
+  q_descale_ref = next(it) if p.q_fp8 else None
+  k_descale_ref, v_descale_ref = (next(it), next(it)) if p.kv_fp8 else (None, None)
+  sinks_ref = next(it) if p.has_sinks else None
   q_ref, k_ref = next(it), next(it)
   v_ref = k_ref if p.fused else next(it)
   out_ref = next(it)
@@ -286,16 +328,19 @@ def varlen_attention_kernel(*refs, p: KernelParams):
   @pl.when((first >= 0) & (first < len_q))
   def _():
     _program(seq, first, q_start, len_q, kv_head, kv_index_ref, seqlens_k_ref, layer_ref,
-             alibi_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, p)
+             alibi_ref, (q_descale_ref, k_descale_ref, v_descale_ref), sinks_ref, q_ref, k_ref, v_ref,
+             out_ref, lse_ref, p)
 
 
 def _program(seq, first, q_start, len_q, kv_head, kv_index_ref, seqlens_k_ref, layer_ref,
-             alibi_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, p: KernelParams):
+             alibi_ref, descale_refs, sinks_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+             p: KernelParams):
   """The work of one program that owns at least one query row.
 
   seq (in [0, batch]; batch = the padding region), first (its first query within the sequence),
   q_start (the sequence's first row of q), len_q, kv_head: i32[] scalars. Refs as described in
-  `varlen_attention_kernel` (layer_ref, alibi_ref, lse_ref are None when not used).
+  `varlen_attention_kernel` (layer_ref, alibi_ref, sinks_ref, lse_ref and the (q, k, v)
+  `descale_refs` are None when not used).
   """
   real = seq < p.batch  # False: the padding region, which sees no keys (zeros, LSE +inf)
   seq_c = jnp.minimum(seq, p.batch - 1)  # for lookups; padding programs use no looked-up value
@@ -308,7 +353,10 @@ def _program(seq, first, q_start, len_q, kv_head, kv_index_ref, seqlens_k_ref, l
   q_row = token * p.num_heads + head  # [M]
   cols, col_ok = _tile_columns(p)
   io_ok = _and(row_ok[:, None], col_ok)  # [M, D_pad]
-  q = lowering.load(q_ref, (jnp.where(row_ok, q_row, 0)[:, None], cols), io_ok, 0)
+  q = lowering.load(q_ref, (jnp.where(row_ok, q_row, 0)[:, None], cols), io_ok, 0.0)
+  qk_scale, v_scale = p.scale, None
+  if p.kv_fp8:
+    qk_scale, v_scale, q = _dequant_scales(q, descale_refs, seq_c, kv_head, p)
 
   # Keys of this sequence and where they live.
   len_k = jnp.where(real, jnp.maximum(seqlens_k_ref[seq_c], 0), 0)
@@ -330,10 +378,10 @@ def _program(seq, first, q_start, len_q, kv_head, kv_index_ref, seqlens_k_ref, l
     slopes = lowering.load(alibi_ref, (seq_c, head), row_ok, 0.0)  # f32[M]
 
   step = dict(q=q, k_ref=k_ref, v_ref=v_ref, kv_index_ref=kv_index_ref, seq=seq_c, kv_head=kv_head,
-              layer_rows=layer_rows, k_start=k_start, len_k=len_k, diag=diag, slopes=slopes, p=p)
-  carry = (jnp.zeros((p.block_m, p.head_dim_pad), jnp.float32),
-           jnp.full((p.block_m,), _NEG_INF, jnp.float32),
-           jnp.zeros((p.block_m,), jnp.float32))
+              layer_rows=layer_rows, k_start=k_start, len_k=len_k, diag=diag, slopes=slopes,
+              qk_scale=qk_scale, p=p)
+  carry = (jnp.zeros((p.block_m, p.head_dim_pad), jnp.float32),) + _row_start(
+      sinks_ref, head, row_ok & real, p)
   for start, stop, masked in _key_ranges(first, len_q, len_k, shift, p):
     num_tiles = _cdiv(jnp.maximum(stop - start, 0), p.block_k)
 
@@ -343,8 +391,12 @@ def _program(seq, first, q_start, len_q, kv_head, kv_index_ref, seqlens_k_ref, l
     carry = lax.fori_loop(0, num_tiles, body, carry)
   acc, m_i, l_i = carry
 
-  seen = l_i > 0.0  # rows that saw no allowed key output zeros and LSE +inf
+  # Rows that saw no allowed key (nor a sink) output zeros and LSE +inf; with a sink, zeros and
+  # LSE = s_aux.
+  seen = l_i > 0.0
   inv_l = 1.0 / jnp.where(seen, l_i, 1.0)
+  if v_scale is not None:  # v_descale applied once per row, with the normalization
+    inv_l = inv_l * v_scale
   out = (acc * inv_l[:, None]).astype(out_ref.dtype)
   # Masked-out lanes point past the end (see lowering.store).
   lowering.store(out_ref, (jnp.where(row_ok, q_row, p.total_q * p.num_heads)[:, None], cols), out,

@@ -155,6 +155,9 @@ class Config:
         USE_SOFTCAP=spec.softcap > 0, USE_ALIBI=spec.has_alibi, RETURN_LSE=spec.return_lse,
         # fp32 inputs get exact fp32 products (the user asked for fp32), not tf32.
         DOT_PRECISION="ieee" if spec.dtype == "float32" else "tf32",
+        # fp8 cache: fp8 tiles converted in registers, descales folded into per-program scalars;
+        # an fp8 q computes in fp16 (kernel.py's docstring).
+        KV_FP8=spec.kv_fp8, Q_FP8=spec.q_fp8, USE_SINKS=spec.has_sinks,
     )
 
 

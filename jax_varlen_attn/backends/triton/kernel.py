@@ -24,6 +24,16 @@ Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
 The K / V offsets of a layout (k_offset, v_offset) are runtime arguments added once to the base
 pointers (the kernel body says why), so a strided cache compiles to the contiguous cache's code but
 for constants (tests/triton_compile_check.py checks the instruction counts match).
+
+KV_FP8: the cache is fp8 (e4m3 / e5m2). Tiles are loaded as fp8 (half the bytes of fp16) and
+converted to the compute dtype in registers, exactly (every fp8 value is an fp16 / bf16 / f32
+value). The descales are per (sequence, kv head), so one program has one of each: k_descale folds
+into the score scale (q.k * k_descale * scale, once per program), v_descale into the final
+normalization (acc * v_descale / l, once per row): nothing is multiplied per element in the key
+loop, and the result equals dequantizing first up to f32 rounding. Q_FP8: q is fp8 too; it is
+converted to fp16 (the compute dtype), q_descale joins the score scale.
+USE_SINKS: each row starts its online softmax from the sink: running max s_aux[h], running sum
+exp(s_aux - s_aux) = 1 (0 for a -inf sink); no extra pass, no extra term in the loop.
 """
 
 import triton
@@ -63,6 +73,36 @@ def _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q: tl.constexpr)
 def _tanh(x):
   # tanh through exp2: saturates cleanly to +-1 (exp2 -> inf gives 1 - 0), no inf / inf.
   return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _dequant_scales(q, q_descale_ptr, k_descale_ptr, v_descale_ptr, seq, kv_head, scale,
+                    NUM_KV_HEADS: tl.constexpr, Q_FP8: tl.constexpr):
+  """(qk_scale f32, v_scale f32, q) of an fp8 cache, for this program's (sequence, kv head).
+
+  qk_scale = scale * |k_descale (* q_descale)|, kept positive: the unmasked tile takes the row max
+  of the raw scores times qk_scale, which is the max of the scaled scores only for a positive
+  factor. A negative descale product negates q instead (exact, once per program). An fp8 q becomes
+  fp16, the compute dtype (exact).
+  """
+  idx = seq * NUM_KV_HEADS + kv_head
+  descale = tl.load(k_descale_ptr + idx)
+  if Q_FP8:
+    q = q.to(tl.float16)
+    descale *= tl.load(q_descale_ptr + idx)
+  q = tl.where(descale < 0.0, -q, q)
+  return scale * tl.abs(descale), tl.load(v_descale_ptr + idx), q
+
+
+@triton.jit
+def _sink_start(sinks_ptr, head, with_sink):
+  """(m f32[BLOCK_M] in log2 units, l f32[BLOCK_M]): where each row's online softmax starts.
+
+  A row `with_sink` starts from its head's sink: m = s_aux[head], l = exp2(m - m) = 1 (0 for a
+  -inf sink, which is none); every other row from m = -inf, l = 0 (the empty softmax).
+  """
+  m = tl.load(sinks_ptr + head, mask=with_sink, other=float("-inf")) * LOG2E
+  return m, tl.where(m > float("-inf"), 1.0, 0.0)
 
 
 @triton.jit
@@ -130,10 +170,13 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
                  NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
                  HEAD_STRIDE: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 KV_FP8: tl.constexpr):
   """One online-softmax step over keys [n_start, n_start + BLOCK_N).
 
-  acc: f32[BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: f32[BLOCK_M] (log2 units); q: [BLOCK_M, HEAD_DIM_PAD];
+  acc: f32[BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: f32[BLOCK_M] (log2 units); q: [BLOCK_M, HEAD_DIM_PAD]
+  in the compute dtype (KV_FP8: K / V tiles are converted to it, exactly; their descales are the
+  caller's: folded into qk_scale and the final normalization);
   diag: i32[BLOCK_M] key position of each row's query (i + len_k - len_q); key_lo, key_hi:
   i32[BLOCK_M] each row's allowed keys [key_lo, key_hi) (length, causal and window bounds);
   slopes: f32[BLOCK_M]. MASKED tiles apply key_lo / key_hi; unmasked tiles are wholly allowed.
@@ -159,6 +202,9 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
   else:
     k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+  if KV_FP8:  # fp8 from memory, the compute dtype in registers (exact: no rounding)
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
 
   s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] f32, raw q . k
   if not MASKED and not USE_SOFTCAP and not USE_ALIBI:
@@ -210,6 +256,9 @@ def varlen_attention_kernel(
     kv_index_ptr,  # paged: block_table i32[batch, MAX_BLOCKS]; else cu_seqlens_k i32[batch + 1]
     alibi_ptr,  # f32[batch, NUM_HEADS] (USE_ALIBI)
     layer_ptr,  # i32[1] (IS_STACKED)
+    q_descale_ptr,  # f32[batch, NUM_KV_HEADS] (Q_FP8)
+    k_descale_ptr, v_descale_ptr,  # f32[batch, NUM_KV_HEADS] (KV_FP8)
+    sinks_ptr,  # f32[NUM_HEADS] (USE_SINKS): s_aux
     page_stride, token_stride, head_stride,  # runtime strides: read only if not CONSTEXPR_STRIDES
     k_offset, v_offset,  # elements from the buffers' starts to K's / V's page 0 (added once, below)
     scale,  # f32 softmax scale
@@ -235,6 +284,7 @@ def varlen_attention_kernel(
     # semantics
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so HEAVY_FIRST launches query programs from the last to the first: under a
@@ -279,6 +329,11 @@ def varlen_attention_kernel(
     return
 
   q = tl.load(q_ptr + qo_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
+  qk_scale = scale
+  v_scale = 1.0
+  if KV_FP8:
+    qk_scale, v_scale, q = _dequant_scales(q, q_descale_ptr, k_descale_ptr, v_descale_ptr, seq, kv_head,
+                                           scale, NUM_KV_HEADS, Q_FP8)
 
   # Keys of this sequence and where they live.
   len_k = tl.maximum(tl.load(seqlens_k_ptr + seq), 0)
@@ -344,6 +399,9 @@ def varlen_attention_kernel(
   acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
+  if USE_SINKS:
+    # Split-KV: the sink joins split 0's partial only, so the combine counts it once.
+    m_i, l_i = _sink_start(sinks_ptr, head, row_ok & (tl.zeros_like(head) + split == 0))
   for phase in tl.static_range(3):
     # phase 0: [lo, full_lo) masked; 1: [full_lo, full_hi) unmasked; 2: [full_hi, hi) masked.
     if phase == 0:
@@ -355,13 +413,18 @@ def varlen_attention_kernel(
     for n in range(tl.maximum(start, split_lo), tl.minimum(stop, split_hi), BLOCK_N):
       acc, m_i, l_i = _attend_tile(
           acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n, len_k, diag, key_lo,
-          key_hi, slopes, kv_head, scale, softcap, page_stride, token_stride, head_stride,
+          key_hi, slopes, kv_head, qk_scale, softcap, page_stride, token_stride, head_stride,
           phase != 1, IS_PAGED, IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, NUM_KV_HEADS,
           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
-          HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION)
+          HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8)
 
-  seen = l_i > 0.0  # rows that saw no allowed key output zeros and LSE +inf (-inf in a split)
-  out = acc / tl.where(seen, l_i, 1.0)[:, None]
+  # Rows that saw no allowed key (nor a sink) output zeros and LSE +inf (-inf in a split); with a
+  # sink l_i >= 1 there: zeros and LSE = s_aux.
+  seen = l_i > 0.0
+  if KV_FP8:  # v_descale applied once per row, with the normalization
+    out = acc * (v_scale / tl.where(seen, l_i, 1.0))[:, None]
+  else:
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
   tl.store(out_ptr + qo_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
   if RETURN_LSE or NUM_SPLITS > 1:
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, EMPTY_LSE)

@@ -23,6 +23,7 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
                      "KV splits); the Triton backend indexes q / out with int32 (at most 2**31 - 1): "
                      "split the batch or pass Config(num_splits=1)")
   layout = spec.layout
+  unused = jnp.zeros((1,), jnp.float32)  # a pointer argument the constexprs leave unread
   inputs = dict(
       q_ptr=arrays.q,
       k_ptr=arrays.k,
@@ -30,9 +31,13 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
       cu_seqlens_q_ptr=arrays.cu_seqlens_q,
       seqlens_k_ptr=arrays.seqlens_k,
       kv_index_ptr=arrays.kv_index,
-      alibi_ptr=jnp.zeros((1,), jnp.float32) if arrays.alibi is None else arrays.alibi,
+      alibi_ptr=unused if arrays.alibi is None else arrays.alibi,
       layer_ptr=(jnp.zeros((1,), jnp.int32) if arrays.layer is None
                  else jnp.reshape(arrays.layer, (1,))),
+      q_descale_ptr=unused if arrays.q_descale is None else arrays.q_descale,  # f32[B, Hk]
+      k_descale_ptr=unused if arrays.k_descale is None else arrays.k_descale,
+      v_descale_ptr=unused if arrays.v_descale is None else arrays.v_descale,
+      sinks_ptr=unused if arrays.s_aux is None else arrays.s_aux,  # f32[H]
       page_stride=layout.page_stride if layout is not None else 0,
       token_stride=layout.token_stride if layout is not None else 0,
       head_stride=layout.head_stride if layout is not None else 0,
@@ -51,7 +56,7 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
     outputs = (jax.ShapeDtypeStruct((splits,) + out_shape, jnp.float32),
                jax.ShapeDtypeStruct((splits,) + lse_shape, jnp.float32))
   else:
-    outputs = (jax.ShapeDtypeStruct(out_shape, arrays.q.dtype),
+    outputs = (jax.ShapeDtypeStruct(out_shape, spec.out_dtype),
                jax.ShapeDtypeStruct(lse_shape if spec.return_lse else (1,), jnp.float32))
   # Query programs x kv heads on axis 0 (the kernel splits them; axis 1 would cap the programs at
   # 65535), split-KV on axis 2.
@@ -60,16 +65,14 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
 
 
 def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
-  """Returns (out [T, H, D] in q's dtype, lse f32[H, T] or None)."""
-  if spec.kv_fp8 or spec.has_sinks:  # temporary: lands with the kernel support
-    raise NotImplementedError("fp8 caches and s_aux: backend='xla' only, for now")
+  """Returns (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None)."""
   config = config.resolved(spec)
   inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
   out, lse = launch(varlen_attention_kernel, inputs, outputs, grid, config.num_warps,
                     config.num_stages, consts, route=config.launch)
   if config.num_splits > 1:
     out, lse = combine_splits(out, lse)
-    out = out.astype(arrays.q.dtype)
+    out = out.astype(spec.out_dtype)
   return out, (lse if spec.return_lse else None)
 
 
