@@ -8,19 +8,27 @@ write: the donated buffer is the output buffer and nothing cache-sized is copied
 Every check here is static (shapes, dtypes, layout) and runs before anything is traced. Slot values
 cannot be checked under `jax.jit`; a slot outside the cache (or -1) is skipped instead, and no store
 ever lands outside the buffer.
+
+An fp8 cache (float8_e4m3fn / float8_e5m2) stores each new value quantized with its scale,
+`quantize_fp8` below (the Triton write kernel's `_quantize_fp8` is the same rule): in f32,
+value / scale (IEEE division), saturated to the format's finite max, rounded to the nearest fp8
+value, ties to even; NaN stays NaN. The rounding is done on the f32 value itself (to the fp8 grid,
+then an exact conversion), so every platform and both write paths store the same bits.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Union
+import numbers
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_varlen_attn import backends as registry
-from jax_varlen_attn.api import (_FLOAT_DTYPES, _array, _check_kv_layout, _is_array, _layer,
-                                 _static_layer)
+from jax_varlen_attn.api import (_FLOAT_DTYPES, _FP8_DESC, _FP8_DTYPES, _array, _check_kv_layout,
+                                 _is_array, _layer, _static_layer)
 from jax_varlen_attn.layout import KVCacheLayout, resolve
 
 WRITE_BACKENDS = ("auto", "xla", "triton", "pallas")
@@ -28,7 +36,8 @@ _I32_MAX = 2**31 - 1
 
 
 def write_kv(k_new, v_new, k_cache, v_cache, slot_mapping, *,
-             kv_layout: Union[str, KVCacheLayout] = "NHD", layer=None, backend: str = "auto"):
+             kv_layout: Union[str, KVCacheLayout] = "NHD", layer=None, backend: str = "auto",
+             k_scale=None, v_scale=None):
   """Stores `k_new` / `v_new` at the cache slots `slot_mapping` names; returns the updated caches.
 
   Example (two prefill tokens into pages 3 and 0, a padded token skipped)::
@@ -44,9 +53,11 @@ def write_kv(k_new, v_new, k_cache, v_cache, slot_mapping, *,
   the result is a new buffer.
 
   Args (T = new tokens, Hk = kv heads, D = head_dim):
-    k_new, v_new: [T, Hk, D] in the cache's dtype (float16, bfloat16 or float32).
+    k_new, v_new: [T, Hk, D] in the cache's dtype (float16, bfloat16 or float32); for an fp8
+      cache, float16, bfloat16 or float32 values to quantize.
     k_cache, v_cache: the cache as `kv_layout` describes it (as for `flash_attn_varlen_func`);
-      `v_cache=None` where V lives in k_cache's buffer (the fused forms).
+      `v_cache=None` where V lives in k_cache's buffer (the fused forms). float16, bfloat16,
+      float32, or fp8 (float8_e4m3fn / float8_e5m2, k and v alike).
     slot_mapping: i32[T]; token i goes to slot `page * block_size + offset`. -1 skips the token
       (padding), and so does any slot outside [0, num_pages * block_size). Two tokens naming one
       slot: one of them is stored, which one is unspecified.
@@ -56,13 +67,21 @@ def write_kv(k_new, v_new, k_cache, v_cache, slot_mapping, *,
     backend: "auto" (triton on a CUDA GPU, else xla), "xla" (a scatter), "triton" (a kernel; on
       CPU only under TRITON_INTERPRET=1), or "pallas", which writes with the XLA scatter (Pallas
       has no write kernel of its own; the scatter is in place too).
+    k_scale, v_scale: quantization scales of an fp8 cache (vLLM's reshape_and_cache names): f32[]
+      (or f32[1], or a Python float: one for everything), f32[Hk] (per kv head) or f32[T, Hk] (per
+      token and head, e.g. `k_descale[sequence of the token]`). The value stored is
+      fp8(value / scale): f32 division, saturated to the format's finite max (448 for e4m3, 57344
+      for e5m2; +-inf saturates too), rounded to nearest, ties to even; NaN stays NaN. These are
+      the attention's `k_descale` / `v_descale`: reading multiplies by the same number. None: 1.0
+      (as vLLM). With a cache that is not fp8 they are checked and ignored.
 
   Returns:
     (k_cache, v_cache): the updated buffers, same shapes and dtypes; (kv, None) for fused forms.
   """
-  layout, args = _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer)
+  layout, args = _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer, k_scale,
+                           v_scale)
   name = _select(backend)
-  k_new, v_new, k_cache, v_cache, slot_mapping, layer = args
+  k_new, v_new, k_cache, v_cache, slot_mapping, layer, scales = args
   if k_new.shape[0] == 0:  # nothing to store (and no empty grid to launch)
     return k_cache, v_cache
   if name == "xla":
@@ -70,25 +89,52 @@ def write_kv(k_new, v_new, k_cache, v_cache, slot_mapping, *,
     if num_rows > _I32_MAX:
       raise ValueError(f"the cache holds {num_rows} rows of head_dim; write_kv's xla path indexes "
                        "rows with int32 (at most 2**31 - 1): use backend='triton' or a smaller cache")
-  return _run(name, layout, k_new, v_new, k_cache, v_cache, slot_mapping, layer)
+  return _run(name, layout, k_new, v_new, k_cache, v_cache, slot_mapping, layer, scales)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _run(backend_name: str, layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot_mapping, layer):
+def _run(backend_name: str, layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot_mapping, layer,
+         scales):
   if backend_name == "triton":
     from jax_varlen_attn.backends.triton import write_kernel  # imports triton: only when asked
 
-    return write_kernel.write_kv(layout, k_new, v_new, k_cache, v_cache, slot_mapping, layer)
-  return write_kv_xla(layout, k_new, v_new, k_cache, v_cache, slot_mapping, layer)
+    return write_kernel.write_kv(layout, k_new, v_new, k_cache, v_cache, slot_mapping, layer, scales)
+  return write_kv_xla(layout, k_new, v_new, k_cache, v_cache, slot_mapping, layer, scales)
 
 
-def write_kv_xla(layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot_mapping, layer):
+def quantize_fp8(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+  """fp8 `dtype` values of x [T, Hk, D] (float) / scale f32[T, Hk]: the rule of the module docstring.
+
+  In f32: y = x / scale, saturated to +-max (NaN kept), then rounded to the fp8 grid around y
+  (ulp = 2**(max(exponent(y), min normal exponent) - mantissa bits); jnp.round ties to even),
+  which the final conversion represents exactly.
+  """
+  info = jnp.finfo(dtype)
+  # The divisor materialized behind a barrier: XLA rewrites A / broadcast(B) as A * broadcast(1 / B),
+  # which rounds twice (measured on the CPU: 7% of quotients off by an ulp).
+  divisor = jax.lax.optimization_barrier(jnp.broadcast_to(scale[..., None], x.shape))
+  y = x.astype(jnp.float32) / divisor
+  nan = jnp.isnan(y)
+  y = jnp.clip(y, -float(info.max), float(info.max))
+  exponent = ((jax.lax.bitcast_convert_type(y, jnp.int32) >> 23) & 0xFF) - 127  # f32's, unbiased
+  exponent = jnp.maximum(exponent, int(info.minexp))  # fp8 subnormals: the smallest normal's ulp
+  ulp = jax.lax.bitcast_convert_type((exponent - int(info.nmant) + 127) << 23, jnp.float32)
+  y = jnp.round(y / ulp) * ulp  # exact: ulp is a power of two
+  return jnp.where(nan, jnp.nan, y).astype(dtype)
+
+
+def write_kv_xla(layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot_mapping, layer,
+                 scales=None):
   """The XLA write: one row scatter (`mode="drop"`) per buffer into its flat [size / D, D] view.
 
   Row of (slot s, head h) = layer * L + page(s) * P + offset(s) * T + h * H (+ the K / V offset),
   in rows of D elements, with the strides from `layout.strides_in_rows()`. A skipped token gets the
-  first row past the buffer, which the scatter drops.
+  first row past the buffer, which the scatter drops. scales: None, or (k_scale, v_scale)
+  f32[T, Hk] each for an fp8 cache (the new rows are quantized first).
   """
+  if scales is not None:
+    k_new = quantize_fp8(k_new, scales[0], k_cache.dtype)
+    v_new = quantize_fp8(v_new, scales[1], k_cache.dtype)
   d = layout.head_dim
   st = layout.strides_in_rows()
   num_tokens, num_kv_heads, _ = k_new.shape
@@ -133,10 +179,14 @@ def _select(backend) -> str:
   return "xla"  # "xla", and "pallas" (no Pallas write kernel: the scatter)
 
 
-def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer):
-  """Static checks; returns (resolved layout, (k_new, v_new, k_cache, v_cache, slot_mapping, layer))."""
-  k_cache = _array("k_cache", k_cache, dtypes=_FLOAT_DTYPES, dtype_desc="float16, bfloat16 or float32")
+def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer, k_scale=None,
+              v_scale=None):
+  """Static checks; returns (resolved layout, (k_new, v_new, k_cache, v_cache, slot_mapping, layer,
+  scales)), scales (k_scale, v_scale) f32[T, Hk] each for an fp8 cache, else None."""
+  k_cache = _array("k_cache", k_cache, dtypes=_FLOAT_DTYPES + _FP8_DTYPES,
+                   dtype_desc=f"float16, bfloat16, float32 or fp8 ({_FP8_DESC})")
   dtype = jnp.dtype(k_cache.dtype)
+  fp8 = dtype in _FP8_DTYPES
   if v_cache is not None:
     v_cache = _array("v_cache", v_cache)
     if jnp.dtype(v_cache.dtype) != dtype:
@@ -160,7 +210,10 @@ def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer):
       raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if x.ndim != 3 or tuple(x.shape[1:]) != (layout.num_kv_heads, layout.head_dim):
       raise ValueError(f"{name} must be {want} to match the cache, got shape {tuple(x.shape)}")
-    if jnp.dtype(x.dtype) != dtype:
+    if fp8 and jnp.dtype(x.dtype) not in _FLOAT_DTYPES:
+      raise TypeError(f"{name} must be float16, bfloat16 or float32 for the {dtype.name} cache (quantized "
+                      f"with {name[0]}_scale), got {jnp.dtype(x.dtype).name}")
+    if not fp8 and jnp.dtype(x.dtype) != dtype:
       raise TypeError(f"{name} must have the cache's dtype {dtype.name}, got {jnp.dtype(x.dtype).name}")
   if tuple(v_new.shape) != tuple(k_new.shape):
     raise ValueError(f"v_new must have k_new's shape {tuple(k_new.shape)}, got {tuple(v_new.shape)}")
@@ -172,6 +225,30 @@ def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer):
   if slot_mapping.shape[0] != num_tokens:
     raise ValueError(f"slot_mapping must have one entry per new token (T={num_tokens}, axis 0 of k_new), "
                      f"got shape {tuple(slot_mapping.shape)}")
+  scales = [_scale(name, x, num_tokens, layout.num_kv_heads)
+            for name, x in (("k_scale", k_scale), ("v_scale", v_scale))]
+  scales = tuple(jnp.ones((num_tokens, layout.num_kv_heads), jnp.float32) if x is None else x
+                 for x in scales) if fp8 else None
   arrays = (jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_cache),
-            None if v_cache is None else jnp.asarray(v_cache), jnp.asarray(slot_mapping), layer)
+            None if v_cache is None else jnp.asarray(v_cache), jnp.asarray(slot_mapping), layer, scales)
   return layout, arrays
+
+
+def _scale(name: str, x, num_tokens: int, num_kv_heads: int) -> Optional[jax.Array]:
+  """A quantization scale as f32[T, Hk] (None stays None): from f32[] / f32[1] / a Python float,
+  f32[Hk] (per kv head) or f32[T, Hk]."""
+  if x is None:
+    return None
+  shape = (num_tokens, num_kv_heads)
+  if isinstance(x, (numbers.Real, np.floating)) and not isinstance(x, (bool, np.bool_)):
+    return jnp.full(shape, x, jnp.float32)
+  x = _array(name, x, dtypes=(jnp.dtype(jnp.float32),),
+             dtype_desc=f"float32: a scalar, [num_kv_heads={num_kv_heads}] or [T, num_kv_heads]={shape}")
+  if tuple(x.shape) in ((), (1,)):
+    return jnp.broadcast_to(jnp.reshape(jnp.asarray(x), ()), shape)
+  if tuple(x.shape) == (num_kv_heads,):
+    return jnp.broadcast_to(jnp.asarray(x), shape)
+  if tuple(x.shape) != shape:
+    raise ValueError(f"{name} must be a scalar, [num_kv_heads]=({num_kv_heads},) or [T, num_kv_heads]="
+                     f"{shape}, got {tuple(x.shape)}")
+  return jnp.asarray(x)

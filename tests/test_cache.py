@@ -25,6 +25,7 @@ if __name__ == "__main__":  # the sm_90 compile check: must hold before triton i
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -131,7 +132,7 @@ def expected_pages(K, V, k_new, v_new, slots, valid):
 
 def bits(x):
   x = np.asarray(x)
-  return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+  return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
 
 
 def assert_bits_equal(got, want, what):
@@ -233,6 +234,154 @@ def test_no_tokens(backend):
   got_k, got_v = write_kv(empty, empty, k, k, jnp.zeros((0,), jnp.int32), backend=backend)
   assert_bits_equal(got_k, k, "k_cache")
   assert_bits_equal(got_v, k, "v_cache")
+
+
+# ---- fp8 caches: new tokens quantized with their scales --------------------------------------------
+
+def expected_fp8(x, scale, dt):
+  """fp8 of x [T, Hk, D] / scale [T, Hk] by NumPy and ml_dtypes (an implementation of its own):
+  f32 division, saturation to the finite max, ml_dtypes' round to nearest even."""
+  big = float(ml_dtypes.finfo(dt).max)
+  y = np.asarray(x, np.float32) / np.asarray(scale, np.float32)[..., None]
+  return np.clip(y, -big, big).astype(dt)
+
+
+def hard_values(rng, shape, dt, scale):
+  """Random values and, in the first rows, the cases rounding gets wrong: ties (to even), a tie
+  whose rounding carries into the next power of two, subnormals, saturation, +-inf, NaN."""
+  info = ml_dtypes.finfo(dt)
+  eps = float(info.eps)  # spacing at 1.0
+  x = rng.standard_normal(shape).astype(np.float32) * 20
+  special = np.array([1 + eps / 2, 1 + 3 * eps / 2, 2 - eps / 4, -(2 - eps / 4), 16 - eps * 4,
+                      float(info.smallest_subnormal) * 1.5, float(info.smallest_subnormal) / 3,
+                      float(info.max) * 1.01, -1e30, np.inf, -np.inf, np.nan, 0.0, -0.0,
+                      float(info.smallest_normal) * (1 - eps / 2), float(info.max)], np.float32)
+  flat = x.reshape(-1)
+  flat[:special.size] = special * np.float32(scale.reshape(-1)[0])  # so that x / scale is `special`
+  return x
+
+
+def assert_fp8_equal(got, want, what):
+  """Bit for bit, except that any NaN equals any NaN (sign and payload of a NaN are not specified)."""
+  got, want = np.asarray(got), np.asarray(want)
+  nan = np.isnan(want.astype(np.float32))
+  np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan, err_msg=f"{what}: NaN positions")
+  got, want = got.copy(), want.copy()
+  got[nan] = want[nan] = 0
+  assert_bits_equal(got, want, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache_dtype,new_dtype,layout,scale_form", [
+    ("float8_e4m3fn", "float16", "NHD", "token_head"),
+    ("float8_e5m2", "bfloat16", "HND", "head"),
+    ("float8_e4m3fn", "float32", "fused_page_major", "scalar"),
+    ("float8_e5m2", "float16", "stacked_strided", "none"),
+    ("float8_e4m3fn", "float16", "custom_gapped", "python_float"),
+])
+def test_fp8_cache_write_quantizes(backend, cache_dtype, new_dtype, layout, scale_form):
+  """Every new value is stored as fp8(value / scale) (round to nearest even, saturating, NaN kept);
+  skipped slots and every other element of the cache untouched."""
+  rng = np.random.default_rng(hash((cache_dtype, layout)) % 2**32)
+  dt = NP_DTYPES[cache_dtype]
+  P, bs, Hk, D = 9, 8, 2, 64
+  K, V = old_pages(rng, P, bs, Hk, D, np.float32)
+  K, V = K.astype(dt), V.astype(dt)  # old values and NaN poison, in fp8
+  _, _, slots, valid = new_tokens(rng, P, bs, Hk, D, np.float32)
+  T = len(slots)
+  if scale_form == "none":
+    k_arg = v_arg = None
+    k_scale = v_scale = np.ones((T, Hk), np.float32)
+  elif scale_form == "scalar":
+    k_arg, v_arg = np.float32(0.07), np.ones((1,), np.float32) * np.float32(0.3)
+    k_scale, v_scale = np.full((T, Hk), k_arg), np.full((T, Hk), v_arg[0])
+  elif scale_form == "python_float":
+    k_arg, v_arg = 0.05, 2.0
+    k_scale, v_scale = np.full((T, Hk), 0.05, np.float32), np.full((T, Hk), 2.0, np.float32)
+  elif scale_form == "head":
+    k_arg, v_arg = (rng.uniform(0.01, 0.5, (Hk,)).astype(np.float32) for _ in range(2))
+    k_scale, v_scale = np.broadcast_to(k_arg, (T, Hk)), np.broadcast_to(v_arg, (T, Hk))
+  else:  # per token and kv head, e.g. k_descale of each token's sequence
+    k_arg, v_arg = (rng.uniform(0.01, 0.5, (T, Hk)).astype(np.float32) for _ in range(2))
+    k_scale, v_scale = k_arg, v_arg
+  with np.errstate(over="ignore"):  # 1e30 is inf in float16: meant
+    k_new = hard_values(rng, (T, Hk, D), dt, k_scale).astype(NP_DTYPES[new_dtype])
+    v_new = hard_values(rng, (T, Hk, D), dt, v_scale).astype(NP_DTYPES[new_dtype])
+  k_cache, v_cache, kv_layout, layer = lay_out(layout, K, V)
+  want_k, want_v, _, _ = lay_out(layout, *expected_pages(K, V, expected_fp8(k_new, k_scale, dt),
+                                                         expected_fp8(v_new, v_scale, dt), slots, valid))
+  got_k, got_v = write_kv(jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_cache),
+                          None if v_cache is None else jnp.asarray(v_cache), jnp.asarray(slots),
+                          kv_layout=kv_layout, layer=layer, backend=backend,
+                          k_scale=None if k_arg is None else (k_arg if isinstance(k_arg, float) else jnp.asarray(k_arg)),
+                          v_scale=None if v_arg is None else (v_arg if isinstance(v_arg, float) else jnp.asarray(v_arg)))
+  assert got_k.dtype == k_cache.dtype
+  assert_fp8_equal(got_k, want_k, "k_cache")
+  if v_cache is not None:
+    assert_fp8_equal(got_v, want_v, "v_cache")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_rounding_on_every_value_and_tie(backend, cache_dtype):
+  """Every finite fp8 value, every midpoint between neighbours (the ties: to even, carries into the
+  next power of two included) and the values just beside each midpoint, through write_kv with a
+  scale that is not 1, against ml_dtypes."""
+  dt = NP_DTYPES[cache_dtype]
+  values = np.arange(256, dtype=np.uint8).view(dt).astype(np.float64)
+  values = np.unique(values[np.isfinite(values)])
+  mids = (values[1:] + values[:-1]) / 2
+  x = np.concatenate([values, mids, mids * (1 + 2**-20), mids * (1 - 2**-20)]) * 4
+  D = 64
+  x = np.concatenate([x, np.zeros(-x.size % D)]).astype(np.float32).reshape(-1, 1, D)  # [T, 1, D]
+  T = x.shape[0]
+  scale = np.full((T, 1), 4.0, np.float32)
+  cache = jnp.zeros((T, 1, 1, D), dt)
+  got, _ = write_kv(jnp.asarray(x), jnp.asarray(x), cache, cache, jnp.arange(T, dtype=jnp.int32),
+                    backend=backend, k_scale=4.0, v_scale=4.0)
+  assert_fp8_equal(np.asarray(got).reshape(x.shape), expected_fp8(x, scale, dt), cache_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_write_then_attend_matches_the_oracle(backend):
+  """A decode step on an e4m3 cache: write the new tokens quantized with k_scale / v_scale, attend
+  with the same numbers as k_descale / v_descale: the float64 oracle on the dequantized cache."""
+  from tests.oracle import reference_attention
+  rng = np.random.default_rng(9)
+  P, bs, Hk, D, H = 6, 8, 2, 64, 4
+  dt = ml_dtypes.float8_e4m3fn
+  k_scale = rng.uniform(0.01, 0.03, (2, Hk)).astype(np.float32)  # per (sequence, kv head)
+  v_scale = rng.uniform(0.01, 0.03, (2, Hk)).astype(np.float32)
+  K = expected_fp8(rng.standard_normal((P * bs, Hk, D)), np.repeat(k_scale[:1], P * bs, 0), dt)
+  V = expected_fp8(rng.standard_normal((P * bs, Hk, D)), np.repeat(v_scale[:1], P * bs, 0), dt)
+  K, V = K.reshape(P, bs, Hk, D), V.reshape(P, bs, Hk, D)
+  block_table = np.array([[4, 1, 0], [2, 5, 3]], np.int32)
+  seqused = np.array([20, 9], np.int32)
+  # Sequence 1's pages hold sequence 0's scale; its 9 keys are all rewritten below with its own.
+  k_new = rng.standard_normal((9 + 1, Hk, D)).astype(np.float16)
+  v_new = rng.standard_normal((9 + 1, Hk, D)).astype(np.float16)
+  tokens = [(0, 19)] + [(1, j) for j in range(9)]  # (sequence, key position)
+  slots = np.array([block_table[b, j // bs] * bs + j % bs for b, j in tokens], np.int32)
+  per_token = np.array([b for b, _ in tokens])
+  q = rng.standard_normal((2, H, D)).astype(np.float16)
+  kw = dict(cu_seqlens_q=jnp.array([0, 1, 2], jnp.int32), seqused_k=seqused, block_table=block_table,
+            causal=True, backend=backend, return_softmax_lse=True)
+
+  def step(q, k_new, v_new, k_cache, v_cache):
+    k_cache, v_cache = write_kv(k_new, v_new, k_cache, v_cache, slots, backend=backend,
+                                k_scale=jnp.asarray(k_scale[per_token]), v_scale=jnp.asarray(v_scale[per_token]))
+    return flash_attn_varlen_func(q, k_cache, v_cache, **kw, k_descale=k_scale, v_descale=v_scale)
+
+  (out, lse) = jax.jit(step)(q, k_new, v_new, jnp.asarray(K), jnp.asarray(V))
+  want_K, want_V = expected_pages(K, V, expected_fp8(k_new, k_scale[per_token], dt),
+                                  expected_fp8(v_new, v_scale[per_token], dt), slots, np.ones(10, bool))
+  keys = [np.concatenate([want_K[p] for p in block_table[b]])[:seqused[b]] for b in range(2)]
+  values = [np.concatenate([want_V[p] for p in block_table[b]])[:seqused[b]] for b in range(2)]
+  ref, ref_lse = reference_attention(q, keys, values, [0, 1, 2], scale=D ** -0.5, causal=True,
+                                     k_descale=k_scale, v_descale=v_scale)
+  out = np.asarray(out.astype(jnp.float32), np.float64)
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 4e-3
+  np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=2e-3, atol=2e-3)
 
 
 def test_write_then_attend_reads_the_new_tokens():
@@ -362,9 +511,11 @@ def _bad(exc, match, **changes):
 
 
 _KV = np.zeros((2, 4, 8, 2, 32), np.float16)
+_FP8 = np.zeros((4, 8, 2, 32), ml_dtypes.float8_e4m3fn)
 VALIDATION = [
     _bad(TypeError, "k_cache must be an array", k_cache=[1.0]),
-    _bad(TypeError, "k_cache must be float16, bfloat16 or float32", k_cache=np.zeros((4, 8, 2, 32), np.int8)),
+    _bad(TypeError, r"k_cache must be float16, bfloat16, float32 or fp8 \(float8_e4m3fn or float8_e5m2\)",
+         k_cache=np.zeros((4, 8, 2, 32), np.int8)),
     _bad(TypeError, "v_cache must be an array", v_cache="v"),
     _bad(TypeError, "v_cache must have k_cache's dtype", v_cache=np.zeros((4, 8, 2, 32), np.float32)),
     _bad(ValueError, "kv_layout must be one of", kv_layout="NDH"),
@@ -402,12 +553,30 @@ VALIDATION = [
     _bad(TypeError, "backend must be a str", backend=None),
     _bad(ValueError, "kv_layout addresses 7744 elements of k",
          kv_layout=KVCacheLayout(8, 2, 32, page_stride=1024, num_pages=8, k_offset=64)),
+    # fp8 caches: float values to quantize, and their scales
+    _bad(TypeError, "v_cache must have k_cache's dtype float8_e4m3fn",
+         k_cache=_FP8, v_cache=np.zeros((4, 8, 2, 32), ml_dtypes.float8_e5m2)),
+    _bad(TypeError, r"k_new must be float16, bfloat16 or float32 for the float8_e4m3fn cache \(quantized with "
+         r"k_scale\), got float8_e4m3fn", k_cache=_FP8, v_cache=_FP8,
+         k_new=np.zeros((3, 2, 32), ml_dtypes.float8_e4m3fn)),
+    _bad(TypeError, r"v_new must be float16, bfloat16 or float32 for the float8_e4m3fn cache", k_cache=_FP8,
+         v_cache=_FP8, v_new=np.zeros((3, 2, 32), np.int32)),
+    _bad(TypeError, r"k_scale must be float32: a scalar, \[num_kv_heads=2\] or \[T, num_kv_heads\]=\(3, 2\), "
+         "got float16", k_cache=_FP8, v_cache=_FP8, k_scale=np.ones((2,), np.float16)),
+    _bad(TypeError, "v_scale must be an array, got list", k_cache=_FP8, v_cache=_FP8, v_scale=[1.0, 1.0]),
+    _bad(ValueError, r"k_scale must be a scalar, \[num_kv_heads\]=\(2,\) or \[T, num_kv_heads\]=\(3, 2\), "
+         r"got \(4, 2\)", k_cache=_FP8, v_cache=_FP8, k_scale=np.ones((4, 2), np.float32)),
+    # checked where they are ignored too (a cache that is not fp8)
+    _bad(ValueError, r"v_scale must be a scalar, \[num_kv_heads\]=\(2,\)", v_scale=np.ones((3,), np.float32)),
 ]
 
 
+_OPTIONS = ("kv_layout", "layer", "backend", "k_scale", "v_scale")
+
+
 def _call(changes):
-  kw = _valid(**{k: v for k, v in changes.items() if k not in ("kv_layout", "layer", "backend")})
-  opts = {k: changes[k] for k in ("kv_layout", "layer", "backend") if k in changes}
+  kw = _valid(**{k: v for k, v in changes.items() if k not in _OPTIONS})
+  opts = {k: changes[k] for k in _OPTIONS if k in changes}
   opts.setdefault("backend", "xla")
   return jax.eval_shape(lambda: write_kv(**kw, **opts))
 
@@ -497,11 +666,15 @@ COMPILE_VARIANTS = [
     ("stacked-nhd", "stacked_NHD", "bfloat16", 128, 21),
     ("stacked-strided-d96", "stacked_strided", "float16", 96, 21),
     ("custom-fused", "custom_fused", "float16", 64, 21),
+    ("fp8-e4m3-nhd-from-f16-d128", "NHD", "float16", 128, 64, "float8_e4m3fn"),
+    ("fp8-e5m2-fused-from-bf16", "fused_kv_major", "bfloat16", 128, 21, "float8_e5m2"),
+    ("fp8-e4m3-stacked-strided-from-f32", "stacked_strided", "float32", 96, 21, "float8_e4m3fn"),
 ]
-_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32"}
+_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32",
+          "float8_e4m3fn": "fp8e4nv", "float8_e5m2": "fp8e5"}
 
 
-def compile_variant(layout_name, dtype, head_dim, tokens):
+def compile_variant(layout_name, dtype, head_dim, tokens, cache_dtype=None):
   import triton
   from triton.backends.compiler import GPUTarget
   from triton.compiler import ASTSource
@@ -513,10 +686,13 @@ def compile_variant(layout_name, dtype, head_dim, tokens):
   K, V = old_pages(rng, P, bs, Hk, head_dim, NP_DTYPES[dtype])
   k_cache, v_cache, kv_layout, layer = lay_out(layout_name, K, V)
   k_new = np.zeros((tokens, Hk, head_dim), NP_DTYPES[dtype])
-  layout, (k_new, v_new, k_cache, v_cache, slots, layer) = cache_mod._validate(
+  if cache_dtype is not None:  # an fp8 cache, written from `dtype` values
+    k_cache = k_cache.astype(NP_DTYPES[cache_dtype])
+    v_cache = None if v_cache is None else v_cache.astype(NP_DTYPES[cache_dtype])
+  layout, (k_new, v_new, k_cache, v_cache, slots, layer, scales) = cache_mod._validate(
       k_new, k_new, k_cache, v_cache, np.zeros((tokens,), np.int32), kv_layout, layer)
   kernel, inputs, outputs, grid, num_warps, consts, _ = kernel_arguments(
-      layout, k_new, v_new, k_cache, v_cache, slots, layer)
+      layout, k_new, v_new, k_cache, v_cache, slots, layer, scales)
   consts = dict(consts)
   sig = {}
   for name, value in inputs.items():
