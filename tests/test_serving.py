@@ -139,6 +139,14 @@ def test_preemption_does_not_change_the_output(model):
   assert sum(s.num_preemptions for s in seqs) > 0
   assert [s.generated for s in seqs] == want
   assert engine.allocator.num_free == 11
+  # Many steps per call: a call runs only once nothing waits and the free pages cover it; before
+  # that, the one-step path admits, prefills and preempts as above.
+  engine = serving.Engine(model, num_blocks=11, block_size=4, max_tokens_per_step=16, max_seqs=4,
+                          max_model_len=20, steps_per_call=4)
+  seqs = [engine.add(p, 5) for p in prompts]
+  engine.run()
+  assert sum(s.num_preemptions for s in seqs) > 0 and engine.num_chunks > 0
+  assert [s.generated for s in seqs] == want and engine.allocator.num_free == 11
 
 
 def test_step_updates_the_donated_cache_in_place(model):
