@@ -9,9 +9,10 @@ Pieces, each usable alone:
 - `Engine`: owns the layer-stacked caches and runs the jitted step (model forward over the flat
   batch, a token sampled at each sequence's last row) with the caches donated, so the cache is
   updated in place. With `steps_per_call=N > 1`, whenever every running sequence is decoding and no
-  prompt waits, it runs up to N decode steps in one jitted call instead (`decode_chunk`:
-  `jax_varlen_attn.decode.decode_loop`, pages for the N tokens reserved beforehand); otherwise the
-  one-step path (`step`) admits, prefills and decodes as before.
+  prompt could be admitted (none waits, or every sequence slot is taken), it runs up to N decode
+  steps in one jitted call instead (`decode_chunk`: `jax_varlen_attn.decode.decode_loop`, pages for
+  the N tokens reserved beforehand); otherwise the one-step path (`step`) admits, prefills and
+  decodes as before.
 - `generate(model, prompts, max_new_tokens, steps_per_call=, sampling=)`: the whole loop.
 
 Greedy by default; temperature / top-k / top-p sampling per sequence with `decode.Sampling`. Token ids
@@ -329,8 +330,10 @@ class Scheduler:
 
   # ---- multi-step decode ------------------------------------------------------------------------
   def can_decode_many(self) -> bool:
-    """True when a multi-step decode call may run: no prompt waits, every running sequence decodes."""
-    return (not self.waiting and 0 < len(self.running) <= self.config.max_seqs
+    """True when a multi-step decode call may run: every running sequence decodes, and no prompt
+    waits or none could be admitted now (every sequence slot is taken)."""
+    n = len(self.running)
+    return (0 < n <= self.config.max_seqs and (not self.waiting or n == self.config.max_seqs)
             and not any(s.in_prefill for s in self.running))
 
   def schedule_decode(self, steps: int) -> Optional["DecodeChunk"]:
@@ -466,8 +469,8 @@ class Engine:
   `step()` is the one-step path, `serving_step` (jitted; `serving_step._cache_size()` counts its
   compiles: one per (token bucket, sequence bucket) pair for a given model and cache shape).
   `decode_chunk()` runs up to `steps_per_call` decode steps in one call (`decode.decode_loop`:
-  one compile per sequence bucket and sampling mode) when every running sequence is decoding and
-  no prompt waits; `advance()` runs whichever applies.
+  one compile per sequence bucket and sampling mode) when `Scheduler.can_decode_many()` and the
+  free pages cover the call; `advance()` runs whichever applies.
   """
 
   def __init__(self, model: DecoderLM, *, num_blocks: int, block_size: int = 16,

@@ -9,6 +9,7 @@ here in NumPy.
 """
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -198,6 +199,12 @@ def test_schedule_decode_reserves_the_call_pages_and_waits_for_prefill():
   assert a.num_computed == 14 and sched.allocator.pages(b.seq_id) == []
   sched.add(range(30), max_new_tokens=2)  # a waiting prompt: the one-step path runs
   assert sched.schedule_decode(STEPS) is None
+  full = serving.Scheduler(dataclasses.replace(cfg, max_seqs=1))
+  c = full.add(range(3), max_new_tokens=4)
+  full.add(range(3), max_new_tokens=4)
+  full.update(full.schedule(), np.array([1]))
+  chunk = full.schedule_decode(STEPS)  # a prompt waits, but no sequence slot is free: a call runs
+  assert chunk.scheduled == [c] and len(full.waiting) == 1
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
