@@ -300,6 +300,28 @@ def step_batch(tokens: jax.Array, positions: jax.Array, active: jax.Array, block
   return scatter(0, tokens), batch, jnp.minimum(row, rows - 1)
 
 
+def _check_loop_inputs(batch: DecodeBatch, sampling: SamplingParams) -> None:
+  """Static checks of decode_loop's arrays: ValueError / TypeError naming the field."""
+  rows = jnp.shape(batch.tokens)[0] if jnp.ndim(batch.tokens) == 1 else None
+  if rows is None:
+    raise ValueError(f"batch.tokens must be i32[S], got shape {jnp.shape(batch.tokens)}")
+  fields = [(f"batch.{n}", getattr(batch, n), (rows,), True)
+            for n in ("tokens", "positions", "remaining", "eos")]
+  fields += [(f"sampling.{n}", getattr(sampling, n), (rows,), n in ("top_k", "seed", "seq_id"))
+             for n in SamplingParams._fields]
+  for name, value, shape, integer in fields:
+    if jnp.shape(value) != shape:
+      raise ValueError(f"{name} must be [{rows}] (one per sequence row), got shape {jnp.shape(value)}")
+    if not jnp.issubdtype(jnp.result_type(value), jnp.integer if integer else jnp.floating):
+      raise TypeError(f"{name} must be {'an integer' if integer else 'a floating'} array, got "
+                      f"{jnp.result_type(value)}")
+  table = batch.block_table
+  integer = jnp.issubdtype(jnp.result_type(table), jnp.integer)
+  if jnp.ndim(table) != 2 or jnp.shape(table)[0] != rows or not integer:
+    raise ValueError(f"batch.block_table must be i32[{rows}, max_blocks], got {jnp.result_type(table)}"
+                     f"{list(jnp.shape(table))}")
+
+
 class _Carry(NamedTuple):
   step: jax.Array  # i32[]
   tokens: jax.Array  # i32[S]
@@ -339,6 +361,7 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
     raise ValueError(f"steps must be an int >= 1, got {steps!r}")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  _check_loop_inputs(batch, sampling)
   rows = batch.tokens.shape[0]
   block_size = k_cache.shape[2]
 

@@ -294,6 +294,14 @@ def test_sampling_options_are_checked(model):
     decode.sample(logits, key, jnp.ones(3), 0, 1.0)
   with pytest.raises(ValueError, match="mode"):
     decode.sample(logits, key, 1.0, 0, 1.0, mode="beam")
+  args = loop_args(model, 0)
+  bad_table = args[4]._replace(block_table=args[4].block_table[:2])
+  with pytest.raises(ValueError, match="block_table"):
+    decode.decode_loop(*args[:4], bad_table, args[5], steps=STEPS)
+  with pytest.raises(TypeError, match="sampling.temperature"):
+    decode.decode_loop(*args[:5], args[5]._replace(temperature=args[5].top_k), steps=STEPS)
+  with pytest.raises(ValueError, match="steps"):
+    decode.decode_loop(*args, steps=0)
   with pytest.raises(ValueError, match="steps_per_call"):
     serving.Engine(model, num_blocks=4, steps_per_call=0)
   with pytest.raises(TypeError, match="steps_per_call"):
