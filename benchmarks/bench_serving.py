@@ -8,7 +8,7 @@ Decode records (per attention backend x batch size x mode). The same model (same
 weights) runs with attention by `flash_attn_varlen_func` (backend "auto": the Triton kernel on a GPU)
 and by `jax_varlen_attn.reference.naive_paged_attention` (plain XLA gathers). B prompts of
 --prompt-len random tokens are prefilled (chunks of --max-tokens-per-step), then every sequence
-decodes 1 + steps_per_call * (--chunks + 1) tokens, greedy:
+decodes 1 + steps_per_call * (--chunks + 1) tokens (greedy unless --sampling):
   mode "step":  one jitted `serving_step` per token. decode_step_ms = median wall time of a step
                 that decodes all B sequences (schedule on the host, transfer, the step, reading the
                 tokens back); the first two decode steps (compile) are not timed.
@@ -16,20 +16,21 @@ decodes 1 + steps_per_call * (--chunks + 1) tokens, greedy:
                 (`decode.decode_loop`). decode_step_ms = median over calls of (wall time of the call
                 incl. its host work: reserving pages, building and sending the batch, reading the
                 tokens back, appending them) / steps it ran; the first call (compile) is not timed.
+--sampling T,K,P samples every request (temperature, top-k, top-p) instead of greedy decoding.
 bound_ms = (weight bytes + K/V bytes the step's attention reads at the timed window's mean context)
 / the read ceiling, measured in the same run: a jitted jnp.sum over a --ceiling-mib bf16 array (2 GiB
 by default), median of 7 runs, bytes / seconds. `same_tokens_as_step` compares each multi record's
-greedy tokens with the step record's.
+tokens with the step record's.
 
---mixed: a workload of --mixed-requests prompts arriving as a seeded Poisson process (--mixed-rate
-per second) with lengths uniform in --mixed-prompt and generation lengths uniform in --mixed-gen;
-the host admits arrivals before every call. Per mode: time to first token (arrival -> first token
+--mixed (first backend): a workload of --mixed-requests prompts arriving as a seeded Poisson process
+(--mixed-rate per second) with lengths uniform in --mixed-prompt and generation lengths uniform in
+--mixed-gen; the host admits arrivals before every call. Per mode: time to first token (arrival -> first token
 back on the host), inter-token latency (gaps between a request's token arrivals; tokens of one
 multi-step call arrive together, so its gaps inside a call are 0), time per output token per
 request, all p50 / p90 / p99, and tokens/s. The workload runs once untimed first (compiles);
 `new_compiles` counts compiles during the timed run (each inflates the tail).
 
---profile: one decode call per batch size (backend auto, multi mode) under `jax.profiler.trace`; the
+--profile: one decode call per batch size (first backend, multi mode) under `jax.profiler.trace`; the
 GPU's kernel time per step grouped by category (attention, matmul / gemm, cache write, sampling,
 copies / slices, norm / rope / elementwise fusions, other) plus while-loop gaps (span - busy: the
 GPU idle inside the call), and the top kernels by time. None on a CPU (no GPU stream in the trace).
@@ -143,8 +144,8 @@ def run_batch(model: DecoderLM, batch: int, mode: str, args, ceiling: dict) -> T
   """Prefills `batch` prompts, then times the decode calls of `mode`; returns (record, engine)."""
   rng = np.random.default_rng(batch)
   engine = make_engine(model, args, batch, args.steps_per_call if mode == "multi" else 1)
-  seqs = [engine.add(rng.integers(0, model.config.vocab_size, args.prompt_len).tolist(), args.gen)
-          for _ in range(batch)]
+  seqs = [engine.add(rng.integers(0, model.config.vocab_size, args.prompt_len).tolist(), args.gen,
+                     sampling=args.sampling) for _ in range(batch)]
   t0 = time.perf_counter()
   prefill_steps = 0
   while any(s.in_prefill for s in seqs):
@@ -160,7 +161,8 @@ def run_batch(model: DecoderLM, batch: int, mode: str, args, ceiling: dict) -> T
   first = args.prompt_len + args.gen - steps  # context of the first timed step
   context = first + (steps - 1) / 2
   weights, kv = step_bytes(model.config, batch, context)
-  rec = dict(batch=batch, mode=mode, steps_per_call=engine.steps_per_call, prompt_len=args.prompt_len,
+  rec = dict(batch=batch, mode=mode, steps_per_call=engine.steps_per_call, sampling=args.sampling_text,
+             prompt_len=args.prompt_len,
              generated=args.gen, context=[first, args.prompt_len + args.gen - 1], prefill_steps=prefill_steps,
              prefill_s_incl_compile=round(prefill_s, 3), decode_calls_timed=len(calls),
              decode_steps_timed=steps, decode_step_ms=round(med * 1e3, 3),
@@ -286,7 +288,8 @@ def run_profile(model: DecoderLM, batch: int, args) -> Optional[dict]:
   rng = np.random.default_rng(batch)
   engine = make_engine(model, args, batch, args.steps_per_call)
   for _ in range(batch):
-    engine.add(rng.integers(0, model.config.vocab_size, args.prompt_len).tolist(), args.gen)
+    engine.add(rng.integers(0, model.config.vocab_size, args.prompt_len).tolist(), args.gen,
+               sampling=args.sampling)
   while engine.scheduler.waiting or any(s.in_prefill for s in engine.scheduler.running):
     engine.step()
   engine.decode_chunk()
@@ -329,7 +332,7 @@ def serve(model: DecoderLM, requests, mode: str, args) -> dict:
     now = time.perf_counter() - t0
     while i < len(requests) and requests[i][0] <= now:
       arrival, prompt, gen = requests[i]
-      seq = engine.add(prompt, gen)
+      seq = engine.add(prompt, gen, sampling=args.sampling)
       arrivals[seq.seq_id], times[seq.seq_id] = arrival, []
       live.append(seq)
       i += 1
@@ -393,6 +396,8 @@ def parse_args(argv):
   p.add_argument("--mixed-max-seqs", type=int, default=64)
   p.add_argument("--mixed-seed", type=int, default=0)
   p.add_argument("--profile", action="store_true", help="kernel mix of one decode call per batch size")
+  p.add_argument("--sampling", default=None, help="temperature,top_k,top_p for every request (e.g. "
+                 "0.8,50,0.95; top-k / top-p sort the vocabulary every step); default greedy")
   p.add_argument("--out", default="serving")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, short prompts")
   args = p.parse_args(argv)
@@ -405,6 +410,10 @@ def parse_args(argv):
   if args.steps_per_call < 1 or args.chunks < 2:
     raise ValueError("--steps-per-call must be >= 1 and --chunks >= 2")
   args.gen = 1 + args.steps_per_call * (args.chunks + UNTIMED_CHUNKS)
+  args.sampling_text = args.sampling or "greedy"
+  if args.sampling:
+    t, k, top_p = args.sampling.split(",")
+    args.sampling = decode.Sampling(temperature=float(t), top_k=int(k), top_p=float(top_p))
   args.modes = args.modes.split(",")
   if not set(args.modes) <= {"step", "multi"}:
     raise ValueError(f"--modes: step and / or multi, got {args.modes}")
