@@ -16,6 +16,14 @@ For each case x cache layout x implementation: the output is first compared with
 Ceilings measured in the same run: read TB/s (Triton sum kernel / torch.sum / jnp.sum over 4 GiB),
 copy TB/s (bytes read + written), fp16 8192^3 matmul TFLOP/s (torch / jnp).
 
+KV variants (ours only): `--kv-dtype float16,float8_e4m3fn` runs every case again on an fp8 cache
+(each set quantized with per-kv-head scales amax / fp8 max, passed as k_descale / v_descale), and
+`--sinks` each kv dtype once more with random s_aux. Records carry `kv_dtype` and `sinks`; `bytes`
+(and so TB/s and % of the read ceiling) count the cache in its own dtype; `rel_err` is against the
+reference on the inputs the kernel read (the dequantized cache), `rel_err_unquantized` against the
+reference on the fp16 cache before quantization (the quantization error). `kv_answers` compares
+the kv variants of each implementation side by side.
+
 Writes benchmarks/results/<name>.json (DESIGN.md section 8's schema, plus extra fields) and, when $OUT is
 set, a copy, the PNG plot and a log there. Prints a compact table last.
 
@@ -37,6 +45,7 @@ os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton_cache")  # the GPU machin
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import functools
@@ -440,12 +449,19 @@ def np_dtype(dtype):
 
 
 class CaseData:
-  """Inputs of one case: K distinct q, S cache sets (logical NHD pages), per-set metadata, reference."""
+  """Inputs of one case: K distinct q, S cache sets (logical NHD pages), per-set metadata, reference.
+
+  kv_dtype / sinks: the kv variant (`kv_variant` derives the others from the default one);
+  ref_unquantized: for an fp8 variant, the reference on the cache before quantization.
+  """
 
   def __init__(self, env: Env, case: shapes.Case, args, ref_cache: dict):
     jax, jnp = env.jax, env.jnp
     self.case = case
     self.dtype = args.dtype
+    self.kv_dtype = args.dtype
+    self.sinks = False
+    self.ref_unquantized = None
     self.jdtype = jnp.dtype(args.dtype)
     self.scale = case.head_dim ** -0.5
     self.parity = args.strided_parity
@@ -495,12 +511,84 @@ class CaseData:
   def rotation_mb(self, calls: int) -> float:
     return round(min(self.sets, calls) * self.touched / 1e6, 1)
 
-  def rel_err(self, out) -> float:
+  def rel_err(self, out, ref=None) -> float:
+    ref = self.ref if ref is None else ref
     out = np.asarray(out, dtype=np.float64)
-    if out.shape != self.ref.shape:
-      raise ValueError(f"output shape {out.shape} != reference {self.ref.shape}")
-    err = float(np.linalg.norm(out - self.ref.astype(np.float64)))
-    return err / max(self.ref_norm, 1e-30) if np.isfinite(err) else float("nan")
+    if out.shape != ref.shape:
+      raise ValueError(f"output shape {out.shape} != reference {ref.shape}")
+    err = float(np.linalg.norm(out - ref.astype(np.float64)))
+    norm = self.ref_norm if ref is self.ref else float(np.linalg.norm(ref.astype(np.float64)))
+    return err / max(norm, 1e-30) if np.isfinite(err) else float("nan")
+
+
+KV_DTYPES = ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def kv_tag(kv_dtype: str, sinks: bool) -> str:
+  """Short name of a kv variant: fp16, bf16, e4m3, e5m2, with +sinks."""
+  short = {"float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
+  return short.get(kv_dtype, kv_dtype) + ("+sinks" if sinks else "")
+
+
+def kv_variant(env: Env, cd: CaseData, kv_dtype: str, sinks: bool, args, ref_cache: dict) -> CaseData:
+  """`cd` (the default variant: a cache in q's dtype, no sinks) on an fp8 cache and / or with sinks.
+
+  fp8: every set quantized with per-kv-head descales (amax over the set / the format's max),
+  passed as k_descale / v_descale [batch, Hk]; the reference is computed on the dequantized cache,
+  ref_unquantized on cd's own. Sinks: s_aux ~ N(0, 1) per q head (seeded). q, block tables and
+  lengths are cd's own.
+  """
+  if kv_dtype == cd.dtype and not sinks:
+    return cd
+  jax, jnp = env.jax, env.jnp
+  case = cd.case
+  out = copy.copy(cd)
+  out.kv_dtype, out.sinks = kv_dtype, sinks
+  extra = [{} for _ in cd.metas]
+  s_aux = None
+  if sinks:
+    s_aux = jax.random.normal(jax.random.key(args.seed + 7), (case.num_heads,), jnp.float32)
+    for e in extra:
+      e["s_aux"] = s_aux
+  descales = [(None, None)] * cd.sets
+  if kv_dtype != cd.dtype:
+    fp8 = jnp.dtype(kv_dtype)
+    fmax = float(jnp.finfo(fp8).max)
+
+    @jax.jit
+    def quantize(x):  # [N, bs, Hk, D] -> (fp8 pages, descale f32[Hk])
+      amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=(0, 1, 3))
+      descale = jnp.where(amax > 0, amax / fmax, 1.0)
+      return (x.astype(jnp.float32) / descale[:, None]).astype(fp8), descale
+
+    kv, descales = [], []
+    for s, (k, v) in enumerate(cd.kv):
+      (k8, kd), (v8, vd) = quantize(k), quantize(v)
+      kv.append((k8, v8))
+      kd, vd = (jnp.broadcast_to(d, (case.batch, case.num_kv_heads)) for d in (kd, vd))
+      descales.append((kd, vd))
+      extra[s].update(k_descale=kd, v_descale=vd)
+    jax.block_until_ready(kv)
+    out.kv = kv
+    out.wide_sets = None  # the strided storage is rebuilt from the fp8 pages
+    out.touched = case.touched_bytes(cd.tables_np[0], cd.dtype, kv_dtype)
+  out.metas = [dict(m, **e) for m, e in zip(cd.metas, extra)]
+  key = (case.name, cd.dtype, args.seed, kv_dtype, sinks)
+  if key not in ref_cache:
+    t0 = time.perf_counter()
+    k_descale, v_descale = descales[0]
+    ref_cache[key] = reference(env, case, cd.qs[0], out.kv[0][0], out.kv[0][1], cd.tables_np[0], cd.scale,
+                               k_descale=k_descale, v_descale=v_descale, s_aux=s_aux)
+    log(f"  reference ({case.name}, {kv_tag(kv_dtype, sinks)}): {time.perf_counter() - t0:.1f} s")
+  out.ref = ref_cache[key]
+  out.ref_norm = float(np.linalg.norm(out.ref.astype(np.float64)))
+  if kv_dtype != cd.dtype:  # the quantization error: against the unquantized cache's reference
+    unq = (case.name, cd.dtype, args.seed, cd.dtype, sinks)
+    if unq not in ref_cache:
+      ref_cache[unq] = cd.ref if not sinks else reference(
+          env, case, cd.qs[0], cd.kv[0][0], cd.kv[0][1], cd.tables_np[0], cd.scale, s_aux=s_aux)
+    out.ref_unquantized = ref_cache[unq]
+  return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -511,11 +599,13 @@ def _ref_kernel(group: int, scale: float):
   hi = jax.lax.Precision.HIGHEST
 
   @jax.jit
-  def kernel(q, kflat, vflat, qi, ki, sq, sk):
+  def kernel(q, kflat, vflat, qi, ki, sq, sk, kd, vd, sink):
+    """kd, vd: f32[n, Hk] descales of each row's sequence (ones for a cache in q's dtype); sink:
+    f32[H] logits in every row's denominator (-inf: none)."""
     f32 = jnp.float32
     qb = q[qi].astype(f32)  # [n, SQ, H, D]
-    kb = kflat[ki].astype(f32)  # [n, SK, Hk, D]
-    vb = vflat[ki].astype(f32)
+    kb = kflat[ki].astype(f32) * kd[:, None, :, None]  # [n, SK, Hk, D], dequantized
+    vb = vflat[ki].astype(f32) * vd[:, None, :, None]
     n, SQ, H, D = qb.shape
     SK, Hk = kb.shape[1], kb.shape[2]
     qb = qb.reshape(n, SQ, Hk, group, D)
@@ -526,10 +616,11 @@ def _ref_kernel(group: int, scale: float):
     allowed = (i < sq3) & (j < sk3) & (j <= i + sk3 - sq3)  # causal, bottom-right aligned
     allowed = allowed[:, None, None]
     s = jnp.where(allowed, s, -jnp.inf)
-    m = s.max(-1, keepdims=True)
+    sink = sink.reshape(1, Hk, group, 1, 1)
+    m = jnp.maximum(s.max(-1, keepdims=True), sink)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.where(allowed, jnp.exp(s - m), 0.0)
-    l = p.sum(-1, keepdims=True)
+    l = p.sum(-1, keepdims=True) + jnp.exp(sink - m)
     p = p / jnp.where(l > 0, l, 1.0)
     o = jnp.einsum("nhgqk,nkhd->nqhgd", p, vb, precision=hi)
     return o.reshape(n, SQ, H, D)
@@ -541,11 +632,18 @@ def _pow2(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
 
 
-def reference(env: Env, case: shapes.Case, q, k, v, table: np.ndarray, scale: float) -> np.ndarray:
-  """float32 (precision HIGHEST) attention of one input set, sequences bucketed by padded shape."""
+def reference(env: Env, case: shapes.Case, q, k, v, table: np.ndarray, scale: float, k_descale=None,
+              v_descale=None, s_aux=None) -> np.ndarray:
+  """float32 (precision HIGHEST) attention of one input set, sequences bucketed by padded shape.
+  An fp8 cache is dequantized with k_descale / v_descale [batch, Hk]; s_aux [H] joins every row's
+  softmax denominator."""
   jnp = env.jnp
   T, H, D = case.total_q, case.num_heads, case.head_dim
   Hk, bs = case.num_kv_heads, case.block_size
+  ones = np.ones((case.batch, Hk), np.float32)
+  kd_all = ones if k_descale is None else np.asarray(k_descale, np.float32)
+  vd_all = ones if v_descale is None else np.asarray(v_descale, np.float32)
+  sink = jnp.asarray(np.full((H,), -np.inf, np.float32) if s_aux is None else np.asarray(s_aux, np.float32))
   kflat = k.reshape(-1, Hk, D)
   vflat = v.reshape(-1, Hk, D)
   cu = case.cu_seqlens_q
@@ -570,8 +668,9 @@ def reference(env: Env, case: shapes.Case, q, k, v, table: np.ndarray, scale: fl
         j = np.minimum(np.arange(SK), sk - 1)
         ki[r] = table[b, j // bs] * bs + j % bs
         sqa[r], ska[r] = sq, sk
+      rows = np.array(group + [group[-1]] * (chunk - len(group)))  # padding rows: any sequence
       res = np.asarray(kernel(q, kflat, vflat, jnp.asarray(qi), jnp.asarray(ki), jnp.asarray(sqa),
-                              jnp.asarray(ska)))
+                              jnp.asarray(ska), jnp.asarray(kd_all[rows]), jnp.asarray(vd_all[rows]), sink))
       for r, b in enumerate(group):
         sq = case.seqlens_q[b]
         out[cu[b]:cu[b] + sq] = res[r, :sq]
@@ -605,7 +704,7 @@ def wide_sets(env: Env, cd: CaseData) -> List[tuple]:
     gk, gv = jax.random.split(cd.garbage_keys[s])
     pair = []
     for x, g in ((k, gk), (v, gv)):
-      junk = jax.random.normal(g, x.shape, x.dtype)
+      junk = jax.random.normal(g, x.shape, jnp.float16).astype(x.dtype)  # (fp8 has no random.normal)
       both = (junk, x) if cd.parity else (x, junk)
       pair.append(jnp.stack(both, axis=1).reshape(2 * N, bs, Hk, D))
       del junk
@@ -648,7 +747,8 @@ def build_layout(env: Env, cd: CaseData, name: str) -> LayoutData:
     sets = []
     for s, kv in enumerate(cd.kv):
       g = jax.random.split(cd.garbage_keys[s])
-      sets.append(tuple(jnp.stack([jax.random.normal(gi, x.shape, x.dtype), x]) for gi, x in zip(g, kv)))
+      sets.append(tuple(jnp.stack([jax.random.normal(gi, x.shape, jnp.float16).astype(x.dtype), x])
+                        for gi, x in zip(g, kv)))
     return LayoutData(name, sets, "NHD", stacked=True, note="[2, N, bs, Hk, D], layer=1 (traced)")
   raise ValueError(f"unknown layout {name!r}")
 
@@ -657,10 +757,11 @@ def build_layout(env: Env, cd: CaseData, name: str) -> LayoutData:
 
 def base_record(cd: CaseData, layout: str, impl: str, variant: str) -> dict:
   case = cd.case
-  return dict(case=case.name, layout=layout, impl=impl, variant=variant, dtype=cd.dtype, ms=None,
+  return dict(case=case.name, layout=layout, impl=impl, variant=variant, dtype=cd.dtype,
+              kv_dtype=cd.kv_dtype, sinks=cd.sinks, ms=None,
               ms_wall=None, tbps=None, tflops=None, pct_of_ceiling=None, rel_err=None, status=None,
-              tolerance=TOLERANCE[cd.dtype], bytes=case.bytes_moved(cd.dtype), flops=case.flops(),
-              bound="flops" if case.flop_bound else "bytes")
+              tolerance=TOLERANCE[cd.dtype], bytes=case.bytes_moved(cd.dtype, cd.kv_dtype),
+              flops=case.flops(), bound="flops" if case.flop_bound else "bytes")
 
 
 def finish_timing(rec: dict, cd: CaseData, ms: float, ceilings: dict, suffix: str = ""):
@@ -677,6 +778,9 @@ def finish_timing(rec: dict, cd: CaseData, ms: float, ceilings: dict, suffix: st
 def check(rec: dict, cd: CaseData, out) -> bool:
   err = cd.rel_err(out)
   rec["rel_err"] = float(f"{err:.3e}") if np.isfinite(err) else None
+  if cd.ref_unquantized is not None:  # fp8: what quantizing the cache costs, on top
+    unq = cd.rel_err(out, cd.ref_unquantized)
+    rec["rel_err_unquantized"] = float(f"{unq:.3e}") if np.isfinite(unq) else None
   ok = bool(np.isfinite(err) and err <= TOLERANCE[cd.dtype])
   if not ok:
     rec["status"] = "wrong"
@@ -755,7 +859,8 @@ def case_call(cd: CaseData, ld: LayoutData, backend: str, config) -> Callable:
         q, k, v, max_seqlen_q=case.max_seqlen_q, cu_seqlens_q=meta["cu_seqlens_q"],
         max_seqlen_k=case.max_seqlen_k, seqused_k=meta["seqused_k"], softmax_scale=cd.scale,
         causal=case.causal, block_table=meta["block_table"], kv_layout=ld.kv_layout,
-        layer=meta.get("layer"), backend=backend, config=config)
+        layer=meta.get("layer"), backend=backend, config=config, k_descale=meta.get("k_descale"),
+        v_descale=meta.get("v_descale"), s_aux=meta.get("s_aux"))
 
   return one
 
@@ -1012,10 +1117,12 @@ def flaggems_unit(env: Env, cd: CaseData, ld: LayoutData, args, ceilings) -> dic
 
 # ---- work list -------------------------------------------------------------------------------------
 
-def units_for(env: Env, case: shapes.Case, layout: str, impls, variants) -> List[Tuple[str, str]]:
+def units_for(env: Env, case: shapes.Case, layout: str, impls, variants,
+              default_kv: bool = True) -> List[Tuple[str, str]]:
+  """(impl, variant) pairs to run; default_kv False (an fp8 cache or sinks): ours only."""
   out = []
   for impl in impls:
-    if impl in env.why_not:
+    if impl in env.why_not or (not default_kv and not impl.startswith("jva-")):
       continue
     if impl == "jva-triton":
       for var in variants:
@@ -1096,7 +1203,7 @@ def answers(records: List[dict], case_order) -> dict:
   def ms(case, layout, variant, key="ms"):
     for r in records:
       if (r["case"], r["layout"], r["impl"], r["variant"]) == (case, layout, "jva-triton", variant) \
-          and r.get("status") == "ok":
+          and r.get("status") == "ok" and r.get("kv_dtype", r["dtype"]) == r["dtype"] and not r.get("sinks"):
         return r.get(key)
     return None
 
@@ -1145,6 +1252,32 @@ def answers(records: List[dict], case_order) -> dict:
   return dict(question=QUESTION, verdict=verdict, per_case=rows)
 
 
+def kv_answers(records: List[dict]) -> List[dict]:
+  """Per (case, layout, impl, variant) run on more than one kv variant: each variant's times, % of
+  the read ceiling (on its own bytes) and errors, and its device-time speedup over the default."""
+  groups: Dict[tuple, Dict[str, dict]] = {}
+  for r in records:
+    if r.get("status") != "ok" or "kv_dtype" not in r:
+      continue
+    key = (r["case"], r["layout"], r["impl"], r["variant"])
+    groups.setdefault(key, {})[kv_tag(r["kv_dtype"], r.get("sinks", False))] = r
+  rows = []
+  for (case, layout, impl, variant), by_kv in groups.items():
+    if len(by_kv) < 2:
+      continue
+    base = next((r for r in by_kv.values() if r["kv_dtype"] == r["dtype"] and not r.get("sinks")), None)
+    row = dict(case=case, layout=layout, impl=impl, variant=variant, kv={})
+    for tag, r in by_kv.items():
+      t = r.get("ms_device") or r.get("ms")
+      bt = base and (base.get("ms_device") or base.get("ms"))
+      row["kv"][tag] = dict(ms=r.get("ms"), ms_device=r.get("ms_device"), tbps=r.get("tbps_device", r.get("tbps")),
+                            pct_of_ceiling=r.get("pct_of_ceiling_device", r.get("pct_of_ceiling")),
+                            rel_err=r.get("rel_err"), rel_err_unquantized=r.get("rel_err_unquantized"),
+                            speedup=round(bt / t, 3) if bt and t else None)
+    rows.append(row)
+  return rows
+
+
 def write_results(path: Path, doc: dict):
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".json.tmp")
@@ -1185,6 +1318,8 @@ def table(doc: dict) -> str:
   for r in doc["records"]:
     var = r.get("variant") or "-"
     var = "best-cfg" if var.startswith("block_h") else VARIANT_SHORT.get(var, var)
+    if r.get("kv_dtype", r.get("dtype")) != r.get("dtype") or r.get("sinks"):
+      var = kv_tag(r["kv_dtype"], r.get("sinks", False)).replace("+sinks", "+s") + ":" + var
     if var.startswith("cfg:"):  # cfg:num_splits=2;block_n=32 -> s2n32
       for long, short in (("num_splits=", "s"), ("block_n=", "n"), ("block_m=", "m"),
                           ("num_stages=", "st"), ("num_warps=", "w"), (";", "")):
@@ -1221,6 +1356,11 @@ def parse_args(argv=None):
   p.add_argument("--variants", default="default,row-id,runtime-stride,ffi-launch",
                  help="jva-triton variants")
   p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+  p.add_argument("--kv-dtype", default=None,
+                 help="comma list of cache dtypes to run each case with: --dtype's (the default) and / or "
+                      "float8_e4m3fn, float8_e5m2 (ours only; per-kv-head descales)")
+  p.add_argument("--sinks", action="store_true",
+                 help="also run every kv dtype with attention sinks (random s_aux; ours only)")
   p.add_argument("--reps", type=int, default=50, help="timed repeats per record (at most)")
   p.add_argument("--unit-time-s", type=float, default=1.0, help="stop repeating after this long")
   p.add_argument("--out", default=None, help="results name: benchmarks/results/<name>.json")
@@ -1260,12 +1400,59 @@ def parse_args(argv=None):
     if lay not in ALL_LAYOUTS:
       p.error(f"unknown layout {lay!r}")
   args.variants = args.variants.split(",")
+  kv_dtypes = [args.dtype] if args.kv_dtype is None else args.kv_dtype.split(",")
+  for kv in kv_dtypes:
+    if kv not in (args.dtype, "float8_e4m3fn", "float8_e5m2"):
+      p.error(f"--kv-dtype {kv!r}: {args.dtype} (--dtype) or float8_e4m3fn / float8_e5m2")
+  args.kv_variants = [(kv, s) for kv in kv_dtypes for s in ((False, True) if args.sinks else (False,))]
   if args.tiny:
     args.reps = min(args.reps, 5)
     args.max_sets = min(args.max_sets, 4)
     args.min_calls = min(args.min_calls, 2)
     args.unit_time_s = min(args.unit_time_s, 0.5)
   return args
+
+
+def run_layouts(env: Env, cd: CaseData, wanted: Dict[str, List[Tuple[str, str]]], args, ceilings,
+                budget: Budget, records: List[dict]):
+  """Runs the units `wanted` ({layout: [(impl, variant)]}) of one case's kv variant `cd`, appending
+  a record per unit (skipped past the budget, an error record where a layout or a unit fails)."""
+  for lay, us in wanted.items():
+    if not us:
+      continue
+    if budget.over(reserve=args.reserve_s):
+      for impl, var in us:
+        records.append(dict(base_record(cd, lay, impl, var), status="skipped", note="budget"))
+      continue
+    try:
+      ld = build_layout(env, cd, lay)
+    except Exception as e:
+      log(f"  layout {lay}: build failed: {type(e).__name__}: {e}")
+      for impl, var in us:
+        records.append(dict(base_record(cd, lay, impl, var), status="error",
+                            error=f"layout build: {type(e).__name__}: {str(e)[:200]}"))
+      continue
+    for impl, var in us:
+      if budget.over(reserve=args.reserve_s):
+        records.append(dict(base_record(cd, lay, impl, var), status="skipped", note="budget"))
+        continue
+      t1 = time.perf_counter()
+      try:
+        rec = run_unit(env, cd, ld, impl, var, args, ceilings)
+      except Exception as e:
+        rec = base_record(cd, lay, impl, var)
+        rec["status"] = "error"
+        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"  {lay} {impl} {var}: ERROR {rec['error']}")
+        log(traceback.format_exc(), quiet=True)
+      rec["unit_s"] = round(time.perf_counter() - t1, 1)
+      records.append(rec)
+      log(f"  {lay:10s} {impl:16s} {kv_tag(cd.kv_dtype, cd.sinks):10s} {rec['variant'][:40]:22s} "
+          f"ms={_fmt(rec.get('ms'), 4)} wall={_fmt(rec.get('ms_wall'), 4)} rel_err={rec.get('rel_err')} "
+          f"{rec['status']} ({rec['unit_s']} s, t={budget.elapsed():.0f} s)")
+      free_device(env)
+    del ld
+    free_device(env)
 
 
 def main(argv=None) -> int:
@@ -1320,6 +1507,7 @@ def main(argv=None) -> int:
 
   def save():
     doc["answers"] = answers(records, args.cases)
+    doc["kv_answers"] = kv_answers(records)
     write_results(results_path, doc)
     if out_dir is not None:
       write_results(out_dir / f"{name}.json", doc)
@@ -1329,64 +1517,45 @@ def main(argv=None) -> int:
   for pass_no in passes:
     for cname in args.cases:
       case = cases[cname]
-      wanted = {lay: [u for u in units_for(env, case, lay, args.impls, args.variants)
-                      if pass_of(*u) == pass_no] for lay in args.layouts}
-      if not any(wanted.values()):
+      wanted_kv = {kvv: {lay: [u for u in units_for(env, case, lay, args.impls, args.variants,
+                                                     default_kv=kvv == (args.dtype, False))
+                               if pass_of(*u) == pass_no] for lay in args.layouts}
+                   for kvv in args.kv_variants}
+      if not any(us for by_layout in wanted_kv.values() for us in by_layout.values()):
         continue
       if budget.over(reserve=args.reserve_s):
-        for lay, us in wanted.items():
-          for impl, var in us:
-            records.append(dict(case=cname, layout=lay, impl=impl, variant=var, dtype=args.dtype,
-                                status="skipped", note="budget", bound="flops" if case.flop_bound
-                                else "bytes"))
+        for (kv, sinks), by_layout in wanted_kv.items():
+          for lay, us in by_layout.items():
+            for impl, var in us:
+              records.append(dict(case=cname, layout=lay, impl=impl, variant=var, dtype=args.dtype,
+                                  kv_dtype=kv, sinks=sinks, status="skipped", note="budget",
+                                  bound="flops" if case.flop_bound else "bytes"))
         continue
       t0 = time.perf_counter()
       try:
-        cd = CaseData(env, case, args, ref_cache)
+        base_cd = CaseData(env, case, args, ref_cache)
       except Exception as e:
         log(f"case {cname}: input build failed: {type(e).__name__}: {e}")
         log(traceback.format_exc(), quiet=True)
         free_device(env)
         continue
-      log(f"[pass {pass_no}] {cname}: sets {cd.sets}, calls {cd.calls}, touched/set "
-          f"{cd.touched / 1e6:.1f} MB, inputs {time.perf_counter() - t0:.1f} s, t={budget.elapsed():.0f} s")
-      for lay, us in wanted.items():
-        if not us:
-          continue
-        if budget.over(reserve=args.reserve_s):
-          for impl, var in us:
-            records.append(dict(base_record(cd, lay, impl, var), status="skipped", note="budget"))
+      log(f"[pass {pass_no}] {cname}: sets {base_cd.sets}, calls {base_cd.calls}, touched/set "
+          f"{base_cd.touched / 1e6:.1f} MB, inputs {time.perf_counter() - t0:.1f} s, t={budget.elapsed():.0f} s")
+      for (kv, sinks), wanted in wanted_kv.items():
+        if not any(wanted.values()):
           continue
         try:
-          ld = build_layout(env, cd, lay)
+          cd = kv_variant(env, base_cd, kv, sinks, args, ref_cache)
         except Exception as e:
-          log(f"  layout {lay}: build failed: {type(e).__name__}: {e}")
-          for impl, var in us:
-            records.append(dict(base_record(cd, lay, impl, var), status="error",
-                                error=f"layout build: {type(e).__name__}: {str(e)[:200]}"))
+          log(f"case {cname} {kv_tag(kv, sinks)}: input build failed: {type(e).__name__}: {e}")
+          log(traceback.format_exc(), quiet=True)
           continue
-        for impl, var in us:
-          if budget.over(reserve=args.reserve_s):
-            records.append(dict(base_record(cd, lay, impl, var), status="skipped", note="budget"))
-            continue
-          t1 = time.perf_counter()
-          try:
-            rec = run_unit(env, cd, ld, impl, var, args, ceilings)
-          except Exception as e:
-            rec = base_record(cd, lay, impl, var)
-            rec["status"] = "error"
-            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            log(f"  {lay} {impl} {var}: ERROR {rec['error']}")
-            log(traceback.format_exc(), quiet=True)
-          rec["unit_s"] = round(time.perf_counter() - t1, 1)
-          records.append(rec)
-          log(f"  {lay:10s} {impl:16s} {rec['variant'][:40]:22s} ms={_fmt(rec.get('ms'), 4)} "
-              f"wall={_fmt(rec.get('ms_wall'), 4)} rel_err={rec.get('rel_err')} {rec['status']} "
-              f"({rec['unit_s']} s, t={budget.elapsed():.0f} s)")
-          free_device(env)
-        del ld
+        if cd is not base_cd:
+          log(f"  kv variant {kv_tag(kv, sinks)}: touched/set {cd.touched / 1e6:.1f} MB")
+        run_layouts(env, cd, wanted, args, ceilings, budget, records)
+        del cd
         free_device(env)
-      del cd
+      del base_cd
       free_device(env)
       add_ratios(records)
       save()

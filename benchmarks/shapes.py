@@ -14,8 +14,8 @@ seed_shapes.json is looked up at $JVA_SEED_SHAPES, then ../shared/data/seed_shap
 repo), then benchmarks/data/seed_shapes.json (a committed copy: ../shared does not travel to the GPU
 machine).
 
-Bytes (the floor for memory-bound cases): KV = sum(seqused_k) * Hk * D * 2 (K and V) * itemsize, plus
-q and out (total_q * H * D * itemsize each). FLOPs (the floor for prefill): 4 * D * H * (allowed (q, k)
+Bytes (the floor for memory-bound cases): KV = sum(seqused_k) * Hk * D * 2 (K and V) * the cache's
+itemsize (1 for an fp8 cache), plus q and out (total_q * H * D * q's itemsize each). FLOPs (the floor for prefill): 4 * D * H * (allowed (q, k)
 pairs under the causal mask).
 """
 
@@ -34,7 +34,7 @@ REPO = HERE.parent
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 16
 SEED_NUM_BLOCKS = 2000  # FlagGems' benchmark cache size (pages)
 L2_BYTES = 50 * 2**20  # H100 L2
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 CASE_NAMES = ("seed1_prefill512", "seed2_small_mixed", "seed3_mixed55", "seed4_long200",
               "seed4_distinct", "decode_256x4096", "decode_8x32768", "prefill_4x4096")
@@ -156,9 +156,9 @@ class Case:
   def q_bytes(self, dtype: str = "float16") -> int:
     return self.total_q * self.num_heads * self.head_dim * ITEMSIZE[dtype]
 
-  def bytes_moved(self, dtype: str = "float16") -> int:
-    """KV + q + out: each read (written) once."""
-    return self.kv_bytes(dtype) + 2 * self.q_bytes(dtype)
+  def bytes_moved(self, dtype: str = "float16", kv_dtype: Optional[str] = None) -> int:
+    """KV (in kv_dtype, default dtype) + q + out (in dtype): each read (written) once."""
+    return self.kv_bytes(kv_dtype or dtype) + 2 * self.q_bytes(dtype)
 
   def flops(self) -> int:
     return 4 * self.head_dim * self.num_heads * self.allowed_pairs()
@@ -171,11 +171,13 @@ class Case:
     """K and V caches of one input set (contiguous form)."""
     return 2 * self.num_blocks * self.page_bytes(dtype)
 
-  def touched_bytes(self, block_table: np.ndarray, dtype: str = "float16") -> int:
-    """Bytes one call brings through L2: the distinct pages it reads (K and V), q and out."""
+  def touched_bytes(self, block_table: np.ndarray, dtype: str = "float16",
+                    kv_dtype: Optional[str] = None) -> int:
+    """Bytes one call brings through L2: the distinct pages it reads (K and V, in kv_dtype, default
+    dtype), q and out."""
     used = np.concatenate([block_table[b, :p] for b, p in enumerate(self.pages_per_seq) if p])
     pages = len(np.unique(used)) if used.size else 0
-    return 2 * pages * self.page_bytes(dtype) + 2 * self.q_bytes(dtype)
+    return 2 * pages * self.page_bytes(kv_dtype or dtype) + 2 * self.q_bytes(dtype)
 
   def summary(self, dtype: str = "float16") -> dict:
     return dict(case=self.name, batch=self.batch, total_q=self.total_q,

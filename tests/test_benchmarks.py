@@ -36,6 +36,30 @@ def test_bench_attention_tiny_writes_checked_records(tmp_path):
   assert (tmp_path / "tiny_test.png").is_file()
 
 
+def test_bench_attention_tiny_fp8_cache_and_sinks(tmp_path):
+  """--kv-dtype / --sinks: each case again on an fp8 cache and with sinks, in one run; records say
+  which, count the cache's own bytes, and carry the error vs the dequantized and the fp16 inputs."""
+  _run("bench_attention.py", "--tiny", "--cases", "decode_256x4096", "--impls", "jva-xla,xla-naive",
+       "--layouts", "contiguous,stacked", "--kv-dtype", "float16,float8_e4m3fn", "--sinks",
+       "--no-plot", "--out", "tiny_kv", "--results-dir", str(tmp_path), out_dir=tmp_path / "copies")
+  doc = json.loads((tmp_path / "tiny_kv.json").read_text())
+  recs = [r for r in doc["records"] if r["impl"] == "jva-xla"]
+  assert {(r["kv_dtype"], r["sinks"], r["layout"]) for r in recs} == {
+      (kv, s, lay) for kv in ("float16", "float8_e4m3fn") for s in (False, True)
+      for lay in ("contiguous", "stacked")}
+  assert all(r["status"] == "ok" and r["rel_err"] < r["tolerance"] for r in recs)
+  naive = [r for r in doc["records"] if r["impl"] == "xla-naive"]
+  assert naive and all(r["kv_dtype"] == "float16" and not r["sinks"] for r in naive)  # peers: fp16 only
+  by = {(r["kv_dtype"], r["sinks"], r["layout"]): r for r in recs}
+  fp16, fp8 = by[("float16", False, "contiguous")], by[("float8_e4m3fn", False, "contiguous")]
+  assert fp8["bytes"] < fp16["bytes"]  # K / V at one byte an element
+  assert fp16.get("rel_err_unquantized") is None
+  # e4m3 keeps 3 mantissa bits: the quantization error shows against the fp16 inputs' reference.
+  assert fp8["rel_err"] < 1e-3 < fp8["rel_err_unquantized"] < 0.1
+  rows = [r for r in doc["kv_answers"] if r["impl"] == "jva-xla" and r["layout"] == "contiguous"]
+  assert rows and set(rows[0]["kv"]) == {"fp16", "fp16+sinks", "e4m3", "e4m3+sinks"}
+
+
 def test_bench_loop_tiny_writes_unrolled_and_fori_records(tmp_path):
   out = _run("bench_loop.py", "--tiny", "--impls", "jva-xla", "--out", "loop_test", "--results-dir",
              str(tmp_path), out_dir=tmp_path / "copies")
