@@ -84,8 +84,10 @@ def test_multi_step_matches_one_step(model, prompts, one_step):
   per seed, sequence and position, so grouping steps into calls changes no draw): the same tokens."""
   want, eos = one_step
   engine = make_engine(model, STEPS)
+  compiles = decode.decode_loop._cache_size()
   got, outputs = run(engine, prompts, eos)
   assert got == want
+  assert decode.decode_loop._cache_size() - compiles <= 1  # calls at new lengths / pages: one program
   chunks = [o for o in outputs if isinstance(o, serving.ChunkOutput)]
   assert engine.num_chunks == len(chunks) >= 2 and engine.num_steps == 1  # the prefill, then calls
   # Rows stopped mid-call (eos, max length), rows ran whole calls, and padding rows made nothing.
