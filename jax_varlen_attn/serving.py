@@ -127,6 +127,16 @@ class Sequence:
     return self.prompt + self.generated
 
   @property
+  def num_tokens(self) -> int:
+    """len(tokens), without building the list."""
+    return len(self.prompt) + len(self.generated)
+
+  def token_slice(self, start: int, stop: int) -> List[int]:
+    """tokens[start:stop] without concatenating the whole prompt and generation (O(stop - start))."""
+    p = len(self.prompt)
+    return self.prompt[start:min(stop, p)] + self.generated[max(start - p, 0):max(stop - p, 0)]
+
+  @property
   def num_pending(self) -> int:
     """Tokens whose K / V are not in the cache yet (a prompt's rest, or the one last sampled)."""
     return len(self.prompt) + len(self.generated) - self.num_computed
@@ -275,7 +285,7 @@ class Scheduler:
       budget -= n
     if not chosen:
       return None
-    plan = [(seq, seq.num_computed, n, seq.num_computed + n == len(seq.tokens)) for seq, n in chosen]
+    plan = [(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens) for seq, n in chosen]
     return self._build(plan, cfg.max_tokens_per_step - budget)
 
   def _build(self, plan, num_tokens: int) -> StepBatch:
@@ -294,7 +304,7 @@ class Scheduler:
       cu[b] = row
       pos = np.arange(start, start + n, dtype=np.int32)
       pages = np.asarray(alloc.pages(seq.seq_id), np.int32)
-      tokens[row:row + n] = seq.tokens[start:start + n]
+      tokens[row:row + n] = seq.token_slice(start, start + n)  # a decode: O(1), not O(context)
       positions[row:row + n] = pos
       slots[row:row + n] = pages[pos // cfg.block_size] * cfg.block_size + pos % cfg.block_size
       used[b] = start + n
