@@ -30,9 +30,16 @@ scales = st.one_of(st.none(), st.floats(0.05, 2.0))
 SEQLEN_BOUNDS = ("none", "exact", "loose")
 
 
+DESCALES = ("seq_head", "scalar", "none")
+
+
 @st.composite
 def problems(draw, dtypes: Sequence[str] = DTYPES, max_batch: int = 4, max_q: int = 20,
-             max_k: int = 70, kv_forms: Sequence[str] = KV_FORMS) -> Problem:
+             max_k: int = 70, kv_forms: Sequence[str] = KV_FORMS,
+             kv_dtypes: Sequence[Optional[str]] = (None,), sinks: Sequence[bool] = (False,)) -> Problem:
+  """kv_dtypes: cache dtypes to draw from (None: q's; "float8_e4m3fn" / "float8_e5m2": an fp8
+  cache with a drawn descale form); sinks: whether s_aux is passed. The defaults draw neither (and
+  consume no entropy for them, so the examples of existing tests are unchanged)."""
   batch = draw(st.integers(1, max_batch))
   seqlens_q = draw(st.lists(st.integers(0, max_q), min_size=batch, max_size=batch))
   if not any(seqlens_q):  # at least one query row
@@ -48,7 +55,15 @@ def problems(draw, dtypes: Sequence[str] = DTYPES, max_batch: int = 4, max_q: in
   # With causal=True the API forces the right window to 0 (so does the oracle): drawing any right
   # side there checks that rule too.
   window = (draw(window_sides), draw(window_sides))
+  extra = {}
+  if len(kv_dtypes) > 1 or kv_dtypes[0] is not None:
+    kv_dtype = draw(st.sampled_from(tuple(kv_dtypes)))
+    if kv_dtype is not None:
+      extra.update(kv_dtype=kv_dtype, descale=draw(st.sampled_from(DESCALES)))
+  if len(sinks) > 1 or sinks[0]:
+    extra["sinks"] = draw(st.sampled_from(tuple(sinks)))
   return Problem(
+      **extra,
       seqlens_q=tuple(seqlens_q),
       seqlens_k=tuple(seqlens_k),
       pad_q=draw(st.integers(0, 4)),

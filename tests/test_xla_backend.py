@@ -4,12 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from jax_varlen_attn import flash_attn_varlen_func
 from jax_varlen_attn.backends.xla import Config
 from tests.attention_suite import AttentionSuite, _INSTRUCTION
 from tests.oracle import reference_attention
 from tests.problems import Problem, make_problem, rel_err
+from tests.strategies import problems
 
 
 class TestXla(AttentionSuite):
@@ -100,3 +102,10 @@ def test_head_split_with_fp8_and_sinks_runs_unsplit():
       np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
                                  rtol=1e-3, atol=1e-3)
     assert rel_err(np.asarray(result[0].astype(jnp.float32))[:n], ref[:n]) < 4e-3
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems(kv_dtypes=(None, "float8_e4m3fn", "float8_e5m2"), sinks=(False, True)))
+def test_fp8_and_sinks_match_the_oracle_on_drawn_problems(p):
+  """Any layout, lengths, heads, masks, with or without an fp8 cache and sinks: the oracle."""
+  TestXla().check(p)
