@@ -1270,7 +1270,8 @@ def kv_answers(records: List[dict]) -> List[dict]:
     for tag, r in by_kv.items():
       t = r.get("ms_device") or r.get("ms")
       bt = base and (base.get("ms_device") or base.get("ms"))
-      row["kv"][tag] = dict(ms=r.get("ms"), ms_device=r.get("ms_device"), tbps=r.get("tbps_device", r.get("tbps")),
+      row["kv"][tag] = dict(ms=r.get("ms"), ms_device=r.get("ms_device"),
+                            tbps=r.get("tbps_device", r.get("tbps")),
                             pct_of_ceiling=r.get("pct_of_ceiling_device", r.get("pct_of_ceiling")),
                             rel_err=r.get("rel_err"), rel_err_unquantized=r.get("rel_err_unquantized"),
                             speedup=round(bt / t, 3) if bt and t else None)
@@ -1540,7 +1541,8 @@ def main(argv=None) -> int:
         free_device(env)
         continue
       log(f"[pass {pass_no}] {cname}: sets {base_cd.sets}, calls {base_cd.calls}, touched/set "
-          f"{base_cd.touched / 1e6:.1f} MB, inputs {time.perf_counter() - t0:.1f} s, t={budget.elapsed():.0f} s")
+          f"{base_cd.touched / 1e6:.1f} MB, inputs {time.perf_counter() - t0:.1f} s, "
+          f"t={budget.elapsed():.0f} s")
       for (kv, sinks), wanted in wanted_kv.items():
         if not any(wanted.values()):
           continue

@@ -15,8 +15,8 @@ repo), then benchmarks/data/seed_shapes.json (a committed copy: ../shared does n
 machine).
 
 Bytes (the floor for memory-bound cases): KV = sum(seqused_k) * Hk * D * 2 (K and V) * the cache's
-itemsize (1 for an fp8 cache), plus q and out (total_q * H * D * q's itemsize each). FLOPs (the floor for prefill): 4 * D * H * (allowed (q, k)
-pairs under the causal mask).
+itemsize (1 for an fp8 cache), plus q and out (total_q * H * D * q's itemsize each). FLOPs (the floor
+for prefill): 4 * D * H * (allowed (q, k) pairs under the causal mask).
 """
 
 from __future__ import annotations

@@ -310,11 +310,11 @@ def test_fp8_cache_write_quantizes(backend, cache_dtype, new_dtype, layout, scal
   k_cache, v_cache, kv_layout, layer = lay_out(layout, K, V)
   want_k, want_v, _, _ = lay_out(layout, *expected_pages(K, V, expected_fp8(k_new, k_scale, dt),
                                                          expected_fp8(v_new, v_scale, dt), slots, valid))
+  as_arg = lambda x: x if x is None or isinstance(x, float) else jnp.asarray(x)  # noqa: E731
   got_k, got_v = write_kv(jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_cache),
                           None if v_cache is None else jnp.asarray(v_cache), jnp.asarray(slots),
-                          kv_layout=kv_layout, layer=layer, backend=backend,
-                          k_scale=None if k_arg is None else (k_arg if isinstance(k_arg, float) else jnp.asarray(k_arg)),
-                          v_scale=None if v_arg is None else (v_arg if isinstance(v_arg, float) else jnp.asarray(v_arg)))
+                          kv_layout=kv_layout, layer=layer, backend=backend, k_scale=as_arg(k_arg),
+                          v_scale=as_arg(v_arg))
   assert got_k.dtype == k_cache.dtype
   assert_fp8_equal(got_k, want_k, "k_cache")
   if v_cache is not None:
@@ -369,7 +369,8 @@ def test_fp8_write_then_attend_matches_the_oracle(backend):
 
   def step(q, k_new, v_new, k_cache, v_cache):
     k_cache, v_cache = write_kv(k_new, v_new, k_cache, v_cache, slots, backend=backend,
-                                k_scale=jnp.asarray(k_scale[per_token]), v_scale=jnp.asarray(v_scale[per_token]))
+                                k_scale=jnp.asarray(k_scale[per_token]),
+                                v_scale=jnp.asarray(v_scale[per_token]))
     return flash_attn_varlen_func(q, k_cache, v_cache, **kw, k_descale=k_scale, v_descale=v_scale)
 
   (out, lse) = jax.jit(step)(q, k_new, v_new, jnp.asarray(K), jnp.asarray(V))

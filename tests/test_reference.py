@@ -42,7 +42,8 @@ def test_naive_needs_layer_exactly_for_a_stacked_cache():
 @pytest.mark.parametrize("kv_dtype,descale", [("float8_e4m3fn", "seq_head"), ("float8_e5m2", "scalar")])
 def test_naive_fp8_cache_and_sinks_match_oracle(kv_dtype, descale):
   p = Problem(kv_dtype=kv_dtype, descale=descale, sinks=True, causal=True, return_lse=False,
-              seqlens_q=(0, 4, 3, 2), seqlens_k=(5, 0, 20, 9), seed=int(np.random.SeedSequence().entropy % 2**32))
+              seqlens_q=(0, 4, 3, 2), seqlens_k=(5, 0, 20, 9),
+              seed=int(np.random.SeedSequence().entropy % 2**32))
   kwargs, oracle = make_problem(p)
   out = naive_paged_attention(
       kwargs["q"], kwargs["k"], kwargs["v"], cu_seqlens_q=kwargs["cu_seqlens_q"],

@@ -185,9 +185,11 @@ CASES = [
     case("v_descale-list", TypeError, r"^v_descale must be an array, got list",
          call(FP8, v_descale=[[1.0, 1.0]] * 4)),
     case("k_descale-transposed", ValueError,
-         r"^k_descale must be \[batch, num_kv_heads\]=\(4, 2\) or a scalar \(shape \(\) or \(1,\)\), got \(2, 4\)",
+         r"^k_descale must be \[batch, num_kv_heads\]=\(4, 2\) or a scalar \(shape \(\) or \(1,\)\), "
+         r"got \(2, 4\)",
          call(FP8, k_descale=jnp.ones((2, 4), jnp.float32))),
-    case("q_descale-per-q-head", ValueError, r"^q_descale must be \[batch, num_kv_heads\]=\(4, 2\).*got \(4, 4\)",
+    case("q_descale-per-q-head", ValueError,
+         r"^q_descale must be \[batch, num_kv_heads\]=\(4, 2\).*got \(4, 4\)",
          call(FP8Q, q_descale=jnp.ones((4, 4), jnp.float32))),
     # Checked also where they are ignored (a cache in q's dtype), so a wrong shape is never silent.
     case("k_descale-f16-cache-bool", TypeError, r"^k_descale must be an array, got bool",

@@ -174,8 +174,9 @@ def _attend_tile(carry, n_start, *, q, k_ref, v_ref, kv_index_ref, seq, kv_head,
   carry: (acc f32[M, D_pad], m f32[M], l f32[M]) with m in log2 units; q: [M, D_pad] in the compute
   dtype (fp8 K / V tiles are converted to it); diag: i32[M] key position of each row's query
   (i + len_k - len_q); slopes: f32[M] ALiBi slopes (or None); qk_scale: f32[] (or a Python float)
-  the score scale, k_descale (and q_descale) included. `masked` tiles check key validity and the causal / window bounds; unmasked tiles
-  lie wholly inside every row's allowed range (the caller's loop bounds guarantee it).
+  the score scale, k_descale (and q_descale) included. `masked` tiles check key validity and the
+  causal / window bounds; unmasked tiles lie wholly inside every row's allowed range (the caller's
+  loop bounds guarantee it).
   """
   acc, m_i, l_i = carry
   pos = n_start + lax.broadcasted_iota(jnp.int32, (p.block_k,), 0)  # [BK]
