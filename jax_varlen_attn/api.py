@@ -70,7 +70,7 @@ def flash_attn_varlen_func(
     alibi_slopes: f32[H] or f32[B, H]; adds -slope * |i + sk - sq - j| to the score.
     block_table: i32[B, max_blocks], pages of each sequence (entries past a sequence's pages are
       never read; an out-of-range entry within them is clamped into the cache).
-    return_softmax_lse: also return the log-sum-exp, f32[H, T] (+inf for rows that see no key).
+    return_softmax_lse: also return the log-sum-exp, f32[H, T] (see Returns).
     kv_layout: "NHD" (default), "HND", "fused_page_major", "fused_kv_major" or a `KVCacheLayout`.
     layer: i32[] (traced is fine) selecting a layer of a stacked cache [L, ...] (a traced value is
       clamped to [0, L); a Python / NumPy int outside it is a ValueError).
@@ -110,6 +110,7 @@ def flash_attn_varlen_func(
   device's arrays; under `jax.jit` on an Explicit mesh (`jax.make_mesh`'s default), or outside jit,
   a q / cache split on its head axis is detected and each device runs on its own heads. On an Auto
   mesh use `sharded_flash_attn_varlen_func(mesh, head_axis, ...)`. See `jax_varlen_attn.sharding`.
+  A call with an fp8 cache or s_aux is not split that way yet: it runs unsplit (same result).
   """
   return _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                     softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,

@@ -418,8 +418,8 @@ def varlen_attention_kernel(
           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
           HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8)
 
-  # Rows that saw no allowed key (nor a sink) output zeros and LSE +inf (-inf in a split); with a
-  # sink l_i >= 1 there: zeros and LSE = s_aux.
+  # Rows that saw no allowed key (nor a sink) output zeros and LSE +inf (-inf in a split); a row
+  # with a sink has l_i > 0 (a row that saw no key: acc = 0, l_i = 1: zeros and LSE = s_aux).
   seen = l_i > 0.0
   if KV_FP8:  # v_descale applied once per row, with the normalization
     out = acc * (v_scale / tl.where(seen, l_i, 1.0))[:, None]
