@@ -110,7 +110,7 @@ def flash_attn_varlen_func(
   device's arrays; under `jax.jit` on an Explicit mesh (`jax.make_mesh`'s default), or outside jit,
   a q / cache split on its head axis is detected and each device runs on its own heads. On an Auto
   mesh use `sharded_flash_attn_varlen_func(mesh, head_axis, ...)`. See `jax_varlen_attn.sharding`.
-  A call with an fp8 cache or s_aux is not split that way yet: it runs unsplit (same result).
+  Descales split with the kv heads (axis 1) and `s_aux` with the q heads.
   """
   return _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                     softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
@@ -139,8 +139,7 @@ def sharded_flash_attn_varlen_func(mesh, head_axis, *args, **kwargs):
   Raises ValueError when num_kv_heads is not a multiple of the number of devices on `head_axis`,
   or for a `KVCacheLayout` (its kv-head axis is unknown: use jax.shard_map with per-device arrays).
 
-  Not split yet: a call with an fp8 cache or fp8 q (descales) or with `s_aux` runs unsplit (each
-  device computes every head; the result is the same). Inside `jax.shard_map` they work as usual.
+  Descales ([B, Hk]) are split on their kv-head axis and `s_aux` ([H]) on its heads, like q.
   """
   bound = inspect.signature(flash_attn_varlen_func).bind(*args, **kwargs)
   bound.apply_defaults()
@@ -158,10 +157,6 @@ def _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, 
       q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, s_aux=s_aux)
   impl = registry.select(backend)
   split = sharding.detect(spec, arrays) if heads is None else sharding.plan(spec, arrays, *heads)
-  if split is not None and (spec.kv_fp8 or spec.has_sinks):
-    # sharding.HeadSplit's in_specs know no descale / sink arrays yet (their head axes: descales
-    # [B, Hk] on axis 1, s_aux [H] on axis 0): run unsplit, which computes the same result.
-    split = None
   run_spec = spec if split is None else split.local_spec  # what each device's kernel sees
   if config is None:
     config = impl.config_cls.get_default(run_spec)

@@ -88,7 +88,12 @@ class HeadSplit:
     return AttentionArrays(
         q=P(None, h, None), k=kv, v=kv, cu_seqlens_q=P(), seqlens_k=P(), kv_index=P(),
         alibi=None if arrays.alibi is None else P(None, h),
-        layer=None if arrays.layer is None else P())
+        layer=None if arrays.layer is None else P(),
+        # descales f32[batch, Hk]: kv heads on axis 1; sinks f32[H]: q heads
+        q_descale=None if arrays.q_descale is None else P(None, h),
+        k_descale=None if arrays.k_descale is None else P(None, h),
+        v_descale=None if arrays.v_descale is None else P(None, h),
+        s_aux=None if arrays.s_aux is None else P(h))
 
   def out_specs(self, spec: AttentionSpec):
     out = P(None, self.entry, None)

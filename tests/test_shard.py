@@ -34,7 +34,8 @@ if N < 2:
               allow_module_level=True)
 
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
-ARRAYS = ("q", "k", "v", "cu_seqlens_q", "seqused_k", "block_table", "alibi_slopes", "layer")
+ARRAYS = ("q", "k", "v", "cu_seqlens_q", "seqused_k", "block_table", "alibi_slopes", "layer", "q_descale",
+          "k_descale", "v_descale", "s_aux")
 
 
 def _triton_marks():
@@ -93,6 +94,11 @@ def _split(kwargs, layout):
     specs["v"] = P(*kv)
   if "alibi_slopes" in arrays:
     specs["alibi_slopes"] = P(None, "tp") if arrays["alibi_slopes"].ndim == 2 else P("tp")
+  for name in ("q_descale", "k_descale", "v_descale"):  # [B, Hk]; a scalar descale stays replicated
+    if name in arrays and arrays[name].ndim == 2:
+      specs[name] = P(None, "tp")
+  if "s_aux" in arrays:
+    specs["s_aux"] = P("tp")
   return arrays, static, specs
 
 
@@ -203,6 +209,14 @@ def test_shard_jit_auto_mesh_with_helper(backend, layout):
   """An Auto mesh: sharded_flash_attn_varlen_func(mesh, head_axis, ...) names the split."""
   _jit_check(backend, layout, AxisType.Auto,
              lambda mesh, **kw: sharded_flash_attn_varlen_func(mesh, "tp", **kw))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_shard_jit_fp8_cache_and_sinks(axis_type):
+  """Descales split on their kv heads and sinks on their q heads: no collective, out split."""
+  fn = ((lambda mesh, **kw: flash_attn_varlen_func(**kw)) if axis_type == AxisType.Explicit
+        else (lambda mesh, **kw: sharded_flash_attn_varlen_func(mesh, "tp", **kw)))
+  _jit_check("xla", "NHD", axis_type, fn, kv_dtype="float8_e4m3fn", sinks=True, alibi=None)
 
 
 def test_shard_jit_without_lse_and_heads_alibi():

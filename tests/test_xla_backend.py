@@ -83,9 +83,9 @@ def test_sink_of_minus_inf_is_no_sink():
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
-def test_head_split_with_fp8_and_sinks_runs_unsplit():
-  """On a mesh splitting heads, an fp8 / sinks call is not split (sharding has no specs for the
-  descale and sink arrays yet) but computes the same result as the plain call."""
+def test_head_split_with_fp8_and_sinks():
+  """On a mesh splitting heads, an fp8 / sinks call (descales and sinks split with their heads)
+  computes the same result as the plain call (tests/test_shard.py checks the split itself)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from jax_varlen_attn.api import sharded_flash_attn_varlen_func
   kwargs, oracle = make_problem(Problem(num_heads=4, num_kv_heads=2, kv_dtype="float8_e4m3fn", sinks=True,

@@ -36,7 +36,8 @@ def ir_parameters(text: str):
   return re.findall(r"%\w+: (!tt\.ptr<\w+>|i\d+|f\d+|bf16)", header)
 
 
-def attention_case(layout_name: str):
+def attention_case(layout_name: str, kv_dtype=jnp.float16):
+  """fp8 `kv_dtype`: the cache in that dtype, per-(sequence, kv head) descales and sinks."""
   q = jnp.ones((5, 4, 64), jnp.float16)
   if layout_name == "strided":
     storage = jnp.ones((12, 16, 2, 64), jnp.float16)
@@ -45,11 +46,14 @@ def attention_case(layout_name: str):
                            k_offset=page, v_offset=page)
     k = v = storage
   else:
-    layout, k, v = "NHD", jnp.ones((6, 16, 2, 64), jnp.float16), jnp.ones((6, 16, 2, 64), jnp.float16)
+    layout, k, v = "NHD", jnp.ones((6, 16, 2, 64), kv_dtype), jnp.ones((6, 16, 2, 64), kv_dtype)
+  fp8 = jnp.dtype(kv_dtype).itemsize == 1
+  extra = dict(k_descale=jnp.full((1, 2), 0.5, jnp.float32), v_descale=jnp.full((1, 2), 2.0, jnp.float32),
+               s_aux=jnp.zeros((4,), jnp.float32)) if fp8 else {}
 
   def f(q, k, v, cu, used, table):
     spec, arrays = _validate(q, k, v, None, cu, None, None, used, 0.125, True, (-1, -1), 0.0, None,
-                             table, True, layout, None)
+                             table, True, layout, None, **extra)
     out, lse = launcher.attention(spec, arrays, Config(launch="xla"))
     return out, lse
 
@@ -57,15 +61,19 @@ def attention_case(layout_name: str):
              jnp.asarray([[1, 2]], jnp.int32))
 
 
-def write_case():
-  cache = jnp.zeros((4, 16, 2, 32), jnp.float16)
+def write_case(cache_dtype=jnp.float16):
+  """An fp8 `cache_dtype` quantizes with per-(token, kv head) scales."""
+  cache = jnp.zeros((4, 16, 2, 32), cache_dtype)
   new = jnp.ones((3, 2, 32), jnp.float16)
   slots = jnp.asarray([0, 5, 17], jnp.int32)
   layout = resolve("NHD", cache.shape, cache.shape, stacked=False)
+  scales = None
+  if jnp.dtype(cache_dtype).itemsize == 1:
+    scales = (jnp.full((3, 2), 0.5, jnp.float32), jnp.full((3, 2), 0.25, jnp.float32))
 
   def f(new, slots, k, v):
     kernel, inputs, outputs, grid, warps, consts, aliases = write_kernel.kernel_arguments(
-        layout, new, new, k, v, slots, None)
+        layout, new, new, k, v, slots, None, scales)
     return call.launch(kernel, inputs, outputs, grid, warps, 1, consts, input_output_aliases=aliases,
                        route="xla")
 
@@ -74,9 +82,13 @@ def write_case():
 
 def main() -> int:
   failures = 0
-  checks = [("attention-nhd", *attention_case("nhd"), 8 + 2, None),
-            ("attention-strided", *attention_case("strided"), 8 + 2, None),
-            ("write_kv", *write_case(), 6 + 2, "output_operand_aliases")]
+  # buffers: attention's 12 inputs (q, k, v, metadata, layer, descales, sinks) + out, lse; write_kv's
+  # 8 (new k / v, slots, layer, scales, caches) + the two aliased caches
+  checks = [("attention-nhd", *attention_case("nhd"), 12 + 2, None),
+            ("attention-strided", *attention_case("strided"), 12 + 2, None),
+            ("attention-fp8", *attention_case("nhd", jnp.float8_e4m3fn), 12 + 2, "f8E4M3FN"),
+            ("write_kv", *write_case(), 8 + 2, "output_operand_aliases"),
+            ("write_kv-fp8", *write_case(jnp.float8_e5m2), 8 + 2, "f8E5M2")]
   for name, fn, args, buffers, needs in checks:
     try:
       text = exported_text(fn, *args)

@@ -162,7 +162,8 @@ def default_route() -> str:
 
 XLA_TRITON_TARGET = "__gpu$xla.gpu.triton"
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32",
-                 "int64": "i64", "uint8": "u8", "int8": "i8"}
+                 "int64": "i64", "uint8": "u8", "int8": "i8", "float8_e4m3fn": "fp8e4nv",
+                 "float8_e5m2": "fp8e5"}
 
 
 def _launch_xla(kernel, inputs, outputs, grid, num_warps, num_stages, constexprs, aliases):
