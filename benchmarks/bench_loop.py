@@ -129,8 +129,9 @@ def floor_call(env, route: str):
   return one
 
 
-def unrolled_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) -> dict:
-  rec = dict(ba.base_record(cd, ld.name, impl, variant), loop="unrolled", jax_triton=jt,
+def _unit_op(env, cd, ld, impl, variant, config_kwargs, loop: str, jt):
+  """(record, one(q, kv, meta), is the harness floor) of a unit."""
+  rec = dict(ba.base_record(cd, ld.name, impl, variant), loop=loop, jax_triton=jt,
              config=dict(EXTRA_CONFIG))
   config = None
   if impl == "jva-triton" and config_kwargs:
@@ -138,6 +139,20 @@ def unrolled_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt)
     config = Config(**config_kwargs)
   floor = impl == "harness-floor"
   one = floor_call(env, variant) if floor else ba.case_call(cd, ld, impl.split("-", 1)[1], config)
+  return rec, one, floor
+
+
+def _check_first(rec, cd, first, floor: bool) -> bool:
+  """The first call's output: the reference's, or for the floor q itself."""
+  if not floor:
+    return ba.check(rec, cd, first)
+  ok = bool(np.array_equal(np.asarray(first), np.asarray(cd.qs[0])))
+  rec.update(status="ok" if ok else "wrong", what="copy of q, one kernel per call")
+  return ok
+
+
+def unrolled_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) -> dict:
+  rec, one, floor = _unit_op(env, cd, ld, impl, variant, config_kwargs, "unrolled", jt)
   calls = min(cd.calls, args.calls)
   sets = min(cd.sets, calls)
   metas = _metas(cd, ld, sets)
@@ -152,11 +167,7 @@ def unrolled_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt)
   env.jax.block_until_ready(outs)
   rec["compile_s"] = round(time.perf_counter() - t0, 2)
   rec["k_calls"], rec["sets"], rec["rotation_mb"] = calls, sets, cd.rotation_mb(calls)
-  if floor:
-    ok = bool(np.array_equal(np.asarray(outs[0]), np.asarray(cd.qs[0])))
-    rec.update(status="ok" if ok else "wrong", what="copy of q, one kernel per call")
-  else:
-    ok = ba.check(rec, cd, outs[0])
+  ok = _check_first(rec, cd, outs[0], floor)
   del outs
   if ok:
     _timed(env, args, rec, cd, fn, fargs, calls, ceilings, host=True)
@@ -169,14 +180,7 @@ def stacked_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) 
   do. Six parameters and one result, so the executable's own per-execution work (which the
   `unrolled` unit's 100+ parameters make dominant) is amortized over the K calls."""
   jax, jnp = env.jax, env.jnp
-  rec = dict(ba.base_record(cd, ld.name, impl, variant), loop="stacked", jax_triton=jt,
-             config=dict(EXTRA_CONFIG))
-  config = None
-  if impl == "jva-triton" and config_kwargs:
-    from jax_varlen_attn.backends.triton import Config
-    config = Config(**config_kwargs)
-  floor = impl == "harness-floor"
-  one = floor_call(env, variant) if floor else ba.case_call(cd, ld, impl.split("-", 1)[1], config)
+  rec, one, floor = _unit_op(env, cd, ld, impl, variant, config_kwargs, "stacked", jt)
   calls = min(cd.calls, args.calls)
   sets = min(cd.sets, calls)
   stack = tuple(jnp.stack([ld.kv_sets[s][j] for s in range(sets)]) for j in range(len(ld.kv_sets[0])))
@@ -196,11 +200,7 @@ def stacked_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) 
   rec["compile_s"] = round(time.perf_counter() - t0, 2)
   rec["k_calls"], rec["sets"], rec["rotation_mb"] = calls, sets, cd.rotation_mb(calls)
   first = jax.jit(lambda q, kv, m: one(q, kv, dict(m, layer=layers[0])))(*fargs)
-  if floor:
-    ok = bool(np.array_equal(np.asarray(first), np.asarray(cd.qs[0])))
-    rec.update(status="ok" if ok else "wrong", what="copy of q, one kernel per call")
-  else:
-    ok = ba.check(rec, cd, first)  # call 0 reads layer 0 = set 0 with set 0's metadata
+  ok = _check_first(rec, cd, first, floor)  # call 0 reads layer 0 = set 0 with set 0's metadata
   if ok:
     _timed(env, args, rec, cd, fn, fargs, calls, ceilings, host=False)
   del stack
@@ -210,12 +210,7 @@ def stacked_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) 
 def fori_unit(env, cd, ld, impl, variant, config_kwargs, args, ceilings, jt) -> dict:
   """N chained calls in a fori_loop: call i's output is call i+1's q (same shape and dtype)."""
   jax = env.jax
-  rec = dict(ba.base_record(cd, ld.name, impl, variant), loop="fori", jax_triton=jt)
-  config = None
-  if impl == "jva-triton" and config_kwargs:
-    from jax_varlen_attn.backends.triton import Config
-    config = Config(**config_kwargs)
-  one = ba.case_call(cd, ld, impl.split("-", 1)[1], config)
+  rec, one, _ = _unit_op(env, cd, ld, impl, variant, config_kwargs, "fori", jt)
   n = args.fori
   meta = _metas(cd, ld, 1)[0]
 
