@@ -60,14 +60,14 @@ def test_bench_attention_tiny_fp8_cache_and_sinks(tmp_path):
   assert rows and set(rows[0]["kv"]) == {"fp16", "fp16+sinks", "e4m3", "e4m3+sinks"}
 
 
-def test_bench_loop_tiny_writes_unrolled_and_fori_records(tmp_path):
+def test_bench_loop_tiny_writes_unrolled_stacked_and_fori_records(tmp_path):
   out = _run("bench_loop.py", "--tiny", "--impls", "jva-xla", "--out", "loop_test", "--results-dir",
              str(tmp_path), out_dir=tmp_path / "copies")
   doc = json.loads((tmp_path / "loop_test.json").read_text())
   assert doc["commit"] == "test"
   loops = sorted((r["layout"], r["loop"]) for r in doc["records"])
-  assert loops == [("contiguous", "fori"), ("contiguous", "unrolled"), ("strided", "fori"),
-                   ("strided", "unrolled")]
+  assert loops == [(lay, loop) for lay in ("contiguous", "strided")
+                   for loop in ("fori", "stacked", "unrolled")]
   for r in doc["records"]:
     assert r["status"] == "ok" and r["rel_err"] < r["tolerance"], r
     assert r["ms"] > 0 and r["ms_pipelined"] > 0 and r["k_calls"] >= 2
