@@ -11,5 +11,16 @@ from jax_varlen_attn.checks import check_inputs
 from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout
 
 __all__ = ["flash_attn_varlen_func", "sharded_flash_attn_varlen_func", "write_kv", "check_inputs",
-           "KVCacheLayout", "NAMED_LAYOUTS", "backend_report"]
+           "KVCacheLayout", "NAMED_LAYOUTS", "backend_report", "TritonConfig", "PallasConfig", "XlaConfig"]
 __version__ = "0.1.0"
+
+# `config=` of each backend, e.g. `config=jax_varlen_attn.TritonConfig(block_n=64)`; imported on first
+# use (the triton backend imports triton, which a CPU-only install of the xla backend need not have).
+_CONFIGS = {"TritonConfig": "triton", "PallasConfig": "pallas", "XlaConfig": "xla"}
+
+
+def __getattr__(name):
+  if name in _CONFIGS:
+    import importlib
+    return importlib.import_module(f"jax_varlen_attn.backends.{_CONFIGS[name]}").Config
+  raise AttributeError(f"module 'jax_varlen_attn' has no attribute {name!r}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from jax_varlen_attn import backends as registry
 from jax_varlen_attn import sharding
-from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout, resolve
+from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout, named_form, resolve
 from jax_varlen_attn.spec import FP8_DTYPES, AttentionArrays, AttentionSpec
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
@@ -161,8 +161,8 @@ def _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, 
   if config is None:
     config = impl.config_cls.get_default(run_spec)
   elif not isinstance(config, impl.config_cls):
-    raise TypeError(f"config for backend={impl.name!r} must be a {impl.config_cls.__module__}."
-                    f"{impl.config_cls.__name__}, got {type(config).__name__}")
+    raise TypeError(f"config for backend={impl.name!r} must be a jax_varlen_attn."
+                    f"{impl.name.capitalize()}Config, got {type(config).__name__}")
   if split is None:
     # Inputs split on an Explicit mesh that we do not take up (a KVCacheLayout: its head axis is
     # unknown) are gathered first: jax's sharding-in-types would reject the unsplit computation.
@@ -373,8 +373,12 @@ def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, s
   if kv_head_dim != head_dim:
     raise ValueError(f"k / v head_dim {kv_head_dim} must equal q's head_dim {head_dim}")
   if num_kv_heads < 1 or num_heads % num_kv_heads:
+    where = ""
+    if layout is not None and isinstance(kv_layout, str):  # a named form: say how Hk was read
+      where = (f", read from k's shape {tuple(k.shape)} as kv_layout={kv_layout!r} "
+               f"{named_form(kv_layout)} (is the cache laid out another way?)")
     raise ValueError(f"q's num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads "
-                     f"({num_kv_heads}) (GQA/MQA)")
+                     f"({num_kv_heads}) (GQA/MQA){where}")
 
   if cu_seqlens_k is not None:
     cu_seqlens_k = _int32("cu_seqlens_k", cu_seqlens_k, 1, "[batch + 1]")

@@ -21,6 +21,7 @@ Defined answers without the check (every backend; never a read outside a buffer,
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jax_varlen_attn.api import _validate
@@ -49,6 +50,14 @@ def check_inputs(q, k, v, max_seqlen_q=None, cu_seqlens_q=None, max_seqlen_k=Non
                            softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
                            return_softmax_lse, kv_layout, layer, q_descale=q_descale,
                            k_descale=k_descale, v_descale=v_descale, s_aux=s_aux)
+  values = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                block_table=block_table, layer=layer, q_descale=q_descale, k_descale=k_descale,
+                v_descale=v_descale, s_aux=s_aux)
+  traced = [name for name, x in values.items() if isinstance(x, jax.core.Tracer)]
+  if traced:
+    raise TypeError(f"check_inputs reads index values on the host, eagerly: call it outside jax.jit "
+                    f"(or jax.vmap, ...) on concrete arrays; traced here: {traced} (inside jit the "
+                    f"kernels clamp instead: docs/contract.md, 'Values that cannot raise')")
   for name in ("q_descale", "k_descale", "v_descale"):
     scale = getattr(arrays, name)
     if scale is not None:

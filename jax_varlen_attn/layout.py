@@ -131,6 +131,11 @@ _NAMED_FORMS = {
 }
 
 
+def named_form(name: str) -> str:
+  """The axes of k in the named form `name` (one layer), e.g. "[num_blocks, block_size, ...]"."""
+  return _NAMED_FORMS[name][1]
+
+
 def _named(name: str, k_shape: ArrayShape, v_shape: Optional[ArrayShape]) -> KVCacheLayout:
   """The layout of a named form, read off the (per-layer) shapes of k and v."""
   fused = name.startswith("fused")

@@ -59,3 +59,17 @@ def test_stop_gradient_lets_a_differentiated_function_use_it():
   q, kv = _inputs(3)
   g = jax.grad(lambda w: (w * _call(jax.lax.stop_gradient(q), kv)).sum())(jnp.float32(2.0))
   assert np.isfinite(float(g))
+
+
+@pytest.mark.parametrize("name", ["xla", "pallas", "triton"])
+def test_each_backends_config_is_exported_at_the_top(name):
+  """`config=jax_varlen_attn.<Name>Config(...)`: the class the backend takes, and its TypeError's name."""
+  import jax_varlen_attn
+  from jax_varlen_attn import backends
+  cls = getattr(jax_varlen_attn, f"{name.capitalize()}Config")
+  assert cls is backends.load(name).config_cls
+  q = jnp.ones((2, 4, 32), jnp.float32)
+  kv = jnp.ones((2, 2, 32), jnp.float32)
+  cu = jnp.asarray([0, 2], jnp.int32)
+  with pytest.raises(TypeError, match=rf"must be a jax_varlen_attn\.{name.capitalize()}Config, got dict"):
+    flash_attn_varlen_func(q, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=name, config={})

@@ -66,3 +66,13 @@ def test_max_seqlen_bounds():
   kwargs["max_seqlen_q"] = 2
   with pytest.raises(ValueError, match=r"max_seqlen_q=2 but sequence 0 has 5 queries"):
     check_inputs(**kwargs)
+
+
+def test_under_jit_says_it_runs_eagerly():
+  """Traced index arrays cannot be read on the host: a TypeError that says so, naming them."""
+  import jax
+  kwargs = _kwargs()
+  meta = {n: jnp.asarray(kwargs.pop(n)) for n in ("cu_seqlens_q", "block_table")}
+  match = r"eagerly: call it outside jax.jit .*\['cu_seqlens_q', 'block_table'\]"
+  with pytest.raises(TypeError, match=match):
+    jax.jit(lambda m: check_inputs(**kwargs, **m))(meta)

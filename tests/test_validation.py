@@ -273,6 +273,10 @@ CASES = [
     case("gqa-ratio", ValueError,
          r"^q's num_heads \(3\) must be a multiple of the cache's num_kv_heads \(2\)",
          call(Problem(num_heads=3, num_kv_heads=2))),
+    case("HND-on-an-NHD-cache", ValueError,  # Hk read as block_size: the message names the reading
+         r"^q's num_heads \(4\) must be a multiple of the cache's num_kv_heads \(16\) \(GQA/MQA\), read "
+         r"from k's shape \(\d+, 16, 2, 64\) as kv_layout='HND' \[num_blocks, num_kv_heads, block_size, "
+         r"head_dim\]", call(kv_layout="HND")),
     case("nonpaged-no-kv-heads", ValueError, r"^k \[total_k, Hk, D\] must have no empty axis",
          call(NP, k=lambda kw: kw["k"][:, :0], v=lambda kw: kw["v"][:, :0])),
     # ---- cu_seqlens_k / seqused_k ---------------------------------------------------------------
@@ -506,7 +510,7 @@ CASES = [
          r"^backend='triton' cannot run here: .*\. Available here: \[.*'xla'.*\]",
          _triton_unavailable),
     case("config-type", TypeError,
-         r"^config for backend='xla' must be a jax_varlen_attn\.backends\.xla\.config\.Config, got dict",
+         r"^config for backend='xla' must be a jax_varlen_attn\.XlaConfig, got dict",
          call(config=dict(block_q=16))),
 ]
 
