@@ -185,12 +185,18 @@ def main(argv=None) -> int:
     # Several sweeps: a later file's entry replaces an earlier one's of the same key.
     sweeps = [json.loads(Path(p).read_text()) for p in args.rebuild.split(",")]
     entries = {e["key"]: e for sw in sweeps for e in sw["entries"]}
-    out = dict(gpu=sorted({sw["gpu"] for sw in sweeps}), commit=[sw["commit"] for sw in sweeps],
-               source=args.rebuild.split(","), min_gain=args.min_gain,
-               table=build_table(list(entries.values()), args.min_gain))
+    kinds = sorted({sw["gpu"] for sw in sweeps})
+    if len(kinds) != 1:
+      raise SystemExit(f"--rebuild takes sweeps of one GPU kind (the table is keyed by it), got {kinds}")
+    one = dict(commit=[sw["commit"] for sw in sweeps], source=args.rebuild.split(","),
+               min_gain=args.min_gain, table=build_table(list(entries.values()), args.min_gain))
+    # The other kinds' tables, same_as and without_gpu stay as the file has them.
     path = REPO / "jax_varlen_attn" / "backends" / "triton" / "tuned.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}: {len(out['table'])} entries")
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc.setdefault("devices", {})[kinds[0]] = one
+    doc.setdefault("without_gpu", kinds[0])
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {path}: {len(one['table'])} entries for {kinds[0]}")
     return 0
   if args.tiny:
     args.head_dims, args.pages, args.groups, args.calls, args.reps = "64", "16", "1,2", 1, 1

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from jax_varlen_attn.backends import device
 from jax_varlen_attn.backends.triton import Config, tuned
 from tests.problems import static_spec
 
@@ -13,10 +14,26 @@ def spec_for(batch, q_per_seq, pages, head_dim=128):
 
 
 def test_committed_table_is_well_formed():
-  entries = tuned.table()  # raises on a malformed entry
-  for key in entries:
-    regime, d, p, g = key.split("_")
-    assert regime in ("decode", "prefill") and d[0] == "d" and p[0] == "p" and g[0] == "g"
+  doc = tuned._read(tuned.TABLE_PATH)  # raises on a malformed entry or a dangling same_as
+  assert doc["devices"] and doc["without_gpu"] in doc["devices"]
+  for per_device in doc["devices"].values():
+    for key in per_device["table"]:
+      regime, d, p, g = key.split("_")
+      assert regime in ("decode", "prefill") and d[0] == "d" and p[0] == "p" and g[0] == "g"
+
+
+def test_table_is_keyed_by_device_kind():
+  """A kind's own table, a kind that shares one (same_as), and no table for an unmeasured kind."""
+  h100 = tuned.table(kind=device.REFERENCE_KIND)
+  assert h100 and tuned.table(kind="NVIDIA H200") == h100
+  assert tuned.table(kind=None) == h100  # no GPU: the reference GPU's tiles
+  assert tuned.table(kind="NVIDIA GeForce RTX 4090") == {}
+
+
+def test_an_unmeasured_gpu_gets_the_heuristics(monkeypatch):
+  decode = spec_for(256, 1, 256)
+  monkeypatch.setattr(device, "device_kind", lambda: "Some Other GPU")
+  assert tuned.lookup(decode) is None
 
 
 @pytest.fixture
@@ -24,8 +41,9 @@ def fake_table(tmp_path, monkeypatch):
   path = tmp_path / "tuned.json"
   entries = {tuned.key_of("decode", 128, 16, 2): dict(block_n=32, num_warps=8, num_stages=3),
              tuned.key_of("prefill", 128, 16, 2): dict(block_n=128, num_warps=4, num_stages=2)}
-  path.write_text(json.dumps({"gpu": "test", "table": entries}))
+  path.write_text(json.dumps({"devices": {"test GPU": {"table": entries}}, "without_gpu": "test GPU"}))
   monkeypatch.setattr(tuned, "TABLE_PATH", path)
+  monkeypatch.setattr(device, "device_kind", lambda: None)  # the file's without_gpu table, on any machine
   return entries
 
 
@@ -54,7 +72,7 @@ def test_latency_rule_still_wins_for_small_grids(fake_table):
 
 def test_malformed_table_raises(tmp_path, monkeypatch):
   path = tmp_path / "bad.json"
-  path.write_text(json.dumps({"table": {"decode_d128_p16_g2": {"block_n": 0, "num_warps": 4,
-                                                               "num_stages": 2}}}))
+  path.write_text(json.dumps({"devices": {"g": {"table": {"decode_d128_p16_g2": {
+      "block_n": 0, "num_warps": 4, "num_stages": 2}}}}}))
   with pytest.raises(ValueError, match="block_n"):
     tuned.table(path)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from jax_varlen_attn.backends import device
 from jax_varlen_attn.backends.config_checks import check_int_range, check_launch_options, check_pow2
 from jax_varlen_attn.backends.triton import tuned
 from jax_varlen_attn.backends.triton.call import ROUTES
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
-# Streaming multiprocessors of an H100 SXM. Only used to size tiles so small batches still give
-# every SM a program; being off by a few on another GPU costs little.
-NUM_SMS = 132
 MAX_SPLITS = 64
 
 
@@ -84,7 +82,7 @@ class Config:
       # A small prefill (seed1: 512 queries, 8 kv heads) would leave SMs idle with 128-row tiles:
       # halve the tile until the grid has a program for every SM, or the tile is minimal.
       while (block_m > max(16, next_pow2(group))
-             and spec.query_programs(block_m // group) * spec.num_kv_heads < NUM_SMS):
+             and spec.query_programs(block_m // group) * spec.num_kv_heads < device.num_sms()):
         block_m //= 2
     block_n = self.block_n or tuned_entry.get("block_n") or _default_block_n(spec, block_m)
     default_splits = self._default_splits(spec, block_m, block_n)
@@ -97,7 +95,7 @@ class Config:
       # shorten the chain. (Wider tiles never turn splits on: _default_splits only shrinks as
       # block_n grows.)
       programs = spec.query_programs(block_m // group) * spec.num_kv_heads
-      if programs < 2 * NUM_SMS:
+      if programs < 2 * device.num_sms():
         block_n = 128
     # 4 warps, 8 for 256-row tiles (one warpgroup per 128 rows). 8 for 128-row tiles is the usual
     # FlashAttention-2 choice, but 4 measured faster (NOTES.md "Tile rules").
@@ -117,9 +115,10 @@ class Config:
     K / V reads. Shapes only: lengths changing never changes the split count (no recompile).
     """
     programs = spec.query_programs(block_m // spec.group_size) * spec.num_kv_heads
-    if programs >= NUM_SMS:
+    sms = device.num_sms()
+    if programs >= sms:
       return 1
-    by_fill = -(-4 * NUM_SMS // programs)
+    by_fill = -(-4 * sms // programs)
     by_length = spec.max_seqlen_k // (4 * block_n)
     return max(1, min(by_fill, by_length, MAX_SPLITS))
 
