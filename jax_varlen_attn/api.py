@@ -1,31 +1,18 @@
-"""The public function: validates every argument, normalizes options, picks a backend.
-
-Every check here is static (shapes, dtypes, ranks, Python options) and runs before anything is traced
-into a kernel. Checks of array *values* (monotonic cu_seqlens, block-table entries in range) cannot raise
-inside `jax.jit`; kernels clamp addresses instead so nothing reads outside a buffer.
-"""
+"""The public function: binds and validates its arguments once (`validation`), picks a backend, runs it."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
-import numbers
-from typing import Optional, Tuple, Union
+from typing import Union
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jax_varlen_attn import backends as registry
 from jax_varlen_attn import sharding
-from jax_varlen_attn.layout import NAMED_LAYOUTS, KVCacheLayout, named_form, resolve
-from jax_varlen_attn.spec import FP8_DTYPES, AttentionArrays, AttentionSpec
-
-MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
-_FLOAT_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-_FP8_DTYPES = tuple(jnp.dtype(name) for name in FP8_DTYPES)
-_FP8_DESC = " or ".join(FP8_DTYPES)
+from jax_varlen_attn.layout import KVCacheLayout
+from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
+from jax_varlen_attn.validation import AttentionArgs, validate
 
 
 def flash_attn_varlen_func(
@@ -112,11 +99,10 @@ def flash_attn_varlen_func(
   mesh use `sharded_flash_attn_varlen_func(mesh, head_axis, ...)`. See `jax_varlen_attn.sharding`.
   Descales split with the kv heads (axis 1) and `s_aux` with the q heads.
   """
-  return _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
-                    softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
-                    return_softmax_lse, kv_layout=kv_layout, layer=layer, backend=backend,
-                    config=config, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-                    s_aux=s_aux, heads=None)
+  args = AttentionArgs(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
+                       softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
+                       return_softmax_lse, kv_layout, layer, q_descale, k_descale, v_descale, s_aux)
+  return _attention(args, backend, config, heads=None)
 
 
 def sharded_flash_attn_varlen_func(mesh, head_axis, *args, **kwargs):
@@ -143,18 +129,15 @@ def sharded_flash_attn_varlen_func(mesh, head_axis, *args, **kwargs):
   """
   bound = inspect.signature(flash_attn_varlen_func).bind(*args, **kwargs)
   bound.apply_defaults()
-  return _attention(**bound.arguments, heads=(mesh, head_axis))
+  named = dict(bound.arguments)
+  backend, config = named.pop("backend"), named.pop("config")
+  return _attention(AttentionArgs(**named), backend, config, heads=(mesh, head_axis))
 
 
-def _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
-               softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
-               return_softmax_lse, *, kv_layout, layer, backend, config, heads, q_descale=None,
-               k_descale=None, v_descale=None, s_aux=None):
-  """heads: None (split as q's / the cache's sharding says, if it says) or (mesh, head_axis)."""
-  spec, arrays = _validate(
-      q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k, softmax_scale,
-      causal, window_size, softcap, alibi_slopes, block_table, return_softmax_lse, kv_layout, layer,
-      q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, s_aux=s_aux)
+def _attention(args: AttentionArgs, backend: str, config, *, heads):
+  """Validates `args` once and runs the selected backend. heads: None (split as q's / the cache's
+  sharding says, if it says) or (mesh, head_axis)."""
+  spec, arrays = validate(args)
   impl = registry.select(backend)
   split = sharding.detect(spec, arrays) if heads is None else sharding.plan(spec, arrays, *heads)
   run_spec = spec if split is None else split.local_spec  # what each device's kernel sees
@@ -170,7 +153,7 @@ def _attention(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, 
     out, lse = _forward_only(_run, (impl.name, spec, config), arrays)
   else:
     out, lse = _forward_only(_run_split, (impl.name, spec, config, split), arrays)
-  return (out, lse) if return_softmax_lse else out
+  return (out, lse) if spec.return_lse else out
 
 
 FORWARD_ONLY = ("flash_attn_varlen_func is forward-only: it defines no derivative (jax.grad, jax.vjp, "
@@ -202,293 +185,3 @@ def _run_split(backend_name: str, spec: AttentionSpec, config, split, arrays: At
   return sharding.shard_heads(local, split, spec, arrays)
 
 
-# ---- static validation ---------------------------------------------------------------------------
-
-def _is_array(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def _array(name: str, x, *, rank: Optional[int] = None, dtypes=None, dtype_desc: str = ""):
-  if not _is_array(x):
-    hint = _ORDER_HINT if name.startswith("cu_seqlens") and isinstance(x, numbers.Integral) else ""
-    raise TypeError(f"{name} must be an array, got {type(x).__name__}{hint}")
-  if rank is not None and x.ndim != rank:
-    raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
-  if dtypes is not None and jnp.dtype(x.dtype) not in dtypes:
-    raise TypeError(f"{name} must be {dtype_desc}, got {jnp.dtype(x.dtype).name}")
-  return x
-
-
-def _int32(name: str, x, rank: int, shape_desc: str):
-  if x is None:
-    raise ValueError(f"{name} is required: int32 {shape_desc}")
-  return _array(name, x, rank=rank, dtypes=(jnp.dtype(jnp.int32),), dtype_desc=f"int32 {shape_desc}")
-
-
-_ORDER_HINT = ("; the positional order is vLLM's (q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, "
-               "cu_seqlens_k, ...): FlashAttention 2's puts cu_seqlens_q, cu_seqlens_k first, so pass "
-               "those by keyword")
-
-
-def _static_int(name: str, x) -> Optional[int]:
-  if x is None:
-    return None
-  if _is_array(x) and not isinstance(x, jax.core.Tracer) and getattr(x, "ndim", 0) == 1:
-    raise TypeError(f"{name} must be a Python int or None, got {type(x).__name__}{_ORDER_HINT}")
-  if isinstance(x, jax.core.Tracer):
-    raise TypeError(f"{name} must be a static Python int (an upper bound used to size grids), got a "
-                    "traced value; pass it as a Python int, or leave it None")
-  if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Integral, np.integer)):
-    raise TypeError(f"{name} must be a Python int or None, got {type(x).__name__}")
-  if int(x) < 0:
-    raise ValueError(f"{name} must be >= 0, got {int(x)}")
-  return int(x)
-
-
-def _static_float(name: str, x, *, positive: bool) -> float:
-  if isinstance(x, jax.core.Tracer):
-    raise TypeError(f"{name} must be a static Python float, got a traced value")
-  if isinstance(x, (jax.Array, np.ndarray)) and x.shape == () and jnp.issubdtype(x.dtype, jnp.floating):
-    x = x.item()  # a concrete scalar (np.float32(0.1) as an array, jnp.float32(0.1)) is its value
-  if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Real, np.floating, np.integer)):
-    raise TypeError(f"{name} must be a float, got {type(x).__name__}")
-  x = float(x)
-  if not math.isfinite(x) or (x <= 0 if positive else x < 0):
-    raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} float, got {x}")
-  return x
-
-
-def _static_bool(name: str, x) -> bool:
-  if isinstance(x, jax.core.Tracer):
-    raise TypeError(f"{name} must be a static Python bool, got a traced value (mark it static in jax.jit)")
-  if not isinstance(x, (bool, np.bool_)):
-    raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
-  return bool(x)
-
-
-def _window(window_size) -> Tuple[int, int]:
-  if window_size is None:  # vLLM's spelling of unbounded
-    return -1, -1
-  if isinstance(window_size, (tuple, list)) and any(isinstance(w, jax.core.Tracer) for w in window_size):
-    raise TypeError("window_size must be static Python ints (left, right), got a traced value")
-  if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-      or not all(isinstance(w, (numbers.Integral, np.integer)) and not isinstance(w, bool)
-                 for w in window_size)):
-    raise TypeError(f"window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
-  left, right = (int(w) for w in window_size)
-  if left < -1 or right < -1:
-    raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {(left, right)}")
-  return left, right
-
-
-def _check_kv_layout(kv_layout) -> None:
-  """kv_layout is a known name or a KVCacheLayout (shared by write_kv)."""
-  if isinstance(kv_layout, str):
-    if kv_layout not in NAMED_LAYOUTS:
-      raise ValueError(f"kv_layout must be one of {NAMED_LAYOUTS} or a KVCacheLayout, got {kv_layout!r}")
-  elif not isinstance(kv_layout, KVCacheLayout):
-    raise TypeError(f"kv_layout must be a str or KVCacheLayout, got {type(kv_layout).__name__}")
-
-
-def _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
-              softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
-              return_softmax_lse, kv_layout, layer, *, q_descale=None, k_descale=None,
-              v_descale=None, s_aux=None) -> Tuple[AttentionSpec, AttentionArrays]:
-  q = _array("q", q, rank=3, dtypes=_FLOAT_DTYPES + _FP8_DTYPES,
-             dtype_desc=f"float16, bfloat16, float32 or fp8 ({_FP8_DESC})")
-  total_q, num_heads, head_dim = q.shape
-  if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-    raise ValueError(f"q's head_dim (axis 2) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
-  if num_heads < 1:
-    raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
-  # An empty q has no row for the kernels' first block to read (XLA rejects the gather); engines pad
-  # to a bucket of >= 1 row anyway.
-  if total_q < 1:
-    raise ValueError(f"q must have at least one row (total_q >= 1; pad an empty batch), got shape "
-                     f"{tuple(q.shape)}")
-
-  cu_seqlens_q = _int32("cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
-  batch = cu_seqlens_q.shape[0] - 1
-  if batch < 1:
-    raise ValueError(f"cu_seqlens_q must have batch + 1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
-
-  k = _array("k", k)
-  q_dtype, kv_dtype = jnp.dtype(q.dtype), jnp.dtype(k.dtype)
-  if q_dtype in _FP8_DTYPES and kv_dtype not in _FP8_DTYPES:
-    raise TypeError(f"q is {q_dtype.name}: an fp8 q needs an fp8 cache, k {_FP8_DESC}, got "
-                    f"{kv_dtype.name}")
-  if kv_dtype != q_dtype and kv_dtype not in _FP8_DTYPES:
-    raise TypeError(f"k must have q's dtype {q_dtype.name} or be an fp8 cache ({_FP8_DESC}), got "
-                    f"{kv_dtype.name}")
-  if v is not None:
-    v = _array("v", v)
-    if jnp.dtype(v.dtype) != kv_dtype:
-      raise TypeError(f"v must have k's dtype {kv_dtype.name}, got {jnp.dtype(v.dtype).name}")
-  kv_fp8 = kv_dtype in _FP8_DTYPES
-
-  # kv_layout's type and name are checked first, so that a misspelled name is reported as such and
-  # not as "describes a paged cache" on the non-paged path.
-  _check_kv_layout(kv_layout)
-
-  paged = block_table is not None
-  if paged:
-    block_table = _int32("block_table", block_table, 2, "[batch, max_blocks]")
-    if block_table.shape[0] != batch:
-      raise ValueError(f"block_table must have batch={batch} rows (len(cu_seqlens_q) - 1), got shape "
-                       f"{tuple(block_table.shape)}")
-    if block_table.shape[1] < 1:
-      raise ValueError("block_table must have at least one column (max_blocks >= 1)")
-    static_layer = _static_layer(layer)
-    if layer is not None:
-      layer = _layer(layer)
-    layout = resolve(kv_layout, k.shape, None if v is None else v.shape, stacked=layer is not None)
-    if static_layer is not None and not 0 <= static_layer < layout.num_layers:
-      # A traced layer is clamped in the kernel; a static one out of range is a bug we can name
-      # (and -1 would otherwise be read as layer 0, not as Python's last layer).
-      raise ValueError(f"layer must be in [0, {layout.num_layers}) (axis 0 of k), got {static_layer}")
-    num_kv_heads, kv_head_dim = layout.num_kv_heads, layout.head_dim
-    if seqused_k is None and cu_seqlens_k is None:
-      raise ValueError("a paged cache (block_table) needs seqused_k: int32 [batch], keys per sequence")
-    max_blocks, total_k = block_table.shape[1], 0
-    capacity = max_blocks * layout.block_size
-  else:
-    if not (isinstance(kv_layout, str) and kv_layout == "NHD"):
-      raise ValueError(f"kv_layout={kv_layout!r} describes a paged cache: pass block_table, or leave "
-                       "kv_layout at 'NHD' for non-paged k / v [total_k, Hk, D]")
-    if layer is not None:
-      raise ValueError("layer= selects a layer of a stacked paged cache: pass block_table too")
-    if v is None:
-      raise ValueError("v is None: non-paged attention needs v [total_k, Hk, D]")
-    _array("k", k, rank=3)
-    if 0 in tuple(k.shape):
-      # No key row to gather from (kernels clamp indices into [0, total_k), which is empty).
-      raise ValueError(f"k [total_k, Hk, D] must have no empty axis, got shape {tuple(k.shape)}")
-    if tuple(v.shape) != tuple(k.shape):
-      raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    total_k, num_kv_heads, kv_head_dim = k.shape
-    if cu_seqlens_k is None:
-      raise ValueError("cu_seqlens_k is required without block_table: int32 [batch + 1], key offsets in k")
-    layout, max_blocks, capacity = None, 0, total_k
-
-  if kv_head_dim != head_dim:
-    raise ValueError(f"k / v head_dim {kv_head_dim} must equal q's head_dim {head_dim}")
-  if num_kv_heads < 1 or num_heads % num_kv_heads:
-    where = ""
-    if layout is not None and isinstance(kv_layout, str):  # a named form: say how Hk was read
-      where = (f", read from k's shape {tuple(k.shape)} as kv_layout={kv_layout!r} "
-               f"{named_form(kv_layout)} (is the cache laid out another way?)")
-    raise ValueError(f"q's num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads "
-                     f"({num_kv_heads}) (GQA/MQA){where}")
-
-  if cu_seqlens_k is not None:
-    cu_seqlens_k = _int32("cu_seqlens_k", cu_seqlens_k, 1, "[batch + 1]")
-    if cu_seqlens_k.shape[0] != batch + 1:
-      raise ValueError(f"cu_seqlens_k must have batch + 1 = {batch + 1} entries (as cu_seqlens_q), got "
-                       f"shape {tuple(cu_seqlens_k.shape)}")
-  if seqused_k is not None:
-    seqused_k = _int32("seqused_k", seqused_k, 1, "[batch]")
-    if seqused_k.shape[0] != batch:
-      raise ValueError(f"seqused_k must have batch = {batch} entries (len(cu_seqlens_q) - 1), got shape "
-                       f"{tuple(seqused_k.shape)}")
-
-  max_seqlen_q = _static_int("max_seqlen_q", max_seqlen_q)
-  max_seqlen_k = _static_int("max_seqlen_k", max_seqlen_k)
-  scale = (1.0 / math.sqrt(head_dim) if softmax_scale is None
-           else _static_float("softmax_scale", softmax_scale, positive=True))
-  causal = _static_bool("causal", causal)
-  left, right = _window(window_size)
-  # |i + sk - sq - j| < max(total_q, capacity) for every query / key pair, so a wider window is exactly
-  # unbounded; saying so keeps huge "infinite" windows (2**40, sys.maxsize) out of int32 kernel math.
-  reach = max(total_q, capacity)
-  left, right = (-1 if w >= reach else w for w in (left, right))
-  if causal:
-    right = 0
-  softcap = _static_float("softcap", softcap, positive=False)
-  return_lse = _static_bool("return_softmax_lse", return_softmax_lse)
-
-  if alibi_slopes is not None:
-    alibi_slopes = _array("alibi_slopes", alibi_slopes, dtypes=(jnp.dtype(jnp.float32),),
-                          dtype_desc="float32 [num_heads] or [batch, num_heads]")
-    if tuple(alibi_slopes.shape) == (num_heads,):
-      alibi_slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes), (batch, num_heads))
-    elif tuple(alibi_slopes.shape) != (batch, num_heads):
-      raise ValueError(f"alibi_slopes must be [num_heads]=({num_heads},) or [batch, num_heads]=({batch}, "
-                       f"{num_heads}), got {tuple(alibi_slopes.shape)}")
-
-  # Descales are checked whatever the dtypes; they apply to fp8 tensors only (the docstring says why).
-  scales = {name: _descale(name, x, batch, num_kv_heads)
-            for name, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))}
-  ones = jnp.ones((batch, num_kv_heads), jnp.float32)  # vLLM's missing descale: 1.0
-  q_scale = (ones if scales["q_descale"] is None else scales["q_descale"]) if q_dtype in _FP8_DTYPES else None
-  k_scale = (ones if scales["k_descale"] is None else scales["k_descale"]) if kv_fp8 else None
-  v_scale = (ones if scales["v_descale"] is None else scales["v_descale"]) if kv_fp8 else None
-  if s_aux is not None:
-    s_aux = _array("s_aux", s_aux, dtypes=(jnp.dtype(jnp.float32),), dtype_desc="float32 [num_heads]")
-    if tuple(s_aux.shape) != (num_heads,):
-      raise ValueError(f"s_aux must be [num_heads]=({num_heads},), one sink logit per q head, got "
-                       f"{tuple(s_aux.shape)}")
-
-  if seqused_k is not None:
-    seqlens_k = jnp.asarray(seqused_k)
-  else:
-    cu = jnp.asarray(cu_seqlens_k)
-    seqlens_k = cu[1:] - cu[:-1]
-
-  spec = AttentionSpec(
-      total_q=total_q, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
-      layout=layout, max_blocks=max_blocks, total_k=total_k,
-      max_seqlen_q=total_q if max_seqlen_q is None else min(max_seqlen_q, total_q),
-      max_seqlen_k=capacity if max_seqlen_k is None else min(max_seqlen_k, capacity),
-      scale=scale, causal=causal, window_left=left, window_right=right, softcap=softcap,
-      has_alibi=alibi_slopes is not None, return_lse=return_lse, dtype=q_dtype.name,
-      kv_dtype=kv_dtype.name if kv_fp8 else None, has_sinks=s_aux is not None)
-  arrays = AttentionArrays(
-      q=jnp.asarray(q), k=jnp.asarray(k), v=jnp.asarray(k if v is None else v),
-      cu_seqlens_q=jnp.asarray(cu_seqlens_q), seqlens_k=seqlens_k,
-      kv_index=jnp.asarray(block_table if paged else cu_seqlens_k),
-      alibi=None if alibi_slopes is None else jnp.asarray(alibi_slopes), layer=layer,
-      q_descale=q_scale, k_descale=k_scale, v_descale=v_scale,
-      s_aux=None if s_aux is None else jnp.asarray(s_aux))
-  return spec, arrays
-
-
-def _descale(name: str, x, batch: int, num_kv_heads: int) -> Optional[jax.Array]:
-  """A descale argument as f32[batch, num_kv_heads] (None stays None).
-
-  Forms (vLLM's and a per-tensor scale's): f32[batch, Hk], f32[] or f32[1], or a Python float.
-  """
-  if x is None:
-    return None
-  want = f"float32 [batch, num_kv_heads]=({batch}, {num_kv_heads}) or a scalar"
-  if isinstance(x, (numbers.Real, np.floating)) and not isinstance(x, (bool, np.bool_)):
-    return jnp.full((batch, num_kv_heads), x, jnp.float32)
-  x = _array(name, x, dtypes=(jnp.dtype(jnp.float32),), dtype_desc=want)
-  if tuple(x.shape) in ((), (1,)):
-    return jnp.broadcast_to(jnp.reshape(jnp.asarray(x), ()), (batch, num_kv_heads))
-  if tuple(x.shape) != (batch, num_kv_heads):
-    raise ValueError(f"{name} must be [batch, num_kv_heads]=({batch}, {num_kv_heads}) or a scalar "
-                     f"(shape () or (1,)), got {tuple(x.shape)}")
-  return jnp.asarray(x)
-
-
-def _static_layer(layer) -> Optional[int]:
-  """The value of a layer known on the host (Python / NumPy integer), else None (traced or device)."""
-  if isinstance(layer, (bool, np.bool_)):
-    return None  # _layer raises for it
-  if isinstance(layer, (numbers.Integral, np.integer)):
-    return int(layer)
-  if isinstance(layer, np.ndarray) and layer.ndim == 0 and np.issubdtype(layer.dtype, np.integer):
-    return int(layer)
-  return None
-
-
-def _layer(layer):
-  if isinstance(layer, (bool, np.bool_)):
-    raise TypeError(f"layer must be an int32 scalar, got {type(layer).__name__}")
-  if isinstance(layer, (numbers.Integral, np.integer)):
-    return jnp.asarray(layer, jnp.int32)
-  if not _is_array(layer):
-    raise TypeError(f"layer must be an int32 scalar (a Python int or an int32 array of shape ()), got "
-                    f"{type(layer).__name__}")
-  _array("layer", layer, rank=0, dtypes=(jnp.dtype(jnp.int32),), dtype_desc="an int32 scalar")
-  return jnp.asarray(layer)

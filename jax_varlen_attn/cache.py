@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_varlen_attn import backends as registry
-from jax_varlen_attn.api import (_FLOAT_DTYPES, _FP8_DESC, _FP8_DTYPES, _array, _check_kv_layout,
-                                 _is_array, _layer, _static_layer)
 from jax_varlen_attn.layout import KVCacheLayout, resolve
+from jax_varlen_attn.validation import (FLOAT_DTYPES, FP8_DESC, FP8_DTYPES, array_arg, check_kv_layout,
+                                        is_array, layer_arg, static_layer)
 
 WRITE_BACKENDS = ("auto", "xla", "triton", "pallas")
 _I32_MAX = 2**31 - 1
@@ -183,34 +183,34 @@ def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer, k_
               v_scale=None):
   """Static checks; returns (resolved layout, (k_new, v_new, k_cache, v_cache, slot_mapping, layer,
   scales)), scales (k_scale, v_scale) f32[T, Hk] each for an fp8 cache, else None."""
-  k_cache = _array("k_cache", k_cache, dtypes=_FLOAT_DTYPES + _FP8_DTYPES,
-                   dtype_desc=f"float16, bfloat16, float32 or fp8 ({_FP8_DESC})")
+  k_cache = array_arg("k_cache", k_cache, dtypes=FLOAT_DTYPES + FP8_DTYPES,
+                      dtype_desc=f"float16, bfloat16, float32 or fp8 ({FP8_DESC})")
   dtype = jnp.dtype(k_cache.dtype)
-  fp8 = dtype in _FP8_DTYPES
+  fp8 = dtype in FP8_DTYPES
   if v_cache is not None:
-    v_cache = _array("v_cache", v_cache)
+    v_cache = array_arg("v_cache", v_cache)
     if jnp.dtype(v_cache.dtype) != dtype:
       raise TypeError(f"v_cache must have k_cache's dtype {dtype.name}, got {jnp.dtype(v_cache.dtype).name}")
-  _check_kv_layout(kv_layout)
+  check_kv_layout(kv_layout)
 
-  static_layer = _static_layer(layer)
+  layer_value = static_layer(layer)
   if layer is not None:
-    layer = _layer(layer)
+    layer = layer_arg(layer)
   layout = resolve(kv_layout, k_cache.shape, None if v_cache is None else v_cache.shape,
                    stacked=layer is not None)
-  if static_layer is not None and not 0 <= static_layer < layout.num_layers:
-    raise ValueError(f"layer must be in [0, {layout.num_layers}) (axis 0 of k_cache), got {static_layer}")
+  if layer_value is not None and not 0 <= layer_value < layout.num_layers:
+    raise ValueError(f"layer must be in [0, {layout.num_layers}) (axis 0 of k_cache), got {layer_value}")
 
   want = f"[T, num_kv_heads={layout.num_kv_heads}, head_dim={layout.head_dim}]"
   for name, x in (("k_new", k_new), ("v_new", v_new)):
     if x is None:
       raise ValueError(f"{name} is required: {want} in the cache's dtype"
                        + (" (a fused cache takes v_cache=None, not v_new=None)" if name == "v_new" else ""))
-    if not _is_array(x):
+    if not is_array(x):
       raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if x.ndim != 3 or tuple(x.shape[1:]) != (layout.num_kv_heads, layout.head_dim):
       raise ValueError(f"{name} must be {want} to match the cache, got shape {tuple(x.shape)}")
-    if fp8 and jnp.dtype(x.dtype) not in _FLOAT_DTYPES:
+    if fp8 and jnp.dtype(x.dtype) not in FLOAT_DTYPES:
       raise TypeError(f"{name} must be float16, bfloat16 or float32 for the {dtype.name} cache (quantized "
                       f"with {name[0]}_scale), got {jnp.dtype(x.dtype).name}")
     if not fp8 and jnp.dtype(x.dtype) != dtype:
@@ -220,8 +220,8 @@ def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer, k_
   num_tokens = k_new.shape[0]
   if slot_mapping is None:
     raise ValueError(f"slot_mapping is required: int32 [T={num_tokens}]")
-  _array("slot_mapping", slot_mapping, rank=1, dtypes=(jnp.dtype(jnp.int32),),
-         dtype_desc=f"int32 [T={num_tokens}]")
+  array_arg("slot_mapping", slot_mapping, rank=1, dtypes=(jnp.dtype(jnp.int32),),
+            dtype_desc=f"int32 [T={num_tokens}]")
   if slot_mapping.shape[0] != num_tokens:
     raise ValueError(f"slot_mapping must have one entry per new token (T={num_tokens}, axis 0 of k_new), "
                      f"got shape {tuple(slot_mapping.shape)}")
@@ -242,8 +242,8 @@ def _scale(name: str, x, num_tokens: int, num_kv_heads: int) -> Optional[jax.Arr
   shape = (num_tokens, num_kv_heads)
   if isinstance(x, (numbers.Real, np.floating)) and not isinstance(x, (bool, np.bool_)):
     return jnp.full(shape, x, jnp.float32)
-  x = _array(name, x, dtypes=(jnp.dtype(jnp.float32),),
-             dtype_desc=f"float32: a scalar, [num_kv_heads={num_kv_heads}] or [T, num_kv_heads]={shape}")
+  x = array_arg(name, x, dtypes=(jnp.dtype(jnp.float32),),
+                dtype_desc=f"float32: a scalar, [num_kv_heads={num_kv_heads}] or [T, num_kv_heads]={shape}")
   if tuple(x.shape) in ((), (1,)):
     return jnp.broadcast_to(jnp.reshape(jnp.asarray(x), ()), shape)
   if tuple(x.shape) == (num_kv_heads,):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jax_varlen_attn.api import _validate
+from jax_varlen_attn.validation import AttentionArgs, validate
 
 
 def _first_bad(mask: np.ndarray):
@@ -46,10 +46,10 @@ def check_inputs(q, k, v, max_seqlen_q=None, cu_seqlens_q=None, max_seqlen_k=Non
   [0, num_layers); max_seqlen_q / max_seqlen_k, when given, bound the actual lengths; descales
   (where they apply: fp8 tensors) are finite; s_aux is neither NaN nor +inf.
   """
-  spec, arrays = _validate(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
-                           softmax_scale, causal, window_size, softcap, alibi_slopes, block_table,
-                           return_softmax_lse, kv_layout, layer, q_descale=q_descale,
-                           k_descale=k_descale, v_descale=v_descale, s_aux=s_aux)
+  spec, arrays = validate(AttentionArgs(
+      q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k, softmax_scale, causal,
+      window_size, softcap, alibi_slopes, block_table, return_softmax_lse, kv_layout, layer, q_descale,
+      k_descale, v_descale, s_aux))
   values = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                 block_table=block_table, layer=layer, q_descale=q_descale, k_descale=k_descale,
                 v_descale=v_descale, s_aux=s_aux)

@@ -240,11 +240,11 @@ def static_spec(batch: int, pages: int, *, q_per_seq: int = 1, max_seqlen_k: Opt
   """The AttentionSpec of a paged NHD call: `batch` sequences of `q_per_seq` queries over `pages`
   pages each (zeros for data): what a backend chooses from static shapes alone (tiles, splits).
   max_seqlen_k None: the block table's reach, pages * page."""
-  from jax_varlen_attn.api import _validate
+  from jax_varlen_attn.validation import AttentionArgs, validate
   q = jnp.zeros((batch * q_per_seq, heads, head_dim), jnp.float16)
   cache = jnp.zeros((batch * pages, page, kv_heads, head_dim), jnp.float16)
   cu = jnp.arange(batch + 1, dtype=jnp.int32) * q_per_seq
-  spec, _ = _validate(q, cache, cache, q_per_seq, cu, max_seqlen_k, None,
-                      jnp.zeros((batch,), jnp.int32), None, True, (-1, -1), 0.0, None,
-                      jnp.zeros((batch, pages), jnp.int32), False, "NHD", None)
+  spec, _ = validate(AttentionArgs(q, cache, cache, q_per_seq, cu, max_seqlen_k, None,
+                                   jnp.zeros((batch,), jnp.int32), None, True, (-1, -1), 0.0, None,
+                                   jnp.zeros((batch, pages), jnp.int32), False, "NHD", None))
   return spec

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_varlen_attn.api import _validate
+from jax_varlen_attn.validation import AttentionArgs, validate
 from jax_varlen_attn.backends.pallas import Config, attention
 from jax_varlen_attn.spec import AttentionSpec
 from tests.attention_suite import AttentionSuite
@@ -132,7 +132,7 @@ def test_triton_lowering_compiles_for_sm90(name, overrides, config, tmp_path, mo
                   alibi_slopes=None, block_table=None, layer=None, kv_layout="NHD")
     params.update(static)
     params.update(arrays)
-    spec, normalized = _validate(**params)
+    spec, normalized = validate(AttentionArgs(**params))
     resolved.append(config.resolved(spec))
     return attention(spec, normalized, config)
 

@@ -159,16 +159,16 @@ def test_v04_arguments_put_aliased_buffers_in_refs():
 
 
 def test_v04_arguments_pass_f32_scalars_as_floats():
-  from jax_varlen_attn.api import _validate
+  from jax_varlen_attn.validation import AttentionArgs, validate
   from jax_varlen_attn.backends.triton import Config
   from jax_varlen_attn.backends.triton.kernel import varlen_attention_kernel
   from jax_varlen_attn.backends.triton.launcher import kernel_arguments
 
   q = jnp.ones((5, 4, 64), jnp.float16)
   cache = jnp.ones((6, 16, 2, 64), jnp.float16)
-  spec, arrays = _validate(q, cache, cache, None, jnp.asarray([0, 5], jnp.int32), None, None,
-                           jnp.asarray([20], jnp.int32), 0.125, True, (-1, -1), 0.0, None,
-                           jnp.asarray([[1, 2]], jnp.int32), False, "NHD", None)
+  spec, arrays = validate(AttentionArgs(q, cache, cache, None, jnp.asarray([0, 5], jnp.int32), None, None,
+                                        jnp.asarray([20], jnp.int32), 0.125, True, (-1, -1), 0.0, None,
+                                        jnp.asarray([[1, 2]], jnp.int32), False, "NHD", None))
   config = Config().resolved(spec)
   inputs, outputs, _, _ = kernel_arguments(spec, arrays, config)
   args, kwargs, placed = call.v04_call_arguments(varlen_attention_kernel, inputs, outputs, {})

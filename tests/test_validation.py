@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_varlen_attn import KVCacheLayout, api, flash_attn_varlen_func, layout as layout_mod
+from jax_varlen_attn import KVCacheLayout, api, flash_attn_varlen_func, layout as layout_mod, validation
 from jax_varlen_attn import backends as registry
 from jax_varlen_attn.layout import resolve
 from tests.oracle import reference_attention
@@ -122,8 +122,8 @@ def _flat_plus(extra):
   return lambda kw: jnp.concatenate([kw["k"].reshape(-1), jnp.zeros((extra,), kw["k"].dtype)])
 
 
-# Where the raises live: api.py (_validate and its helpers _array, _int32, _static_int, _static_float,
-# _static_bool, _window, _layer; the config check in flash_attn_varlen_func), layout.py
+# Where the raises live: validation.py (validate and its helpers array_arg, int32_arg, static_int,
+# static_float, static_bool, window, layer_arg, descale), api.py (the config check), layout.py
 # (KVCacheLayout.__post_init__, resolve, _named, _with_page_count, _check_fits) and backends.select.
 # test_every_raise_is_reached is the exact list: it names any raise no case below reaches.
 CASES = [
@@ -587,7 +587,7 @@ def _raises(module, function=None):
 
 
 def test_every_raise_is_reached():
-  targets = (_raises(api) | _raises(layout_mod) | _raises(registry, "select"))
+  targets = (_raises(api) | _raises(validation) | _raises(layout_mod) | _raises(registry, "select"))
   files = {path for path, *_ in targets}
   hit = set()
 

@@ -26,7 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from jax_varlen_attn.api import _validate  # noqa: E402
+from jax_varlen_attn.validation import AttentionArgs, validate  # noqa: E402
 from jax_varlen_attn.backends.triton import Config  # noqa: E402
 from jax_varlen_attn.backends.triton.kernel import varlen_attention_kernel  # noqa: E402
 from jax_varlen_attn.backends.triton.launcher import kernel_arguments  # noqa: E402
@@ -106,7 +106,7 @@ def compile_variant(name, overrides, config):
   defaults = dict(max_seqlen_q=None, max_seqlen_k=None, cu_seqlens_k=None, alibi_slopes=None,
                   block_table=None, kv_layout="NHD", layer=None)
   extra = {k: kwargs[k] for k in ("q_descale", "k_descale", "v_descale", "s_aux") if k in kwargs}
-  spec, arrays = _validate(*[kwargs.get(k, defaults.get(k)) for k in keys], **extra)
+  spec, arrays = validate(AttentionArgs(*[kwargs.get(k, defaults.get(k)) for k in keys], **extra))
   config = config.resolved(spec)
   inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
   sig = signature_of(inputs, outputs)

@@ -18,7 +18,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jax_varlen_attn.api import _validate  # noqa: E402
+from jax_varlen_attn.validation import AttentionArgs, validate  # noqa: E402
 from jax_varlen_attn.backends.triton import Config, call, launcher, write_kernel  # noqa: E402
 from jax_varlen_attn.layout import KVCacheLayout, resolve  # noqa: E402
 
@@ -52,8 +52,8 @@ def attention_case(layout_name: str, kv_dtype=jnp.float16):
                s_aux=jnp.zeros((4,), jnp.float32)) if fp8 else {}
 
   def f(q, k, v, cu, used, table):
-    spec, arrays = _validate(q, k, v, None, cu, None, None, used, 0.125, True, (-1, -1), 0.0, None,
-                             table, True, layout, None, **extra)
+    spec, arrays = validate(AttentionArgs(q, k, v, None, cu, None, None, used, 0.125, True, (-1, -1), 0.0,
+                                          None, table, True, layout, None, **extra))
     out, lse = launcher.attention(spec, arrays, Config(launch="xla"))
     return out, lse
 
