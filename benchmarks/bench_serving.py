@@ -406,6 +406,9 @@ def parse_args(argv):
   p.add_argument("--profile", action="store_true", help="kernel mix of one decode call per batch size")
   p.add_argument("--sampling", default=None, help="temperature,top_k,top_p for every request (e.g. "
                  "0.8,50,0.95; top-k / top-p sort the vocabulary every step); default greedy")
+  p.add_argument("--launch", default=None, choices=("xla", "ffi", "legacy"),
+                 help="the Triton backend's launch route for the whole run (attention and write_kv; "
+                      "$JAX_VARLEN_ATTN_LAUNCH); default: jax-triton's")
   p.add_argument("--out", default="serving")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, short prompts")
   args = p.parse_args(argv)
@@ -430,6 +433,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.launch:  # read when the model's calls are traced: before the first one
+    from jax_varlen_attn.backends.triton import call
+    os.environ[call.LAUNCH_ENV] = args.launch
   overrides = {} if args.layers is None else dict(num_layers=args.layers)
   base: ModelConfig = preset(args.preset, **overrides)
   args.vocab = base.vocab_size
@@ -442,7 +448,8 @@ def main(argv=None) -> int:
   doc = dict(benchmark="serving decode: one step vs many per call", commit=git_commit(),
              device=device.device_kind, platform=device.platform, jax=jax.__version__,
              model=dataclasses.asdict(base), params=base.num_params(), read_ceiling=ceiling,
-             steps_per_call=args.steps_per_call, records=[], mixed=[], profile=[])
+             steps_per_call=args.steps_per_call, launch=args.launch or "default", records=[], mixed=[],
+             profile=[])
   print(f"{device.device_kind}: {args.preset} ({base.num_params() / 1e9:.2f}e9 params), prompt "
         f"{args.prompt_len}, +{args.gen} tokens; read ceiling {ceiling['read_gbps']} GB/s", flush=True)
   tokens = {}

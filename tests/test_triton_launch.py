@@ -178,3 +178,17 @@ def test_v04_arguments_pass_f32_scalars_as_floats():
   # A subnormal f32 would be typed f64 by jax-triton 0.4 as a float: it stays np.float32.
   tiny = np.float32(1e-40)
   assert isinstance(call._f32_scalar(tiny), np.float32)
+
+
+def test_default_route_follows_the_environment(monkeypatch):
+  """$JAX_VARLEN_ATTN_LAUNCH picks the process's route; an unknown one is a ValueError naming it."""
+  monkeypatch.delenv(call.LAUNCH_ENV, raising=False)
+  installed = call.default_route()
+  assert installed == ("xla" if call.jax_triton_generation() is None else
+                       "ffi" if call.jax_triton_generation() >= (0, 4) else "legacy")
+  for route in call.ROUTES:
+    monkeypatch.setenv(call.LAUNCH_ENV, route)
+    assert call.default_route() == route
+  monkeypatch.setenv(call.LAUNCH_ENV, "fast")
+  with pytest.raises(ValueError, match=r"\$JAX_VARLEN_ATTN_LAUNCH must be one of"):
+    call.default_route()

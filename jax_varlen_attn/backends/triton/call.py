@@ -82,6 +82,7 @@ def _parse_version(version: str) -> Tuple[int, int]:
 
 
 ROUTES = ("xla", "ffi", "legacy")
+LAUNCH_ENV = "JAX_VARLEN_ATTN_LAUNCH"  # the process's default route (default_route)
 
 
 def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct], grid,
@@ -150,8 +151,15 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
 
 
 def default_route() -> str:
-  """jax-triton's route where it is installed ("ffi" on 0.4, "legacy" on 0.3: the kernels its
-  pinned triton compiles, measured fastest on the device), else "xla" (module docstring)."""
+  """The route of a launch that names none: $JAX_VARLEN_ATTN_LAUNCH where set (one of ROUTES, for
+  the whole process, write_kv included: e.g. "xla", which keeps a model step's calls in one CUDA
+  graph; read when a call is traced, so set it before the first one), else jax-triton's ("ffi" on 0.4, "legacy" on 0.3: the
+  kernels its pinned triton compiles, measured fastest on the device), else "xla" (module docstring)."""
+  chosen = os.environ.get(LAUNCH_ENV)
+  if chosen:
+    if chosen not in ROUTES:
+      raise ValueError(f"${LAUNCH_ENV} must be one of {ROUTES}, got {chosen!r}")
+    return chosen
   generation = jax_triton_generation()
   if generation is None:
     return "xla"
