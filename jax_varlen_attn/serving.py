@@ -455,12 +455,6 @@ class ChunkOutput:
   finished: List[Sequence]
 
 
-def _options(samplings: Seq[Sampling]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(temperature, top_k, top_p) of these samplings as NumPy arrays (for `decode.sampling_mode`)."""
-  return (np.array([s.temperature for s in samplings], np.float32), np.array([s.top_k for s in samplings]),
-          np.array([s.top_p for s in samplings], np.float32))
-
-
 def _check_steps_per_call(steps_per_call) -> int:
   if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, (int, np.integer)):
     raise TypeError(f"steps_per_call must be an int, got {steps_per_call!r}")
@@ -512,25 +506,30 @@ class Engine:
           sampling: Optional[Sampling] = None) -> Sequence:
     return self.scheduler.add(prompt, max_new_tokens, eos_token_id, sampling)
 
-  def device_args(self, step: StepBatch):
-    """`serving_step`'s positional arguments for this step (graphdef, state, caches, tokens, batch,
-    sample rows, and the `SamplingParams` where a sequence that samples in it is not greedy)."""
-    args = (self.graphdef, self.state, self.k_cache, self.v_cache, jnp.asarray(step.tokens),
-            PagedBatch(*(jnp.asarray(a) for a in step.batch)), jnp.asarray(step.sample_rows))
+  @staticmethod
+  def step_sampling(step: StepBatch) -> Optional[SamplingParams]:
+    """NumPy `SamplingParams` of the step's sampled rows, or None where every sequence is greedy."""
     seqs = [seq for seq, *_ in step.scheduled]
     if all(seq.sampling.greedy for seq in seqs):
-      return args
-    params = sampling_arrays([s.sampling for s in seqs], [s.seq_id for s in seqs], step.sample_rows.shape[0])
-    return args + (SamplingParams(*(jnp.asarray(a) for a in params)),)
+      return None
+    return sampling_arrays([s.sampling for s in seqs], [s.seq_id for s in seqs], step.sample_rows.shape[0])
+
+  def device_args(self, step: StepBatch, sampling: Optional[SamplingParams] = None):
+    """`serving_step`'s positional arguments for this step (graphdef, state, caches, tokens, batch,
+    sample rows, and `sampling`, `step_sampling(step)` by default, where it is not None)."""
+    args = (self.graphdef, self.state, self.k_cache, self.v_cache, jnp.asarray(step.tokens),
+            PagedBatch(*(jnp.asarray(a) for a in step.batch)), jnp.asarray(step.sample_rows))
+    sampling = self.step_sampling(step) if sampling is None else sampling
+    return args if sampling is None else args + (SamplingParams(*(jnp.asarray(a) for a in sampling)),)
 
   def step(self) -> Optional[StepOutput]:
     """Schedules, runs and records one step; None when there is no work left."""
     step = self.scheduler.schedule()
     if step is None:
       return None
-    args = self.device_args(step)
-    samplings = [seq.sampling for seq, *_ in step.scheduled]
-    kwargs = {} if len(args) == 7 else dict(mode=sampling_mode(*_options(samplings)))
+    sampling = self.step_sampling(step)  # NumPy: the static mode is read on the host, no device sync
+    args = self.device_args(step, sampling)
+    kwargs = {} if sampling is None else dict(mode=sampling_mode(*sampling[:3]))
     next_tokens, logits, self.k_cache, self.v_cache = serving_step(*args, **kwargs)
     next_tokens = np.asarray(next_tokens)
     finished = self.scheduler.update(step, next_tokens)
