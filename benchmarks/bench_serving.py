@@ -12,7 +12,8 @@ decodes 1 + steps_per_call * (--chunks + 1) tokens (greedy unless --sampling):
   mode "step":  one jitted `serving_step` per token. decode_step_ms = median wall time of a step
                 that decodes all B sequences (schedule on the host, transfer, the step, reading the
                 tokens back); the first two decode steps (compile) are not timed.
-  mode "multi": `Engine.decode_chunk`: up to --steps-per-call steps in one jitted while loop
+  mode "multi" / "multi/N": `Engine.decode_chunk`: up to --steps-per-call steps in one jitted while loop
+    that checks whether any sequence is still active every step / every N steps (`check_every`)
                 (`decode.decode_loop`). decode_step_ms = median over calls of (wall time of the call
                 incl. its host work: reserving pages, building and sending the batch, reading the
                 tokens back, appending them) / steps it ran; the first call (compile) is not timed.
@@ -127,10 +128,20 @@ def step_bytes(cfg: ModelConfig, batch: int, context: float) -> Tuple[int, int]:
 
 
 # ---- decode records ---------------------------------------------------------------------------------
-def make_engine(model: DecoderLM, args, max_seqs: int, steps_per_call: int) -> Engine:
+def is_multi(mode: str) -> bool:
+  return mode.startswith("multi")
+
+
+def check_every(mode: str) -> int:
+  """"multi/N" -> N; "multi" and "step" -> 1."""
+  return int(mode.split("/")[1]) if "/" in mode else 1
+
+
+def make_engine(model: DecoderLM, args, max_seqs: int, mode: str) -> Engine:
   return Engine(model, num_blocks=args.num_blocks, block_size=args.block_size,
                 max_tokens_per_step=args.max_tokens_per_step, max_seqs=max(max_seqs, 4),
-                max_model_len=args.max_model_len, min_seq_bucket=4, steps_per_call=steps_per_call)
+                max_model_len=args.max_model_len, min_seq_bucket=4,
+                steps_per_call=args.steps_per_call if is_multi(mode) else 1, check_every=check_every(mode))
 
 
 def timed_decode(engine: Engine, batch: int, mode: str) -> List[Tuple[float, int]]:
@@ -145,13 +156,13 @@ def timed_decode(engine: Engine, batch: int, mode: str) -> List[Tuple[float, int
         calls.append((elapsed, int(out.counts.max())))
     elif len(out.step.scheduled) == batch and all(n == 1 for _, _, n, _ in out.step.scheduled):
       calls.append((elapsed, 1))
-  return calls[UNTIMED_CHUNKS if mode == "multi" else UNTIMED_DECODE_STEPS:]
+  return calls[UNTIMED_CHUNKS if is_multi(mode) else UNTIMED_DECODE_STEPS:]
 
 
 def run_batch(model: DecoderLM, batch: int, mode: str, args, ceiling: dict) -> Tuple[dict, Engine]:
   """Prefills `batch` prompts, then times the decode calls of `mode`; returns (record, engine)."""
   rng = np.random.default_rng(batch)
-  engine = make_engine(model, args, batch, args.steps_per_call if mode == "multi" else 1)
+  engine = make_engine(model, args, batch, mode)
   seqs = [engine.add(rng.integers(0, model.config.vocab_size, args.prompt_len).tolist(), args.gen,
                      sampling=args.sampling) for _ in range(batch)]
   t0 = time.perf_counter()
@@ -161,7 +172,7 @@ def run_batch(model: DecoderLM, batch: int, mode: str, args, ceiling: dict) -> T
     prefill_steps += 1
   prefill_s = time.perf_counter() - t0
   calls = timed_decode(engine, batch, mode)
-  if len(calls) < (2 if mode == "multi" else 3):
+  if len(calls) < (2 if is_multi(mode) else 3):
     raise ValueError(f"{len(calls)} timed {mode} calls; use more --chunks")
   per_step = [s / n for s, n in calls]
   med = statistics.median(per_step)
@@ -169,7 +180,8 @@ def run_batch(model: DecoderLM, batch: int, mode: str, args, ceiling: dict) -> T
   first = args.prompt_len + args.gen - steps  # context of the first timed step
   context = first + (steps - 1) / 2
   weights, kv = step_bytes(model.config, batch, context)
-  rec = dict(batch=batch, mode=mode, steps_per_call=engine.steps_per_call, sampling=args.sampling_text,
+  rec = dict(batch=batch, mode=mode, steps_per_call=engine.steps_per_call, check_every=engine.check_every,
+             sampling=args.sampling_text,
              prompt_len=args.prompt_len,
              generated=args.gen, context=[first, args.prompt_len + args.gen - 1], prefill_steps=prefill_steps,
              prefill_s_incl_compile=round(prefill_s, 3), decode_calls_timed=len(calls),
@@ -276,7 +288,7 @@ def profile_call(engine: Engine) -> Optional[dict]:
   if chunk is None:
     return None
   args = engine.decode_args(chunk)
-  kw = dict(steps=chunk.steps, mode=chunk.mode)
+  kw = dict(steps=chunk.steps, mode=chunk.mode, check_every=engine.check_every)
   hlo = decode.decode_loop.lower(*args, **kw).compile().as_text()
   with tempfile.TemporaryDirectory(prefix="jva-serving-trace-") as d:
     with jax.profiler.trace(d):
@@ -294,7 +306,7 @@ def profile_call(engine: Engine) -> Optional[dict]:
 def run_profile(model: DecoderLM, batch: int, args) -> Optional[dict]:
   """Prefills `batch` prompts, runs one (compiling) decode call, then profiles the next one."""
   rng = np.random.default_rng(batch)
-  engine = make_engine(model, args, batch, args.steps_per_call)
+  engine = make_engine(model, args, batch, args.profile_mode)
   for _ in range(batch):
     engine.add(rng.integers(0, model.config.vocab_size, args.prompt_len).tolist(), args.gen,
                sampling=args.sampling)
@@ -333,7 +345,7 @@ def serve(model: DecoderLM, requests, mode: str, args) -> dict:
   engine = Engine(model, num_blocks=num_blocks, block_size=args.block_size,
                   max_tokens_per_step=args.max_tokens_per_step, max_seqs=args.mixed_max_seqs,
                   max_model_len=max_len, min_seq_bucket=4,
-                  steps_per_call=args.steps_per_call if mode == "multi" else 1)
+                  steps_per_call=args.steps_per_call if is_multi(mode) else 1, check_every=check_every(mode))
   arrivals, times, live = {}, {}, []
   t0, i = time.perf_counter(), 0
   while i < len(requests) or engine.has_work:
@@ -373,7 +385,7 @@ def run_mixed(model: DecoderLM, mode: str, args) -> dict:
     if len(t) > 1:
       tpot.append((t[-1] - t[0]) / (len(t) - 1))
   tokens = sum(len(t) for t in run["times"].values())
-  return dict(mode=mode, steps_per_call=args.steps_per_call if mode == "multi" else 1,
+  return dict(mode=mode, steps_per_call=args.steps_per_call if is_multi(mode) else 1,
               requests=len(requests), rate_per_s=args.mixed_rate, prompt=args.mixed_prompt,
               gen=args.mixed_gen, seed=args.mixed_seed, tokens=tokens, wall_s=round(run["wall_s"], 3),
               tokens_per_s=round(tokens / run["wall_s"], 1), **_percentiles(ttft, "ttft"),
@@ -388,7 +400,8 @@ def parse_args(argv):
   p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
   p.add_argument("--batches", default="1,16,64")
   p.add_argument("--backends", default="auto,naive")
-  p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many)")
+  p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many, checking "
+                 "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call)")
   p.add_argument("--steps-per-call", type=int, default=32)
   p.add_argument("--chunks", type=int, default=4, help="timed multi-step calls per batch; the decode "
                  "length is 1 + steps_per_call * (chunks + 1) tokens in both modes")
@@ -426,8 +439,12 @@ def parse_args(argv):
     t, k, top_p = args.sampling.split(",")
     args.sampling = decode.Sampling(temperature=float(t), top_k=int(k), top_p=float(top_p))
   args.modes = args.modes.split(",")
-  if not set(args.modes) <= {"step", "multi"}:
-    raise ValueError(f"--modes: step and / or multi, got {args.modes}")
+  for mode in args.modes:
+    n = check_every(mode) if re.fullmatch(r"step|multi(/[1-9]\d*)?", mode) else 0
+    if not n or args.steps_per_call % n:
+      raise ValueError(f"--modes: step, multi or multi/N with N dividing --steps-per-call, got {mode!r}")
+  multi = [m for m in args.modes if is_multi(m)]
+  args.profile_mode = multi[-1] if multi else "multi"
   return args
 
 
@@ -461,12 +478,12 @@ def main(argv=None) -> int:
         rec, _ = run_batch(model, batch, mode, args, ceiling)
         tokens[(backend, batch, mode)] = rec.pop("_tokens")
         rec["backend"] = backend
-        if mode == "multi" and (backend, batch, "step") in tokens:
+        if is_multi(mode) and (backend, batch, "step") in tokens:
           same = [x == y for a, b in zip(tokens[(backend, batch, "step")], tokens[(backend, batch, mode)])
                   for x, y in zip(a, b)]
           rec["same_tokens_as_step"] = round(float(np.mean(same)), 3)
         doc["records"].append(rec)
-        print(f"  {backend:6s} batch {batch:3d} {mode:5s}: {rec['decode_step_ms']:8.3f} ms/step "
+        print(f"  {backend:6s} batch {batch:3d} {mode:7s}: {rec['decode_step_ms']:8.3f} ms/step "
               f"{rec['tokens_per_s']:9.1f} tok/s  bound {rec['bound_ms']:.3f} ms ({rec['pct_of_bound']}%)",
               flush=True)
       if args.profile and backend == names[0]:
@@ -517,10 +534,10 @@ def ratios(records, names, batches, modes, tokens) -> List[dict]:
 
 
 def print_table(doc, names):
-  print(f"{'backend':>7s} {'batch':>5s} {'mode':>5s} {'ms/step':>9s} {'bound ms':>9s} {'% bound':>8s} "
+  print(f"{'backend':>7s} {'batch':>5s} {'mode':>7s} {'ms/step':>9s} {'bound ms':>9s} {'% bound':>8s} "
         f"{'tok/s':>10s}")
   for r in doc["records"]:
-    print(f"{r['backend']:>7s} {r['batch']:5d} {r['mode']:>5s} {r['decode_step_ms']:9.3f} "
+    print(f"{r['backend']:>7s} {r['batch']:5d} {r['mode']:>7s} {r['decode_step_ms']:9.3f} "
           f"{r['bound_ms']:9.4f} {r['pct_of_bound']:8.1f} {r['tokens_per_s']:10.1f}")
   for row in doc["ratios"]:
     if "speedup" in row:

@@ -333,10 +333,19 @@ class _Carry(NamedTuple):
   v_cache: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode"),
+def check_steps_between_checks(check_every, steps: int) -> int:
+  """`check_every` as an int, or a ValueError naming it: an int >= 1 that divides `steps`."""
+  if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)):
+    raise TypeError(f"check_every must be an int, got {check_every!r}")
+  if check_every < 1 or steps % check_every:
+    raise ValueError(f"check_every must be an int >= 1 dividing steps={steps}, got {check_every}")
+  return int(check_every)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "check_every"),
                    donate_argnames=("k_cache", "v_cache"))
 def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: DecodeBatch,
-                sampling: SamplingParams, *, steps: int, mode: str = "filter"):
+                sampling: SamplingParams, *, steps: int, mode: str = "filter", check_every: int = 1):
   """Up to `steps` decode steps of the model in one call; returns (tokens, counts, k_cache, v_cache).
 
   Args:
@@ -348,6 +357,11 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
     sampling: `SamplingParams` (data).
     steps: static, the most steps of this call (one compile per value and sequence bucket).
     mode: static `sample` mode, right for every row (`sampling_mode` on the host).
+    check_every: static, a divisor of `steps`: the loop asks whether any sequence is still active
+      every `check_every` steps (1: every step). On a GPU that question is a device-to-host copy
+      and a wait, so each check drains the GPU; steps between checks are queued back to back. A
+      call whose sequences all finish early runs up to `check_every - 1` idle steps (nothing is
+      written or sampled for an inactive sequence).
 
   Each step, every active sequence feeds its last token, samples the next one, and stops after
   `remaining` tokens or on its eos; the loop ends after `steps` steps or once none is active.
@@ -361,6 +375,7 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
     raise ValueError(f"steps must be an int >= 1, got {steps!r}")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  check_every = check_steps_between_checks(check_every, steps)
   _check_loop_inputs(batch, sampling)
   rows = batch.tokens.shape[0]
   block_size = k_cache.shape[2]
@@ -368,7 +383,7 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
   def cond(c: _Carry):
     return (c.step < steps) & jnp.any(c.active)
 
-  def body(c: _Carry) -> _Carry:
+  def step(c: _Carry) -> _Carry:
     model = nnx.merge(graphdef, state)
     tokens, paged, logit_rows = step_batch(c.tokens, c.positions, c.active, batch.block_table, block_size)
     logits, k_cache, v_cache = model(tokens, c.k_cache, c.v_cache, paged, logits_indices=logit_rows)
@@ -379,6 +394,12 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
     done = (nxt == batch.eos) | (counts >= batch.remaining)
     return _Carry(c.step + 1, jnp.where(c.active, nxt, c.tokens), c.positions + c.active, c.active & ~done,
                   counts, out, k_cache, v_cache)
+
+  def body(c: _Carry) -> _Carry:
+    if check_every == 1:
+      return step(c)
+    # A static trip count: XLA runs these steps without asking the host in between.
+    return jax.lax.fori_loop(0, check_every, lambda _, c: step(c), c)
 
   init = _Carry(jnp.int32(0), batch.tokens.astype(jnp.int32), batch.positions.astype(jnp.int32),
                 batch.remaining > 0, jnp.zeros(rows, jnp.int32),

@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import math
 from typing import Deque, Dict, Iterable, List, Optional, Sequence as Seq, Tuple, Union
 
 import jax
@@ -33,7 +34,8 @@ import numpy as np
 
 from flax import nnx
 
-from jax_varlen_attn.decode import (GREEDY, NO_EOS, DecodeBatch, Sampling, SamplingParams, decode_loop,
+from jax_varlen_attn.decode import (GREEDY, NO_EOS, DecodeBatch, Sampling, SamplingParams,
+                                    check_steps_between_checks, decode_loop,
                                     sample, sampling_arrays, sampling_mode, token_keys)
 from jax_varlen_attn.nn import DecoderLM, PagedBatch, init_cache
 from jax_varlen_attn.spec import next_pow2
@@ -474,12 +476,15 @@ class Engine:
   compiles: one per (token bucket, sequence bucket) pair for a given model and cache shape).
   `decode_chunk()` runs up to `steps_per_call` decode steps in one call (`decode.decode_loop`:
   one compile per sequence bucket and sampling mode) when `Scheduler.can_decode_many()` and the
-  free pages cover the call; `advance()` runs whichever applies.
+  free pages cover the call; `advance()` runs whichever applies. `check_every` (a divisor of
+  `steps_per_call`): how many of a call's steps run between its checks for whether any sequence is
+  still active (`decode.decode_loop`).
   """
 
   def __init__(self, model: DecoderLM, *, num_blocks: int, block_size: int = 16,
                max_tokens_per_step: int = 256, max_seqs: int = 16, max_model_len: Optional[int] = None,
-               min_token_bucket: int = 16, min_seq_bucket: int = 4, steps_per_call: int = 1):
+               min_token_bucket: int = 16, min_seq_bucket: int = 4, steps_per_call: int = 1,
+               check_every: int = 1):
     if max_model_len is None:
       max_model_len = num_blocks * block_size
     self.config = SchedulerConfig(num_blocks=num_blocks, block_size=block_size,
@@ -487,6 +492,7 @@ class Engine:
                                   max_model_len=max_model_len, min_token_bucket=min_token_bucket,
                                   min_seq_bucket=min_seq_bucket)
     self.steps_per_call = _check_steps_per_call(steps_per_call)
+    self.check_every = check_steps_between_checks(check_every, self.steps_per_call)
     self.scheduler = Scheduler(self.config)
     self.model_config = model.config
     self.graphdef, self.state = nnx.split(model)
@@ -549,8 +555,9 @@ class Engine:
     chunk = self.scheduler.schedule_decode(steps)
     if chunk is None:
       return None
-    tokens, counts, self.k_cache, self.v_cache = decode_loop(*self.decode_args(chunk), steps=chunk.steps,
-                                                             mode=chunk.mode)
+    tokens, counts, self.k_cache, self.v_cache = decode_loop(
+        *self.decode_args(chunk), steps=chunk.steps, mode=chunk.mode,
+        check_every=math.gcd(chunk.steps, self.check_every))
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     finished = self.scheduler.update_decode(chunk, tokens, counts)
     self.num_chunks += 1

@@ -51,8 +51,9 @@ def prompts():
   return [rng.integers(0, 256, n).tolist() for n in PROMPT_LENS]
 
 
-def make_engine(model, steps_per_call):
-  return serving.Engine(model, num_blocks=NUM_BLOCKS, steps_per_call=steps_per_call, **ENGINE)
+def make_engine(model, steps_per_call, check_every=1):
+  return serving.Engine(model, num_blocks=NUM_BLOCKS, steps_per_call=steps_per_call, check_every=check_every,
+                        **ENGINE)
 
 
 def run(engine, prompts, eos=(None, None, None), samplings=SAMPLINGS):
@@ -79,11 +80,13 @@ def one_step(model, prompts):
   return stopped, (eos, None, None)
 
 
-def test_multi_step_matches_one_step(model, prompts, one_step):
+@pytest.mark.parametrize("check_every", [1, 4, STEPS])
+def test_multi_step_matches_one_step(model, prompts, one_step, check_every):
   """Greedy rows (one stops at its eos, one at its max length, mid-call) and a sampled row (keys are
-  per seed, sequence and position, so grouping steps into calls changes no draw): the same tokens."""
+  per seed, sequence and position, so grouping steps into calls changes no draw): the same tokens,
+  whether the loop checks for finished rows every step or runs idle steps past them."""
   want, eos = one_step
-  engine = make_engine(model, STEPS)
+  engine = make_engine(model, STEPS, check_every)
   compiles = decode.decode_loop._cache_size()
   got, outputs = run(engine, prompts, eos)
   assert got == want
@@ -105,12 +108,14 @@ def test_a_new_seed_changes_only_the_sampled_row(model, prompts, one_step):
   assert got[:2] == want[:2] and got[2] != want[2]
 
 
-def test_finished_sequences_never_write_the_cache(model, prompts, one_step):
+@pytest.mark.parametrize("check_every", [1, STEPS])
+def test_finished_sequences_never_write_the_cache(model, prompts, one_step, check_every):
   """NaN-poisoned caches: after the run exactly the slots of the tokens each sequence computed hold
   numbers; every other slot (reserved tails of sequences that stopped early, padding rows' page 0,
-  untouched pages) keeps its poison, and the tokens are still the one-step path's."""
+  untouched pages) keeps its poison, and the tokens are still the one-step path's (with
+  check_every=STEPS the loop runs idle steps once every row has stopped: they write nothing)."""
   want, eos = one_step
-  engine = make_engine(model, STEPS)
+  engine = make_engine(model, STEPS, check_every)
   engine.k_cache = jnp.full_like(engine.k_cache, jnp.nan)
   engine.v_cache = jnp.full_like(engine.v_cache, jnp.nan)
   pages = collections.defaultdict(list)
@@ -304,6 +309,10 @@ def test_sampling_options_are_checked(model):
     decode.decode_loop(*args[:5], args[5]._replace(temperature=args[5].top_k), steps=STEPS)
   with pytest.raises(ValueError, match="steps"):
     decode.decode_loop(*args, steps=0)
+  with pytest.raises(ValueError, match="check_every"):
+    decode.decode_loop(*args, steps=STEPS, check_every=3)
+  with pytest.raises(TypeError, match="check_every"):
+    serving.Engine(model, num_blocks=4, steps_per_call=4, check_every=2.0)
   with pytest.raises(ValueError, match="steps_per_call"):
     serving.Engine(model, num_blocks=4, steps_per_call=0)
   with pytest.raises(TypeError, match="steps_per_call"):

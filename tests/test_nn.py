@@ -126,14 +126,14 @@ def run_paged(model, cfg, block_size=4, num_tokens=32, num_seqs=4, seed=0):
   return seqs, logits
 
 
-@pytest.mark.parametrize("variant", ["tiny", "tied_no_qknorm_bias_unrolled", "naive_attention"])
+@pytest.mark.parametrize("variant", ["tiny", "tied_no_qknorm_bias_unrolled_fused", "naive_attention"])
 def test_paged_steps_match_dense_attention(variant):
   cfg = ModelConfig.tiny()
   if variant == "naive_attention":  # the serving benchmark's baseline must be right too
     cfg = dataclasses.replace(cfg, backend="naive")
   elif variant != "tiny":
     cfg = dataclasses.replace(cfg, tie_embeddings=True, qk_norm=False, attention_bias=True,
-                              scan_layers=False, rope_theta=1e6)
+                              scan_layers=False, fuse_projections=True, rope_theta=1e6)
   model = DecoderLM(cfg, rngs=nnx.Rngs(1))
   before = _forward._cache_size()
   seqs, logits = run_paged(model, cfg)
@@ -224,7 +224,11 @@ def test_presets():
   abstract = nnx.eval_shape(lambda: DecoderLM(big, rngs=nnx.Rngs(0)))
   params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   assert params == big.num_params() and 1.70e9 < params < 1.74e9
-  assert abstract.blocks.attn.q_proj.kernel.shape == (28, 2048, 16 * 128)
+  assert len(abstract.layers) == 28 and not hasattr(abstract, "blocks")  # unrolled: one module per layer
+  assert abstract.layers[27].attn.qkv_proj.kernel.shape == (2048, (16 + 2 * 8) * 128)
+  assert abstract.layers[27].mlp.gate_up_proj.kernel.shape == (2048, 2 * 6144)
+  stacked = nnx.eval_shape(lambda: DecoderLM(dataclasses.replace(big, scan_layers=True, fuse_projections=False), rngs=nnx.Rngs(0)))
+  assert stacked.blocks.attn.q_proj.kernel.shape == (28, 2048, 16 * 128)
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
     ModelConfig.tiny(num_kv_heads=3)
   with pytest.raises(ValueError, match="unknown preset"):

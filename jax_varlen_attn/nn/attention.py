@@ -70,6 +70,9 @@ class PagedAttention(nnx.Module):
     rope_theta: RoPE base.
     qk_norm: RMSNorm (over head_dim, one learned scale shared by all heads) on q and k before RoPE.
     use_bias: biases on the q / k / v projections (o_proj has none).
+    fused_qkv: one [hidden, (H + 2 Hk) * D] projection (`qkv_proj`, columns q | k | v) instead of
+      `q_proj`, `k_proj`, `v_proj`: one matmul reads all three, which a small decode batch runs
+      faster than three (benchmarks/NOTES.md, session 7).
     dtype / param_dtype: compute and weight dtypes; the cache must be in `dtype`.
     backend: `flash_attn_varlen_func`'s backend ("auto": Triton on a CUDA GPU, else XLA), or
       "naive": `jax_varlen_attn.reference.naive_paged_attention` (the serving benchmark's baseline;
@@ -79,8 +82,8 @@ class PagedAttention(nnx.Module):
 
   def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float = 1_000_000.0, qk_norm: bool = False, norm_eps: float = 1e-6,
-               use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, backend: str = "auto",
-               init_std: float = 0.02, rngs: nnx.Rngs):
+               use_bias: bool = False, fused_qkv: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+               backend: str = "auto", init_std: float = 0.02, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -89,9 +92,14 @@ class PagedAttention(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     lin = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.normal(init_std),
                rngs=rngs)
-    self.q_proj = nnx.Linear(hidden_size, num_heads * head_dim, use_bias=use_bias, **lin)
-    self.k_proj = nnx.Linear(hidden_size, num_kv_heads * head_dim, use_bias=use_bias, **lin)
-    self.v_proj = nnx.Linear(hidden_size, num_kv_heads * head_dim, use_bias=use_bias, **lin)
+    if fused_qkv:
+      self.qkv_proj = nnx.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, use_bias=use_bias,
+                                 **lin)
+    else:
+      self.q_proj = nnx.Linear(hidden_size, num_heads * head_dim, use_bias=use_bias, **lin)
+      self.k_proj = nnx.Linear(hidden_size, num_kv_heads * head_dim, use_bias=use_bias, **lin)
+      self.v_proj = nnx.Linear(hidden_size, num_kv_heads * head_dim, use_bias=use_bias, **lin)
+    self.fused_qkv = fused_qkv
     self.o_proj = nnx.Linear(num_heads * head_dim, hidden_size, use_bias=False, **lin)
     if qk_norm:
       norm = dict(epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -102,10 +110,12 @@ class PagedAttention(nnx.Module):
 
   def project(self, x: jax.Array, positions: jax.Array):
     """x [T, hidden] -> q [T, H, D], k [T, Hk, D], v [T, Hk, D]: projections, qk-norm, RoPE."""
-    t = x.shape[0]
-    q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+    t, h, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+    if self.fused_qkv:
+      q, k, v = jnp.split(self.qkv_proj(x), [h * d, (h + hk) * d], axis=-1)
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q, k, v = q.reshape(t, h, d), k.reshape(t, hk, d), v.reshape(t, hk, d)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.rope_theta)

@@ -33,10 +33,13 @@ class ModelConfig:
   tie_embeddings: bool = True  # LM head = embedding matrix transposed
   dtype: str = "float32"
   param_dtype: str = "float32"
-  # lax.scan over stacked blocks (one compiled block; fast to compile); False: a Python loop (each
-  # layer compiled; what serving presets take: inside a scan XLA copies every layer's weights out of
-  # the stacked arrays each step, benchmarks/NOTES.md "serving step")
+  # lax.scan over stacked blocks (one compiled block; fast to compile); False: one module per layer
+  # and a Python loop (each layer compiled; what serving presets take: slicing a layer out of stacked
+  # weights copies them every step, benchmarks/NOTES.md "serving step")
   scan_layers: bool = True
+  # q / k / v as one projection and gate / up as one: 4 matmuls a layer instead of 7 (what serving
+  # presets take: a decode batch's small matmuls run far below the read rate, NOTES.md "serving step")
+  fuse_projections: bool = False
   init_std: float = 0.02  # weights ~ N(0, init_std^2) (Qwen's initializer_range); norms start at 1
   backend: str = "auto"  # the attention backend (flash_attn_varlen_func's `backend=`, or "naive")
 
@@ -92,10 +95,12 @@ class ModelConfig:
   def qwen3_1_7b_like(cls, **overrides) -> "ModelConfig":
     """Qwen3-1.7B's shapes (28 layers, hidden 2048, 16 q / 8 kv heads of 128, intermediate 6144,
     vocab 151936, qk-norm, tied embeddings, RoPE base 1e6), bf16; about 1.72e9 parameters. Layers
-    unrolled (`scan_layers=False`: in a scan XLA copied its 2.8 GB of layer weights every decode step)."""
+    unrolled, each layer with its own arrays (`scan_layers=False`: a step that slices layer weights
+    out of a stack copies all 2.8 GB of them every decode step), q / k / v and gate / up fused."""
     base = dict(vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8,
                 head_dim=128, intermediate_size=6144, rope_theta=1_000_000.0, qk_norm=True,
-                tie_embeddings=True, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
+                tie_embeddings=True, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False,
+                fuse_projections=True)
     return cls(**{**base, **overrides})
 
 

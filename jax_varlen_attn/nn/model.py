@@ -3,10 +3,14 @@
     tokens -> embed -> N x [x + attn(rms(x)); x + swiglu(rms(x))] -> rms -> LM head (tied or not)
 
 `DecoderLM.__call__` runs one flat batch (prefill chunks and decodes mixed) over a layer-stacked
-paged cache [L, num_blocks, block_size, Hk, D] and returns (logits, k_cache, v_cache). The blocks'
-weights are stacked on a leading [L] axis and the layers run under `jax.lax.scan` with the layer
-index as a traced int32, so the compiled program holds one attention and one `write_kv` for all
-layers (`ModelConfig.scan_layers=False` unrolls a Python loop instead).
+paged cache [L, num_blocks, block_size, Hk, D] and returns (logits, k_cache, v_cache).
+
+`ModelConfig.scan_layers=True`: the blocks' weights are stacked on a leading [L] axis and the layers
+run under `jax.lax.scan` with the layer index as a traced int32 (one attention and one `write_kv` in
+the compiled program for all layers; quick to compile, but each step copies every layer's weights out
+of the stack, as XLA's matmuls do not read a slice in place). `scan_layers=False`: each layer owns its
+own arrays (`DecoderLM.layers`) and a Python loop unrolls them, so a step reads the weights where they
+lie (what a serving loop wants; benchmarks/NOTES.md, session 7).
 """
 
 from __future__ import annotations
@@ -22,18 +26,27 @@ from jax_varlen_attn.nn.config import ModelConfig
 
 
 class SwiGLU(nnx.Module):
-  """down(silu(gate(x)) * up(x)), no biases."""
+  """down(silu(gate(x)) * up(x)), no biases. `fused`: gate and up as one [hidden, 2 * intermediate]
+  projection (`gate_up_proj`, columns gate | up): one matmul instead of two."""
 
   def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, param_dtype, init_std: float = 0.02,
-               rngs: nnx.Rngs):
+               fused: bool = False, rngs: nnx.Rngs):
     lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
                kernel_init=nnx.initializers.normal(init_std), rngs=rngs)
-    self.gate_proj = nnx.Linear(hidden_size, intermediate_size, **lin)
-    self.up_proj = nnx.Linear(hidden_size, intermediate_size, **lin)
+    if fused:
+      self.gate_up_proj = nnx.Linear(hidden_size, 2 * intermediate_size, **lin)
+    else:
+      self.gate_proj = nnx.Linear(hidden_size, intermediate_size, **lin)
+      self.up_proj = nnx.Linear(hidden_size, intermediate_size, **lin)
     self.down_proj = nnx.Linear(intermediate_size, hidden_size, **lin)
+    self.fused = fused
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    if self.fused:
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderBlock(nnx.Module):
@@ -45,10 +58,11 @@ class DecoderBlock(nnx.Module):
     self.input_norm = nnx.RMSNorm(c.hidden_size, epsilon=c.rms_norm_eps, rngs=rngs, **dt)
     self.attn = PagedAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                                rope_theta=c.rope_theta, qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
-                               use_bias=c.attention_bias, backend=c.backend, init_std=c.init_std, rngs=rngs,
-                               **dt)
+                               use_bias=c.attention_bias, fused_qkv=c.fuse_projections, backend=c.backend,
+                               init_std=c.init_std, rngs=rngs, **dt)
     self.post_attn_norm = nnx.RMSNorm(c.hidden_size, epsilon=c.rms_norm_eps, rngs=rngs, **dt)
-    self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, init_std=c.init_std, rngs=rngs, **dt)
+    self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, init_std=c.init_std, fused=c.fuse_projections,
+                      rngs=rngs, **dt)
 
   def __call__(self, x, k_cache, v_cache, batch: PagedBatch, layer=None):
     h, k_cache, v_cache = self.attn(self.input_norm(x), k_cache, v_cache, batch, layer)
@@ -79,7 +93,14 @@ class DecoderLM(nnx.Module):
     def make_blocks(rngs):
       return DecoderBlock(c, rngs=rngs)
 
-    self.blocks = make_blocks(rngs)  # every weight has a leading [num_layers] axis
+    blocks = make_blocks(rngs)  # every weight has a leading [num_layers] axis
+    if c.scan_layers:
+      self.blocks = blocks
+    else:  # one module per layer, the same weights as the stacked form (same rngs)
+      graphdef, state = nnx.split(blocks)
+      self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                              for i in range(c.num_layers)])
+      del blocks, state
     self.final_norm = nnx.RMSNorm(c.hidden_size, epsilon=c.rms_norm_eps, dtype=c.compute_dtype,
                                   param_dtype=c.weight_dtype, rngs=rngs)
     self.lm_head = None if c.tie_embeddings else nnx.Linear(
@@ -87,7 +108,10 @@ class DecoderLM(nnx.Module):
         kernel_init=init, rngs=rngs)
 
   def block(self, i: int) -> DecoderBlock:
-    """Layer i as its own `DecoderBlock` (a slice of the stacked weights; for inspection and tests)."""
+    """Layer i as a `DecoderBlock`: the layer itself when unrolled, else a slice of the stacked
+    weights (a copy; for inspection and tests)."""
+    if not self.config.scan_layers:
+      return self.layers[i]
     graphdef, state = nnx.split(self.blocks)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
@@ -123,8 +147,8 @@ class DecoderLM(nnx.Module):
       layers = jnp.arange(c.num_layers, dtype=jnp.int32)
       (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, k_cache, v_cache), (state, layers))
     else:
-      for i in range(c.num_layers):
-        x, k_cache, v_cache = self.block(i)(x, k_cache, v_cache, batch, jnp.int32(i))
+      for i, layer in enumerate(self.layers):
+        x, k_cache, v_cache = layer(x, k_cache, v_cache, batch, jnp.int32(i))
     if logits_indices is not None:
       x = x[logits_indices]
     return self.logits(x), k_cache, v_cache
