@@ -422,6 +422,9 @@ def parse_args(argv):
   p.add_argument("--launch", default=None, choices=("xla", "ffi", "legacy"),
                  help="the Triton backend's launch route for the whole run (attention and write_kv; "
                       "$JAX_VARLEN_ATTN_LAUNCH); default: jax-triton's")
+  p.add_argument("--min-split-tiles", type=int, default=None,
+                 help="experiment: the Triton split-KV rule's MIN_TILES_PER_SPLIT for the whole run "
+                      "(backends/triton/config.py; default: the library's)")
   p.add_argument("--out", default="serving")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, short prompts")
   args = p.parse_args(argv)
@@ -450,6 +453,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.min_split_tiles is not None:  # a patch of the library's rule, for this run only
+    from jax_varlen_attn.backends.triton import config as triton_config
+    triton_config.MIN_TILES_PER_SPLIT = args.min_split_tiles
   if args.launch:  # read when the model's calls are traced: before the first one
     from jax_varlen_attn.backends.triton import call
     os.environ[call.LAUNCH_ENV] = args.launch
@@ -465,7 +471,8 @@ def main(argv=None) -> int:
   doc = dict(benchmark="serving decode: one step vs many per call", commit=git_commit(),
              device=device.device_kind, platform=device.platform, jax=jax.__version__,
              model=dataclasses.asdict(base), params=base.num_params(), read_ceiling=ceiling,
-             steps_per_call=args.steps_per_call, launch=args.launch or "default", records=[], mixed=[],
+             steps_per_call=args.steps_per_call, launch=args.launch or "default",
+             min_split_tiles=args.min_split_tiles or "default", records=[], mixed=[],
              profile=[])
   print(f"{device.device_kind}: {args.preset} ({base.num_params() / 1e9:.2f}e9 params), prompt "
         f"{args.prompt_len}, +{args.gen} tokens; read ceiling {ceiling['read_gbps']} GB/s", flush=True)

@@ -12,6 +12,9 @@ from jax_varlen_attn.backends.triton.call import ROUTES
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
 MAX_SPLITS = 64
+# Key tiles a split-KV program gets at least (of the longest possible sequence): partials and their
+# combine stay small next to the K / V reads (NOTES.md "Tile rules"; bench_serving varies it).
+MIN_TILES_PER_SPLIT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,16 +113,17 @@ class Config:
   def _default_splits(spec: AttentionSpec, block_m: int, block_n: int) -> int:
     """Split-KV only where the grid cannot fill the GPU (few, long sequences: decode_8x32768).
 
-    Aim at ~4 programs per SM, and give every split at least 4 key tiles of the longest possible
-    sequence (spec.max_seqlen_k, static) so partial writes and the combine stay small next to the
-    K / V reads. Shapes only: lengths changing never changes the split count (no recompile).
+    Aim at ~4 programs per SM, and give every split at least MIN_TILES_PER_SPLIT key tiles of the
+    longest possible sequence (spec.max_seqlen_k, static) so partial writes and the combine stay
+    small next to the K / V reads. Shapes only: lengths changing never changes the split count (no
+    recompile).
     """
     programs = spec.query_programs(block_m // spec.group_size) * spec.num_kv_heads
     sms = device.num_sms()
     if programs >= sms:
       return 1
     by_fill = -(-4 * sms // programs)
-    by_length = spec.max_seqlen_k // (4 * block_n)
+    by_length = spec.max_seqlen_k // (MIN_TILES_PER_SPLIT * block_n)
     return max(1, min(by_fill, by_length, MAX_SPLITS))
 
   def constexprs(self, spec: AttentionSpec) -> dict:
