@@ -109,6 +109,21 @@ def test_bench_serving_tiny_compares_backends_and_modes(tmp_path):
   assert "speedup" in out and "multi / step" in out
 
 
+def test_bench_serving_check_every_modes_and_the_serving_plot(tmp_path):
+  pytest.importorskip("matplotlib")
+  _run("bench_serving.py", "--tiny", "--backends", "auto", "--modes", "multi,multi/2", "--min-split-tiles", "1",
+       "--out", "serving_n", out_dir=tmp_path)
+  doc = json.loads((tmp_path / "serving_n.json").read_text())
+  assert sorted((r["batch"], r["mode"], r["check_every"]) for r in doc["records"]) == [
+      (1, "multi", 1), (1, "multi/2", 2), (4, "multi", 1), (4, "multi/2", 2)]
+  assert doc["min_split_tiles"] == 1
+  with pytest.raises(AssertionError, match="multi/3"):  # must divide --steps-per-call (4 with --tiny)
+    _run("bench_serving.py", "--tiny", "--modes", "multi/3", out_dir=tmp_path)
+  png = tmp_path / "serving.png"
+  out = _run("plot_serving.py", f"tiny={tmp_path / 'serving_n.json'}", "-o", str(png), out_dir=tmp_path)
+  assert png.stat().st_size > 10_000 and str(png) in out
+
+
 def test_bench_serving_kernel_mix_groups_gpu_time_by_category():
   import bench_serving
   meta = 'metadata={op_name="jit(decode_loop)/while/body/'
