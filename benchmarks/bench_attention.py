@@ -66,13 +66,11 @@ from bench_report import (_fmt, _json_default, add_ratios, answers, kv_answers, 
                           write_results)
 
 # Passes: what matters most runs first, so a budget cut drops the least important work.
-# 0: ours (page-stride constexpr = the default, row-id, strided) and FlagGems: the reviewer's question
-# and the main peer; 1: JAX's paged_attention and the runtime-stride, ffi-launch and grid-order
-# variants; 2: our Pallas backend; 3: the XLA ones.
-PASS_OF = {("jva-triton", "default"): 0, ("jva-triton", "row-id"): 0,
+# 0: ours (every layout) and FlagGems: the main peer; 1: JAX's paged_attention and the ffi-launch
+# variant; 2: our Pallas backend; 3: the XLA ones.
+PASS_OF = {("jva-triton", "default"): 0,
            ("flaggems", "default"): 0, ("jax-pallas-paged", "default"): 1,
-           ("jva-triton", "runtime-stride"): 1, ("jva-triton", "ffi-launch"): 1,
-           ("jva-triton", "grid-order"): 1,
+           ("jva-triton", "ffi-launch"): 1,
            ("jva-pallas", "default"): 2,
            ("jva-xla", "default"): 3, ("xla-naive", "default"): 3}
 
@@ -85,8 +83,8 @@ def parse_config_variant(variant: str) -> dict:
   kwargs = {}
   for item in filter(None, variant[4:].split(";")):
     key, _, value = item.partition("=")
-    low = value.strip().lower()
-    kwargs[key.strip()] = True if low == "true" else False if low == "false" else int(value)
+    value = value.strip()
+    kwargs[key.strip()] = int(value) if value.lstrip("-").isdigit() else value  # launch=xla
   return kwargs
 
 
@@ -113,21 +111,13 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
   config = None
   if impl == "jva-triton" and variant != "default":
     Config = env.triton_config
-    if variant == "row-id":  # contiguous only: the row-id address instead of the page stride
-      config = Config(row_id_fast_path=True)
-    elif variant == "runtime-stride":
-      config = Config(row_id_fast_path=False, constexpr_strides=False)
-    elif variant == "ffi-launch":  # the default kernel through jax-triton's typed-FFI call
+    if variant == "ffi-launch":  # the default kernel through jax-triton's typed-FFI call
       config = Config(launch="ffi")
-    elif variant == "grid-order":  # query programs launched first to last (not heaviest first)
-      config = Config(heavy_first=False)
     elif variant.startswith("cfg:"):  # a sweep point: cfg:num_splits=2;block_n=32
       config = Config(**parse_config_variant(variant))
     else:
       raise ValueError(f"unknown jva-triton variant {variant!r}")
-    rec["config"] = {**parse_config_variant(variant), "row_id_fast_path": config.row_id_fast_path,
-                     "constexpr_strides": config.constexpr_strides,
-                     "launch": config.launch, "heavy_first": config.heavy_first}
+    rec["config"] = {**parse_config_variant(variant), "launch": config.launch}
   if impl == "jva-triton" and variant == "default":
     rec["variant"] = "page-stride-constexpr"  # the default address on every layout
   layer = env.jnp.asarray(1, env.jnp.int32) if ld.stacked else None
@@ -157,11 +147,7 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants,
       for var in variants:
         if var != "default" and env.triton_config is None:
           continue
-        if var == "row-id" and layout != "contiguous":
-          continue  # the row-id address exists for a contiguous cache only
-        if var == "runtime-stride" and layout not in ("contiguous", "strided"):
-          continue
-        if (var in ("ffi-launch", "grid-order") or var.startswith("cfg:")) and layout != "contiguous":
+        if (var == "ffi-launch" or var.startswith("cfg:")) and layout != "contiguous":
           continue
         out.append((impl, var))
     elif impl == "flaggems":
@@ -213,7 +199,7 @@ def parse_args(argv=None):
   p.add_argument("--impls", default=None, help="comma list of " + ",".join(ALL_IMPLS) +
                  " (default: all; --tiny: jva-xla,xla-naive)")
   p.add_argument("--layouts", default="contiguous,strided", help="comma list of " + ",".join(ALL_LAYOUTS))
-  p.add_argument("--variants", default="default,row-id,runtime-stride,ffi-launch",
+  p.add_argument("--variants", default="default,ffi-launch",
                  help="jva-triton variants")
   p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
   p.add_argument("--kv-dtype", default=None,
@@ -458,13 +444,11 @@ def main(argv=None) -> int:
   a = doc["answers"]
   if a and a.get("per_case"):
     log(f"Q: {a['question']}\nA: {a['verdict']}")
-    log("  case            row-id ms  pstride-c ms  speedup | strided ms  strided/contig (device, "
-        "/contig_2x device) | rt-stride strided")
+    log("  case            contig ms  strided ms  strided/contig (device, /contig_2x device)")
     for r in a["per_case"]:
-      log(f"  {r['case'][:15]:15s} {_fmt(r['row_id_ms'], 4):>9s} {_fmt(r['page_stride_constexpr_ms'], 4):>13s} "
-          f"{_fmt(r['row_id_speedup'], 3):>8s} | {_fmt(r['strided_ms'], 4):>10s} "
+      log(f"  {r['case'][:15]:15s} {_fmt(r['contiguous_ms'], 4):>9s} {_fmt(r['strided_ms'], 4):>11s} "
           f"{_fmt(r['strided_over_contiguous'], 3):>6s} ({_fmt(r['strided_over_contiguous_device'], 3)}, "
-          f"{_fmt(r['strided_over_contiguous_2x_device'], 3)}) | {_fmt(r['runtime_stride_strided_ms'], 4):>9s}")
+          f"{_fmt(r['strided_over_contiguous_2x_device'], 3)})")
   log(table(doc))
   return 0
 

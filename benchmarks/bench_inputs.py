@@ -29,7 +29,7 @@ ALL_IMPLS = ("jva-triton", "jva-pallas", "jva-xla", "flaggems", "jax-pallas-page
 PEERS = ("flaggems", "jax-pallas-paged", "xla-naive")
 ALL_LAYOUTS = ("contiguous", "strided", "contiguous_2x", "hnd", "fused", "stacked")
 TOLERANCE = {"float16": 4e-3, "bfloat16": 1.6e-2}
-QUESTION = "with the page stride specialized, does the contiguous fast path still pay?"
+QUESTION = "with the page stride specialized, does a strided cache cost anything over a contiguous one?"
 # Unrolled calls per jitted function, at most, for implementations whose compile grows with K or
 # whose time makes launch cost irrelevant.
 MAX_CALLS = {"jva-pallas": 8, "jva-xla": 8, "xla-naive": 8, "jax-pallas-paged": 8}

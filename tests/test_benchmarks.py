@@ -234,9 +234,9 @@ def test_device_time_is_none_without_a_gpu_stream():
 
 def test_config_variant_parses_to_config_kwargs():
   import bench_attention
-  assert bench_attention.parse_config_variant("cfg:num_splits=2;block_n=32;heavy_first=false") == \
-      dict(num_splits=2, block_n=32, heavy_first=False)
-  assert bench_attention.parse_config_variant("row-id") == {}
+  assert bench_attention.parse_config_variant("cfg:num_splits=2;block_n=32;launch=xla") == \
+      dict(num_splits=2, block_n=32, launch="xla")
+  assert bench_attention.parse_config_variant("ffi-launch") == {}
 
 
 def test_tile_table_picks_one_candidate_per_class():

@@ -38,9 +38,7 @@ _TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i3
 VARIANTS = [
     # (name, Problem overrides, Config)
     ("nhd-page-stride-constexpr-causal", dict(causal=True), Config()),
-    ("nhd-row-id", dict(causal=True), Config(row_id_fast_path=True)),
     ("strided-constexpr", dict(layout="strided", causal=True), Config()),
-    ("strided-runtime-stride", dict(layout="strided", causal=True), Config(constexpr_strides=False)),
     ("hnd-window", dict(layout="HND", window=(8, 4)), Config()),
     ("fused-page-major-softcap", dict(layout="fused_page_major", softcap=5.0), Config()),
     ("fused-kv-major-alibi", dict(layout="fused_kv_major", alibi="batch", causal=True), Config()),
@@ -77,7 +75,7 @@ VARIANTS = [
                                        causal=True, seqlens_q=(300, 40), seqlens_k=(300, 90)), Config()),
 ]
 QUICK = {"split-kv-decode", "prefill-256x64-w8", "nhd-page-stride-constexpr-causal", "strided-constexpr",
-         "strided-runtime-stride", "stacked-strided", "non-paged", "d80", "bf16-d128-prefill",
+         "stacked-strided", "non-paged", "d80", "bf16-d128-prefill",
          "fp8-e4m3-decode", "sinks-decode-split-kv"}
 
 

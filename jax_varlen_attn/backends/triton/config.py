@@ -25,18 +25,13 @@ class Config:
   block_n: keys per tile.
   num_splits: split-KV (flash-decoding): each (query block, kv head) program's keys are divided
     among this many programs, whose partial outputs are combined by their LSEs. 1 = off.
-  row_id_fast_path: on a contiguous cache, address keys by row id (page * block_size + offset)
-    rather than by the (constexpr) page stride. Both are exact. Off by default: with the stride a
-    compile-time constant the row id measured no faster, and slower on an H200 (NOTES.md, "Tile
-    rules"). Kept for the benchmark's answer to that question.
-  constexpr_strides: False passes the cache strides as runtime arguments instead of compile-time
-    constants (benchmark only: shows what the specialization buys).
   launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
     call; the default on jax-triton 0.4), "legacy" (jax-triton 0.3's custom call; its default),
     "xla" (XLA's own Triton custom call: least host cost per call, a slower prefill kernel); None
     for the default.
-  heavy_first: launch query programs from each sequence's last block to its first (the heaviest
-    under a causal mask first); False keeps grid order (benchmark: what the order buys).
+
+  What is not here is the kernel's ABI (`constexprs`: shapes, layout strides, semantics), derived
+  from the call, never tuned.
   """
 
   block_m: Optional[int] = None
@@ -44,19 +39,13 @@ class Config:
   num_splits: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
-  row_id_fast_path: bool = False
-  constexpr_strides: bool = True
   launch: Optional[str] = None
-  heavy_first: bool = True
 
   def __post_init__(self):
     check_pow2("block_m", self.block_m, 16)  # tl.dot needs M, N, K >= 16
     check_pow2("block_n", self.block_n, 16)
     check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
     check_launch_options(self.num_warps, self.num_stages)
-    for name in ("row_id_fast_path", "constexpr_strides", "heavy_first"):
-      if not isinstance(getattr(self, name), bool):
-        raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
     if self.launch is not None and self.launch not in ROUTES:
       raise ValueError(f"Config.launch must be one of {ROUTES} or None, got {self.launch!r}")
 
@@ -133,13 +122,11 @@ class Config:
     group = spec.group_size
     layout = spec.layout
     paged = layout is not None
-    contiguous = paged and layout.is_contiguous and self.row_id_fast_path
     return dict(
         NUM_HEADS=spec.num_heads, NUM_KV_HEADS=spec.num_kv_heads, GROUP=group,
         HEAD_DIM=spec.head_dim, HEAD_DIM_PAD=max(16, next_pow2(spec.head_dim)),
         BLOCK_M=self.block_m, BLOCK_Q=self.block_m // group, BLOCK_N=self.block_n,
-        NUM_SPLITS=self.num_splits, HEAVY_FIRST=self.heavy_first,
-        IS_PAGED=paged, IS_CONTIGUOUS_KV=contiguous, CONSTEXPR_STRIDES=self.constexpr_strides,
+        NUM_SPLITS=self.num_splits, IS_PAGED=paged,
         # A tile inside one page looks its page up once (a scalar) instead of once per key.
         SINGLE_PAGE_TILE=paged and layout.block_size % self.block_n == 0,
         PAGE_SIZE=layout.block_size if paged else 1,

@@ -18,9 +18,8 @@ both kinds of tile.
 
 Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
   IS_PAGED=False       rows `cu_seqlens_k[b] + j` of k / v [total_k, Hk, D]
-  IS_CONTIGUOUS_KV     paged, token-major pages back to back: row id `page * PAGE_SIZE + offset`
-  CONSTEXPR_STRIDES    any other layout: PAGE_STRIDE / TOKEN_STRIDE / HEAD_STRIDE are constants;
-                       False (benchmark only) reads them from runtime arguments instead.
+  IS_PAGED=True        any layout: PAGE_STRIDE / TOKEN_STRIDE / HEAD_STRIDE are constants
+                       (row-id addressing and runtime strides measured no faster: NOTES.md)
 The K / V offsets of a layout (k_offset, v_offset) are runtime arguments added once to the base
 pointers (the kernel body says why), so a strided cache compiles to the contiguous cache's code but
 for constants (tests/triton_compile_check.py checks the instruction counts match).
@@ -107,9 +106,7 @@ def _sink_start(sinks_ptr, head, with_sink):
 
 @triton.jit
 def _kv_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
-                page_stride, token_stride, head_stride,
-                IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr,
-                CONSTEXPR_STRIDES: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
+                IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
                 MASKED: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
                 NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
@@ -149,23 +146,15 @@ def _kv_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
       page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block)
   # A block-table entry out of range is clamped into the cache: never a read outside the buffer.
   page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)
-  if IS_CONTIGUOUS_KV:  # row id = page * PAGE_SIZE + token, rows of NUM_KV_HEADS * HEAD_DIM
-    page_s, token_s, head_s = PAGE_SIZE * NUM_KV_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM, HEAD_DIM
-  elif CONSTEXPR_STRIDES:
-    page_s, token_s, head_s = PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE
-  else:
-    page_s, token_s, head_s = page_stride, token_stride, head_stride
-  tile_off = page * page_s + first_token * token_s
-  fixed_off = token * token_s + kv_head * head_s
+  tile_off = page * PAGE_STRIDE + first_token * TOKEN_STRIDE
+  fixed_off = token * TOKEN_STRIDE + kv_head * HEAD_STRIDE
   return tile_off, fixed_off
 
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n_start, len_k,
                  diag, key_lo, key_hi, slopes, kv_head, qk_scale, softcap,
-                 page_stride, token_stride, head_stride,
-                 MASKED: tl.constexpr, IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr,
-                 CONSTEXPR_STRIDES: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
+                 MASKED: tl.constexpr, IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
                  NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
@@ -185,8 +174,7 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
   offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
   key_ok = offs_n < len_k  # [BLOCK_N]
   tile_off, fixed_off = _kv_offsets(
-      kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head, page_stride, token_stride,
-      head_stride, IS_PAGED, IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, MASKED,
+      kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head, IS_PAGED, SINGLE_PAGE_TILE, MASKED,
       NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
       HEAD_STRIDE)
   # Loop-invariant part first (hoisted), the tile's page offsets last.
@@ -259,7 +247,6 @@ def varlen_attention_kernel(
     q_descale_ptr,  # f32[batch, NUM_KV_HEADS] (Q_FP8)
     k_descale_ptr, v_descale_ptr,  # f32[batch, NUM_KV_HEADS] (KV_FP8)
     sinks_ptr,  # f32[NUM_HEADS] (USE_SINKS): s_aux
-    page_stride, token_stride, head_stride,  # runtime strides: read only if not CONSTEXPR_STRIDES
     k_offset, v_offset,  # elements from the buffers' starts to K's / V's page 0 (added once, below)
     scale,  # f32 softmax scale
     softcap,  # f32 (USE_SOFTCAP)
@@ -273,10 +260,8 @@ def varlen_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr,
     # cache addressing
-    IS_PAGED: tl.constexpr, IS_CONTIGUOUS_KV: tl.constexpr, CONSTEXPR_STRIDES: tl.constexpr,
-    SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+    IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
     NUM_PAGES: tl.constexpr, KV_ROWS: tl.constexpr, PAGE_STRIDE: tl.constexpr,
     TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, OFFSET_MULTIPLE: tl.constexpr,
     IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr,
@@ -287,14 +272,12 @@ def varlen_attention_kernel(
     KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
-  # about launch order, so HEAVY_FIRST launches query programs from the last to the first: under a
-  # causal mask a sequence's last query block sees the most keys, and launching the light ones
-  # first (prefill_4x4096: 1 to 64 key tiles each) leaves the heaviest for a ragged last wave.
+  # about launch order, so query programs go from the last to the first: under a causal mask a
+  # sequence's last query block sees the most keys, and launching the light ones first
+  # (prefill_4x4096: 1 to 64 key tiles each) leaves the heaviest for a ragged last wave (NOTES.md).
   num_query_programs = tl.num_programs(0) // NUM_KV_HEADS
   kv_head = tl.program_id(0) % NUM_KV_HEADS
-  pid = tl.program_id(0) // NUM_KV_HEADS
-  if HEAVY_FIRST:
-    pid = num_query_programs - 1 - pid
+  pid = num_query_programs - 1 - tl.program_id(0) // NUM_KV_HEADS
   seq, seq_start, q_end = _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q)
   first = (pid - (seq_start // BLOCK_Q + seq)) * BLOCK_Q  # first query of this program in its sequence
   q_start = tl.minimum(tl.maximum(seq_start, 0), total_q)
@@ -413,8 +396,7 @@ def varlen_attention_kernel(
     for n in range(tl.maximum(start, split_lo), tl.minimum(stop, split_hi), BLOCK_N):
       acc, m_i, l_i = _attend_tile(
           acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n, len_k, diag, key_lo,
-          key_hi, slopes, kv_head, qk_scale, softcap, page_stride, token_stride, head_stride,
-          phase != 1, IS_PAGED, IS_CONTIGUOUS_KV, CONSTEXPR_STRIDES, SINGLE_PAGE_TILE, NUM_KV_HEADS,
+          key_hi, slopes, kv_head, qk_scale, softcap, phase != 1, IS_PAGED, SINGLE_PAGE_TILE, NUM_KV_HEADS,
           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
           HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8)
 

@@ -38,9 +38,6 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
       k_descale_ptr=unused if arrays.k_descale is None else arrays.k_descale,
       v_descale_ptr=unused if arrays.v_descale is None else arrays.v_descale,
       sinks_ptr=unused if arrays.s_aux is None else arrays.s_aux,  # f32[H]
-      page_stride=layout.page_stride if layout is not None else 0,
-      token_stride=layout.token_stride if layout is not None else 0,
-      head_stride=layout.head_stride if layout is not None else 0,
       # Runtime, not constexpr: the kernel says why. Python ints: jax-triton types them i32, or i64
       # past 2**31.
       k_offset=layout.k_offset if layout is not None else 0,
