@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from jax_varlen_attn.backends import tile_rules
 from jax_varlen_attn.backends.config_checks import check_int_range, check_launch_options, check_pow2
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
@@ -39,27 +40,21 @@ class Config:
   def resolved(self, spec: AttentionSpec) -> "Config":
     """This config with every None field chosen from the static shapes (never from lengths)."""
     group = spec.group_size
-    # Rows per tile: at most 128 (FlashAttention-2's tile for head_dim <= 128), 64 for wider heads
-    # so the f32 accumulator [rows, head_dim] still fits in registers; never fewer than the whole
-    # GQA group (the group is one program's M dimension).
-    max_m = max(128 if spec.head_dim <= 128 else 64, next_pow2(group))
     block_q = self.block_q
     if block_q is None:
-      # Query tokens a program should cover: the mean per sequence (1 for decode), so a decode batch
-      # does not pad every sequence to a prefill-sized tile; the static max_seqlen_q bounds it.
-      mean_q = spec.mean_queries_per_sequence
-      # tl.dot needs M >= 16: rows are paid for anyway, so let block_q fill them (block_m // group);
+      # The shared row rule; rows are paid for anyway, so let block_q fill them (block_m // group):
       # a bigger block_q also shrinks the grid bound cdiv(total_q, block_q) + batch.
-      block_m = min(max(16, next_pow2(mean_q * group)), max_m)
+      block_m = tile_rules.rows_for_queries(spec.mean_queries_per_sequence, group,
+                                            tile_rules.max_rows(spec.head_dim, group))
       block_q = max(1, block_m // group)
     # 64 keys a step keeps a K / V tile at 16 KB (fp16, head_dim 128); halve it for wider heads so
     # two stages of K and V still fit in shared memory.
     block_k = self.block_k or (64 if spec.head_dim <= 128 else 32)
     block_m = self.block_m_for(block_q, group)
-    # One 16-row MMA slab per warp: 8 warps for 128-row tiles, 4 below.
+    # One 16-row MMA slab per warp: 8 warps for 128-row tiles, 4 below. (The Triton kernel measured
+    # 4 faster at 128 rows; not measured on this lowering: NOTES.md "Tile rules".)
     num_warps = self.num_warps or (8 if block_m >= 128 else 4)
-    # Three stages pipeline the K / V loads of big tiles; two where registers / smem are tight.
-    num_stages = self.num_stages or (3 if block_m >= 64 and spec.head_dim <= 128 else 2)
+    num_stages = self.num_stages or tile_rules.num_stages(block_m, spec.head_dim)
     return dataclasses.replace(self, block_q=block_q, block_k=block_k, num_warps=num_warps,
                                num_stages=num_stages)
 
@@ -67,4 +62,4 @@ class Config:
   def block_m_for(block_q: int, group: int) -> int:
     """Rows of a program's tile: block_q tokens x group heads, rounded up to a power of two
     (Triton tensor shapes) and to at least 16 (the minimum M of tl.dot)."""
-    return max(16, next_pow2(block_q * group))
+    return max(tile_rules.MIN_ROWS, next_pow2(block_q * group))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from jax_varlen_attn.backends import device
+from jax_varlen_attn.backends import device, tile_rules
 from jax_varlen_attn.backends.config_checks import check_int_range, check_launch_options, check_pow2
 from jax_varlen_attn.backends.triton import tuned
 from jax_varlen_attn.backends.triton.call import ROUTES
@@ -59,16 +59,14 @@ class Config:
     mean_q = spec.mean_queries_per_sequence  # query tokens a program should cover
     # The measured table first (tuned.py; fields the caller set always win), then the heuristics.
     tuned_entry = tuned.lookup(spec) or {}
-    # Rows: at least 16 (tl.dot's minimum M) and the whole GQA group; at most 128 (FlashAttention-2's
-    # tile for head_dim <= 128), 64 for wider heads so the accumulator fits in registers. Prefill
-    # with 2-byte inputs and 64 < head_dim <= 128 takes 256 rows on 8 warps (two warpgroups of 128
-    # rows, each K / V tile feeding twice the math; measured faster, NOTES.md "Tile rules"). Not
-    # fp32: its tiles would not fit in shared memory.
-    max_m = 128 if spec.head_dim <= 128 else 64
+    # Rows: the shared rule (tile_rules), except that prefill with 2-byte inputs and 64 < head_dim
+    # <= 128 takes 256 rows on 8 warps (two warpgroups of 128 rows, each K / V tile feeding twice
+    # the math; measured faster, NOTES.md "Tile rules"). Not fp32: its tiles would not fit in smem.
+    max_m = tile_rules.max_rows(spec.head_dim, group)
     if 64 < spec.head_dim <= 128 and spec.dtype != "float32" and mean_q * group >= 256:
-      max_m = 256
+      max_m = max(max_m, 256)
     block_m = (self.block_m or tuned_entry.get("block_m")
-               or min(max(16, next_pow2(mean_q * group)), max(max_m, next_pow2(group))))
+               or tile_rules.rows_for_queries(mean_q, group, max_m))
     block_m = max(block_m, next_pow2(group))
     if self.block_m is None:
       # A small prefill (seed1: 512 queries, 8 kv heads) would leave SMs idle with 128-row tiles:
@@ -92,9 +90,8 @@ class Config:
     # 4 warps, 8 for 256-row tiles (one warpgroup per 128 rows). 8 for 128-row tiles is the usual
     # FlashAttention-2 choice, but 4 measured faster (NOTES.md "Tile rules").
     num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
-    # Three stages pipeline the K/V loads of big tiles; two where registers / smem are tight.
-    num_stages = self.num_stages or tuned_entry.get("num_stages") or (
-        3 if block_m >= 64 and spec.head_dim <= 128 else 2)
+    num_stages = (self.num_stages or tuned_entry.get("num_stages")
+                  or tile_rules.num_stages(block_m, spec.head_dim))
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
                                num_warps=num_warps, num_stages=num_stages)
 
