@@ -155,14 +155,9 @@ def _default_block_n(spec: AttentionSpec, block_m: int) -> int:
   math per key; the tile size trades loads in flight per program (bigger tiles) against programs
   resident per SM (smaller tiles: fp16 D=128 K+V stages of 64 KB at 128 keys leave room for one).
   Long sequences want the former, short ones the latter: 128 keys where the longest sequence has
-  at least 8 such tiles, else 64. Measured, H100 device time: tune_triton.py over 4096-key
-  sequences (commits 53ba7c0 / 226ac10 / d140e8e): 128 within 1% of the best in 20 of 24 (head_dim,
-  page, group) classes, and 1-9% faster than 64 in 7; d64 page 64 wants 64 (10%: the tuned
-  table); bench_attention (d140e8e): seed4_distinct (2333 keys) 128: 0.647 ms, 64: 0.672; seed3
-  (515 keys) 64: 49.5 us, 128: 52.7, 32: 57.9. Head dim 256 decode ran 9-13% faster with 16-key
-  tiles than 32 (H100, pages 16 and 32; equal at 64).
-  Prefill-shaped tiles keep 64 keys (16 KB K / V tiles at D = 128; 32 for wide heads): 128 with 4
-  warps spilled registers (prefill_4x4096 1.45 vs 0.72 ms).
+  at least 8 such tiles, else 64; 16 for head_dim 256. Prefill-shaped tiles keep 64 keys (16 KB K /
+  V tiles at D = 128; 32 for wide heads): 128 spilled registers. Measurements: NOTES.md "Tile
+  rules".
   """
   if block_m > 16:
     return 64 if spec.head_dim <= 128 else 32

@@ -118,11 +118,8 @@ def _kv_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
   same for every tile. Every tile starts at a multiple of BLOCK_N (the kernel's key ranges are
   whole tiles), so a key's place in its page depends on its lane only. Kept apart so the compiler
   hoists fixed_off + dim out of the key loop and each tile's addresses cost one wide multiply-add
-  per pointer (sm_90 SASS of seed2, contiguous cache: 2503 instructions against 2791 with one
-  offset per key summed in the loop).
-
-  int64 tile offsets even where int32 would hold every offset: measured on an H100 (commit
-  226ac10), int32 offsets made prefill_4x4096 14% slower (0.814 vs 0.716 ms device time).
+  per pointer (about 10% fewer instructions). int64 tile offsets even where int32 would hold every
+  offset: int32 measured slower on prefill (NOTES.md "Tile rules").
   """
   lane = tl.arange(0, BLOCK_N)  # [BLOCK_N]
   if not IS_PAGED:
