@@ -146,6 +146,8 @@ def _attention(args: AttentionArgs, backend: str, config, *, heads):
   elif not isinstance(config, impl.config_cls):
     raise TypeError(f"config for backend={impl.name!r} must be a jax_varlen_attn."
                     f"{impl.name.capitalize()}Config, got {type(config).__name__}")
+  else:
+    config = config.resolved(run_spec)  # the caller's None fields, chosen once: backends get it whole
   if split is None:
     # Inputs split on an Explicit mesh that we do not take up (a KVCacheLayout: its head axis is
     # unknown) are gathered first: jax's sharding-in-types would reject the unsplit computation.

@@ -49,6 +49,22 @@ def test_split_count_follows_static_shapes_only():
   assert short_few.num_splits == 1
 
 
+def test_config_is_resolved_once_per_call(monkeypatch):
+  """api chooses the None fields once (the caller's config or the default) and the launcher takes
+  the result as is: no second pass over the tuned table and the heuristics."""
+  from jax_varlen_attn import flash_attn_varlen_func
+  from jax_varlen_attn.backends.triton import Config
+  from tests.problems import Problem, make_problem
+
+  calls = []
+  resolved = Config.resolved
+  monkeypatch.setattr(Config, "resolved", lambda self, spec: calls.append(self) or resolved(self, spec))
+  kwargs, _ = make_problem(Problem(seqlens_q=(3, 1), seqlens_k=(9, 5), causal=True))
+  flash_attn_varlen_func(**kwargs, backend="triton")
+  flash_attn_varlen_func(**kwargs, backend="triton", config=Config(block_n=16))
+  assert calls == [Config(), Config(block_n=16)]
+
+
 def test_config_holds_tunables_only():
   """Tiles, warps, stages, splits and the launch route; the kernel's ABI (constexprs) is derived,
   and the measured-and-retired experiment switches are gone (NOTES.md, session 7)."""

@@ -54,7 +54,7 @@ def attention_case(layout_name: str, kv_dtype=jnp.float16):
   def f(q, k, v, cu, used, table):
     spec, arrays = validate(AttentionArgs(q, k, v, None, cu, None, None, used, 0.125, True, (-1, -1), 0.0,
                                           None, table, True, layout, None, **extra))
-    out, lse = launcher.attention(spec, arrays, Config(launch="xla"))
+    out, lse = launcher.attention(spec, arrays, Config(launch="xla").resolved(spec))
     return out, lse
 
   return f, (q, k, v, jnp.asarray([0, 5], jnp.int32), jnp.asarray([20], jnp.int32),

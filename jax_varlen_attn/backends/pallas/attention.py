@@ -55,12 +55,11 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
       buffers (paged) or [total_k, Hk, D]; cu_seqlens_q i32[B + 1]; seqlens_k i32[B]; kv_index
       i32[B, max_blocks] (paged) or i32[B + 1]; alibi f32[B, H] or None; layer i32[] or None;
       q_descale / k_descale / v_descale f32[B, Hk] or None; s_aux f32[H] or None.
-    config: block sizes (None fields are chosen from the spec).
+    config: block sizes, resolved (`Config.resolved(spec)`: api does it once per call).
 
   Returns:
     (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None).
   """
-  config = config.resolved(spec)
   p = kernel_params(spec, config)
   T, H, D = spec.total_q, spec.num_heads, spec.head_dim
   for name, x in (("q", arrays.q), ("k", arrays.k), ("v", arrays.v)):

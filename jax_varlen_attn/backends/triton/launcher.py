@@ -62,8 +62,8 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
 
 
 def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
-  """Returns (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None)."""
-  config = config.resolved(spec)
+  """Returns (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None); `config` resolved
+  (`Config.resolved(spec)`: api does it once per call)."""
   inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
   out, lse = launch(varlen_attention_kernel, inputs, outputs, grid, config.num_warps,
                     config.num_stages, consts, route=config.launch)

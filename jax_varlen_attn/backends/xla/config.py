@@ -23,6 +23,10 @@ class Config:
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"Config.{name} must be a positive int, got {value!r}")
 
+  def resolved(self, spec: AttentionSpec) -> "Config":
+    """Every field is set already (the backends' common interface)."""
+    return self
+
   @classmethod
   def get_default(cls, spec: AttentionSpec) -> "Config":
     # Every step covers block_q rows of *every* sequence, so size it by the mean query count per
