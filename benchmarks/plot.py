@@ -95,6 +95,12 @@ def plot(doc: dict, out_path, title: str = None):
   fig.suptitle(title or f"{doc.get('gpu', '?')}  {doc.get('dtype', '')}  commit {str(doc.get('commit', '?'))[:10]}"
                f"  {doc.get('date', '')}\nhatched: strided (//), contiguous_2x (--); bars: device time "
                "(JAX) or CUDA-graph replay (torch); ticks: JAX wall time", fontsize=10)
+  return save(fig, out_path)
+
+
+def save(fig, out_path) -> Path:
+  """Writes a figure as PNG (parents made) and closes it; returns the path."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   out_path = Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)

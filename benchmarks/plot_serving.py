@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import List, Tuple
 
+from plot import save  # benchmarks/ is the script's directory
+
 
 def series(label: str, doc: dict) -> List[Tuple[str, dict]]:
   """(bar label, {batch: record}) per (backend, mode) of one results file."""
@@ -52,12 +54,7 @@ def plot(inputs: List[Tuple[str, dict]], out_path, title: str = None):
   ax.set_title(title or "serving decode step vs its bandwidth bound")
   ax.legend(fontsize=7, loc="upper left")
   ax.set_ylim(0, max(r["decode_step_ms"] for _, recs in bars for r in recs.values()) * 1.2)
-  fig.tight_layout()
-  out_path = Path(out_path)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out_path, dpi=110)
-  plt.close(fig)
-  return out_path
+  return save(fig, out_path)
 
 
 def main(argv=None):
