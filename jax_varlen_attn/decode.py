@@ -358,10 +358,11 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
     steps: static, the most steps of this call (one compile per value and sequence bucket).
     mode: static `sample` mode, right for every row (`sampling_mode` on the host).
     check_every: static, a divisor of `steps`: the loop asks whether any sequence is still active
-      every `check_every` steps (1: every step). On a GPU that question is a device-to-host copy
-      and a wait, so each check drains the GPU; steps between checks are queued back to back. A
-      call whose sequences all finish early runs up to `check_every - 1` idle steps (nothing is
-      written or sampled for an inactive sequence).
+      every `check_every` steps (1: every step); the steps between checks run as an inner loop of
+      static length. Each check reads one flag back to the host; on an H200 checking every 32
+      steps ran within 2% of every step (benchmarks/NOTES.md, session 7). A call whose sequences
+      all finish early runs up to `check_every - 1` idle steps (nothing is written or sampled for
+      an inactive sequence).
 
   Each step, every active sequence feeds its last token, samples the next one, and stops after
   `remaining` tokens or on its eos; the loop ends after `steps` steps or once none is active.
@@ -398,7 +399,7 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
   def body(c: _Carry) -> _Carry:
     if check_every == 1:
       return step(c)
-    # A static trip count: XLA runs these steps without asking the host in between.
+    # A static trip count: no check between these steps.
     return jax.lax.fori_loop(0, check_every, lambda _, c: step(c), c)
 
   init = _Carry(jnp.int32(0), batch.tokens.astype(jnp.int32), batch.positions.astype(jnp.int32),
