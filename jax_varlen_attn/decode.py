@@ -359,10 +359,10 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
     mode: static `sample` mode, right for every row (`sampling_mode` on the host).
     check_every: static, a divisor of `steps`: the loop asks whether any sequence is still active
       every `check_every` steps (1: every step); the steps between checks run as an inner loop of
-      static length. Each check reads one flag back to the host; on an H200 checking every 32
-      steps ran within 2% of every step (benchmarks/NOTES.md, session 7). A call whose sequences
-      all finish early runs up to `check_every - 1` idle steps (nothing is written or sampled for
-      an inactive sequence).
+      static length. Each check reads one flag back to the host; checking rarely measured no
+      faster (benchmarks/NOTES.md, "the serving decode loop"), hence the default of 1. A call
+      whose sequences all finish early runs up to `check_every - 1` idle steps (nothing is
+      written or sampled for an inactive sequence).
 
   Each step, every active sequence feeds its last token, samples the next one, and stops after
   `remaining` tokens or on its eos; the loop ends after `steps` steps or once none is active.

@@ -10,7 +10,7 @@ run under `jax.lax.scan` with the layer index as a traced int32 (one attention a
 the compiled program for all layers; quick to compile, but each step copies every layer's weights out
 of the stack, as XLA's matmuls do not read a slice in place). `scan_layers=False`: each layer owns its
 own arrays (`DecoderLM.layers`) and a Python loop unrolls them, so a step reads the weights where they
-lie (what a serving loop wants; benchmarks/NOTES.md, session 7).
+lie (what a serving loop wants; benchmarks/NOTES.md, "the serving decode loop").
 """
 
 from __future__ import annotations
