@@ -12,9 +12,8 @@ decodes 1 + steps_per_call * (--chunks + 1) tokens (greedy unless --sampling):
   mode "step":  one jitted `serving_step` per token. decode_step_ms = median wall time of a step
                 that decodes all B sequences (schedule on the host, transfer, the step, reading the
                 tokens back); the first two decode steps (compile) are not timed.
-  mode "multi" / "multi/N": `Engine.decode_chunk`: up to --steps-per-call steps in one jitted while loop
-    that checks whether any sequence is still active every step / every N steps (`check_every`)
-                (`decode.decode_loop`). decode_step_ms = median over calls of (wall time of the call
+  mode "multi": `Engine.decode_chunk`: up to --steps-per-call steps in one jitted while loop
+                (`decode.decode_loop`; "multi/N": checking for finished sequences every N steps). decode_step_ms = median over calls of (wall time of the call
                 incl. its host work: reserving pages, building and sending the batch, reading the
                 tokens back, appending them) / steps it ran; the first call (compile) is not timed.
 --sampling T,K,P samples every request (temperature, top-k, top-p) instead of greedy decoding.
@@ -137,11 +136,15 @@ def check_every(mode: str) -> int:
   return int(mode.split("/")[1]) if "/" in mode else 1
 
 
+def loop_options(mode: str, args) -> dict:
+  """The Engine's steps_per_call and check_every for a mode."""
+  return dict(steps_per_call=args.steps_per_call if is_multi(mode) else 1, check_every=check_every(mode))
+
+
 def make_engine(model: DecoderLM, args, max_seqs: int, mode: str) -> Engine:
   return Engine(model, num_blocks=args.num_blocks, block_size=args.block_size,
                 max_tokens_per_step=args.max_tokens_per_step, max_seqs=max(max_seqs, 4),
-                max_model_len=args.max_model_len, min_seq_bucket=4,
-                steps_per_call=args.steps_per_call if is_multi(mode) else 1, check_every=check_every(mode))
+                max_model_len=args.max_model_len, min_seq_bucket=4, **loop_options(mode, args))
 
 
 def timed_decode(engine: Engine, batch: int, mode: str) -> List[Tuple[float, int]]:
@@ -344,8 +347,7 @@ def serve(model: DecoderLM, requests, mode: str, args) -> dict:
     num_blocks, max_len = args.num_blocks, args.max_model_len
   engine = Engine(model, num_blocks=num_blocks, block_size=args.block_size,
                   max_tokens_per_step=args.max_tokens_per_step, max_seqs=args.mixed_max_seqs,
-                  max_model_len=max_len, min_seq_bucket=4,
-                  steps_per_call=args.steps_per_call if is_multi(mode) else 1, check_every=check_every(mode))
+                  max_model_len=max_len, min_seq_bucket=4, **loop_options(mode, args))
   arrivals, times, live = {}, {}, []
   t0, i = time.perf_counter(), 0
   while i < len(requests) or engine.has_work:
@@ -385,7 +387,7 @@ def run_mixed(model: DecoderLM, mode: str, args) -> dict:
     if len(t) > 1:
       tpot.append((t[-1] - t[0]) / (len(t) - 1))
   tokens = sum(len(t) for t in run["times"].values())
-  return dict(mode=mode, steps_per_call=args.steps_per_call if is_multi(mode) else 1,
+  return dict(mode=mode, **loop_options(mode, args),
               requests=len(requests), rate_per_s=args.mixed_rate, prompt=args.mixed_prompt,
               gen=args.mixed_gen, seed=args.mixed_seed, tokens=tokens, wall_s=round(run["wall_s"], 3),
               tokens_per_s=round(tokens / run["wall_s"], 1), **_percentiles(ttft, "ttft"),
