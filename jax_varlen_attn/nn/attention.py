@@ -71,8 +71,9 @@ class PagedAttention(nnx.Module):
     qk_norm: RMSNorm (over head_dim, one learned scale shared by all heads) on q and k before RoPE.
     use_bias: biases on the q / k / v projections (o_proj has none).
     fused_qkv: one [hidden, (H + 2 Hk) * D] projection (`qkv_proj`, columns q | k | v) instead of
-      `q_proj`, `k_proj`, `v_proj`: one matmul reads all three, which a small decode batch runs
-      faster than three (benchmarks/NOTES.md, "the serving decode loop").
+      `q_proj`, `k_proj`, `v_proj`: one matmul whatever XLA decides (on the GPU it already merged
+      the three; fusing measured within a few percent: benchmarks/NOTES.md, "the serving decode
+      loop"), and the layout serving checkpoints often use.
     dtype / param_dtype: compute and weight dtypes; the cache must be in `dtype`.
     backend: `flash_attn_varlen_func`'s backend ("auto": Triton on a CUDA GPU, else XLA), or
       "naive": `jax_varlen_attn.reference.naive_paged_attention` (the serving benchmark's baseline;

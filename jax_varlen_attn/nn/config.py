@@ -37,8 +37,8 @@ class ModelConfig:
   # and a Python loop (each layer compiled; what serving presets take: slicing a layer out of stacked
   # weights copies them every step, benchmarks/NOTES.md "serving step")
   scan_layers: bool = True
-  # q / k / v as one projection and gate / up as one: 4 matmuls a layer instead of 7 (what serving
-  # presets take: a decode batch's small matmuls run far below the read rate, NOTES.md "serving step")
+  # q / k / v as one projection and gate / up as one: 4 matmuls a layer however XLA fuses (serving
+  # presets take it; XLA had merged them already, so it measured within a few %: NOTES.md)
   fuse_projections: bool = False
   init_std: float = 0.02  # weights ~ N(0, init_std^2) (Qwen's initializer_range); norms start at 1
   backend: str = "auto"  # the attention backend (flash_attn_varlen_func's `backend=`, or "naive")
