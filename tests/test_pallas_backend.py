@@ -134,7 +134,7 @@ def test_triton_lowering_compiles_for_sm90(name, overrides, config, tmp_path, mo
     params.update(arrays)
     spec, normalized = validate(AttentionArgs(**params))
     resolved.append(config.resolved(spec))
-    return attention(spec, normalized, config)
+    return attention(spec, normalized, resolved[-1])  # backends take a resolved config (api resolves)
 
   jax.jit(f).trace(arrays).lower(lowering_platforms=("cuda",))
   assert len(modules) == 1, "expected one Triton module (one pallas_call lowered for CUDA)"
