@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -427,6 +428,10 @@ def parse_args(argv):
   p.add_argument("--min-split-tiles", type=int, default=None,
                  help="experiment: the Triton split-KV rule's MIN_TILES_PER_SPLIT for the whole run "
                       "(backends/triton/config.py; default: the library's)")
+  p.add_argument("--write-launch", default=None, choices=("xla", "ffi", "legacy"),
+                 help="experiment: the launch route of write_kv's Triton kernel alone (attention keeps "
+                      "the default or --launch); e.g. xla: fewer custom calls splitting XLA's command "
+                      "buffers")
   p.add_argument("--out", default="serving")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, short prompts")
   args = p.parse_args(argv)
@@ -458,6 +463,9 @@ def main(argv=None) -> int:
   if args.min_split_tiles is not None:  # a patch of the library's rule, for this run only
     from jax_varlen_attn.backends.triton import config as triton_config
     triton_config.MIN_TILES_PER_SPLIT = args.min_split_tiles
+  if args.write_launch:  # a patch for this run only: write_kv's launches take this route
+    from jax_varlen_attn.backends.triton import write_kernel
+    write_kernel.launch = functools.partial(write_kernel.launch, route=args.write_launch)
   if args.launch:  # read when the model's calls are traced: before the first one
     from jax_varlen_attn.backends.triton import call
     os.environ[call.LAUNCH_ENV] = args.launch
@@ -474,7 +482,8 @@ def main(argv=None) -> int:
              device=device.device_kind, platform=device.platform, jax=jax.__version__,
              model=dataclasses.asdict(base), params=base.num_params(), read_ceiling=ceiling,
              steps_per_call=args.steps_per_call, launch=args.launch or "default",
-             min_split_tiles=args.min_split_tiles or "default", records=[], mixed=[],
+             min_split_tiles=args.min_split_tiles or "default",
+             write_launch=args.write_launch or "default", records=[], mixed=[],
              profile=[])
   print(f"{device.device_kind}: {args.preset} ({base.num_params() / 1e9:.2f}e9 params), prompt "
         f"{args.prompt_len}, +{args.gen} tokens; read ceiling {ceiling['read_gbps']} GB/s", flush=True)
