@@ -153,8 +153,9 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
 def default_route() -> str:
   """The route of a launch that names none: $JAX_VARLEN_ATTN_LAUNCH where set (one of ROUTES, for
   the whole process, write_kv included: e.g. "xla", which keeps a model step's calls in one CUDA
-  graph; read when a call is traced, so set it before the first one), else jax-triton's ("ffi" on 0.4, "legacy" on 0.3: the
-  kernels its pinned triton compiles, measured fastest on the device), else "xla" (module docstring)."""
+  graph; read when a call is traced, so set it before the first one), else jax-triton's ("ffi" on
+  0.4, "legacy" on 0.3: the kernels its pinned triton compiles, measured fastest on the device),
+  else "xla" (module docstring)."""
   chosen = os.environ.get(LAUNCH_ENV)
   if chosen:
     if chosen not in ROUTES:
