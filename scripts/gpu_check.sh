@@ -6,6 +6,7 @@
 # Prints the pytest summary line last; the full log goes to $OUT/pytest_gpu.log when $OUT is set.
 # jax-triton 0.4.1 + triton 3.7.1 instead (../shared/tools/triton-parts.sh installs them in /tmp/site37):
 #   JVA_SITE=/tmp/site37 bash scripts/gpu_check.sh
+# JVA_JOBS=N runs the files as N parallel pytest processes (a file's summary line each).
 set -o pipefail
 if [ -n "${JVA_SITE:-}" ]; then
   export PYTHONPATH=$JVA_SITE:$PWD
@@ -24,4 +25,20 @@ files=("$@")
                                   tests/test_xla_backend.py)
 existing=()
 for f in "${files[@]}"; do [ -f "$f" ] && existing+=("$f"); done
-python3 -m pytest "${existing[@]}" -q -p no:cacheprovider -rfE 2>&1 | tee "$log" | tail -40
+if [ "${JVA_JOBS:-1}" -le 1 ]; then
+  python3 -m pytest "${existing[@]}" -q -p no:cacheprovider -rfE 2>&1 | tee "$log" | tail -40
+  exit
+fi
+# JVA_JOBS=N: one pytest process per file, N at a time (kernel builds are CPU-bound; the GPU has room).
+: > "$log"
+printf '%s\n' "${existing[@]}" | xargs -P "$JVA_JOBS" -I{} sh -c \
+  'python3 -m pytest "$1" -q -p no:cacheprovider -rfE > "/tmp/$(basename "$1").log" 2>&1; echo "$1 rc=$?"' _ {}
+status=0
+for f in "${existing[@]}"; do
+  l=/tmp/$(basename "$f").log
+  cat "$l" >> "$log"
+  grep -E "^(FAILED|ERROR) " "$l"
+  echo "$f: $(tail -1 "$l")"
+  tail -1 "$l" | grep -qE "failed|error|no tests ran" && status=1
+done
+exit $status
