@@ -20,8 +20,11 @@ from flax import nnx  # noqa: E402
 
 from jax_varlen_attn.nn import DecoderLM, ModelConfig, PagedBatch, apply_rope, init_cache, preset  # noqa: E402
 from tests.attention_suite import _large_buffers  # noqa: E402
+from tests.conftest import HAS_GPU  # noqa: E402
 
-RTOL = 1e-4
+# f32 model. On a GPU, XLA's f32 GEMMs and the kernel's tiled sums order additions differently from
+# the dense reference (2.0e-4 measured on an H200, the engine test): 1e-3 there.
+RTOL = 1e-3 if HAS_GPU else 1e-4
 
 
 def rel_err(x, ref):
