@@ -192,20 +192,3 @@ def test_default_route_follows_the_environment(monkeypatch):
   monkeypatch.setenv(call.LAUNCH_ENV, "fast")
   with pytest.raises(ValueError, match=r"\$JAX_VARLEN_ATTN_LAUNCH must be one of"):
     call.default_route()
-
-
-def test_decode_tiles_take_the_xla_route(monkeypatch):
-  """A config that names no route resolves one: XLA's own Triton call for decode-shaped tiles (the
-  lowest per-call cost in a loop), jax-triton's for the rest (its prefill kernels are faster);
-  $JAX_VARLEN_ATTN_LAUNCH overrides the rule for the whole process, and a caller's route wins."""
-  from jax_varlen_attn.backends.triton import Config
-  from tests.problems import static_spec
-  monkeypatch.delenv(call.LAUNCH_ENV, raising=False)
-  jax_tritons = call.default_route()
-  decode = static_spec(200, 146, max_seqlen_k=2333)  # seed4_distinct-like: 16-row tiles
-  prefill = static_spec(1, 32, q_per_seq=512)  # seed1-like: 64-row tiles
-  assert Config.get_default(decode).launch == "xla"
-  assert Config.get_default(prefill).launch == jax_tritons
-  assert Config(launch="legacy").resolved(decode).launch == "legacy"
-  monkeypatch.setenv(call.LAUNCH_ENV, "ffi")
-  assert Config.get_default(decode).launch == Config.get_default(prefill).launch == "ffi"

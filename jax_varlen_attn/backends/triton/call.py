@@ -1,13 +1,12 @@
 """The one module that launches a Triton kernel from JAX, and the only one that knows jax-triton.
 
 Routes (`launch(route=...)`, `Config(launch=...)`):
-- "xla" (the default for decode-shaped tiles, `default_route`): the installed triton turns the
-  kernel into Triton IR (every scalar argument folded in as a constant), and XLA's own Triton custom
-  call (`__gpu$xla.gpu.triton`, what Pallas' Triton lowering emits) compiles it, with XLA's bundled
-  Triton, into an ordinary kernel of the executable: no handler runs on the host per call and
-  command buffers update it by pointer. It cuts the loop time of small calls by a third, but XLA's
-  bundled Triton builds prefill tiles slower (seed1 +30%, prefill_4x4096 +48%), so those keep
-  jax-triton's route (benchmarks/NOTES.md, "launch routes"). jax-triton is not needed for it.
+- "xla" (opt-in): the installed triton turns the kernel into Triton IR (every scalar argument
+  folded in as a constant), and XLA's own Triton custom call (`__gpu$xla.gpu.triton`, what Pallas'
+  Triton lowering emits) compiles it, with XLA's bundled Triton, into an ordinary kernel of the
+  executable: no handler runs on the host per call and command buffers update it by pointer. It
+  halves the loop time of the smallest calls, but XLA's bundled Triton builds slower kernels (seed1
+  most), so it is not the default (benchmarks/NOTES.md, "launch routes"). jax-triton is not needed for it.
 - "ffi" with jax-triton 0.4.x (Python >= 3.12, jax >= 0.11, triton >= 3.7): its public `triton_call`, which
   emits jaxlib's typed-FFI custom call `triton_kernel_call_ffi`. That handler is marked
   command-buffer compatible, so XLA records it into its CUDA graphs, but re-records it on the host
@@ -151,20 +150,19 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
                                 num_warps=num_warps, num_stages=num_stages, **extra, **constexprs)
 
 
-def default_route(decode_tile: bool = False) -> str:
+def default_route() -> str:
   """The route of a launch that names none: $JAX_VARLEN_ATTN_LAUNCH where set (one of ROUTES, for
   the whole process, write_kv included: e.g. "xla", which keeps a model step's calls in one CUDA
-  graph; read when a call is traced, so set it before the first one); else "xla" for a
-  decode-shaped tile (`decode_tile`: no host work per call, and XLA's bundled Triton builds these
-  tiles within 2% of jax-triton's); else jax-triton's ("ffi" on 0.4, "legacy" on 0.3: the prefill
-  kernels its pinned triton compiles, measured up to 1.5x faster); else "xla" (module docstring)."""
+  graph; read when a call is traced, so set it before the first one), else jax-triton's ("ffi" on
+  0.4, "legacy" on 0.3: the kernels its pinned triton compiles, measured fastest on the device),
+  else "xla" (module docstring)."""
   chosen = os.environ.get(LAUNCH_ENV)
   if chosen:
     if chosen not in ROUTES:
       raise ValueError(f"${LAUNCH_ENV} must be one of {ROUTES}, got {chosen!r}")
     return chosen
   generation = jax_triton_generation()
-  if decode_tile or generation is None:
+  if generation is None:
     return "xla"
   return "ffi" if generation >= (0, 4) else "legacy"
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 from jax_varlen_attn.backends import device, tile_rules
 from jax_varlen_attn.backends.config_checks import check_int_range, check_launch_options, check_pow2
-from jax_varlen_attn.backends.triton import call, tuned
+from jax_varlen_attn.backends.triton import tuned
+from jax_varlen_attn.backends.triton.call import ROUTES
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
 MAX_SPLITS = 64
@@ -24,11 +25,10 @@ class Config:
   block_n: keys per tile.
   num_splits: split-KV (flash-decoding): each (query block, kv head) program's keys are divided
     among this many programs, whose partial outputs are combined by their LSEs. 1 = off.
-  launch: how the kernel reaches XLA (backends/triton/call.py): "xla" (XLA's own Triton custom
-    call: least host cost per call, a slower prefill kernel; the default for decode-shaped tiles),
-    "ffi" (jax-triton's typed-FFI call; the default for other tiles on jax-triton 0.4), "legacy"
-    (jax-triton 0.3's custom call; the same on 0.3); None: `call.default_route` (which
-    $JAX_VARLEN_ATTN_LAUNCH overrides).
+  launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
+    call; the default on jax-triton 0.4), "legacy" (jax-triton 0.3's custom call; its default),
+    "xla" (XLA's own Triton custom call: least host cost per call, a slower prefill kernel); None
+    for the default.
 
   What is not here is the kernel's ABI (`constexprs`: shapes, layout strides, semantics), derived
   from the call, never tuned.
@@ -46,8 +46,8 @@ class Config:
     check_pow2("block_n", self.block_n, 16)
     check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
     check_launch_options(self.num_warps, self.num_stages)
-    if self.launch is not None and self.launch not in call.ROUTES:
-      raise ValueError(f"Config.launch must be one of {call.ROUTES} or None, got {self.launch!r}")
+    if self.launch is not None and self.launch not in ROUTES:
+      raise ValueError(f"Config.launch must be one of {ROUTES} or None, got {self.launch!r}")
 
   @classmethod
   def get_default(cls, spec: AttentionSpec) -> "Config":
@@ -92,11 +92,8 @@ class Config:
     num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
     num_stages = (self.num_stages or tuned_entry.get("num_stages")
                   or tile_rules.num_stages(block_m, spec.head_dim))
-    # The launch route: decode-shaped tiles (the fewest rows) take XLA's own Triton call, whose
-    # per-call cost in a loop is the lowest; the rest jax-triton's (call.default_route says why).
-    launch = self.launch or call.default_route(decode_tile=block_m <= tile_rules.MIN_ROWS)
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
-                               num_warps=num_warps, num_stages=num_stages, launch=launch)
+                               num_warps=num_warps, num_stages=num_stages)
 
   @staticmethod
   def _default_splits(spec: AttentionSpec, block_m: int, block_n: int) -> int:
