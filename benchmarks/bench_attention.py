@@ -339,6 +339,7 @@ def main(argv=None) -> int:
   doc = dict(commit=commit, gpu=env.gpu, date=date, dtype=args.dtype, ceilings=ceilings,
              ceilings_detail=ceil_detail, records=records,
              answers=None, commit_dirty=dirty, versions=env.versions,
+             xla_flags=os.environ.get("XLA_FLAGS", ""),
              skipped_impls=env.why_not,
              args={k: v for k, v in vars(args).items() if k != "budget"},
              cases={n: cases[n].summary(args.dtype) for n in args.cases},

@@ -79,6 +79,18 @@ CEILING_RUNS = 7
 PERCENTILES = (50, 90, 99)
 
 
+def package_versions() -> dict:
+  """Installed versions of the packages a decode step's launches depend on (None: not installed)."""
+  import importlib.metadata
+  out = {}
+  for name in ("jax", "jaxlib", "jax-triton", "triton", "flax"):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
 def git_commit():
   """$JVA_COMMIT wins: the GPU machine's copy of the tree may carry a stale .git."""
   if os.environ.get("JVA_COMMIT"):
@@ -484,7 +496,7 @@ def main(argv=None) -> int:
              steps_per_call=args.steps_per_call, launch=args.launch or "default",
              min_split_tiles=args.min_split_tiles or "default",
              write_launch=args.write_launch or "default", records=[], mixed=[],
-             profile=[])
+             profile=[], versions=package_versions(), xla_flags=os.environ.get("XLA_FLAGS", ""))
   print(f"{device.device_kind}: {args.preset} ({base.num_params() / 1e9:.2f}e9 params), prompt "
         f"{args.prompt_len}, +{args.gen} tokens; read ceiling {ceiling['read_gbps']} GB/s", flush=True)
   tokens = {}
