@@ -195,7 +195,8 @@ def free_device(env: Env):
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--cases", default="all", help="comma list of " + ",".join(shapes.CASE_NAMES))
+  p.add_argument("--cases", default="all", help="comma list of " + ",".join(shapes.CASE_NAMES) +
+                 " or decode_<B>x<K> (B one-query sequences over K keys each)")
   p.add_argument("--impls", default=None, help="comma list of " + ",".join(ALL_IMPLS) +
                  " (default: all; --tiny: jva-xla,xla-naive)")
   p.add_argument("--layouts", default="contiguous,strided", help="comma list of " + ",".join(ALL_LAYOUTS))
@@ -233,7 +234,7 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   args.cases = list(shapes.CASE_NAMES) if args.cases == "all" else args.cases.split(",")
   for c in args.cases:
-    if c not in shapes.CASE_NAMES:
+    if not shapes.is_case(c):
       p.error(f"unknown case {c!r}")
   if args.impls is None:
     args.impls = "jva-xla,xla-naive" if args.tiny else ",".join(ALL_IMPLS)
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
     ceilings, ceil_detail = measure_ceilings(env, 20)
     log(f"ceilings ({time.perf_counter() - t0:.1f} s): {ceilings} detail {ceil_detail}")
 
-  cases = shapes.get_cases(tiny=args.tiny)
+  cases = shapes.cases_for(args.cases, tiny=args.tiny)
   records: List[dict] = []
   results_path = Path(args.results_dir) / f"{name}.json"
   results_path.parent.mkdir(parents=True, exist_ok=True)

@@ -444,6 +444,8 @@ def parse_args(argv):
                  help="experiment: the launch route of write_kv's Triton kernel alone (attention keeps "
                       "the default or --launch); e.g. xla: fewer custom calls splitting XLA's command "
                       "buffers")
+  p.add_argument("--no-fuse-rope-write", action="store_true",
+                 help="q / k norms, RoPE and write_kv as separate ops (ModelConfig.fuse_rope_write=False)")
   p.add_argument("--out", default="serving")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, short prompts")
   args = p.parse_args(argv)
@@ -482,6 +484,8 @@ def main(argv=None) -> int:
     from jax_varlen_attn.backends.triton import call
     os.environ[call.LAUNCH_ENV] = args.launch
   overrides = {} if args.layers is None else dict(num_layers=args.layers)
+  if args.no_fuse_rope_write:
+    overrides["fuse_rope_write"] = False
   base: ModelConfig = preset(args.preset, **overrides)
   args.vocab = base.vocab_size
   batches = [int(b) for b in args.batches.split(",")]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -38,6 +39,9 @@ ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "floa
 
 CASE_NAMES = ("seed1_prefill512", "seed2_small_mixed", "seed3_mixed55", "seed4_long200",
               "seed4_distinct", "decode_256x4096", "decode_8x32768", "prefill_4x4096")
+# Beside the named cases, any `decode_<B>x<K>` (B sequences of one query over K keys each, distinct
+# pages; e.g. decode_64x600, the serving model's batch-64 step) is a case too: `parse_case`.
+UNIFORM_DECODE = re.compile(r"decode_([1-9][0-9]*)x([1-9][0-9]*)")
 # Cases whose floor is arithmetic (quoted in TFLOP/s, % of the matmul ceiling); the rest are bound
 # by bytes (TB/s, % of the read ceiling).
 FLOP_BOUND = ("seed1_prefill512", "prefill_4x4096")
@@ -210,6 +214,26 @@ def get_cases(tiny: bool = False, seed_path: Optional[Path] = None) -> Dict[str,
   cases["prefill_4x4096"] = _uniform("prefill_4x4096", 4096, 4096, 4)
   assert tuple(cases) == CASE_NAMES
   return cases
+
+
+def is_case(name: str) -> bool:
+  """A named case or a `decode_<B>x<K>` one."""
+  return name in CASE_NAMES or UNIFORM_DECODE.fullmatch(name) is not None
+
+
+def cases_for(names, tiny: bool = False) -> Dict[str, Case]:
+  """The cases `names` (named or `decode_<B>x<K>`; tiny: named ones shrunk, parsed ones as given)."""
+  named = get_cases(tiny=tiny) if any(n in CASE_NAMES for n in names) else {}
+  out = {}
+  for name in names:
+    m = UNIFORM_DECODE.fullmatch(name)
+    if name in named:
+      out[name] = named[name]
+    elif m:
+      out[name] = _uniform(name, 1, int(m.group(2)), int(m.group(1)))
+    else:
+      raise ValueError(f"unknown case {name!r}: one of {CASE_NAMES} or decode_<B>x<K>")
+  return out
 
 
 def _tiny_cases() -> Dict[str, Case]:

@@ -129,11 +129,14 @@ def run_paged(model, cfg, block_size=4, num_tokens=32, num_seqs=4, seed=0):
   return seqs, logits
 
 
-@pytest.mark.parametrize("variant", ["tiny", "tied_no_qknorm_bias_unrolled_fused", "naive_attention"])
+@pytest.mark.parametrize("variant", ["tiny", "tied_no_qknorm_bias_unrolled_fused", "qknorm_fused",
+                                     "naive_attention"])
 def test_paged_steps_match_dense_attention(variant):
   cfg = ModelConfig.tiny()
   if variant == "naive_attention":  # the serving benchmark's baseline must be right too
     cfg = dataclasses.replace(cfg, backend="naive")
+  elif variant == "qknorm_fused":  # the serving presets' path: rope_write_kv
+    cfg = dataclasses.replace(cfg, scan_layers=False, fuse_projections=True)
   elif variant != "tiny":
     cfg = dataclasses.replace(cfg, tie_embeddings=True, qk_norm=False, attention_bias=True,
                               scan_layers=False, fuse_projections=True, rope_theta=1e6)
@@ -147,9 +150,10 @@ def test_paged_steps_match_dense_attention(variant):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 
-def test_forward_updates_donated_cache_in_place():
+@pytest.mark.parametrize("fused", [False, True], ids=["write_kv", "rope_write_kv"])
+def test_forward_updates_donated_cache_in_place(fused):
   """The layer-stacked cache is written where it lies: no copy in the compiled HLO, same buffer."""
-  cfg = ModelConfig.tiny()
+  cfg = ModelConfig.tiny(fuse_projections=fused)
   model = DecoderLM(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
 

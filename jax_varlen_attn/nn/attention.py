@@ -22,6 +22,7 @@ from flax import nnx
 
 from jax_varlen_attn.api import flash_attn_varlen_func
 from jax_varlen_attn.cache import write_kv
+from jax_varlen_attn.nn.qkv import apply_rope, rope_frequencies, rope_write_kv  # noqa: F401 (re-exported)
 from jax_varlen_attn.reference import naive_paged_attention
 
 
@@ -43,25 +44,6 @@ class PagedBatch(NamedTuple):
   slot_mapping: jax.Array
 
 
-def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
-  """f32[head_dim // 2]: theta ** (-2i / head_dim)."""
-  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding, "rotate half" form (Llama / Qwen): x [T, heads, D], positions i32[T].
-
-  Pairs (x[i], x[i + D/2]) rotate by angle positions * theta ** (-2i / D); computed in fp32.
-  """
-  d = x.shape[-1]
-  angles = positions.astype(jnp.float32)[:, None] * rope_frequencies(d, theta)[None, :]  # [T, D/2]
-  cos = jnp.cos(angles)[:, None, :]
-  sin = jnp.sin(angles)[:, None, :]
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 class PagedAttention(nnx.Module):
   """Causal GQA self-attention whose keys and values live in a paged cache.
 
@@ -74,6 +56,9 @@ class PagedAttention(nnx.Module):
       `q_proj`, `k_proj`, `v_proj`: one matmul whatever XLA decides (on the GPU it already merged
       the three; fusing measured within a few percent: benchmarks/NOTES.md, "the serving decode
       loop"), and the layout serving checkpoints often use.
+    fused_rope_write: with fused_qkv, the q / k norms, RoPE and the cache write run as one
+      `jax_varlen_attn.nn.qkv.rope_write_kv` call (`project_and_write`): one Triton kernel where
+      the backend is Triton, else the same jnp ops as `project` then `write_kv`.
     dtype / param_dtype: compute and weight dtypes; the cache must be in `dtype`.
     backend: `flash_attn_varlen_func`'s backend ("auto": Triton on a CUDA GPU, else XLA), or
       "naive": `jax_varlen_attn.reference.naive_paged_attention` (the serving benchmark's baseline;
@@ -83,12 +68,14 @@ class PagedAttention(nnx.Module):
 
   def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float = 1_000_000.0, qk_norm: bool = False, norm_eps: float = 1e-6,
-               use_bias: bool = False, fused_qkv: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+               use_bias: bool = False, fused_qkv: bool = False, fused_rope_write: bool = True,
+               dtype=jnp.float32, param_dtype=jnp.float32,
                backend: str = "auto", init_std: float = 0.02, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta = float(rope_theta)
+    self.norm_eps = float(norm_eps)
     self.backend = backend
     self.dtype = jnp.dtype(dtype)
     lin = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.normal(init_std),
@@ -101,6 +88,7 @@ class PagedAttention(nnx.Module):
       self.k_proj = nnx.Linear(hidden_size, num_kv_heads * head_dim, use_bias=use_bias, **lin)
       self.v_proj = nnx.Linear(hidden_size, num_kv_heads * head_dim, use_bias=use_bias, **lin)
     self.fused_qkv = fused_qkv
+    self.fused_rope_write = fused_qkv and fused_rope_write
     self.o_proj = nnx.Linear(num_heads * head_dim, hidden_size, use_bias=False, **lin)
     if qk_norm:
       norm = dict(epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -123,6 +111,17 @@ class PagedAttention(nnx.Module):
     k = apply_rope(k, positions, self.rope_theta)
     return q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
 
+  def project_and_write(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: PagedBatch,
+                        layer: Optional[jax.Array] = None):
+    """`project` and `write_kv` in one (fused_qkv only): x [T, hidden] -> (q [T, H, D], k_cache,
+    v_cache) through `rope_write_kv`, one kernel on the Triton backend; same values as `project`."""
+    qkv = self.qkv_proj(x).astype(self.dtype)
+    norms = {} if self.q_norm is None else dict(q_norm_scale=self.q_norm.scale[...],
+                                                  k_norm_scale=self.k_norm.scale[...])
+    return rope_write_kv(qkv, k_cache, v_cache, batch.slot_mapping, batch.positions, num_heads=self.num_heads,
+                         rope_theta=self.rope_theta, eps=self.norm_eps, layer=layer, backend=self.backend,
+                         **norms)
+
   def output(self, o: jax.Array) -> jax.Array:
     """o [T, H, D] (attention output) -> [T, hidden]."""
     return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
@@ -136,8 +135,14 @@ class PagedAttention(nnx.Module):
     `batch.slot_mapping` first, so every token attends to its own sequence's history and to itself.
     Under `jax.jit` with the caches donated the write is in place.
     """
-    q, k, v = self.project(x, batch.positions)
     naive = self.backend == "naive"
+    if self.fused_rope_write and not naive:  # one launch from the projection to attention's inputs
+      q, k_cache, v_cache = self.project_and_write(x, k_cache, v_cache, batch, layer)
+      o = flash_attn_varlen_func(
+          q, k_cache, v_cache, cu_seqlens_q=batch.cu_seqlens_q, seqused_k=batch.seqused_k,
+          block_table=batch.block_table, causal=True, layer=layer, backend=self.backend)
+      return self.output(o), k_cache, v_cache
+    q, k, v = self.project(x, batch.positions)
     k_cache, v_cache = write_kv(k, v, k_cache, v_cache, batch.slot_mapping, layer=layer,
                                 backend="xla" if naive else self.backend)
     if naive:

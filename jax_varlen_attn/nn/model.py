@@ -58,7 +58,8 @@ class DecoderBlock(nnx.Module):
     self.input_norm = nnx.RMSNorm(c.hidden_size, epsilon=c.rms_norm_eps, rngs=rngs, **dt)
     self.attn = PagedAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                                rope_theta=c.rope_theta, qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
-                               use_bias=c.attention_bias, fused_qkv=c.fuse_projections, backend=c.backend,
+                               use_bias=c.attention_bias, fused_qkv=c.fuse_projections,
+                               fused_rope_write=c.fuse_rope_write, backend=c.backend,
                                init_std=c.init_std, rngs=rngs, **dt)
     self.post_attn_norm = nnx.RMSNorm(c.hidden_size, epsilon=c.rms_norm_eps, rngs=rngs, **dt)
     self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, init_std=c.init_std, fused=c.fuse_projections,

@@ -62,6 +62,30 @@ def _quantize_fp8(x, scale, out_dtype: tl.constexpr, FP8_MAX: tl.constexpr, MANT
 
 
 @triton.jit
+def cache_rows(slot_mapping_ptr, layer_ptr, offs_t, in_batch, kv_head, BLOCK_T: tl.constexpr,
+               PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr,
+               TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, IS_CONTIGUOUS: tl.constexpr,
+               IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr):
+  """(i64[BLOCK_T] element offset of each token's (slot, kv_head) row in the cache, bool[BLOCK_T]
+  whether to store it): tokens past num_tokens, slots outside the cache and (stacked) a layer
+  outside [0, NUM_LAYERS) are not stored; their offsets are clamped in range all the same."""
+  slot = tl.load(slot_mapping_ptr + offs_t, mask=in_batch, other=-1)
+  ok = in_batch & (slot >= 0) & (slot < NUM_PAGES * PAGE_SIZE)
+  slot = tl.where(ok, slot, 0).to(tl.int64)
+  if IS_CONTIGUOUS:
+    dst = slot * TOKEN_STRIDE + kv_head * HEAD_STRIDE  # row id (slot * Hk + head) * D
+  else:
+    dst = (slot // PAGE_SIZE) * PAGE_STRIDE + (slot % PAGE_SIZE) * TOKEN_STRIDE + kv_head * HEAD_STRIDE
+  if IS_STACKED:
+    # The layer is data (a traced scalar): out of range, nothing of this call is written.
+    # Broadcast to the tile first: the interpreter turns (block & scalar bool) into an int mask.
+    layer = tl.load(layer_ptr) + tl.zeros([BLOCK_T], tl.int32)
+    ok = ok & (layer >= 0) & (layer < NUM_LAYERS)
+    dst += tl.minimum(tl.maximum(layer, 0), NUM_LAYERS - 1).to(tl.int64) * LAYER_STRIDE
+  return dst, ok
+
+
+@triton.jit
 def _store_rows(k_new_ptr, v_new_ptr, slot_mapping_ptr, layer_ptr, k_scale_ptr, v_scale_ptr, num_tokens,
                 k_out_ptr, v_out_ptr,
                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -77,19 +101,9 @@ def _store_rows(k_new_ptr, v_new_ptr, slot_mapping_ptr, layer_ptr, k_scale_ptr, 
   offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] token index
   offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
   in_batch = offs_t < num_tokens
-  slot = tl.load(slot_mapping_ptr + offs_t, mask=in_batch, other=-1)
-  ok = in_batch & (slot >= 0) & (slot < NUM_PAGES * PAGE_SIZE)
-  slot = tl.where(ok, slot, 0).to(tl.int64)
-  if IS_CONTIGUOUS:
-    dst = slot * TOKEN_STRIDE + kv_head * HEAD_STRIDE  # row id (slot * Hk + head) * D
-  else:
-    dst = (slot // PAGE_SIZE) * PAGE_STRIDE + (slot % PAGE_SIZE) * TOKEN_STRIDE + kv_head * HEAD_STRIDE
-  if IS_STACKED:
-    # The layer is data (a traced scalar): out of range, nothing of this call is written.
-    # Broadcast to the tile first: the interpreter turns (block & scalar bool) into an int mask.
-    layer = tl.load(layer_ptr) + tl.zeros([BLOCK_T], tl.int32)
-    ok = ok & (layer >= 0) & (layer < NUM_LAYERS)
-    dst += tl.minimum(tl.maximum(layer, 0), NUM_LAYERS - 1).to(tl.int64) * LAYER_STRIDE
+  dst, ok = cache_rows(slot_mapping_ptr, layer_ptr, offs_t, in_batch, kv_head, BLOCK_T, PAGE_SIZE, NUM_PAGES,
+                       PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_CONTIGUOUS, IS_STACKED, NUM_LAYERS,
+                       LAYER_STRIDE)
   src = (offs_t.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_DIM  # [BLOCK_T] in k_new / v_new
   mask = ok[:, None] & (offs_d[None, :] < HEAD_DIM)
   load_mask = in_batch[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -161,17 +175,10 @@ def kernel_arguments(layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot
   """
   num_tokens, num_kv_heads, head_dim = k_new.shape
   head_dim_pad = max(16, next_pow2(head_dim))
-  # 16 tokens a program (a 4 KB fp16 tile at D=128): enough bytes in flight per program, and a
-  # decode step of a few tokens still spreads over its kv heads.
-  block_t = min(16, next_pow2(num_tokens))
+  block_t = tokens_per_program(num_tokens)
   num_warps = max(1, min(4, block_t * head_dim_pad // 256))
-  consts = dict(
-      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_T=block_t,
-      PAGE_SIZE=layout.block_size, NUM_PAGES=layout.num_pages, PAGE_STRIDE=layout.page_stride,
-      TOKEN_STRIDE=layout.token_stride, HEAD_STRIDE=layout.head_stride, K_OFFSET=layout.k_offset,
-      V_OFFSET=layout.v_offset, IS_CONTIGUOUS=layout.is_contiguous, IS_STACKED=layout.stacked,
-      NUM_LAYERS=max(layout.num_layers, 1), LAYER_STRIDE=layout.layer_stride,
-      **_fp8_constexprs(k_cache.dtype if scales is not None else None))
+  consts = dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_T=block_t,
+                **layout_constexprs(layout), **_fp8_constexprs(k_cache.dtype if scales is not None else None))
   unused = jnp.zeros((1,), jnp.float32)  # scale pointers of a cache that is not fp8: never read
   inputs = dict(k_new_ptr=k_new, v_new_ptr=v_new, slot_mapping_ptr=slot_mapping,
                 layer_ptr=(jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,))),
@@ -190,6 +197,20 @@ def kernel_arguments(layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot
     aliases = {"k_cache_ptr": 0, "v_cache_ptr": 1}
   grid = (-(-num_tokens // block_t), num_kv_heads)
   return kernel, inputs, outputs, grid, num_warps, consts, aliases
+
+
+def tokens_per_program(num_tokens: int) -> int:
+  """BLOCK_T of the write kernels. 16 tokens a program (a 4 KB fp16 tile at D=128): enough bytes in
+  flight per program, and a decode step of a few tokens still spreads over its kv heads."""
+  return min(16, next_pow2(num_tokens))
+
+
+def layout_constexprs(layout: KVCacheLayout) -> dict:
+  """The address constexprs of `cache_rows` and the K / V offsets, from a resolved layout."""
+  return dict(PAGE_SIZE=layout.block_size, NUM_PAGES=layout.num_pages, PAGE_STRIDE=layout.page_stride,
+              TOKEN_STRIDE=layout.token_stride, HEAD_STRIDE=layout.head_stride, K_OFFSET=layout.k_offset,
+              V_OFFSET=layout.v_offset, IS_CONTIGUOUS=layout.is_contiguous, IS_STACKED=layout.stacked,
+              NUM_LAYERS=max(layout.num_layers, 1), LAYER_STRIDE=layout.layer_stride)
 
 
 def _fp8_constexprs(dtype) -> dict:
