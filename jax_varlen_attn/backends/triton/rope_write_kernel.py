@@ -5,8 +5,8 @@ to attention's inputs.
                             --> K rows into the cache   (RMSNorm per head, RoPE)
                             --> V rows into the cache   (as they are)
 
-One program takes BLOCK_T tokens of one kv head: that head's K and V rows and the GROUP = H / Hk q
-heads that share it. Each head row is read as two halves (x1 | x2, the pairs RoPE rotates), so the
+One program takes BLOCK_T tokens of one head: a q head (programs 0..H-1 of grid axis 1), or a kv
+head's K and V rows (H..H+Hk-1). Each head row is read as two halves (x1 | x2, the pairs RoPE rotates), so the
 rotation needs no gather. The cache is an input aliased to its output, written only at the rows
 the slots name (`write_kernel.cache_rows`, the rule of `write_kv`: slot -1, a slot outside the
 cache and a stacked layer out of range write nothing).
@@ -45,6 +45,18 @@ def _norm_rope(x1, x2, w1, w2, cos, sin, QK_NORM: tl.constexpr, EPS: tl.constexp
 
 
 @triton.jit
+def _norm_scale(norm_ptr, offs_h, cols, HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr):
+  """The two halves of an RMSNorm scale [HEAD_DIM] as f32 (zeros without QK_NORM: never used)."""
+  if QK_NORM:
+    w1 = tl.load(norm_ptr + offs_h, mask=cols, other=0.0).to(tl.float32)
+    w2 = tl.load(norm_ptr + HALF + offs_h, mask=cols, other=0.0).to(tl.float32)
+  else:
+    w1 = tl.zeros([HALF_PAD], tl.float32)
+    w2 = w1
+  return w1, w2
+
+
+@triton.jit
 def rope_write_kv_kernel(
     qkv_ptr,  # [num_tokens, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]: q heads | k heads | v heads
     positions_ptr,  # i32[num_tokens]
@@ -56,7 +68,7 @@ def rope_write_kv_kernel(
     num_tokens,
     q_out_ptr,  # output: [num_tokens, NUM_HEADS, HEAD_DIM]
     k_out_ptr, v_out_ptr,  # outputs: the caches, written where the slots say
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr, QK_NORM: tl.constexpr, EPS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr,
     TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, K_OFFSET: tl.constexpr,
@@ -66,56 +78,46 @@ def rope_write_kv_kernel(
   HALF: tl.constexpr = HEAD_DIM // 2
   ROW: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
   dtype = q_out_ptr.dtype.element_ty
-  kv_head = tl.program_id(1)
+  head = tl.program_id(1)  # q heads first, then kv heads (K and V)
   offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] token index
   offs_h = tl.arange(0, HALF_PAD)  # [HALF_PAD] index in a half row
   in_batch = offs_t < num_tokens
   cols = offs_h < HALF
   mask = in_batch[:, None] & cols[None, :]
-
+  row = qkv_ptr + offs_t.to(tl.int64)[:, None] * ROW + offs_h[None, :]  # [BLOCK_T, HALF_PAD]
   pos = tl.load(positions_ptr + offs_t, mask=in_batch, other=0).to(tl.float32)
   inv_freq = tl.load(inv_freq_ptr + offs_h, mask=cols, other=0.0)
-  angle = pos[:, None] * inv_freq[None, :]  # f32, as the jnp form multiplies
-  cos = tl.cos(angle)
-  sin = tl.sin(angle)
-  if QK_NORM:
-    qw1 = tl.load(q_norm_ptr + offs_h, mask=cols, other=0.0).to(tl.float32)
-    qw2 = tl.load(q_norm_ptr + HALF + offs_h, mask=cols, other=0.0).to(tl.float32)
-    kw1 = tl.load(k_norm_ptr + offs_h, mask=cols, other=0.0).to(tl.float32)
-    kw2 = tl.load(k_norm_ptr + HALF + offs_h, mask=cols, other=0.0).to(tl.float32)
-  else:
-    qw1 = tl.zeros([HALF_PAD], tl.float32)  # unused without QK_NORM
-    qw2 = qw1
-    kw1 = qw1
-    kw2 = qw1
-
-  row = qkv_ptr + offs_t.to(tl.int64)[:, None] * ROW + offs_h[None, :]  # [BLOCK_T, HALF_PAD]
-  q_row = q_out_ptr + offs_t.to(tl.int64)[:, None] * (NUM_HEADS * HEAD_DIM) + offs_h[None, :]
-  for g in tl.static_range(GROUP):
-    head = kv_head * GROUP + g
+  # Every load is issued before the first store (a store may alias a later load for all Triton
+  # knows, so it would wait): a handful of round trips to memory is the whole cost of this kernel.
+  if head < NUM_HEADS:
     x1 = tl.load(row + head * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(row + head * HEAD_DIM + HALF, mask=mask, other=0.0).to(tl.float32)
-    o1, o2 = _norm_rope(x1, x2, qw1, qw2, cos, sin, QK_NORM, EPS, HEAD_DIM, dtype)
-    tl.store(q_row + head * HEAD_DIM, o1, mask=mask)
-    tl.store(q_row + head * HEAD_DIM + HALF, o2, mask=mask)
-
-  k_src = row + (NUM_HEADS + kv_head) * HEAD_DIM
-  x1 = tl.load(k_src, mask=mask, other=0.0).to(tl.float32)
-  x2 = tl.load(k_src + HALF, mask=mask, other=0.0).to(tl.float32)
-  k1, k2 = _norm_rope(x1, x2, kw1, kw2, cos, sin, QK_NORM, EPS, HEAD_DIM, dtype)
-  v_src = row + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
-  v1 = tl.load(v_src, mask=mask, other=0.0)
-  v2 = tl.load(v_src + HALF, mask=mask, other=0.0)
-
-  dst, ok = cache_rows(slot_mapping_ptr, layer_ptr, offs_t, in_batch, kv_head, BLOCK_T, PAGE_SIZE, NUM_PAGES,
-                       PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_CONTIGUOUS, IS_STACKED, NUM_LAYERS,
-                       LAYER_STRIDE)
-  store = ok[:, None] & cols[None, :]
-  at = dst[:, None] + offs_h[None, :]
-  tl.store(k_out_ptr + K_OFFSET + at, k1, mask=store)
-  tl.store(k_out_ptr + K_OFFSET + at + HALF, k2, mask=store)
-  tl.store(v_out_ptr + V_OFFSET + at, v1, mask=store)
-  tl.store(v_out_ptr + V_OFFSET + at + HALF, v2, mask=store)
+    w1, w2 = _norm_scale(q_norm_ptr, offs_h, cols, HALF, HALF_PAD, QK_NORM)
+    angle = pos[:, None] * inv_freq[None, :]  # f32, as the jnp form multiplies
+    o1, o2 = _norm_rope(x1, x2, w1, w2, tl.cos(angle), tl.sin(angle), QK_NORM, EPS, HEAD_DIM, dtype)
+    q_row = q_out_ptr + (offs_t.to(tl.int64)[:, None] * NUM_HEADS + head) * HEAD_DIM + offs_h[None, :]
+    tl.store(q_row, o1, mask=mask)
+    tl.store(q_row + HALF, o2, mask=mask)
+  else:
+    kv_head = head - NUM_HEADS
+    dst, ok = cache_rows(slot_mapping_ptr, layer_ptr, offs_t, in_batch, kv_head, BLOCK_T, PAGE_SIZE,
+                         NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_CONTIGUOUS, IS_STACKED,
+                         NUM_LAYERS, LAYER_STRIDE)
+    k_src = row + head * HEAD_DIM
+    x1 = tl.load(k_src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(k_src + HALF, mask=mask, other=0.0).to(tl.float32)
+    v_src = row + (NUM_KV_HEADS + head) * HEAD_DIM
+    v1 = tl.load(v_src, mask=mask, other=0.0)
+    v2 = tl.load(v_src + HALF, mask=mask, other=0.0)
+    w1, w2 = _norm_scale(k_norm_ptr, offs_h, cols, HALF, HALF_PAD, QK_NORM)
+    angle = pos[:, None] * inv_freq[None, :]
+    k1, k2 = _norm_rope(x1, x2, w1, w2, tl.cos(angle), tl.sin(angle), QK_NORM, EPS, HEAD_DIM, dtype)
+    store = ok[:, None] & cols[None, :]
+    at = dst[:, None] + offs_h[None, :]
+    tl.store(k_out_ptr + K_OFFSET + at, k1, mask=store)
+    tl.store(k_out_ptr + K_OFFSET + at + HALF, k2, mask=store)
+    tl.store(v_out_ptr + V_OFFSET + at, v1, mask=store)
+    tl.store(v_out_ptr + V_OFFSET + at + HALF, v2, mask=store)
 
 
 def rope_write_kv(layout: KVCacheLayout, qkv, positions, inv_freq, q_norm, k_norm, eps: float, num_heads: int,
@@ -132,7 +134,7 @@ def rope_write_kv(layout: KVCacheLayout, qkv, positions, inv_freq, q_norm, k_nor
   qk_norm = q_norm is not None
   # One warp per 16 tokens' 64-wide halves: the tile is small, the launch count is what matters.
   num_warps = max(1, min(4, block_t * half_pad // 256))
-  consts = dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads,
+  consts = dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
                 HEAD_DIM=head_dim, HALF_PAD=half_pad, BLOCK_T=block_t, QK_NORM=qk_norm, EPS=float(eps),
                 **layout_constexprs(layout))
   unused = jnp.zeros((1,), jnp.float32)  # norm scale pointers without QK_NORM: never read
@@ -144,7 +146,7 @@ def rope_write_kv(layout: KVCacheLayout, qkv, positions, inv_freq, q_norm, k_nor
   outputs = [jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype),
              jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
              jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-  grid = (-(-num_tokens // block_t), num_kv_heads)
+  grid = (-(-num_tokens // block_t), num_heads + num_kv_heads)
   q, k_cache, v_cache = launch(rope_write_kv_kernel, inputs, outputs, grid, num_warps, 1, consts,
                                input_output_aliases={"k_cache_ptr": 1, "v_cache_ptr": 2})
   return q, k_cache, v_cache
