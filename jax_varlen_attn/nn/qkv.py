@@ -6,7 +6,8 @@
 `rope_write_kv` is what `PagedAttention` runs after its fused projection. On the Triton backend it is
 one kernel (`backends/triton/rope_write_kernel.py`) in place of the half dozen small XLA kernels a
 decode step otherwise spends between the projection and attention; elsewhere it is the jnp form
-below, `rope_write_kv_xla`, which defines the semantics. `apply_rope` and `rms_norm` are the pieces.
+below, `rope_write_kv_xla`, which defines the semantics. `apply_rope` (over `rope_tables`) and
+`rms_norm` are the pieces.
 """
 
 from __future__ import annotations
@@ -27,15 +28,20 @@ def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
+def rope_tables(positions: jax.Array, head_dim: int, theta: float):
+  """(cos, sin), each f32[T, head_dim // 2]: of the angles positions * theta ** (-2i / head_dim)."""
+  angles = positions.astype(jnp.float32)[:, None] * rope_frequencies(head_dim, theta)[None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding, "rotate half" form (Llama / Qwen): x [T, heads, D], positions i32[T].
 
   Pairs (x[i], x[i + D/2]) rotate by angle positions * theta ** (-2i / D); computed in fp32.
   """
   d = x.shape[-1]
-  angles = positions.astype(jnp.float32)[:, None] * rope_frequencies(d, theta)[None, :]  # [T, D/2]
-  cos = jnp.cos(angles)[:, None, :]
-  sin = jnp.sin(angles)[:, None, :]
+  cos, sin = rope_tables(positions, d, theta)
+  cos, sin = cos[:, None, :], sin[:, None, :]
   xf = x.astype(jnp.float32)
   x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -144,8 +150,8 @@ def _run(backend_name: str, layout: KVCacheLayout, num_heads: int, rope_theta: f
   if backend_name == "triton" and qkv.shape[0]:
     from jax_varlen_attn.backends.triton import rope_write_kernel  # imports triton: only when asked
 
-    inv_freq = rope_frequencies(layout.head_dim, rope_theta)
-    return rope_write_kernel.rope_write_kv(layout, qkv, positions, inv_freq, q_norm_scale, k_norm_scale, eps,
+    cos, sin = rope_tables(positions, layout.head_dim, rope_theta)
+    return rope_write_kernel.rope_write_kv(layout, qkv, cos, sin, q_norm_scale, k_norm_scale, eps,
                                            num_heads, k_cache, v_cache, slot_mapping, layer)
   return rope_write_kv_xla(layout, num_heads, rope_theta, eps, qkv, k_cache, v_cache, slot_mapping, positions,
                            q_norm_scale, k_norm_scale, layer)

@@ -59,8 +59,7 @@ def _norm_scale(norm_ptr, offs_h, cols, HALF: tl.constexpr, HALF_PAD: tl.constex
 @triton.jit
 def rope_write_kv_kernel(
     qkv_ptr,  # [num_tokens, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]: q heads | k heads | v heads
-    positions_ptr,  # i32[num_tokens]
-    inv_freq_ptr,  # f32[HEAD_DIM // 2]: RoPE's theta ** (-2i / HEAD_DIM)
+    cos_ptr, sin_ptr,  # f32[num_tokens, HEAD_DIM // 2]: cos / sin of position * theta ** (-2i / HEAD_DIM)
     q_norm_ptr, k_norm_ptr,  # [HEAD_DIM] RMSNorm scales (QK_NORM)
     slot_mapping_ptr,  # i32[num_tokens]
     layer_ptr,  # i32[1] (IS_STACKED)
@@ -85,16 +84,16 @@ def rope_write_kv_kernel(
   cols = offs_h < HALF
   mask = in_batch[:, None] & cols[None, :]
   row = qkv_ptr + offs_t.to(tl.int64)[:, None] * ROW + offs_h[None, :]  # [BLOCK_T, HALF_PAD]
-  pos = tl.load(positions_ptr + offs_t, mask=in_batch, other=0).to(tl.float32)
-  inv_freq = tl.load(inv_freq_ptr + offs_h, mask=cols, other=0.0)
+  rot = offs_t.to(tl.int64)[:, None] * HALF + offs_h[None, :]  # [BLOCK_T, HALF_PAD] in cos / sin
+  cos = tl.load(cos_ptr + rot, mask=mask, other=0.0)
+  sin = tl.load(sin_ptr + rot, mask=mask, other=0.0)
   # Every load is issued before the first store (a store may alias a later load for all Triton
   # knows, so it would wait): a handful of round trips to memory is the whole cost of this kernel.
   if head < NUM_HEADS:
     x1 = tl.load(row + head * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(row + head * HEAD_DIM + HALF, mask=mask, other=0.0).to(tl.float32)
     w1, w2 = _norm_scale(q_norm_ptr, offs_h, cols, HALF, HALF_PAD, QK_NORM)
-    angle = pos[:, None] * inv_freq[None, :]  # f32, as the jnp form multiplies
-    o1, o2 = _norm_rope(x1, x2, w1, w2, tl.cos(angle), tl.sin(angle), QK_NORM, EPS, HEAD_DIM, dtype)
+    o1, o2 = _norm_rope(x1, x2, w1, w2, cos, sin, QK_NORM, EPS, HEAD_DIM, dtype)
     q_row = q_out_ptr + (offs_t.to(tl.int64)[:, None] * NUM_HEADS + head) * HEAD_DIM + offs_h[None, :]
     tl.store(q_row, o1, mask=mask)
     tl.store(q_row + HALF, o2, mask=mask)
@@ -110,8 +109,7 @@ def rope_write_kv_kernel(
     v1 = tl.load(v_src, mask=mask, other=0.0)
     v2 = tl.load(v_src + HALF, mask=mask, other=0.0)
     w1, w2 = _norm_scale(k_norm_ptr, offs_h, cols, HALF, HALF_PAD, QK_NORM)
-    angle = pos[:, None] * inv_freq[None, :]
-    k1, k2 = _norm_rope(x1, x2, w1, w2, tl.cos(angle), tl.sin(angle), QK_NORM, EPS, HEAD_DIM, dtype)
+    k1, k2 = _norm_rope(x1, x2, w1, w2, cos, sin, QK_NORM, EPS, HEAD_DIM, dtype)
     store = ok[:, None] & cols[None, :]
     at = dst[:, None] + offs_h[None, :]
     tl.store(k_out_ptr + K_OFFSET + at, k1, mask=store)
@@ -120,12 +118,15 @@ def rope_write_kv_kernel(
     tl.store(v_out_ptr + V_OFFSET + at + HALF, v2, mask=store)
 
 
-def rope_write_kv(layout: KVCacheLayout, qkv, positions, inv_freq, q_norm, k_norm, eps: float, num_heads: int,
+def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: float, num_heads: int,
                   k_cache, v_cache, slot_mapping, layer):
   """The Triton launch: returns (q [T, H, D], k_cache, v_cache), the caches updated in place.
 
   `layout` is resolved (separate K and V buffers; stacked iff `layer` is given) and the arrays are
-  validated (`jax_varlen_attn.nn.qkv.rope_write_kv`); q_norm / k_norm None: no norm.
+  validated (`jax_varlen_attn.nn.qkv.rope_write_kv`); cos / sin f32[T, D / 2] the rotation
+  (`jax_varlen_attn.nn.qkv.rope_tables`: computed by XLA, once a step for all layers, because
+  `tl.cos` / `tl.sin` are libdevice's accurate forms, ~2 us of a ~3 us kernel); q_norm / k_norm
+  None: no norm.
   """
   num_tokens = qkv.shape[0]
   num_kv_heads, head_dim = layout.num_kv_heads, layout.head_dim
@@ -138,7 +139,7 @@ def rope_write_kv(layout: KVCacheLayout, qkv, positions, inv_freq, q_norm, k_nor
                 HEAD_DIM=head_dim, HALF_PAD=half_pad, BLOCK_T=block_t, QK_NORM=qk_norm, EPS=float(eps),
                 **layout_constexprs(layout))
   unused = jnp.zeros((1,), jnp.float32)  # norm scale pointers without QK_NORM: never read
-  inputs = dict(qkv_ptr=qkv, positions_ptr=positions, inv_freq_ptr=inv_freq,
+  inputs = dict(qkv_ptr=qkv, cos_ptr=cos, sin_ptr=sin,
                 q_norm_ptr=q_norm if qk_norm else unused, k_norm_ptr=k_norm if qk_norm else unused,
                 slot_mapping_ptr=slot_mapping,
                 layer_ptr=(jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,))),
