@@ -22,7 +22,7 @@ from flax import nnx
 
 from jax_varlen_attn.api import flash_attn_varlen_func
 from jax_varlen_attn.cache import write_kv
-from jax_varlen_attn.nn.qkv import apply_rope, rope_frequencies, rope_write_kv  # noqa: F401 (re-exported)
+from jax_varlen_attn.nn.qkv import apply_rope, rope_write_kv
 from jax_varlen_attn.reference import naive_paged_attention
 
 
