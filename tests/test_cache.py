@@ -33,19 +33,11 @@ from jax_varlen_attn import KVCacheLayout, flash_attn_varlen_func, write_kv  # n
 from jax_varlen_attn import cache as cache_mod  # noqa: E402
 from tests.problems import LAYOUTS, NP_DTYPES, Problem, _physical  # noqa: E402
 from tests.sm90 import run_compile_check  # noqa: E402
+from tests.write_backends import BACKENDS  # noqa: E402
 
 I32_MAX, I32_MIN = 2**31 - 1, -(2**31)
 
 
-def _triton_runs() -> bool:
-  try:
-    return bool(jax.devices("gpu"))
-  except RuntimeError:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-BACKENDS = ["xla", pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_runs(), reason="no GPU and TRITON_INTERPRET is not 1"))]
 CUSTOM = ("custom_gapped", "custom_fused")
 ALL_LAYOUTS = LAYOUTS + CUSTOM
 

@@ -9,7 +9,6 @@ a traced layer out of range write nothing.
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +20,9 @@ pytest.importorskip("flax")
 
 from jax_varlen_attn.nn import qkv as qkv_mod  # noqa: E402
 from jax_varlen_attn.nn.qkv import rope_write_kv  # noqa: E402
+from tests.write_backends import BACKENDS  # noqa: E402
 
 
-def _triton_runs() -> bool:
-  try:
-    return bool(jax.devices("gpu"))
-  except RuntimeError:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-BACKENDS = ["xla", pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_runs(), reason="no GPU and TRITON_INTERPRET is not 1"))]
 NP = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 # f32: the RoPE angle is an f32 product (position * inv_freq), off by up to ~position * 2**-24 rad.
 TOL = {"bfloat16": 2e-2, "float16": 4e-3, "float32": 1e-3}
