@@ -267,3 +267,16 @@ def test_ceilings_keep_the_best_measurement_and_percentages_follow():
   assert (recs[0]["pct_of_ceiling"], recs[0]["pct_of_ceiling_device"]) == (50.0, 55.0)
   assert recs[1]["pct_of_ceiling"] == 90.0 and recs[1]["pct_of_ceiling_device"] is None
   assert "pct_of_ceiling" not in recs[2]
+
+
+def test_bench_gemv_tiny_checks_every_variant(tmp_path):
+  """The skinny-matmul experiment under Triton's interpreter: every variant checked against float64."""
+  pytest.importorskip("triton")
+  env = dict(os.environ, OUT=str(tmp_path), JVA_COMMIT="test", TRITON_INTERPRET="1")
+  proc = subprocess.run([sys.executable, str(BENCH / "bench_gemv.py"), "--tiny", "--rows", "1,4", "--out", "g"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  doc = json.loads((tmp_path / "g.json").read_text())
+  recs = doc["records"]
+  assert {r["impl"] for r in recs} == {"xla", "triton"} and len(recs) == 2 * 2 * 3
+  assert all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in recs), recs

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Experiment (issue 15): can a matmul of our own read a decode step's weights faster than XLA's?
+
+A batch-1 step of the serving model spends ~1.05 ms of its 1.8 ms of GPU time in XLA's GEMMs for
+4 rows (benchmarks/NOTES.md session 9): the weights read at 2.5-3.4 TB/s of a 4.5 TB/s ceiling,
+split-K with f32 partials summed again by the next fusion. This times, for the model's four
+projections and a few row counts M, `x [M, K] @ w [K, N]` (bf16, f32 accumulation, bf16 out):
+
+  xla       jnp.dot under jit, as the model calls it
+  triton    `skinny_matmul_kernel` below, per variant (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages):
+            a program per BLOCK_N columns (x SPLIT_K key ranges), x's rows padded to 16 for the MMA;
+            SPLIT_K > 1 writes f32 partials that one XLA fusion sums (as XLA's split-K does)
+
+Each timed call runs the product over ROTATION distinct weight sets, as a model's layers do, so
+the weights come from HBM (the sets together exceed L2). Device time from a profiler trace per
+product; TB/s over the weight bytes; % of the read ceiling measured in the same run. Every record
+is checked against a float64 NumPy product first.
+
+  python benchmarks/bench_gemv.py                       # GPU; writes <gpu>_<date>_gemv.json
+  python benchmarks/bench_gemv.py --tiny                # CPU plumbing (Triton's interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import device_time  # noqa: E402  (benchmarks/)
+from jax_varlen_attn.backends.triton.call import launch  # noqa: E402
+
+# (name, K, N) of the Qwen3-1.7B-like model's projections (bench_serving's preset).
+SHAPES = [("qkv", 2048, 4096), ("o_proj", 2048, 2048), ("gate_up", 2048, 12288), ("down", 6144, 2048)]
+TINY_SHAPES = [("qkv", 64, 128), ("down", 128, 64)]
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+VARIANTS = [(32, 256, 1, 4, 4), (16, 256, 1, 4, 4), (64, 128, 1, 4, 4), (32, 128, 2, 4, 4),
+            (64, 256, 2, 4, 3), (32, 256, 4, 4, 3), (64, 128, 4, 4, 4), (128, 128, 8, 4, 3)]
+TINY_VARIANTS = [(32, 32, 1, 1, 1), (16, 32, 2, 1, 1)]
+ROTATION = 8
+
+
+@triton.jit
+def skinny_matmul_kernel(x_ptr, w_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+  """out [M, N] (SPLIT_K == 1, x's dtype) or partials f32[SPLIT_K, M, N] of x [M, K] @ w [K, N]."""
+  pid_n = tl.program_id(0)
+  pid_k = tl.program_id(1)
+  offs_m = tl.arange(0, BLOCK_M)
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  rows = offs_m < M
+  k_per: tl.constexpr = K // SPLIT_K
+  acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+  for k0 in tl.range(0, k_per, BLOCK_K, num_stages=NUM_STAGES):
+    offs_k = pid_k * k_per + k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=rows[:, None], other=0.0)
+    w = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * N + offs_n[None, :])
+    acc += tl.dot(x, w)
+  at = offs_m[:, None] * N + offs_n[None, :]
+  if SPLIT_K == 1:
+    tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None])
+  else:
+    tl.store(out_ptr + pid_k * M * N + at, acc, mask=rows[:, None])
+
+
+def skinny_matmul(x, w, block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int):
+  """x [M, K] @ w [K, N] through the kernel; N % block_n == 0 and K % (split_k * block_k) == 0."""
+  (m, k), n = x.shape, w.shape[1]
+  if n % block_n or k % (split_k * block_k):
+    raise ValueError(f"N={n} must divide by block_n={block_n}, K={k} by split_k * block_k")
+  out = (jax.ShapeDtypeStruct((m, n), x.dtype) if split_k == 1
+         else jax.ShapeDtypeStruct((split_k, m, n), jnp.float32))
+  consts = dict(M=m, K=k, N=n, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
+                BLOCK_K=block_k, SPLIT_K=split_k, NUM_STAGES=num_stages)
+  [y] = launch(skinny_matmul_kernel, dict(x_ptr=x, w_ptr=w), [out], (n // block_n, split_k), num_warps,
+               num_stages, consts)
+  return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--rows", default="1,4,16", help="comma list of M")
+  p.add_argument("--tiny", action="store_true", help="CPU plumbing run: tiny shapes, interpreter, float16 "
+                 "(the interpreter's tl.dot mistakes bfloat16 bits)")
+  p.add_argument("--out", default=None)
+  args = p.parse_args(argv)
+  on_gpu = any(d.platform == "gpu" for d in jax.devices())
+  if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+    p.error("no GPU: run with TRITON_INTERPRET=1 (and --tiny)")
+  shapes, variants = (TINY_SHAPES, TINY_VARIANTS) if args.tiny else (SHAPES, VARIANTS)
+  rotation = 2 if args.tiny else ROTATION
+  dtype = jnp.float16 if args.tiny else jnp.bfloat16
+  rng = np.random.default_rng(0)
+  ceiling = None
+  if on_gpu:
+    from bench_serving import read_ceiling
+    ceiling = read_ceiling(2048)
+  gpu = jax.devices()[0].device_kind
+  records: List[dict] = []
+  for name, k, n in shapes:
+    ws = [jnp.asarray(rng.standard_normal((k, n)) * 0.02, dtype) for _ in range(rotation)]
+    w_bytes = k * n * 2
+    for m in [int(r) for r in args.rows.split(",")]:
+      x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+      ref = np.asarray(x, np.float64) @ np.asarray(ws[0], np.float64)
+      impls = [("xla", "jnp.dot", lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))]
+      impls += [("triton", "n%d_k%d_s%d_w%d_st%d" % v, lambda a, b, v=v: skinny_matmul(a, b, *v)) for v in variants
+                if n % v[0] == 0 and k % (v[2] * v[1]) == 0]
+      for impl, variant, op in impls:
+        one = jax.jit(op)
+        rec = dict(shape=name, M=m, K=k, N=n, impl=impl, variant=variant, weight_bytes=w_bytes)
+        try:
+          got = np.asarray(one(x, ws[0]), np.float64)
+          rec["rel_err"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+          rec["status"] = "ok" if rec["rel_err"] < 2e-2 else "WRONG"
+          if on_gpu and rec["status"] == "ok":
+            many = jax.jit(lambda a, *bs, op=op: [op(a, b) for b in bs])
+            dev = device_time.measure(jax, many, (x, *ws), rotation)
+            if dev:
+              rec["device_us"] = round(dev["busy_ms"] * 1e3, 3)
+              rec["kernels_per_call"] = dev["kernels_per_call"]
+              rec["tbps"] = round(w_bytes / (dev["busy_ms"] / 1e3) / 1e12, 3)
+              rec["pct_ceiling"] = round(100 * rec["tbps"] * 1e3 / ceiling["read_gbps"], 1)
+        except Exception as e:  # a variant that fails to build is a record, not the end of the run
+          rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:300]}"
+        records.append(rec)
+        print(f"{name:8s} M={m:3d} {impl:7s} {variant:22s} {rec.get('device_us', '-'):>9} us "
+              f"{rec.get('tbps', '-'):>6} TB/s {rec.get('pct_ceiling', '-'):>5}% {rec['status']}", flush=True)
+  commit = os.environ.get("JVA_COMMIT", "unknown")
+  date = datetime.date.today().isoformat()
+  out = args.out or f"{gpu.lower().replace(' ', '_').replace('nvidia_', '')}_{date}_gemv"
+  doc = dict(benchmark="skinny matmul: XLA vs a Triton kernel of ours", commit=commit, gpu=gpu, date=date,
+             read_ceiling=ceiling, rotation=rotation, dtype=jnp.dtype(dtype).name, records=records,
+             xla_flags=os.environ.get("XLA_FLAGS", ""))
+  out_dir = Path(os.environ.get("OUT") or HERE / "results")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / f"{out}.json"
+  path.write_text(json.dumps(doc, indent=1))
+  print(f"wrote {path}")
+  # The table to read: per (shape, M), the best triton variant against XLA.
+  for name, k, n in shapes:
+    for m in sorted({r["M"] for r in records}):
+      rs = [r for r in records if r["shape"] == name and r["M"] == m and "device_us" in r]
+      xla = [r for r in rs if r["impl"] == "xla"]
+      tri = sorted((r for r in rs if r["impl"] == "triton"), key=lambda r: r["device_us"])
+      if xla and tri:
+        print(f"{name:8s} M={m:3d} xla {xla[0]['device_us']:8.2f} us ({xla[0]['pct_ceiling']}%)  best triton "
+              f"{tri[0]['variant']} {tri[0]['device_us']:8.2f} us ({tri[0]['pct_ceiling']}%)  "
+              f"ratio {tri[0]['device_us'] / xla[0]['device_us']:.3f}")
+  return 0 if all(r["status"] != "WRONG" for r in records) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
