@@ -116,9 +116,10 @@ def main(argv=None) -> int:
     for m in [int(r) for r in args.rows.split(",")]:
       x = jnp.asarray(rng.standard_normal((m, k)), dtype)
       ref = np.asarray(x, np.float64) @ np.asarray(ws[0], np.float64)
-      impls = [("xla", "jnp.dot", lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))]
-      impls += [("triton", "n%d_k%d_s%d_w%d_st%d" % v, lambda a, b, v=v: skinny_matmul(a, b, *v)) for v in variants
-                if n % v[0] == 0 and k % (v[2] * v[1]) == 0]
+      impls = [("xla", "jnp.dot",
+                lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))]
+      impls += [("triton", "n%d_k%d_s%d_w%d_st%d" % v, lambda a, b, v=v: skinny_matmul(a, b, *v))
+                for v in variants if n % v[0] == 0 and k % (v[2] * v[1]) == 0]
       for impl, variant, op in impls:
         one = jax.jit(op)
         rec = dict(shape=name, M=m, K=k, N=n, impl=impl, variant=variant, weight_bytes=w_bytes)

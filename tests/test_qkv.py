@@ -161,13 +161,14 @@ def test_one_compile_across_lengths_and_positions():
     (dict(num_heads=0), ValueError, "num_heads must be a positive int"),
     (dict(rope_theta=0.0), ValueError, "rope_theta"),
     (dict(q_norm_scale=jnp.ones(32)), ValueError, "go together"),
-    (dict(q_norm_scale=jnp.ones(16), k_norm_scale=jnp.ones(16)), ValueError, r"q_norm_scale must be \[head_dim=32\]"),
+    (dict(q_norm_scale=jnp.ones(16), k_norm_scale=jnp.ones(16)), ValueError,
+     r"q_norm_scale must be \[head_dim=32\]"),
     (dict(qkv=jnp.ones((2, 100))), ValueError, r"qkv must be \[T, \(num_heads"),
     (dict(positions=jnp.zeros((3,), jnp.int32)), ValueError, "positions must have one entry per token"),
     (dict(positions=jnp.zeros((2,), jnp.float32)), TypeError, "positions"),
     (dict(v_cache=None), ValueError, "separate k_cache and v_cache"),
-    (dict(k_cache=jnp.zeros((4, 4, 2, 32), jnp.float8_e4m3fn), v_cache=jnp.zeros((4, 4, 2, 32), jnp.float8_e4m3fn)),
-     TypeError, "does not quantize"),
+    (dict(k_cache=jnp.zeros((4, 4, 2, 32), jnp.float8_e4m3fn),
+          v_cache=jnp.zeros((4, 4, 2, 32), jnp.float8_e4m3fn)), TypeError, "does not quantize"),
     (dict(slot_mapping=jnp.zeros((3,), jnp.int32)), ValueError, "slot_mapping"),
 ])
 def test_bad_input_raises_naming_the_argument(kwargs, err, match):

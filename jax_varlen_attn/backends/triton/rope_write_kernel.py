@@ -6,13 +6,14 @@ to attention's inputs.
                             --> V rows into the cache   (as they are)
 
 One program takes BLOCK_T tokens of one head: a q head (programs 0..H-1 of grid axis 1), or a kv
-head's K and V rows (H..H+Hk-1). Each head row is read as two halves (x1 | x2, the pairs RoPE rotates), so the
-rotation needs no gather. The cache is an input aliased to its output, written only at the rows
-the slots name (`write_kernel.cache_rows`, the rule of `write_kv`: slot -1, a slot outside the
-cache and a stacked layer out of range write nothing).
+head's K and V rows (H..H+Hk-1). Each head row is read as two halves (x1 | x2, the pairs RoPE
+rotates), so the rotation needs no gather. The cache is an input aliased to its output, written
+only at the rows the slots name (`write_kernel.cache_rows`, the rule of `write_kv`: slot -1, a slot
+outside the cache and a stacked layer out of range write nothing).
 
-In a model's decode step this replaces the four to six small XLA kernels of slicing, q / k norms,
-RoPE and the `write_kv` launch with one launch (benchmarks/NOTES.md, "the serving decode step").
+In a model's decode step this replaces four small XLA kernels (q / k norms, RoPE, V's slice) and
+the `write_kv` launch with one launch: -7% of a decode step's GPU time at batch 1 and 16
+(benchmarks/NOTES.md, session 9, item 5).
 The math and its roundings are those of `jax_varlen_attn.nn.qkv.rope_write_kv_xla`: f32 throughout,
 the normed head rounded to the compute dtype before RoPE (as `nnx.RMSNorm` then `apply_rope` do).
 """
@@ -124,9 +125,9 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
 
   `layout` is resolved (separate K and V buffers; stacked iff `layer` is given) and the arrays are
   validated (`jax_varlen_attn.nn.qkv.rope_write_kv`); cos / sin f32[T, D / 2] the rotation
-  (`jax_varlen_attn.nn.qkv.rope_tables`: computed by XLA, once a step for all layers, because
-  `tl.cos` / `tl.sin` are libdevice's accurate forms, ~2 us of a ~3 us kernel); q_norm / k_norm
-  None: no norm.
+  (`jax_varlen_attn.nn.qkv.rope_tables`, computed by XLA: in the kernel, libdevice's sinf / cosf
+  with their local-memory range reduction took half of a 3.3 us call; in the serving step the
+  tables add no kernel); q_norm / k_norm None: no norm.
   """
   num_tokens = qkv.shape[0]
   num_kv_heads, head_dim = layout.num_kv_heads, layout.head_dim
