@@ -14,6 +14,7 @@ Everything about the batch is an array (`PagedBatch`), so a jitted step compiles
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -138,19 +139,12 @@ class PagedAttention(nnx.Module):
     naive = self.backend == "naive"
     if self.fused_rope_write and not naive:  # one launch from the projection to attention's inputs
       q, k_cache, v_cache = self.project_and_write(x, k_cache, v_cache, batch, layer)
-      o = flash_attn_varlen_func(
-          q, k_cache, v_cache, cu_seqlens_q=batch.cu_seqlens_q, seqused_k=batch.seqused_k,
-          block_table=batch.block_table, causal=True, layer=layer, backend=self.backend)
-      return self.output(o), k_cache, v_cache
-    q, k, v = self.project(x, batch.positions)
-    k_cache, v_cache = write_kv(k, v, k_cache, v_cache, batch.slot_mapping, layer=layer,
-                                backend="xla" if naive else self.backend)
-    if naive:
-      o = naive_paged_attention(q, k_cache, v_cache, cu_seqlens_q=batch.cu_seqlens_q,
-                                seqused_k=batch.seqused_k, block_table=batch.block_table,
-                                causal=True, layer=layer)
-      return self.output(o), k_cache, v_cache
-    o = flash_attn_varlen_func(
-        q, k_cache, v_cache, cu_seqlens_q=batch.cu_seqlens_q, seqused_k=batch.seqused_k,
-        block_table=batch.block_table, causal=True, layer=layer, backend=self.backend)
+    else:
+      q, k, v = self.project(x, batch.positions)
+      k_cache, v_cache = write_kv(k, v, k_cache, v_cache, batch.slot_mapping, layer=layer,
+                                  backend="xla" if naive else self.backend)
+    attend = naive_paged_attention if naive else functools.partial(flash_attn_varlen_func,
+                                                                   backend=self.backend)
+    o = attend(q, k_cache, v_cache, cu_seqlens_q=batch.cu_seqlens_q, seqused_k=batch.seqused_k,
+               block_table=batch.block_table, causal=True, layer=layer)
     return self.output(o), k_cache, v_cache

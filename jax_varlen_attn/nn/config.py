@@ -41,7 +41,7 @@ class ModelConfig:
   # presets take it; XLA had merged them already, so it measured within a few %: NOTES.md)
   fuse_projections: bool = False
   # with fuse_projections: q / k norms, RoPE and the cache write as one `rope_write_kv` call (one
-  # Triton kernel in place of 4 small XLA kernels and write_kv a layer; NOTES.md session 9)
+  # Triton kernel in place of 4 small XLA kernels and write_kv a layer; NOTES.md "rope_write_kv")
   fuse_rope_write: bool = True
   init_std: float = 0.02  # weights ~ N(0, init_std^2) (Qwen's initializer_range); norms start at 1
   backend: str = "auto"  # the attention backend (flash_attn_varlen_func's `backend=`, or "naive")

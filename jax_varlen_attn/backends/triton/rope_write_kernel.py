@@ -13,7 +13,7 @@ outside the cache and a stacked layer out of range write nothing).
 
 In a model's decode step this replaces four small XLA kernels (q / k norms, RoPE, V's slice) and
 the `write_kv` launch with one launch: -7% of a decode step's GPU time at batch 1 and 16
-(benchmarks/NOTES.md, session 9, item 5).
+(benchmarks/NOTES.md, "rope_write_kv").
 The math and its roundings are those of `jax_varlen_attn.nn.qkv.rope_write_kv_xla`: f32 throughout,
 the normed head rounded to the compute dtype before RoPE (as `nnx.RMSNorm` then `apply_rope` do).
 """
