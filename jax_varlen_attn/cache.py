@@ -179,14 +179,12 @@ def _select(backend) -> str:
   return "xla"  # "xla", and "pallas" (no Pallas write kernel: the scatter)
 
 
-def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer, k_scale=None,
-              v_scale=None):
-  """Static checks; returns (resolved layout, (k_new, v_new, k_cache, v_cache, slot_mapping, layer,
-  scales)), scales (k_scale, v_scale) f32[T, Hk] each for an fp8 cache, else None."""
+def validate_cache(k_cache, v_cache, kv_layout, layer):
+  """Static checks of a cache and its layer; returns (resolved layout, k_cache, v_cache, layer):
+  the checks `write_kv` and `jax_varlen_attn.nn.rope_write_kv` share."""
   k_cache = array_arg("k_cache", k_cache, dtypes=FLOAT_DTYPES + FP8_DTYPES,
                       dtype_desc=f"float16, bfloat16, float32 or fp8 ({FP8_DESC})")
   dtype = jnp.dtype(k_cache.dtype)
-  fp8 = dtype in FP8_DTYPES
   if v_cache is not None:
     v_cache = array_arg("v_cache", v_cache)
     if jnp.dtype(v_cache.dtype) != dtype:
@@ -200,6 +198,16 @@ def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer, k_
                    stacked=layer is not None)
   if layer_value is not None and not 0 <= layer_value < layout.num_layers:
     raise ValueError(f"layer must be in [0, {layout.num_layers}) (axis 0 of k_cache), got {layer_value}")
+  return layout, k_cache, v_cache, layer
+
+
+def _validate(k_new, v_new, k_cache, v_cache, slot_mapping, kv_layout, layer, k_scale=None,
+              v_scale=None):
+  """Static checks; returns (resolved layout, (k_new, v_new, k_cache, v_cache, slot_mapping, layer,
+  scales)), scales (k_scale, v_scale) f32[T, Hk] each for an fp8 cache, else None."""
+  layout, k_cache, v_cache, layer = validate_cache(k_cache, v_cache, kv_layout, layer)
+  dtype = jnp.dtype(k_cache.dtype)
+  fp8 = dtype in FP8_DTYPES
 
   want = f"[T, num_kv_heads={layout.num_kv_heads}, head_dim={layout.head_dim}]"
   for name, x in (("k_new", k_new), ("v_new", v_new)):

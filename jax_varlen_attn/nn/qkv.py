@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_varlen_attn import cache
-from jax_varlen_attn.layout import KVCacheLayout, resolve
-from jax_varlen_attn.validation import FP8_DTYPES, array_arg, check_kv_layout, is_array
+from jax_varlen_attn.layout import KVCacheLayout
+from jax_varlen_attn.validation import FP8_DTYPES, array_arg, is_array
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -107,7 +107,9 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
   if v_cache is None:
     raise ValueError("rope_write_kv takes separate k_cache and v_cache; for a fused cache form, "
                      "compute q / k / v and call write_kv")
-  k_cache = array_arg("k_cache", k_cache)
+  # The cache's checks are write_kv's; its heads and head_dim shape qkv. (write_kv's own checks on
+  # the K / V views follow, in cache._validate.)
+  cache_layout, k_cache, v_cache, layer = cache.validate_cache(k_cache, v_cache, kv_layout, layer)
   if jnp.dtype(k_cache.dtype) in FP8_DTYPES:
     raise TypeError(f"rope_write_kv does not quantize: k_cache is {jnp.dtype(k_cache.dtype).name}; "
                     "compute q / k / v and call write_kv with k_scale / v_scale")
@@ -119,10 +121,6 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
   if positions.shape[0] != qkv.shape[0]:
     raise ValueError(f"positions must have one entry per token (T={qkv.shape[0]}, axis 0 of qkv), got "
                      f"shape {tuple(positions.shape)}")
-  # The cache's heads and head_dim, then write_kv's own checks on the K / V views.
-  v_cache = array_arg("v_cache", v_cache)
-  check_kv_layout(kv_layout)
-  cache_layout = resolve(kv_layout, k_cache.shape, v_cache.shape, stacked=layer is not None)
   hk, d = cache_layout.num_kv_heads, cache_layout.head_dim
   if num_heads % hk:
     raise ValueError(f"num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads ({hk})")
