@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -479,7 +478,8 @@ def main(argv=None) -> int:
     triton_config.MIN_TILES_PER_SPLIT = args.min_split_tiles
   if args.write_launch:  # a patch for this run only: write_kv's launches take this route
     from jax_varlen_attn.backends.triton import write_kernel
-    write_kernel.launch = functools.partial(write_kernel.launch, route=args.write_launch)
+    launch = write_kernel.launch
+    write_kernel.launch = lambda *a, route=None, **k: launch(*a, route=args.write_launch, **k)
   if args.launch:  # read when the model's calls are traced: before the first one
     from jax_varlen_attn.backends.triton import call
     os.environ[call.LAUNCH_ENV] = args.launch

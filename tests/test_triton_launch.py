@@ -112,7 +112,7 @@ def test_gpu_every_route_calls_its_target_and_all_agree():
     assert f"@{ROUTE_TARGETS[route]}" in text or f'"{ROUTE_TARGETS[route]}"' in text, route
     outs[route] = np.asarray(fn(*args), np.float32)
   default = np.asarray(_routed(None)(*args), np.float32)
-  np.testing.assert_array_equal(default, outs[call.default_route()])
+  np.testing.assert_array_equal(default, outs[call.route_for(args[0].shape[0]) or call.default_route()])
   for route, out in outs.items():  # two compilers of one kernel: fp16 rounding may differ
     np.testing.assert_allclose(out, outs["xla"], atol=2e-3, rtol=2e-3, err_msg=route)
   if gen is not None and gen >= (0, 4):
@@ -178,6 +178,14 @@ def test_v04_arguments_pass_f32_scalars_as_floats():
   # A subnormal f32 would be typed f64 by jax-triton 0.4 as a float: it stays np.float32.
   tiny = np.float32(1e-40)
   assert isinstance(call._f32_scalar(tiny), np.float32)
+
+
+def test_small_calls_take_the_xla_route_unless_the_environment_decides(monkeypatch):
+  monkeypatch.delenv(call.LAUNCH_ENV, raising=False)
+  assert call.route_for(1) == call.route_for(call.SMALL_CALL_TOKENS) == "xla"
+  assert call.route_for(call.SMALL_CALL_TOKENS + 1) is None  # default_route()
+  monkeypatch.setenv(call.LAUNCH_ENV, "legacy")
+  assert call.route_for(1) is None
 
 
 def test_default_route_follows_the_environment(monkeypatch):

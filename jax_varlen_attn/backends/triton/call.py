@@ -1,12 +1,14 @@
 """The one module that launches a Triton kernel from JAX, and the only one that knows jax-triton.
 
 Routes (`launch(route=...)`, `Config(launch=...)`):
-- "xla" (opt-in): the installed triton turns the kernel into Triton IR (every scalar argument
-  folded in as a constant), and XLA's own Triton custom call (`__gpu$xla.gpu.triton`, what Pallas'
-  Triton lowering emits) compiles it, with XLA's bundled Triton, into an ordinary kernel of the
-  executable: no handler runs on the host per call and command buffers update it by pointer. It
-  halves the loop time of the smallest calls, but XLA's bundled Triton builds slower kernels (seed1
-  most), so it is not the default (benchmarks/NOTES.md, "launch routes"). jax-triton is not needed for it.
+- "xla" (the default for calls over at most SMALL_CALL_TOKENS tokens, `route_for`): the installed
+  triton turns the kernel into Triton IR (every scalar argument folded in as a constant), and XLA's
+  own Triton custom call (`__gpu$xla.gpu.triton`, what Pallas' Triton lowering emits) compiles it,
+  with XLA's bundled Triton, into an ordinary kernel of the executable: no handler runs on the host
+  per call and command buffers update it by pointer. It halves the loop time of the smallest calls,
+  but XLA's bundled Triton builds slower kernels for larger ones (seed1's prefill tile, decode of 64
+  sequences: +25%), so larger calls keep jax-triton's route (benchmarks/NOTES.md, "launch routes"
+  and session 9). jax-triton is not needed for it.
 - "ffi" with jax-triton 0.4.x (Python >= 3.12, jax >= 0.11, triton >= 3.7): its public `triton_call`, which
   emits jaxlib's typed-FFI custom call `triton_kernel_call_ffi`. That handler is marked
   command-buffer compatible, so XLA records it into its CUDA graphs, but re-records it on the host
@@ -148,6 +150,21 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
   extra["custom_call_target_name"] = _VIA_FFI if route == "ffi" and ffi_available() else _OURS
   return jax_triton.triton_call(*inputs.values(), kernel=kernel, out_shape=list(outputs), grid=grid,
                                 num_warps=num_warps, num_stages=num_stages, **extra, **constexprs)
+
+
+# Launches over at most this many tokens (a decode step of up to 16 sequences; seed2, seed3) take
+# XLA's Triton call: at that size jax-triton's host work per call (15-20 us) outweighs the kernel,
+# so a jitted decode loop of such calls is bound by the host (NOTES.md session 9, item 3).
+SMALL_CALL_TOKENS = 16
+
+
+def route_for(num_tokens: int) -> Optional[str]:
+  """The route of a launch over `num_tokens` tokens (attention's q rows, a write's new tokens)
+  that names none: "xla" for at most SMALL_CALL_TOKENS tokens, else None (`default_route()`);
+  None whenever $JAX_VARLEN_ATTN_LAUNCH is set (it decides every launch of the process)."""
+  if os.environ.get(LAUNCH_ENV) or num_tokens > SMALL_CALL_TOKENS:
+    return None
+  return "xla"
 
 
 def default_route() -> str:

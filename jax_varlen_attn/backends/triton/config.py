@@ -28,7 +28,8 @@ class Config:
   launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
     call; the default on jax-triton 0.4), "legacy" (jax-triton 0.3's custom call; its default),
     "xla" (XLA's own Triton custom call: least host cost per call, a slower prefill kernel); None
-    for the default.
+    for the default: "xla" for calls over at most `call.SMALL_CALL_TOKENS` query rows (decode of
+    a few sequences, where host cost decides), else jax-triton's (`call.route_for`).
 
   What is not here is the kernel's ABI (`constexprs`: shapes, layout strides, semantics), derived
   from the call, never tuned.

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_varlen_attn.backends.triton.call import launch
+from jax_varlen_attn.backends.triton.call import launch, route_for
 from jax_varlen_attn.backends.triton.config import Config
 from jax_varlen_attn.backends.triton.kernel import varlen_attention_kernel
 from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
@@ -66,7 +66,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   (`Config.resolved(spec)`: api does it once per call)."""
   inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
   out, lse = launch(varlen_attention_kernel, inputs, outputs, grid, config.num_warps,
-                    config.num_stages, consts, route=config.launch)
+                    config.num_stages, consts, route=config.launch or route_for(spec.total_q))
   if config.num_splits > 1:
     out, lse = combine_splits(out, lse)
     out = out.astype(spec.out_dtype)

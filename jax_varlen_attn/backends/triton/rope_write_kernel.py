@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from jax_varlen_attn.backends.triton.call import launch
+from jax_varlen_attn.backends.triton.call import launch, route_for
 from jax_varlen_attn.backends.triton.write_kernel import cache_rows, layout_constexprs, tokens_per_program
 from jax_varlen_attn.layout import KVCacheLayout
 from jax_varlen_attn.spec import next_pow2
@@ -150,5 +150,6 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
              jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
   grid = (-(-num_tokens // block_t), num_heads + num_kv_heads)
   q, k_cache, v_cache = launch(rope_write_kv_kernel, inputs, outputs, grid, num_warps, 1, consts,
-                               input_output_aliases={"k_cache_ptr": 1, "v_cache_ptr": 2})
+                               input_output_aliases={"k_cache_ptr": 1, "v_cache_ptr": 2},
+                               route=route_for(num_tokens))
   return q, k_cache, v_cache

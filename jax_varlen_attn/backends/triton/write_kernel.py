@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from jax_varlen_attn.backends.triton.call import launch
+from jax_varlen_attn.backends.triton.call import launch, route_for
 from jax_varlen_attn.layout import KVCacheLayout
 from jax_varlen_attn.spec import next_pow2
 
@@ -226,5 +226,6 @@ def write_kv(layout: KVCacheLayout, k_new, v_new, k_cache, v_cache, slot_mapping
   scales: None, or (k_scale, v_scale) f32[T, Hk] each: quantize into an fp8 cache."""
   kernel, inputs, outputs, grid, num_warps, consts, aliases = kernel_arguments(
       layout, k_new, v_new, k_cache, v_cache, slot_mapping, layer, scales)
-  outs = launch(kernel, inputs, outputs, grid, num_warps, 1, consts, input_output_aliases=aliases)
+  outs = launch(kernel, inputs, outputs, grid, num_warps, 1, consts, input_output_aliases=aliases,
+                route=route_for(k_new.shape[0]))
   return (outs[0], None) if v_cache is None else (outs[0], outs[1])
