@@ -61,7 +61,7 @@ from bench_env import (Budget, Env, apply_ceilings, git_commit, log, measure_cei
                        merge_ceilings, setup_env, time_chained, time_jax)
 from bench_inputs import (ALL_IMPLS, ALL_LAYOUTS, CaseData, LayoutData, base_record,  # noqa: E402,F401
                           build_layout, check, finish_timing, kv_tag, kv_variant, run_jax_unit)
-from bench_peers import flaggems_unit, naive_unit, paged_unit  # noqa: E402
+from bench_peers import DENSE_PEERS, dense_ok, dense_unit, flaggems_unit, naive_unit, paged_unit  # noqa: E402
 from bench_report import (_fmt, _json_default, add_ratios, answers, kv_answers, table,  # noqa: E402,F401
                           write_results)
 
@@ -120,6 +120,9 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
     rec["config"] = {**parse_config_variant(variant), "launch": config.launch}
   if impl == "jva-triton" and variant == "default":
     rec["variant"] = "page-stride-constexpr"  # the default address on every layout
+  if impl == "jva-pallas" and variant == "mosaic":  # the Mosaic GPU kernel (backends/pallas/mosaic.py)
+    from jax_varlen_attn import PallasConfig
+    config = PallasConfig(kernel="mosaic")
   layer = env.jnp.asarray(1, env.jnp.int32) if ld.stacked else None
   extra = [dict(layer=layer) for _ in range(cd.sets)] if ld.stacked else None
   if ld.meta_sets is not None:
@@ -159,6 +162,13 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants,
     elif impl == "xla-naive":
       if layout in ("contiguous", "strided"):
         out.append((impl, "default"))
+    elif impl in DENSE_PEERS:
+      if layout == "contiguous" and dense_ok(case):
+        out.append((impl, "default"))
+    elif impl == "jva-pallas":
+      out.append((impl, "default"))
+      if "mosaic" in variants:
+        out.append((impl, "mosaic"))
     else:
       out.append((impl, "default"))
   return out
@@ -177,6 +187,8 @@ def run_unit(env, cd, ld, impl, variant, args, ceilings) -> dict:
     return paged_unit(env, cd, ld, args, ceilings)
   if impl == "xla-naive":
     return naive_unit(env, cd, ld, args, ceilings)
+  if impl in DENSE_PEERS:
+    return dense_unit(env, cd, ld, impl, args, ceilings)
   raise ValueError(impl)
 
 
@@ -201,7 +213,8 @@ def parse_args(argv=None):
                  " (default: all; --tiny: jva-xla,xla-naive)")
   p.add_argument("--layouts", default="contiguous,strided", help="comma list of " + ",".join(ALL_LAYOUTS))
   p.add_argument("--variants", default="default,ffi-launch",
-                 help="jva-triton variants")
+                 help="jva-triton variants (default, ffi-launch, cfg:k=v;...), and \"mosaic\": jva-pallas "
+                      "with PallasConfig(kernel=\"mosaic\") beside its default")
   p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
   p.add_argument("--kv-dtype", default=None,
                  help="comma list of cache dtypes to run each case with: --dtype's (the default) and / or "

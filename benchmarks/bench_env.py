@@ -133,6 +133,14 @@ def setup_env(args) -> Env:
         ok, why = False, "no GPU (Pallas interpret mode is for tests, far too slow to time)"
       if not ok:
         env.why_not[impl] = why
+  for impl in ("cudnn-dense", "jax-mgpu-dense"):  # dense peers: CUDA only
+    if impl in want and not on_gpu:
+      env.why_not[impl] = "no GPU"
+  if "jax-mgpu-dense" in want and "jax-mgpu-dense" not in env.why_not:
+    try:
+      from jax.experimental.pallas.ops.gpu import attention_mgpu  # noqa: F401
+    except Exception as e:
+      env.why_not["jax-mgpu-dense"] = f"attention_mgpu unavailable: {type(e).__name__}: {e}"
   if "jva-triton" in want and "jva-triton" not in env.why_not:
     try:
       from jax_varlen_attn.backends.triton import Config

@@ -25,8 +25,9 @@ import device_time  # noqa: E402  (benchmarks/device_time.py)
 import shapes  # noqa: E402  (benchmarks/shapes.py)
 from bench_env import Env, log, time_jax  # noqa: E402
 
-ALL_IMPLS = ("jva-triton", "jva-pallas", "jva-xla", "flaggems", "jax-pallas-paged", "xla-naive")
-PEERS = ("flaggems", "jax-pallas-paged", "xla-naive")
+ALL_IMPLS = ("jva-triton", "jva-pallas", "jva-xla", "flaggems", "jax-pallas-paged", "xla-naive", "cudnn-dense",
+             "jax-mgpu-dense")
+PEERS = ("flaggems", "jax-pallas-paged", "xla-naive", "cudnn-dense", "jax-mgpu-dense")
 ALL_LAYOUTS = ("contiguous", "strided", "contiguous_2x", "hnd", "fused", "stacked")
 TOLERANCE = {"float16": 4e-3, "bfloat16": 1.6e-2}
 QUESTION = "with the page stride specialized, does a strided cache cost anything over a contiguous one?"

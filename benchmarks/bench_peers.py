@@ -234,3 +234,46 @@ def flaggems_unit(env: Env, cd: CaseData, ld: LayoutData, args, ceilings) -> dic
     rec["spread"], rec["reps"] = round(spread, 3), n
   rec["status"] = "ok"
   return rec  # the torch views die with this frame; free_device() empties torch's cache
+
+
+DENSE_PEERS = ("cudnn-dense", "jax-mgpu-dense")
+
+
+def dense_ok(case: shapes.Case) -> bool:
+  """Dense peers run uniform causal prefill only (every sequence S queries over the same S keys,
+  S a multiple of 128: JAX's Mosaic example tiles q by 2 x 64 and keys by 128)."""
+  lens = set(case.seqlens_q) | set(case.seqlens_k)
+  return (case.causal and len(lens) == 1 and next(iter(lens)) % 128 == 0
+          and case.total_q == case.batch * case.max_seqlen_q)
+
+
+def dense_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, args, ceilings) -> dict:
+  """A dense attention on the same problem, K / V gathered from the pages beforehand (untimed):
+  `cudnn-dense` = jax.nn.dot_product_attention(implementation="cudnn"); `jax-mgpu-dense` = JAX's
+  Mosaic GPU FlashAttention-3 example (jax.experimental.pallas.ops.gpu.attention_mgpu), block_q
+  64, block_kv 128, 2 stages. q [B, S, H, D] is a free reshape of ours; the output is reshaped back."""
+  jax, jnp = env.jax, env.jnp
+  rec = base_record(cd, ld.name, impl, "default")
+  case = cd.case
+  B, S, H, Hk, D = case.batch, case.max_seqlen_q, case.num_heads, case.num_kv_heads, case.head_dim
+  dense_sets = []
+  for (k, v), meta in zip(ld.kv_sets, cd.metas):
+    pages = meta["block_table"]
+    gather = lambda x: jnp.take(x, pages, axis=0).reshape(B, -1, Hk, D)[:, :S]
+    dense_sets.append((gather(k), gather(v)))
+  if impl == "cudnn-dense":
+    def attend(q, k, v):
+      return jax.nn.dot_product_attention(q, k, v, scale=cd.scale, is_causal=True,
+                                          implementation="cudnn")
+  else:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+    cfg = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+
+    def attend(q, k, v):  # the example has no scale argument: scale q
+      return mgpu.attention((q * cd.scale).astype(q.dtype), k, v, cfg)
+
+  def one(q, kv, meta):
+    return attend(q.reshape(B, S, H, D), *kv).reshape(B * S, H, D)
+
+  run_jax_unit(env, cd, rec, one, dense_sets, None, cd.calls_for(impl), args, ceilings)
+  return rec

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_varlen_attn.backends.pallas import lowering
+from jax_varlen_attn.backends.pallas import lowering, mosaic
 from jax_varlen_attn.backends.pallas.config import Config
 from jax_varlen_attn.backends.pallas.kernel import KernelParams, varlen_attention_kernel
 from jax_varlen_attn.spec import AttentionArrays, AttentionSpec, next_pow2
@@ -60,6 +60,20 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   Returns:
     (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None).
   """
+  if config.kernel == "mosaic":
+    why = mosaic.unsupported_reason(spec, k_size=arrays.k.size, v_size=arrays.v.size)
+    if why is not None:
+      raise ValueError(f"PallasConfig(kernel='mosaic') cannot run this call: {why}; use "
+                       "kernel='triton' (the default) or backend='triton'")
+    # On a CUDA GPU the Mosaic kernel; elsewhere the same semantics in interpret mode.
+    return jax.lax.platform_dependent(
+        arrays, cuda=lambda a: mosaic.attention(spec, a),
+        default=lambda a: _triton_lowered(spec, a, config))
+  return _triton_lowered(spec, arrays, config)
+
+
+def _triton_lowered(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
+  """`attention` with the kernel of kernel.py (Triton lowering on a GPU, interpret mode elsewhere)."""
   p = kernel_params(spec, config)
   T, H, D = spec.total_q, spec.num_heads, spec.head_dim
   for name, x in (("q", arrays.q), ("k", arrays.k), ("v", arrays.v)):

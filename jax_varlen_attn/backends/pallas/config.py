@@ -10,6 +10,7 @@ from jax_varlen_attn.backends.config_checks import check_int_range, check_launch
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
 _MAX_BLOCK_Q = 1024
+KERNELS = ("triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,14 +22,21 @@ class Config:
     head), so any positive block_q works; rows past block_q * group are padding.
   block_k: keys per step of the inner loop (a power of two >= 16: Triton's tensor and dot sizes).
   num_warps, num_stages: Triton launch options (GPU only; interpret mode ignores them).
+  kernel: which kernel runs on a CUDA GPU: "triton" (the kernel below through Pallas's Triton
+    lowering; the default) or "mosaic" (`mosaic.py`: a Hopper kernel in Mosaic GPU, experimental;
+    a call it does not cover raises ValueError saying why). Off the GPU both run the kernel below in
+    interpret mode. The block sizes above are the "triton" kernel's.
   """
 
   block_q: Optional[int] = None
   block_k: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
+  kernel: Optional[str] = None
 
   def __post_init__(self):
+    if self.kernel is not None and self.kernel not in KERNELS:
+      raise ValueError(f"Config.kernel must be one of {KERNELS} or None, got {self.kernel!r}")
     check_int_range("block_q", self.block_q, 1, _MAX_BLOCK_Q)
     check_pow2("block_k", self.block_k, 16)  # Triton's tensor and dot sizes
     check_launch_options(self.num_warps, self.num_stages)

@@ -1,0 +1,465 @@
+"""A Mosaic GPU (Hopper) kernel for varlen attention over a paged KV cache: experimental, opt-in.
+
+Example (an H100 / H200; `backend="pallas"` with this kernel chosen per call)::
+
+    from jax_varlen_attn import flash_attn_varlen_func, PallasConfig
+    out = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, seqused_k,
+                                 max_seqlen_k, block_table=block_table, causal=True,
+                                 backend="pallas", config=PallasConfig(kernel="mosaic"))
+
+The schedule is FlashAttention-3's (as in JAX's dense `attention_mgpu.py` example), written anew for
+the paged, ragged contract: a CTA holds 2 x block_q query rows of one sequence for one q head, in
+three warpgroups. Two compute warpgroups own block_q rows each and run QK^T and PV on wgmma with
+their softmax interleaved (a shared "schedule" barrier alternates their tensor-core phases); the
+third streams K / V tiles of block_kv keys into a `stages`-deep ring of shared-memory slots by TMA,
+one copy per page of a tile (a page is `block_size` rows of one kv head, wherever the layout puts
+them), so the cache is read in place and never gathered.
+
+What differs from the dense kernel, and why:
+- Ragged q. A program's (sequence, first row) come from `program_table` (computed by XLA from
+  cu_seqlens_q, the rule every backend uses: sequence b owns programs
+  [cu_q[b] // (2 block_q) + b, cu_q[b+1] // (2 block_q) + b + 1)). A TMA box of a tiled, swizzled
+  shared-memory tile must start at a multiple of 8 rows, and a store of a partial tile would
+  overwrite the next sequence's rows, so q and the output live in padded buffers where program p
+  owns rows [p R, (p + 1) R), R = 2 block_q: one XLA gather builds q's (`padded_rows`), one
+  compacts the output's (`compact_rows`). Rows past a sequence's end are computed and discarded.
+- Masks. Keys run over the band the CTA needs (causal bottom-right, sliding window, the sequence's
+  length), split per warpgroup into masked edges and an unmasked middle (`key_ranges`), so the
+  middle pays no mask.
+- Poisoned cache rows. Rows past seqlens_k inside the last page, and pages a padded block-table
+  entry names, may hold anything (NaN included). K's masked scores become -inf; V's rows would
+  still meet P = 0 in the PV product (0 x NaN = NaN), so the tile holding the sequence's last key
+  has its rows past the end zeroed in shared memory before PV. A page id out of range is a TMA
+  coordinate out of range: the hardware zero-fills it, nothing outside the buffer is read.
+
+Not covered (the pallas backend runs its Triton-lowered kernel instead, `unsupported_reason` says
+why): softcap, ALiBi, sinks, fp8, float32, non-paged k / v, head_dim not in (64, 128, 256), pages of
+fewer than 8 rows or not dividing / divided by block_kv, layouts whose pages are not a 2-D box of a
+row-major view of the buffer. GQA is not packed into the tile: each q head's CTA reads its kv head's
+tiles (K / V reads grow by the group size; prefill is bound by the tensor cores, not by them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_varlen_attn.layout import KVCacheLayout
+from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+COMPUTE_WGS = 2  # compute warpgroups per CTA; the third warpgroup loads K / V
+HEAD_DIMS = (64, 128, 256)
+DTYPES = ("float16", "bfloat16")
+_BIG = 1 << 30  # an unbounded window side, in keys
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTiles:
+  """block_q: query rows per compute warpgroup (a multiple of 64: wgmma's M); block_kv: keys per
+  K / V tile (a multiple of 64); stages: K / V tiles in flight (>= 2)."""
+
+  block_q: int = 64
+  block_kv: int = 128
+  stages: int = 2
+
+  @classmethod
+  def get_default(cls, head_dim: int) -> "MosaicTiles":
+    # FlashAttention-3's tiles for head_dim <= 128 (JAX's example: block_kv 128, 2 stages); at 256
+    # two 128-key stages of K and V would not fit in shared memory beside q, so 64 keys.
+    return cls(block_q=64, block_kv=128 if head_dim <= 128 else 64, stages=2)
+
+  @property
+  def rows_per_program(self) -> int:
+    return COMPUTE_WGS * self.block_q
+
+
+@dataclasses.dataclass(frozen=True)
+class KVView:
+  """A page of one kv head as a [rows, D] box of the buffer viewed as [size // width, width].
+
+  Row of (layer, page, head) = layer * layer_rows + page * page_rows + head * head_rows + offset
+  rows (k_rows / v_rows); column = head * head_cols. Tokens of a page are consecutive rows.
+  """
+
+  width: int  # elements per view row (the layout's token stride)
+  page_rows: int
+  layer_rows: int
+  head_rows: int
+  head_cols: int
+  k_rows: int
+  v_rows: int
+
+
+def kv_view(layout: KVCacheLayout) -> Tuple[Optional[KVView], str]:
+  """The 2-D view TMA reads `layout`'s pages through, or (None, why it has none)."""
+  d, ts, hs = layout.head_dim, layout.token_stride, layout.head_stride
+  if ts % d or ts == 0:
+    return None, f"token stride {ts} is not a positive multiple of head_dim"
+  for name in ("page_stride", "layer_stride", "k_offset", "v_offset"):
+    if getattr(layout, name) % ts:
+      return None, f"{name}={getattr(layout, name)} is not a multiple of the token stride {ts}"
+  if hs % ts == 0:
+    head_rows, head_cols = hs // ts, 0
+  elif (layout.num_kv_heads - 1) * hs + d <= ts:
+    head_rows, head_cols = 0, hs
+  else:
+    return None, "a kv head's rows are neither whole view rows nor columns of one"
+  return KVView(width=ts, page_rows=layout.page_stride // ts, layer_rows=layout.layer_stride // ts,
+                head_rows=head_rows, head_cols=head_cols, k_rows=layout.k_offset // ts,
+                v_rows=layout.v_offset // ts), ""
+
+
+def unsupported_reason(spec: AttentionSpec, tiles: Optional[MosaicTiles] = None,
+                       k_size: Optional[int] = None, v_size: Optional[int] = None) -> Optional[str]:
+  """Why this kernel cannot run `spec` (None: it can); k_size / v_size: the cache buffers' element
+  counts, where known."""
+  if not spec.paged:
+    return "k / v are not a paged cache (the kernel reads pages by TMA)"
+  if spec.dtype not in DTYPES or spec.kv_fp8:
+    return f"dtype {spec.dtype} / kv {spec.kv_dtype}: only float16 / bfloat16 q and cache"
+  if spec.head_dim not in HEAD_DIMS:
+    return f"head_dim {spec.head_dim} not in {HEAD_DIMS}"
+  if spec.softcap or spec.has_alibi or spec.has_sinks:
+    return "softcap, ALiBi and sinks are not in this kernel"
+  tiles = tiles or MosaicTiles.get_default(spec.head_dim)
+  bs = spec.layout.block_size
+  rows = min(bs, tiles.block_kv)
+  if rows % 8 or (tiles.block_kv % bs and bs % tiles.block_kv):
+    return (f"page size {bs}: a page must hold a multiple of 8 rows and divide, or be divided by, "
+            f"block_kv={tiles.block_kv}")
+  view, why = kv_view(spec.layout)
+  if view is None:
+    return f"layout {spec.layout.name}: {why}"
+  # TMA reads a tiled view: 8-row tiles of 128 bytes (64 fp16 columns), boxes starting on them.
+  cols = 128 // 2
+  rows = (view.page_rows, view.layer_rows, view.head_rows, view.k_rows, view.v_rows)
+  if view.width % cols or view.head_cols % cols or any(r % 8 for r in rows):
+    return (f"layout {spec.layout.name}: a page of one kv head does not start on a tile of 8 rows "
+            "x 64 columns of the cache viewed as rows of its token stride")
+  for name, size in (("k", k_size), ("v", v_size)):
+    if size is not None and (size % view.width or (size // view.width) % 8):
+      return f"{name} has {size} elements: not a whole number of 8-row tiles of {view.width} columns"
+  return None
+
+
+# ---- index arithmetic shared by the kernel and XLA (tested on the CPU against the oracle) ----------
+
+def program_table(cu_seqlens_q: jax.Array, num_programs: int, rows_per_program: int) -> jax.Array:
+  """i32[num_programs, 2]: (sequence, first query row within it) of each program.
+
+  Sequence b owns programs from start_b = cu_q[b] // R + b on; program p belongs to the last b with
+  start_b <= p and covers its rows [(p - start_b) R, (p - start_b + 1) R). Rows past the sequence's
+  end (and whole programs past it) are the kernel's to skip.
+  """
+  cu = cu_seqlens_q.astype(jnp.int32)
+  batch = cu.shape[0] - 1
+  starts = cu[:-1] // rows_per_program + jnp.arange(batch, dtype=jnp.int32)
+  p = jnp.arange(num_programs, dtype=jnp.int32)
+  seq = jnp.clip(jnp.searchsorted(starts, p, side="right").astype(jnp.int32) - 1, 0, batch - 1)
+  return jnp.stack([seq, (p - starts[seq]) * rows_per_program], axis=1)
+
+
+def padded_rows(table: jax.Array, cu_seqlens_q: jax.Array, total_q: int,
+                rows_per_program: int) -> jax.Array:
+  """i32[num_programs * R]: the q token of each padded row (program p's row i is token
+  cu_q[seq_p] + q_lo_p + i, clipped into [0, total_q); rows past a sequence are discarded later)."""
+  cu = cu_seqlens_q.astype(jnp.int32)
+  first = cu[table[:, 0]] + table[:, 1]
+  rows = first[:, None] + jnp.arange(rows_per_program, dtype=jnp.int32)[None, :]
+  return jnp.clip(rows.reshape(-1), 0, total_q - 1)
+
+
+def compact_rows(padded: jax.Array, cu_seqlens_q: jax.Array, total_q: int, rows_per_program: int,
+                 axis: int, fill) -> jax.Array:
+  """Token t of sequence b from the padded per-program rows: row start_b * R + (t - cu_q[b]).
+
+  Rows past cu_seqlens_q[-1] get `fill` (zeros for out, +inf for the LSE, as every backend).
+  """
+  cu = cu_seqlens_q.astype(jnp.int32)
+  batch = cu.shape[0] - 1
+  t = jnp.arange(total_q, dtype=jnp.int32)
+  b = jnp.clip(jnp.searchsorted(cu, t, side="right").astype(jnp.int32) - 1, 0, batch - 1)
+  starts = cu[:-1] // rows_per_program + jnp.arange(batch, dtype=jnp.int32)
+  src = starts[b] * rows_per_program + (t - cu[b])
+  rows = jnp.take(padded, src, axis=axis, mode="clip")
+  live = t < cu[-1]
+  shape = [1] * rows.ndim
+  shape[axis] = total_q
+  return jnp.where(live.reshape(shape), rows, jnp.asarray(fill, rows.dtype))
+
+
+def key_ranges(r0, r1, q_len, kv_len, window_left: int, window_right: int, block_kv: int):
+  """Key tiles rows [r0, r1] (within the sequence, r1 >= r0) need, and which need no mask.
+
+  Returns (lo, full_lo, full_hi, hi): tiles [lo, hi) hold an allowed key of some row; tiles
+  [full_lo, full_hi) have every key allowed for every row (lo <= full_lo <= full_hi <= hi).
+  Bottom-right alignment: row r sees keys [r + off - window_left, r + off + window_right] within
+  [0, kv_len), off = kv_len - q_len; a window side of -1 is unbounded. Scalars (jnp or Python).
+  """
+  off = kv_len - q_len
+  wl = _BIG if window_left < 0 else window_left
+  wr = _BIG if window_right < 0 else window_right
+  key_lo = jnp.maximum(r0 + off - wl, 0)
+  key_hi = jnp.minimum(r1 + off + wr + 1, kv_len)
+  lo = key_lo // block_kv
+  hi = jnp.maximum((key_hi + block_kv - 1) // block_kv, lo)
+  hi = jnp.where(key_hi > key_lo, hi, lo)
+  # Every key of tile j is allowed for every row iff j * B >= r1 + off - wl and
+  # (j + 1) * B <= min(kv_len, r0 + off + wr + 1).
+  full_key_lo = jnp.maximum(r1 + off - wl, 0)
+  full_key_hi = jnp.minimum(r0 + off + wr + 1, kv_len)
+  full_lo = jnp.clip((full_key_lo + block_kv - 1) // block_kv, lo, hi)
+  full_hi = jnp.clip(full_key_hi // block_kv, full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+# ---- the kernel -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Params:
+  num_heads: int
+  group: int
+  head_dim: int
+  block_size: int
+  max_blocks: int
+  scale: float
+  window_left: int
+  window_right: int
+  dtype: str
+  tiles: MosaicTiles
+  view: KVView
+
+
+def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref,
+            out_ref, lse_ref, scoped):
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  t, view = p.tiles, p.view
+  bq, bkv, stages, d = t.block_q, t.block_kv, t.stages, p.head_dim
+  rows_per_copy = min(p.block_size, bkv)
+  copies = bkv // rows_per_copy  # TMA copies (pages) per K or V tile
+  dtype = jnp.dtype(p.dtype)
+  (qo_smem2, k_smem, v_smem, lse_smem2), (k_bars, v_bars, q_bars), consumed, sched = scoped
+  k_consumed, v_consumed = consumed
+
+  prog = lax.axis_index("q_seq")
+  head = lax.axis_index("heads")
+  wg = lax.axis_index("wg")
+  seq = table_ref[prog, 0]
+  q_lo = table_ref[prog, 1]
+  q_start = cu_q_ref[seq]
+  q_len = cu_q_ref[seq + 1] - q_start
+  kv_len = seqk_ref[seq]
+  layer = layer_ref[0]
+  r_last = jnp.minimum(q_lo + COMPUTE_WGS * bq, q_len) - 1
+  lo, _, _, hi = key_ranges(q_lo, r_last, q_len, kv_len, p.window_left, p.window_right, bkv)
+  live = q_lo < q_len
+
+  def schedule_barrier():
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+  @pl.when(live & (wg < COMPUTE_WGS))
+  def _compute():
+    plgpu.set_max_registers(232, action="increase")
+    qo_smem = qo_smem2.at[wg]
+    lse_smem = lse_smem2.at[wg]
+    r0 = q_lo + wg * bq
+    r1 = jnp.maximum(jnp.minimum(r0 + bq, q_len) - 1, r0)
+    _, full_lo, full_hi, _ = key_ranges(r0, r1, q_len, kv_len, p.window_left, p.window_right, bkv)
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(prog * (COMPUTE_WGS * bq) + wg * bq, bq), head], qo_smem,
+                            q_bars.at[wg])
+    plgpu.barrier_wait(q_bars.at[wg])
+
+    m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.full((bq, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+    @pl.when(hi > lo)
+    def _():
+      plgpu.barrier_wait(k_bars.at[0])
+
+    pl.when(wg == 1)(schedule_barrier)
+    qk_scale = p.scale * LOG2E
+
+    def step(j, carry, masked: bool):
+      acc, m_i, l_i = carry
+      slot = lax.rem(j - lo, stages)
+
+      def compute_qk(acc_ref):
+        plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        schedule_barrier()
+        return acc_ref[...]
+
+      s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      s = s * qk_scale
+      if masked:  # the band's edges and the sequence's end: -inf where a key is not allowed
+        rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA) + r0
+        keys = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA) + j * bkv
+        off = kv_len - q_len
+        ok = keys < kv_len
+        if p.window_right >= 0:
+          ok = ok & (keys <= rows + off + p.window_right)
+        if p.window_left >= 0:
+          ok = ok & (keys >= rows + off - p.window_left)
+        s = jnp.where(ok, s, -jnp.inf)
+      m_new = jnp.maximum(m_i, s.max(axis=1))
+      # A row with no allowed key yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN).
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+      alpha = jnp.exp2(m_i - m_use)
+      pmat = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l_i = l_i * alpha + pmat.sum(axis=1)
+      p16 = pmat.astype(dtype)
+      plgpu.barrier_arrive(sched)  # softmax done
+      plgpu.barrier_wait(v_bars.at[slot])
+      if masked:
+        # Rows past the sequence's last key may hold NaN (poison): P = 0 would not cancel it.
+        @pl.when((j + 1) * bkv > kv_len)
+        def _():
+          vrows = plgpu.broadcasted_iota(jnp.int32, (bkv, d), 0, layout=plgpu.Layout.WGMMA)
+          vt = v_smem.at[slot][...]
+          v_smem.at[slot][...] = jnp.where(vrows + j * bkv < kv_len, vt, jnp.zeros_like(vt))
+          plgpu.commit_smem()
+      plgpu.barrier_wait(sched)  # the tensor cores are ours
+
+      def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        nxt = j + 1
+
+        @pl.when(nxt < hi)
+        def _():
+          plgpu.barrier_wait(k_bars.at[lax.rem(nxt - lo, stages)])
+
+      acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_consumed.at[slot])
+      return acc, m_new, l_i
+
+    carry = (acc, m_i, l_i)
+    carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
+    acc, m_i, l_i = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
+    pl.when(wg == 0)(schedule_barrier)
+
+    seen = l_i > 0
+    inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+    qo_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+    lse_smem[...] = jnp.where(seen, m_i * LN2 + jnp.log(jnp.where(seen, l_i, 1.0)), jnp.inf)
+    plgpu.commit_smem()
+    row = prog * (COMPUTE_WGS * bq) + wg * bq
+    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(row, bq), head])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[head, pl.ds(row, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(live & (wg == COMPUTE_WGS))
+  def _load():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = head // p.group
+    base = layer * view.layer_rows + kv_head * view.head_rows
+    col = kv_head * view.head_cols
+
+    def issue(j, slot):
+      for c in range(copies):
+        key = j * bkv + c * rows_per_copy
+        entry = jnp.minimum(key // p.block_size, p.max_blocks - 1)
+        page = bt_ref[seq, entry]
+        row = base + page * view.page_rows + key % p.block_size
+        dst = pl.ds(c * rows_per_copy, rows_per_copy)
+        plgpu.copy_gmem_to_smem(k_ref.at[pl.ds(row + view.k_rows, rows_per_copy), pl.ds(col, d)],
+                                k_smem.at[slot, dst], k_bars.at[slot])
+      for c in range(copies):
+        key = j * bkv + c * rows_per_copy
+        entry = jnp.minimum(key // p.block_size, p.max_blocks - 1)
+        page = bt_ref[seq, entry]
+        row = base + page * view.page_rows + key % p.block_size
+        dst = pl.ds(c * rows_per_copy, rows_per_copy)
+        plgpu.copy_gmem_to_smem(v_ref.at[pl.ds(row + view.v_rows, rows_per_copy), pl.ds(col, d)],
+                                v_smem.at[slot, dst], v_bars.at[slot])
+
+    for i in range(stages):
+      @pl.when(lo + i < hi)
+      def _():
+        issue(lo + i, i)
+
+    @pl.loop(lo + stages, hi)
+    def _(j):
+      slot = lax.rem(j - lo, stages)
+      plgpu.barrier_wait(k_consumed.at[slot])
+      plgpu.barrier_wait(v_consumed.at[slot])
+      issue(j, slot)
+
+
+def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[MosaicTiles] = None):
+  """Varlen paged attention with the Mosaic GPU kernel (CUDA, sm_90a).
+
+  Args:
+    spec: the call's static description; `unsupported_reason(spec)` must be None.
+    arrays: q [T, H, D]; k / v the caller's cache buffers; cu_seqlens_q i32[B + 1]; seqlens_k i32[B];
+      kv_index = block_table i32[B, max_blocks]; layer i32[] or None.
+    tiles: MosaicTiles (default `MosaicTiles.get_default(head_dim)`).
+
+  Returns:
+    (out [T, H, D] in q's dtype, lse f32[H, T] or None).
+  """
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  tiles = tiles or MosaicTiles.get_default(spec.head_dim)
+  why = unsupported_reason(spec, tiles, arrays.k.size, arrays.v.size)
+  if why is not None:
+    raise ValueError(f"the Mosaic GPU kernel cannot run this call: {why}")
+  view, _ = kv_view(spec.layout)
+  T, H, D = spec.total_q, spec.num_heads, spec.head_dim
+  R = tiles.rows_per_program
+  num_programs = spec.query_programs(R)
+  dtype = jnp.dtype(spec.dtype)
+  p = _Params(num_heads=H, group=spec.group_size, head_dim=D, block_size=spec.layout.block_size,
+              max_blocks=spec.max_blocks, scale=spec.scale, window_left=spec.window_left,
+              window_right=spec.window_right, dtype=spec.dtype, tiles=tiles, view=view)
+  table = program_table(arrays.cu_seqlens_q, num_programs, R)
+  q_pad = jnp.take(arrays.q, padded_rows(table, arrays.cu_seqlens_q, T, R), axis=0)
+  layer = (jnp.zeros((1,), jnp.int32) if arrays.layer is None
+           else jnp.reshape(arrays.layer, (1,)).astype(jnp.int32))
+  k2d = arrays.k.reshape(-1, view.width)  # row-major: a bitcast, the cache is read in place
+  v2d = arrays.v.reshape(-1, view.width)
+  swizzle = plgpu.SwizzleTransform(128)
+  tiling = plgpu.TilingTransform((8, 128 // dtype.itemsize))
+
+  def entry(table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
+    scratch = (
+        plgpu.SMEM((COMPUTE_WGS, tiles.block_q, D), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((tiles.stages, tiles.block_kv, D), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((tiles.stages, tiles.block_kv, D), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((COMPUTE_WGS, tiles.block_q), jnp.float32),
+    )
+    copies = tiles.block_kv // min(spec.layout.block_size, tiles.block_kv)
+    bars = (plgpu.Barrier(num_arrivals=copies, num_barriers=tiles.stages),
+            plgpu.Barrier(num_arrivals=copies, num_barriers=tiles.stages),
+            plgpu.Barrier(num_barriers=COMPUTE_WGS))
+    consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=tiles.stages),) * 2
+    pl.run_scoped(
+        lambda *scoped: _kernel(p, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref, k_ref,
+                                v_ref, out_ref, lse_ref, scoped),
+        scratch, bars, consumed, plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
+
+  out_pad, lse_pad = plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct((num_programs * R, H, D), dtype),
+                jax.ShapeDtypeStruct((H, num_programs * R), jnp.float32)),
+      grid=(H, num_programs), grid_names=("heads", "q_seq"),
+      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(table, arrays.cu_seqlens_q.astype(jnp.int32), arrays.seqlens_k.astype(jnp.int32),
+    arrays.kv_index.astype(jnp.int32), layer, q_pad, k2d, v2d)
+  out = compact_rows(out_pad, arrays.cu_seqlens_q, T, R, axis=0, fill=0)
+  lse = compact_rows(lse_pad, arrays.cu_seqlens_q, T, R, axis=1, fill=jnp.inf) if spec.return_lse else None
+  return out, lse

@@ -1,0 +1,258 @@
+"""The Pallas backend's Mosaic GPU kernel (`PallasConfig(kernel="mosaic")`, backends/pallas/mosaic.py).
+
+On a CPU: its index arithmetic against brute force built from the semantics (which program holds
+which row, the padded q / output rows, the key tiles each warpgroup visits and which need a mask),
+what it refuses and why, and that JAX lowers it for CUDA (Mosaic GPU lowers without a GPU). On a
+CUDA GPU (H100 / H200): the float64 oracle over the features, layouts, dtypes and head dims it
+covers, with poisoned padding, one compile across lengths, and no copy of the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_varlen_attn import PallasConfig
+from jax_varlen_attn.backends.pallas import mosaic
+from jax_varlen_attn.layout import KVCacheLayout, resolve
+from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
+from jax_varlen_attn import flash_attn_varlen_func
+from tests.attention_suite import FEATURES, AttentionSuite, _large_buffers, _pad_cols, _pad_rows
+from tests.conftest import HAS_GPU
+from tests.oracle import reference_attention
+from tests.problems import LAYOUTS, TOLERANCE, Problem, make_problem, rel_err
+
+MOSAIC = PallasConfig(kernel="mosaic")
+
+
+def _spec(layout="NHD", head_dim=64, block_size=16, **overrides) -> AttentionSpec:
+  hk, nb = 2, 12
+  shape = {"NHD": (nb, block_size, hk, head_dim), "HND": (nb, hk, block_size, head_dim),
+           "fused_page_major": (nb, 2, block_size, hk, head_dim)}[layout]
+  lay = resolve(layout, shape, None if layout.startswith("fused") else shape, False)
+  fields = dict(total_q=40, num_heads=4, num_kv_heads=hk, head_dim=head_dim, batch=3, layout=lay,
+                max_blocks=6, total_k=0, max_seqlen_q=40, max_seqlen_k=96, scale=0.125, causal=True,
+                window_left=-1, window_right=0, softcap=0.0, has_alibi=False, return_lse=True,
+                dtype="float16")
+  fields.update(overrides)
+  return AttentionSpec(**fields)
+
+
+# ---- index arithmetic (CPU) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("seqlens", [(5, 0, 130, 1, 128), (0, 0, 3), (300,), (127, 129, 256)])
+def test_programs_cover_every_row_once_and_padded_rows_round_trip(seqlens):
+  R, pad = 128, 5
+  cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+  total_q = int(cu[-1]) + pad
+  num_programs = -(-total_q // R) + len(seqlens)  # AttentionSpec.query_programs
+  table = np.asarray(mosaic.program_table(jnp.asarray(cu), num_programs, R))
+  owner = {}
+  for prog, (b, q_lo) in enumerate(table):
+    for r in range(q_lo, min(q_lo + R, seqlens[b])):
+      assert (b, r) not in owner, f"row {r} of sequence {b} in programs {owner[(b, r)]} and {prog}"
+      owner[(b, r)] = prog
+  assert len(owner) == sum(seqlens), "a row no program holds"
+  rows = np.asarray(mosaic.padded_rows(jnp.asarray(table), jnp.asarray(cu), total_q, R))
+  for (b, r), prog in owner.items():
+    assert rows[prog * R + r - table[prog, 1]] == cu[b] + r
+  # The output path inverts it: token t's value comes from its padded row; padding rows are `fill`.
+  q = np.random.default_rng(0).standard_normal((total_q, 3)).astype(np.float32)
+  padded = q[rows]
+  back = np.asarray(mosaic.compact_rows(jnp.asarray(padded), jnp.asarray(cu), total_q, R, axis=0,
+                                        fill=0))
+  np.testing.assert_array_equal(back[:cu[-1]], q[:cu[-1]])
+  assert (back[cu[-1]:] == 0).all()
+
+
+def _allowed(r, c, q_len, kv_len, wl, wr):
+  """The contract's mask, written out: bottom-right aligned band, keys inside the sequence."""
+  off = kv_len - q_len
+  ok = 0 <= c < kv_len
+  if wl >= 0:
+    ok = ok and c >= r + off - wl
+  if wr >= 0:
+    ok = ok and c <= r + off + wr
+  return ok
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (5, 0), (200, 3), (0, 0), (70, -1)])
+def test_key_ranges_match_the_mask(window):
+  wl, wr = window
+  B = 64
+  rng = np.random.default_rng(1)
+  for _ in range(150):
+    q_len = int(rng.integers(1, 300))
+    kv_len = int(rng.integers(0, 400))
+    r0 = int(rng.integers(0, q_len))
+    r1 = int(rng.integers(r0, min(q_len, r0 + 64)))
+    lo, full_lo, full_hi, hi = (int(x) for x in mosaic.key_ranges(r0, r1, q_len, kv_len, wl, wr, B))
+    assert lo <= full_lo <= full_hi <= hi
+    for j in range(-(-max(kv_len, 1) // B) + 1):
+      keys = range(j * B, (j + 1) * B)
+      cells = [_allowed(r, c, q_len, kv_len, wl, wr) for r in range(r0, r1 + 1) for c in keys]
+      if any(cells):
+        assert lo <= j < hi, (j, lo, hi, q_len, kv_len, r0, r1)
+      if lo <= j < hi and (full_lo <= j < full_hi):
+        assert all(cells), f"tile {j} runs unmasked but has a masked key"
+
+
+# ---- what it refuses, and its lowering (CPU) ----------------------------------------------------
+
+@pytest.mark.parametrize("overrides, reason", [
+    (dict(softcap=2.0), "softcap"), (dict(has_alibi=True), "ALiBi"), (dict(has_sinks=True), "sinks"),
+    (dict(dtype="float32"), "float32"), (dict(kv_dtype="float8_e4m3fn"), "float8"),
+    (dict(head_dim=96), "head_dim 96"), (dict(block_size=4), "page size 4"),
+    (dict(block_size=48), "page size 48"),
+])
+def test_unsupported_calls_say_why(overrides, reason):
+  assert reason in mosaic.unsupported_reason(_spec(**overrides))
+
+
+def test_layouts_it_reads_and_one_it_cannot():
+  for layout in ("NHD", "HND", "fused_page_major"):
+    assert mosaic.unsupported_reason(_spec(layout=layout)) is None, layout
+  odd = KVCacheLayout(block_size=16, num_kv_heads=2, head_dim=64, page_stride=16 * 128 + 64,
+                      num_pages=8)
+  assert "token stride" in mosaic.unsupported_reason(_spec(layout="NHD").__class__(
+      **{**dataclasses.asdict(_spec()), "layout": odd}))
+
+
+def test_config_rejects_an_unknown_kernel():
+  with pytest.raises(ValueError, match="Config.kernel"):
+    PallasConfig(kernel="cuda")
+
+
+@pytest.mark.parametrize("layout, head_dim, dtype", [("NHD", 128, "float16"), ("HND", 64, "bfloat16"),
+                                                     ("fused_page_major", 256, "float16")])
+def test_lowers_for_cuda_without_a_gpu(layout, head_dim, dtype):
+  """JAX lowers the Mosaic kernel to its CUDA custom call on any machine (PTX comes later, from XLA)."""
+  spec = _spec(layout=layout, head_dim=head_dim, dtype=dtype, window_left=30)
+  kshape = {"NHD": (12, 16, 2, head_dim), "HND": (12, 2, 16, head_dim),
+            "fused_page_major": (12, 2, 16, 2, head_dim)}[layout]
+  kv = jax.ShapeDtypeStruct(kshape, jnp.dtype(dtype))
+  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+  arrays = AttentionArrays(q=jax.ShapeDtypeStruct((40, 4, head_dim), jnp.dtype(dtype)), k=kv, v=kv,
+                           cu_seqlens_q=i32(4), seqlens_k=i32(3), kv_index=i32(3, 6), alibi=None,
+                           layer=None)
+  text = jax.jit(lambda a: mosaic.attention(spec, a)).trace(arrays).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def test_an_uncovered_call_raises_before_any_launch():
+  kwargs, _ = make_problem(Problem(softcap=2.0))
+  with pytest.raises(ValueError, match="softcap"):
+    flash_attn_varlen_func(**kwargs, backend="pallas", config=MOSAIC)
+
+
+# ---- the oracle on the GPU ----------------------------------------------------------------------
+
+COVERED = ("plain", "causal", "causal_more_q_than_k", "window_left", "window_both", "causal_window",
+           "window_empty_rows", "mqa", "mha", "gqa8", "zero_lengths", "decode")
+gpu = pytest.mark.skipif(not HAS_GPU, reason="the Mosaic kernel runs on a CUDA GPU (sm_90)")
+
+
+class _Mosaic(AttentionSuite):
+  """The shared suite's helpers (fresh poisoned problems, the float64 oracle), every call with the
+  Mosaic kernel. Not collected itself: the features it does not cover are not its to pass."""
+
+  backend = "pallas"
+
+  def run(self, kwargs, **extra):
+    return super().run(kwargs, config=MOSAIC, **extra)
+
+
+SUITE = _Mosaic()
+
+
+@gpu
+@pytest.mark.parametrize("feature", COVERED)
+def test_gpu_feature(feature):
+  SUITE.check(SUITE.problem(**FEATURES[feature]))
+
+
+@gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_layout(layout):
+  SUITE.check(SUITE.problem(layout=layout, causal=True, window=(20, -1)))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_gpu_dtype_head_dim(dtype, head_dim):
+  SUITE.check(SUITE.problem(dtype=dtype, head_dim=head_dim, causal=True))
+
+
+@gpu
+@pytest.mark.parametrize("block_size", [8, 32, 128, 256])
+def test_gpu_page_sizes(block_size):
+  SUITE.check(SUITE.problem(block_size=block_size, causal=True, seqlens_q=(130, 1, 257, 0),
+                            seqlens_k=(300, 40, 257, 9)))
+
+
+@gpu
+def test_gpu_long_prefill_many_tiles():
+  SUITE.check(SUITE.problem(seqlens_q=(700, 3, 1029), seqlens_k=(900, 3, 1029), causal=True,
+                            head_dim=128, num_heads=8, num_kv_heads=2, window=(600, -1)))
+
+
+@gpu
+def test_gpu_no_lse():
+  kwargs, _ = make_problem(SUITE.problem(return_lse=False))
+  assert SUITE.run(kwargs).shape == kwargs["q"].shape
+
+
+@gpu
+def test_gpu_hostile_block_table_only_affects_its_sequence():
+  p = SUITE.problem(causal=True)
+  kwargs, oracle = make_problem(p)
+  bt = np.array(kwargs["block_table"])
+  bt[0] = np.random.default_rng(p.seed).integers(-(10**6), 10**6, bt.shape[1])
+  used = np.array(kwargs["seqused_k"])
+  used[0] = 10**6
+  kwargs.update(block_table=jnp.asarray(bt), seqused_k=jnp.asarray(used))
+  out, _ = SUITE.run(kwargs)
+  ref, _ = reference_attention(**oracle)
+  rows = slice(int(oracle["cu_seqlens_q"][1]), int(oracle["cu_seqlens_q"][-1]))
+  assert rel_err(np.asarray(out.astype(jnp.float32))[rows], ref[rows]) < TOLERANCE["float16"]
+
+
+@gpu
+def test_gpu_one_compile_and_no_cache_copy():
+  """Lengths are data (one compile for three length sets); no buffer as large as the cache."""
+  base = SUITE.problem(causal=True, spare_pages=60)
+  kwargs0, _ = make_problem(base)
+
+  @jax.jit
+  def step(q, k, v, cu_seqlens_q, seqused_k, block_table):
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
+                                  block_table=block_table, causal=True, backend="pallas",
+                                  config=MOSAIC)
+
+  for lens_q, lens_k in [((5, 1, 17, 0), (40, 23, 17, 9)), ((9, 9, 4, 1), (10, 35, 4, 40))]:
+    p = dataclasses.replace(base, seqlens_q=lens_q, seqlens_k=lens_k, seed=base.seed + sum(lens_k))
+    kwargs, oracle = make_problem(p)
+    args = (_pad_rows(kwargs["q"], kwargs0["q"].shape[0]), _pad_rows(kwargs["k"], kwargs0["k"].shape[0]),
+            _pad_rows(kwargs["v"], kwargs0["v"].shape[0]), kwargs["cu_seqlens_q"], kwargs["seqused_k"],
+            _pad_cols(kwargs["block_table"], kwargs0["block_table"].shape[1]))
+    out = step(*args)
+    ref, _ = reference_attention(**oracle)
+    n = int(oracle["cu_seqlens_q"][-1])
+    assert rel_err(np.asarray(out.astype(jnp.float32))[:n], ref[:n]) < TOLERANCE["float16"]
+  assert step._cache_size() == 1
+  hlo = step.lower(*args).compile().as_text()
+  big = _large_buffers(hlo, int(np.prod(kwargs0["k"].shape)))
+  assert not big, f"instructions as large as the cache: {big[:5]}"
+
+
+def test_interpret_mode_runs_the_same_semantics_off_the_gpu():
+  """kernel="mosaic" off a GPU runs the Pallas kernel in interpret mode: the oracle still holds."""
+  if HAS_GPU:
+    pytest.skip("on a GPU the Mosaic kernel itself runs (test_gpu_*)")
+  SUITE.check(SUITE.problem(causal=True, window=(9, -1)))
