@@ -275,6 +275,10 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
     r0 = q_lo + wg * bq
     r1 = jnp.maximum(jnp.minimum(r0 + bq, q_len) - 1, r0)
     _, full_lo, full_hi, _ = key_ranges(r0, r1, q_len, kv_len, p.window_left, p.window_right, bkv)
+    # Both warpgroups walk the CTA's tiles [lo, hi) (every tile's barriers expect both); a
+    # warpgroup's own unmasked middle is clipped into them (rows past q_len have none of their own).
+    full_lo = jnp.clip(full_lo, lo, hi)
+    full_hi = jnp.clip(full_hi, full_lo, hi)
     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(prog * (COMPUTE_WGS * bq) + wg * bq, bq), head], qo_smem,
                             q_bars.at[wg])
     plgpu.barrier_wait(q_bars.at[wg])
@@ -367,35 +371,28 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
     base = layer * view.layer_rows + kv_head * view.head_rows
     col = kv_head * view.head_cols
 
-    def issue(j, slot):
-      for c in range(copies):
+    def issue(j, slot, src_ref, dst_smem, first_row, bars):
+      for c in range(copies):  # one TMA copy per page of the tile
         key = j * bkv + c * rows_per_copy
-        entry = jnp.minimum(key // p.block_size, p.max_blocks - 1)
-        page = bt_ref[seq, entry]
-        row = base + page * view.page_rows + key % p.block_size
-        dst = pl.ds(c * rows_per_copy, rows_per_copy)
-        plgpu.copy_gmem_to_smem(k_ref.at[pl.ds(row + view.k_rows, rows_per_copy), pl.ds(col, d)],
-                                k_smem.at[slot, dst], k_bars.at[slot])
-      for c in range(copies):
-        key = j * bkv + c * rows_per_copy
-        entry = jnp.minimum(key // p.block_size, p.max_blocks - 1)
-        page = bt_ref[seq, entry]
-        row = base + page * view.page_rows + key % p.block_size
-        dst = pl.ds(c * rows_per_copy, rows_per_copy)
-        plgpu.copy_gmem_to_smem(v_ref.at[pl.ds(row + view.v_rows, rows_per_copy), pl.ds(col, d)],
-                                v_smem.at[slot, dst], v_bars.at[slot])
+        page = bt_ref[seq, jnp.minimum(key // p.block_size, p.max_blocks - 1)]
+        row = base + first_row + page * view.page_rows + key % p.block_size
+        plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(row, rows_per_copy), pl.ds(col, d)],
+                                dst_smem.at[slot, pl.ds(c * rows_per_copy, rows_per_copy)],
+                                bars.at[slot])
 
     for i in range(stages):
       @pl.when(lo + i < hi)
       def _():
-        issue(lo + i, i)
+        issue(lo + i, i, k_ref, k_smem, view.k_rows, k_bars)
+        issue(lo + i, i, v_ref, v_smem, view.v_rows, v_bars)
 
     @pl.loop(lo + stages, hi)
     def _(j):
       slot = lax.rem(j - lo, stages)
       plgpu.barrier_wait(k_consumed.at[slot])
+      issue(j, slot, k_ref, k_smem, view.k_rows, k_bars)
       plgpu.barrier_wait(v_consumed.at[slot])
-      issue(j, slot)
+      issue(j, slot, v_ref, v_smem, view.v_rows, v_bars)
 
 
 def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[MosaicTiles] = None):
