@@ -242,7 +242,7 @@ DENSE_PEERS = ("cudnn-dense", "jax-mgpu-dense")
 def dense_ok(case: shapes.Case) -> bool:
   """Dense peers run uniform causal prefill only (every sequence S queries over the same S keys,
   S a multiple of 128: JAX's Mosaic example tiles q by 2 x 64 and keys by 128)."""
-  lens = set(case.seqlens_q) | set(case.seqlens_k)
+  lens = set(case.seqlens_q) | set(case.seqused_k)
   return (case.causal and len(lens) == 1 and next(iter(lens)) % 128 == 0
           and case.total_q == case.batch * case.max_seqlen_q)
 

@@ -116,6 +116,9 @@ def test_unsupported_calls_say_why(overrides, reason):
 def test_layouts_it_reads_and_one_it_cannot():
   for layout in ("NHD", "HND", "fused_page_major"):
     assert mosaic.unsupported_reason(_spec(layout=layout)) is None, layout
+  one_head = resolve("NHD", (12, 16, 1, 64), (12, 16, 1, 64), False)  # MQA: token stride = D
+  assert mosaic.unsupported_reason(_spec(layout="NHD", num_kv_heads=1).__class__(
+      **{**dataclasses.asdict(_spec()), "layout": one_head, "num_kv_heads": 1})) is None
   odd = KVCacheLayout(block_size=16, num_kv_heads=2, head_dim=64, page_stride=16 * 128 + 64,
                       num_pages=8)
   assert "token stride" in mosaic.unsupported_reason(_spec(layout="NHD").__class__(
@@ -226,7 +229,7 @@ def test_gpu_hostile_block_table_only_affects_its_sequence():
 @gpu
 def test_gpu_one_compile_and_no_cache_copy():
   """Lengths are data (one compile for three length sets); no buffer as large as the cache."""
-  base = SUITE.problem(causal=True, spare_pages=60)
+  base = SUITE.problem(causal=True, spare_pages=400)  # a cache far larger than q's padded rows
   kwargs0, _ = make_problem(base)
 
   @jax.jit

@@ -105,10 +105,10 @@ def kv_view(layout: KVCacheLayout) -> Tuple[Optional[KVView], str]:
   for name in ("page_stride", "layer_stride", "k_offset", "v_offset"):
     if getattr(layout, name) % ts:
       return None, f"{name}={getattr(layout, name)} is not a multiple of the token stride {ts}"
-  if hs % ts == 0:
-    head_rows, head_cols = hs // ts, 0
-  elif (layout.num_kv_heads - 1) * hs + d <= ts:
+  if (layout.num_kv_heads - 1) * hs + d <= ts:  # heads side by side in a row (NHD; any one head)
     head_rows, head_cols = 0, hs
+  elif hs % ts == 0:  # heads in rows of their own (HND)
+    head_rows, head_cols = hs // ts, 0
   else:
     return None, "a kv head's rows are neither whole view rows nor columns of one"
   return KVView(width=ts, page_rows=layout.page_stride // ts, layer_rows=layout.layer_stride // ts,
@@ -299,7 +299,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
       slot = lax.rem(j - lo, stages)
 
       def compute_qk(acc_ref):
-        plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
         schedule_barrier()
         return acc_ref[...]
 
