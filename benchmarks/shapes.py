@@ -42,6 +42,8 @@ CASE_NAMES = ("seed1_prefill512", "seed2_small_mixed", "seed3_mixed55", "seed4_l
 # Beside the named cases, any `decode_<B>x<K>` (B sequences of one query over K keys each, distinct
 # pages; e.g. decode_64x600, the serving model's batch-64 step) is a case too: `parse_case`.
 UNIFORM_DECODE = re.compile(r"decode_([1-9][0-9]*)x([1-9][0-9]*)")
+# And any `prefill_<B>x<L>`: B causal sequences of L queries over their L keys, distinct pages.
+UNIFORM_PREFILL = re.compile(r"prefill_([1-9][0-9]*)x([1-9][0-9]*)")
 # Cases whose floor is arithmetic (quoted in TFLOP/s, % of the matmul ceiling); the rest are bound
 # by bytes (TB/s, % of the read ceiling).
 FLOP_BOUND = ("seed1_prefill512", "prefill_4x4096")
@@ -122,7 +124,7 @@ class Case:
 
   @property
   def flop_bound(self) -> bool:
-    return self.name in FLOP_BOUND
+    return self.name in FLOP_BOUND or UNIFORM_PREFILL.fullmatch(self.name) is not None
 
   @property
   def group(self) -> int:
@@ -218,21 +220,26 @@ def get_cases(tiny: bool = False, seed_path: Optional[Path] = None) -> Dict[str,
 
 def is_case(name: str) -> bool:
   """A named case or a `decode_<B>x<K>` one."""
-  return name in CASE_NAMES or UNIFORM_DECODE.fullmatch(name) is not None
+  return (name in CASE_NAMES or UNIFORM_DECODE.fullmatch(name) is not None
+          or UNIFORM_PREFILL.fullmatch(name) is not None)
 
 
 def cases_for(names, tiny: bool = False) -> Dict[str, Case]:
-  """The cases `names` (named or `decode_<B>x<K>`; tiny: named ones shrunk, parsed ones as given)."""
+  """The cases `names` (named, `decode_<B>x<K>` or `prefill_<B>x<L>`; tiny: named ones shrunk,
+  parsed ones as given)."""
   named = get_cases(tiny=tiny) if any(n in CASE_NAMES for n in names) else {}
   out = {}
   for name in names:
     m = UNIFORM_DECODE.fullmatch(name)
+    pm = UNIFORM_PREFILL.fullmatch(name)
     if name in named:
       out[name] = named[name]
     elif m:
       out[name] = _uniform(name, 1, int(m.group(2)), int(m.group(1)))
+    elif pm:
+      out[name] = _uniform(name, int(pm.group(2)), int(pm.group(2)), int(pm.group(1)))
     else:
-      raise ValueError(f"unknown case {name!r}: one of {CASE_NAMES} or decode_<B>x<K>")
+      raise ValueError(f"unknown case {name!r}: one of {CASE_NAMES}, decode_<B>x<K> or prefill_<B>x<L>")
   return out
 
 
