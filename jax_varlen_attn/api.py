@@ -138,8 +138,9 @@ def _attention(args: AttentionArgs, backend: str, config, *, heads):
   """Validates `args` once and runs the selected backend. heads: None (split as q's / the cache's
   sharding says, if it says) or (mesh, head_axis)."""
   spec, arrays = validate(args)
-  impl = registry.select(backend)
   split = sharding.detect(spec, arrays) if heads is None else sharding.plan(spec, arrays, *heads)
+  # "auto" picks per call from the spec (backends.auto_name), unless the config names a backend.
+  impl = registry.select(backend, spec if config is None else None, (arrays.k.size, arrays.v.size))
   run_spec = spec if split is None else split.local_spec  # what each device's kernel sees
   if config is None:
     config = impl.config_cls.get_default(run_spec)

@@ -259,3 +259,23 @@ def test_interpret_mode_runs_the_same_semantics_off_the_gpu():
   if HAS_GPU:
     pytest.skip("on a GPU the Mosaic kernel itself runs (test_gpu_*)")
   SUITE.check(SUITE.problem(causal=True, window=(9, -1)))
+
+
+# ---- which kernel runs by default (CPU, with the GPU facts patched) -------------------------------
+
+def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
+  from jax_varlen_attn import backends as registry
+  from jax_varlen_attn.backends import device
+  long = _spec(total_q=2 * mosaic.MIN_QUERIES, batch=2, max_seqlen_q=mosaic.MIN_QUERIES,
+               max_seqlen_k=mosaic.MIN_QUERIES)
+  short = _spec(total_q=2 * 2048, batch=2, max_seqlen_q=2048)
+  assert not mosaic.preferred(long)  # no Hopper GPU here
+  monkeypatch.setattr(device, "is_hopper", lambda: True)
+  assert mosaic.preferred(long) and not mosaic.preferred(short)
+  assert not mosaic.preferred(dataclasses.replace(long, softcap=1.0))  # a call it does not cover
+  assert not mosaic.preferred(long, k_size=12 * 16 * 2 * 64 + 64)  # a buffer of partial tiles
+  monkeypatch.setattr(registry, "_on_cuda_gpu", lambda: True)
+  monkeypatch.setattr(registry, "status", lambda name: (True, "patched"))
+  assert registry.auto_name(long) == "pallas"
+  assert registry.auto_name(short) == "triton"
+  assert registry.auto_name() == "triton"  # write_kv's choice: no spec

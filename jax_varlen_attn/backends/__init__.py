@@ -102,9 +102,15 @@ def _load(name: str) -> Backend:
   return Backend(name=name, attention=module.attention, config_cls=module.Config)
 
 
-def auto_name() -> str:
-  """What backend="auto" means here, for attention and write_kv alike: triton on a CUDA GPU where
-  it can run (the measured fastest there), else xla."""
+def auto_name(spec=None, kv_sizes=(None, None)) -> str:
+  """What backend="auto" means here: on a CUDA GPU, pallas for a call its Mosaic GPU kernel takes
+  and measured faster on (`pallas.mosaic.preferred`: long prefill on a Hopper GPU), else triton
+  where it can run (the measured fastest for the rest, and write_kv's, which passes no spec);
+  xla elsewhere. kv_sizes: the k / v buffers' element counts (the Mosaic kernel's view needs them)."""
+  if spec is not None and _on_cuda_gpu() and status("pallas")[0]:
+    from jax_varlen_attn.backends.pallas import mosaic
+    if mosaic.preferred(spec, *kv_sizes):
+      return "pallas"
   return "triton" if status("triton")[0] and _on_cuda_gpu() else "xla"
 
 
@@ -113,12 +119,12 @@ def load(name: str) -> Backend:
   return _load(name)
 
 
-def select(backend: str) -> Backend:
-  """The backend for `backend=` ("auto" = triton on a CUDA GPU when it can run, else xla)."""
+def select(backend: str, spec=None, kv_sizes=(None, None)) -> Backend:
+  """The backend for `backend=` ("auto": `auto_name(spec, kv_sizes)`)."""
   if not isinstance(backend, str):
     raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
   if backend == "auto":
-    return _load(auto_name())
+    return _load(auto_name(spec, kv_sizes))
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
   ok, why = status(backend)

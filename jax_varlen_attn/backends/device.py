@@ -2,6 +2,7 @@
 
     device_kind()  # "NVIDIA H200", or None where JAX sees no GPU (CPU tests, CUDA export on a CPU)
     num_sms()      # 132 on an H100 / H200 SXM
+    is_hopper()    # compute capability 9.x (wgmma, TMA: what the Mosaic GPU kernel needs)
 
 Both describe the first GPU JAX sees and are read once per process.
 """
@@ -41,3 +42,11 @@ def num_sms() -> int:
   gpu = _first_gpu()
   count = getattr(gpu, "core_count", None) if gpu is not None else None
   return int(count) if isinstance(count, int) and count > 0 else REFERENCE_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def is_hopper() -> bool:
+  """The first GPU has compute capability 9.x (H100 / H200); False without a GPU."""
+  gpu = _first_gpu()
+  cc = str(getattr(gpu, "compute_capability", "")) if gpu is not None else ""
+  return cc.split(".")[0] == "9"

@@ -60,7 +60,10 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   Returns:
     (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None).
   """
-  if config.kernel == "mosaic":
+  kernel = config.kernel
+  if kernel is None:  # the measured-faster kernel for this call (mosaic.MIN_QUERIES)
+    kernel = "mosaic" if mosaic.preferred(spec, arrays.k.size, arrays.v.size) else "triton"
+  if kernel == "mosaic":
     why = mosaic.unsupported_reason(spec, k_size=arrays.k.size, v_size=arrays.v.size)
     if why is not None:
       raise ValueError(f"PallasConfig(kernel='mosaic') cannot run this call: {why}; use "

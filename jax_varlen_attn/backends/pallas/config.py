@@ -22,10 +22,11 @@ class Config:
     head), so any positive block_q works; rows past block_q * group are padding.
   block_k: keys per step of the inner loop (a power of two >= 16: Triton's tensor and dot sizes).
   num_warps, num_stages: Triton launch options (GPU only; interpret mode ignores them).
-  kernel: which kernel runs on a CUDA GPU: "triton" (the kernel below through Pallas's Triton
-    lowering; the default) or "mosaic" (`mosaic.py`: a Hopper kernel in Mosaic GPU, experimental;
-    a call it does not cover raises ValueError saying why). Off the GPU both run the kernel below in
-    interpret mode. The block sizes above are the "triton" kernel's.
+  kernel: which kernel runs on a CUDA GPU: "triton" (kernel.py through Pallas's Triton lowering)
+    or "mosaic" (`mosaic.py`: a Hopper kernel in Mosaic GPU; a call it does not cover raises
+    ValueError saying why); None: "mosaic" where it measured faster (an H100 / H200, a call it
+    covers, at least `mosaic.MIN_QUERIES` query tokens per sequence), else "triton". Off the GPU
+    both run kernel.py in interpret mode. The block sizes above are kernel.py's.
   """
 
   block_q: Optional[int] = None

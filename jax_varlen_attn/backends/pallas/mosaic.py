@@ -149,6 +149,20 @@ def unsupported_reason(spec: AttentionSpec, tiles: Optional[MosaicTiles] = None,
   return None
 
 
+# Mean query tokens per sequence from which the pallas backend (kernel=None) and backend="auto" run
+# this kernel: on an H200 it was 7% faster than the Triton kernel at 4096 (prefill_4x4096) and 12%
+# at 8192, 5-30% slower at 512-2048 (benchmarks/NOTES.md, "Mosaic GPU prefill").
+MIN_QUERIES = 4096
+
+
+def preferred(spec: AttentionSpec, k_size: Optional[int] = None, v_size: Optional[int] = None) -> bool:
+  """Whether this kernel is the measured-faster choice for `spec` here: a Hopper GPU, a call it
+  covers, and long prefill (MIN_QUERIES)."""
+  from jax_varlen_attn.backends import device
+  return (spec.mean_queries_per_sequence >= MIN_QUERIES and device.is_hopper()
+          and unsupported_reason(spec, k_size=k_size, v_size=v_size) is None)
+
+
 # ---- index arithmetic shared by the kernel and XLA (tested on the CPU against the oracle) ----------
 
 def program_table(cu_seqlens_q: jax.Array, num_programs: int, rows_per_program: int) -> jax.Array:
