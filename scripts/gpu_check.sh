@@ -22,7 +22,7 @@ python3 -c "import jax, jax_triton, triton; print('jax', jax.__version__, 'jax_t
 files=("$@")
 [ ${#files[@]} -gt 0 ] || files=(tests/test_triton_backend.py tests/test_triton_launch.py tests/test_tuned.py
                                   tests/test_cache.py tests/test_reference.py tests/test_pallas_backend.py
-                                  tests/test_xla_backend.py)
+                                  tests/test_xla_backend.py tests/test_pallas_mosaic.py)
 existing=()
 for f in "${files[@]}"; do [ -f "$f" ] && existing+=("$f"); done
 if [ "${JVA_JOBS:-1}" -le 1 ]; then
