@@ -1,10 +1,12 @@
-"""A Mosaic GPU (Hopper) kernel for varlen attention over a paged KV cache: experimental, opt-in.
+"""A Mosaic GPU (Hopper) kernel for varlen attention over a paged KV cache, for long prefill.
 
-Example (an H100 / H200; `backend="pallas"` with this kernel chosen per call)::
+`backend="auto"` and `PallasConfig(kernel=None)` run it where it measured faster (`preferred`: an
+H100 / H200, a call it covers, >= MIN_QUERIES query tokens per sequence); to ask for it::
 
     from jax_varlen_attn import flash_attn_varlen_func, PallasConfig
-    out = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, seqused_k,
-                                 max_seqlen_k, block_table=block_table, causal=True,
+    out = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q,
+                                 max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
+                                 max_seqlen_k=max_seqlen_k, block_table=block_table, causal=True,
                                  backend="pallas", config=PallasConfig(kernel="mosaic"))
 
 The schedule is FlashAttention-3's (as in JAX's dense `attention_mgpu.py` example), written anew for
@@ -32,8 +34,8 @@ What differs from the dense kernel, and why:
   has its rows past the end zeroed in shared memory before PV. A page id out of range is a TMA
   coordinate out of range: the hardware zero-fills it, nothing outside the buffer is read.
 
-Not covered (the pallas backend runs its Triton-lowered kernel instead, `unsupported_reason` says
-why): softcap, ALiBi, sinks, fp8, float32, non-paged k / v, head_dim not in (64, 128, 256), pages of
+Not covered (`unsupported_reason` says why; with kernel=None the pallas backend then runs its
+Triton-lowered kernel, with kernel="mosaic" the call raises ValueError before any launch): softcap, ALiBi, sinks, fp8, float32, non-paged k / v, head_dim not in (64, 128, 256), pages of
 fewer than 8 rows or not dividing / divided by block_kv, layouts whose pages are not a 2-D box of a
 row-major view of the buffer. GQA is not packed into the tile: each q head's CTA reads its kv head's
 tiles (K / V reads grow by the group size; prefill is bound by the tensor cores, not by them).
