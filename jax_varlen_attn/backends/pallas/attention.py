@@ -76,7 +76,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
 
 
 def _triton_lowered(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
-  """`attention` with the kernel of kernel.py (Triton lowering on a GPU, interpret mode elsewhere)."""
+  """`attention` with kernel.py's kernel (Triton lowering on a GPU, interpret mode elsewhere)."""
   p = kernel_params(spec, config)
   T, H, D = spec.total_q, spec.num_heads, spec.head_dim
   for name, x in (("q", arrays.q), ("k", arrays.k), ("v", arrays.v)):

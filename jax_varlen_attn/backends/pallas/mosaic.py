@@ -35,7 +35,8 @@ What differs from the dense kernel, and why:
   coordinate out of range: the hardware zero-fills it, nothing outside the buffer is read.
 
 Not covered (`unsupported_reason` says why; with kernel=None the pallas backend then runs its
-Triton-lowered kernel, with kernel="mosaic" the call raises ValueError before any launch): softcap, ALiBi, sinks, fp8, float32, non-paged k / v, head_dim not in (64, 128, 256), pages of
+Triton-lowered kernel, with kernel="mosaic" the call raises ValueError before any launch):
+softcap, ALiBi, sinks, fp8, float32, non-paged k / v, head_dim not in (64, 128, 256), pages of
 fewer than 8 rows or not dividing / divided by block_kv, layouts whose pages are not a 2-D box of a
 row-major view of the buffer. GQA is not packed into the tile: each q head's CTA reads its kv head's
 tiles (K / V reads grow by the group size; prefill is bound by the tensor cores, not by them).
@@ -147,7 +148,8 @@ def unsupported_reason(spec: AttentionSpec, tiles: Optional[MosaicTiles] = None,
             "x 64 columns of the cache viewed as rows of its token stride")
   for name, size in (("k", k_size), ("v", v_size)):
     if size is not None and (size % view.width or (size // view.width) % 8):
-      return f"{name} has {size} elements: not a whole number of 8-row tiles of {view.width} columns"
+      return (f"{name} has {size} elements: not a whole number of 8-row tiles of {view.width} "
+              "columns")
   return None
 
 
@@ -157,7 +159,8 @@ def unsupported_reason(spec: AttentionSpec, tiles: Optional[MosaicTiles] = None,
 MIN_QUERIES = 4096
 
 
-def preferred(spec: AttentionSpec, k_size: Optional[int] = None, v_size: Optional[int] = None) -> bool:
+def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
+              v_size: Optional[int] = None) -> bool:
   """Whether this kernel is the measured-faster choice for `spec` here: a Hopper GPU, a call it
   covers, and long prefill (MIN_QUERIES)."""
   from jax_varlen_attn.backends import device

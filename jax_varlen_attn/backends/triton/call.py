@@ -8,7 +8,7 @@ Routes (`launch(route=...)`, `Config(launch=...)`):
   per call and command buffers update it by pointer. It halves the loop time of the smallest calls,
   but XLA's bundled Triton builds slower kernels for larger ones (seed1's prefill tile, decode of 64
   sequences: +25%), so larger calls keep jax-triton's route (benchmarks/NOTES.md, "launch routes"
-  and session 9). jax-triton is not needed for it.
+  and "the small-call rule"). jax-triton is not needed for it.
 - "ffi" with jax-triton 0.4.x (Python >= 3.12, jax >= 0.11, triton >= 3.7): its public `triton_call`, which
   emits jaxlib's typed-FFI custom call `triton_kernel_call_ffi`. That handler is marked
   command-buffer compatible, so XLA records it into its CUDA graphs, but re-records it on the host
@@ -154,7 +154,8 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
 
 # Launches over at most this many tokens (a decode step of up to 16 sequences; seed2, seed3) take
 # XLA's Triton call: at that size jax-triton's host work per call (15-20 us) outweighs the kernel,
-# so a jitted decode loop of such calls is bound by the host (NOTES.md session 9, item 3).
+# so a jitted decode loop of such calls is bound by the host (benchmarks/NOTES.md, "the small-call
+# rule").
 SMALL_CALL_TOKENS = 16
 
 
