@@ -45,18 +45,16 @@ tiles (K / V reads grow by the group size; prefill is bound by the tensor cores,
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_varlen_attn.backends.pallas.kernel import LN2, LOG2E
 from jax_varlen_attn.layout import KVCacheLayout
 from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 COMPUTE_WGS = 2  # compute warpgroups per CTA; the third warpgroup loads K / V
 HEAD_DIMS = (64, 128, 256)
 DTYPES = ("float16", "bfloat16")
@@ -170,6 +168,12 @@ def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
 
 # ---- index arithmetic shared by the kernel and XLA (tested on the CPU against the oracle) ----------
 
+def _program_starts(cu: jax.Array, rows_per_program: int) -> jax.Array:
+  """i32[batch]: sequence b's first program, cu_q[b] // R + b (AttentionSpec.query_programs' rule)."""
+  batch = cu.shape[0] - 1
+  return cu[:-1] // rows_per_program + jnp.arange(batch, dtype=jnp.int32)
+
+
 def program_table(cu_seqlens_q: jax.Array, num_programs: int, rows_per_program: int) -> jax.Array:
   """i32[num_programs, 2]: (sequence, first query row within it) of each program.
 
@@ -179,7 +183,7 @@ def program_table(cu_seqlens_q: jax.Array, num_programs: int, rows_per_program: 
   """
   cu = cu_seqlens_q.astype(jnp.int32)
   batch = cu.shape[0] - 1
-  starts = cu[:-1] // rows_per_program + jnp.arange(batch, dtype=jnp.int32)
+  starts = _program_starts(cu, rows_per_program)
   p = jnp.arange(num_programs, dtype=jnp.int32)
   seq = jnp.clip(jnp.searchsorted(starts, p, side="right").astype(jnp.int32) - 1, 0, batch - 1)
   return jnp.stack([seq, (p - starts[seq]) * rows_per_program], axis=1)
@@ -205,8 +209,7 @@ def compact_rows(padded: jax.Array, cu_seqlens_q: jax.Array, total_q: int, rows_
   batch = cu.shape[0] - 1
   t = jnp.arange(total_q, dtype=jnp.int32)
   b = jnp.clip(jnp.searchsorted(cu, t, side="right").astype(jnp.int32) - 1, 0, batch - 1)
-  starts = cu[:-1] // rows_per_program + jnp.arange(batch, dtype=jnp.int32)
-  src = starts[b] * rows_per_program + (t - cu[b])
+  src = _program_starts(cu, rows_per_program)[b] * rows_per_program + (t - cu[b])
   rows = jnp.take(padded, src, axis=axis, mode="clip")
   live = t < cu[-1]
   shape = [1] * rows.ndim
