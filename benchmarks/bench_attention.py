@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bench_env  # noqa: F401,E402  (first: sets the GPU env defaults before jax is imported)
 import argparse
+import contextlib
 import datetime
 import gc
 import os
@@ -120,7 +121,7 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
     rec["config"] = {**parse_config_variant(variant), "launch": config.launch}
   if impl == "jva-triton" and variant == "default":
     rec["variant"] = "page-stride-constexpr"  # the default address on every layout
-  if impl == "jva-pallas" and variant == "mosaic":  # the Mosaic GPU kernel (backends/pallas/mosaic.py)
+  if impl == "jva-pallas" and variant in MOSAIC_VARIANTS:  # the Mosaic GPU kernel (pallas/mosaic.py)
     from jax_varlen_attn import PallasConfig
     config = PallasConfig(kernel="mosaic")
   layer = env.jnp.asarray(1, env.jnp.int32) if ld.stacked else None
@@ -130,11 +131,33 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
 
   one = case_call(cd, ld, backend, config)
   # ms_wall: the public function called eagerly (argument checks and dispatch included)
-  run_jax_unit(env, cd, rec, one, ld.kv_sets, extra, cd.calls_for(impl), args, ceilings, wall_fn=one)
+  with _mosaic_copies(impl == "jva-pallas" and variant == "mosaic-copies"):
+    run_jax_unit(env, cd, rec, one, ld.kv_sets, extra, cd.calls_for(impl), args, ceilings,
+                 wall_fn=one)
   if ld.note:
     rec["note"] = (ld.note + " " + rec.get("note", "")).strip()
   return rec
 
+
+
+# jva-pallas variants: "mosaic" the Mosaic GPU kernel as users get it; "mosaic-copies" the same
+# kernel with q and the output through XLA's padded copies (as before it read / wrote them in place).
+MOSAIC_VARIANTS = ("mosaic", "mosaic-copies")
+
+
+@contextlib.contextmanager
+def _mosaic_copies(on: bool):
+  """An experiment, here rather than in the kernel: mosaic.direct_rows says no while it lasts."""
+  if not on:
+    yield
+    return
+  from jax_varlen_attn.backends.pallas import mosaic
+  keep = mosaic.direct_rows
+  mosaic.direct_rows = lambda *a, **k: False
+  try:
+    yield
+  finally:
+    mosaic.direct_rows = keep
 
 
 # ---- work list -------------------------------------------------------------------------------------
@@ -152,7 +175,7 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants,
           continue
         if (var == "ffi-launch" or var.startswith("cfg:")) and layout != "contiguous":
           continue
-        if var == "mosaic":  # jva-pallas's variant
+        if var in MOSAIC_VARIANTS:  # jva-pallas's
           continue
         out.append((impl, var))
     elif impl == "flaggems":
@@ -169,8 +192,7 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants,
         out.append((impl, "default"))
     elif impl == "jva-pallas":
       out.append((impl, "default"))
-      if "mosaic" in variants:
-        out.append((impl, "mosaic"))
+      out.extend((impl, var) for var in MOSAIC_VARIANTS if var in variants)
     else:
       out.append((impl, "default"))
   return out
@@ -215,8 +237,9 @@ def parse_args(argv=None):
                  " (default: all; --tiny: jva-xla,xla-naive)")
   p.add_argument("--layouts", default="contiguous,strided", help="comma list of " + ",".join(ALL_LAYOUTS))
   p.add_argument("--variants", default="default,ffi-launch",
-                 help="jva-triton variants (default, ffi-launch, cfg:k=v;...), and \"mosaic\": jva-pallas "
-                      "with PallasConfig(kernel=\"mosaic\") beside its default")
+                 help="jva-triton variants (default, ffi-launch, cfg:k=v;...), and \"mosaic\" / "
+                      "\"mosaic-copies\": jva-pallas with PallasConfig(kernel=\"mosaic\") beside its "
+                      "default (-copies: q and out through XLA's padded copies)")
   p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
   p.add_argument("--kv-dtype", default=None,
                  help="comma list of cache dtypes to run each case with: --dtype's (the default) and / or "

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
   if not (args.case and args.impl):
     p.error("--case and --impl are required (or --summarize)")
   import torch  # for cudaProfilerStart/Stop (ncu --profile-from-start off)
-  case = shapes.get_cases()[args.case]
+  case = shapes.cases_for([args.case])[args.case]  # named, decode_<B>x<K> or prefill_<B>x<L>
   if (args.strided or args.contiguous_2x) and args.impl != "ours":
     p.error("--strided / --contiguous-2x are for --impl ours")
   if args.strided and args.contiguous_2x:

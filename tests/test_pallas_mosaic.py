@@ -130,16 +130,26 @@ def test_config_rejects_an_unknown_kernel():
     PallasConfig(kernel="cuda")
 
 
-@pytest.mark.parametrize("layout, head_dim, dtype", [("NHD", 128, "float16"), ("HND", 64, "bfloat16"),
-                                                     ("fused_page_major", 256, "float16")])
-def test_lowers_for_cuda_without_a_gpu(layout, head_dim, dtype):
+def test_q_and_out_in_place_where_the_staging_tiles_fit():
+  """q read / out written in place needs a second q tile of shared memory: head_dim <= 128."""
+  for head_dim, fits in ((64, True), (128, True), (256, False)):
+    assert mosaic.direct_rows(mosaic.MosaicTiles.get_default(head_dim), head_dim, 2) is fits
+
+
+# total_q 300: q and out in place (the staging tiles); 40 (< one program's rows) and head_dim 256:
+# XLA's padded copies.
+@pytest.mark.parametrize("layout, head_dim, dtype, total_q", [
+    ("NHD", 128, "float16", 300), ("HND", 64, "bfloat16", 300), ("NHD", 64, "float16", 40),
+    ("fused_page_major", 256, "float16", 300)])
+def test_lowers_for_cuda_without_a_gpu(layout, head_dim, dtype, total_q):
   """JAX lowers the Mosaic kernel to its CUDA custom call on any machine (PTX comes later, from XLA)."""
-  spec = _spec(layout=layout, head_dim=head_dim, dtype=dtype, window_left=30)
+  spec = _spec(layout=layout, head_dim=head_dim, dtype=dtype, window_left=30, total_q=total_q,
+               max_seqlen_q=total_q)
   kshape = {"NHD": (12, 16, 2, head_dim), "HND": (12, 2, 16, head_dim),
             "fused_page_major": (12, 2, 16, 2, head_dim)}[layout]
   kv = jax.ShapeDtypeStruct(kshape, jnp.dtype(dtype))
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
-  arrays = AttentionArrays(q=jax.ShapeDtypeStruct((40, 4, head_dim), jnp.dtype(dtype)), k=kv, v=kv,
+  arrays = AttentionArrays(q=jax.ShapeDtypeStruct((total_q, 4, head_dim), jnp.dtype(dtype)), k=kv, v=kv,
                            cu_seqlens_q=i32(4), seqlens_k=i32(3), kv_index=i32(3, 6), alibi=None,
                            layer=None)
   text = jax.jit(lambda a: mosaic.attention(spec, a)).trace(arrays).lower(
@@ -185,11 +195,39 @@ def test_gpu_layout(layout):
   SUITE.check(SUITE.problem(layout=layout, causal=True, window=(20, -1)))
 
 
+# 130 padding rows make q taller than one program (R = 128 rows): q is read and the output written
+# in place (mosaic.direct_rows), sequences start on unaligned rows, and the programs past the last
+# sequence zero two programs' worth of padding rows.
+IN_PLACE = dict(pad_q=130)
+
+
+@gpu
+@pytest.mark.parametrize("feature", COVERED)
+def test_gpu_feature_in_place(feature):
+  SUITE.check(SUITE.problem(**FEATURES[feature], **IN_PLACE))
+
+
+@gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_layout_in_place(layout):
+  SUITE.check(SUITE.problem(layout=layout, causal=True, window=(20, -1), **IN_PLACE))
+
+
+@gpu
+@pytest.mark.parametrize("seqlens", [(63, 127, 45, 200), (1, 64, 65, 129, 0, 3)])
+def test_gpu_in_place_partial_tiles(seqlens):
+  """Last tiles of every row count 1..63 (stored in power-of-two pieces), no padding and some."""
+  for pad_q in (0, 7):
+    SUITE.check(SUITE.problem(seqlens_q=seqlens, seqlens_k=tuple(s + 9 for s in seqlens),
+                              causal=True, head_dim=128, pad_q=pad_q))
+
+
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_gpu_dtype_head_dim(dtype, head_dim):
-  SUITE.check(SUITE.problem(dtype=dtype, head_dim=head_dim, causal=True))
+@pytest.mark.parametrize("pad_q", [3, 130])  # padded copies / in place (head_dim 256: copies)
+def test_gpu_dtype_head_dim(dtype, head_dim, pad_q):
+  SUITE.check(SUITE.problem(dtype=dtype, head_dim=head_dim, causal=True, pad_q=pad_q))
 
 
 @gpu
@@ -213,7 +251,7 @@ def test_gpu_no_lse():
 
 @gpu
 def test_gpu_hostile_block_table_only_affects_its_sequence():
-  p = SUITE.problem(causal=True)
+  p = SUITE.problem(causal=True, **IN_PLACE)
   kwargs, oracle = make_problem(p)
   bt = np.array(kwargs["block_table"])
   bt[0] = np.random.default_rng(p.seed).integers(-(10**6), 10**6, bt.shape[1])
@@ -229,7 +267,7 @@ def test_gpu_hostile_block_table_only_affects_its_sequence():
 @gpu
 def test_gpu_one_compile_and_no_cache_copy():
   """Lengths are data (one compile for three length sets); no buffer as large as the cache."""
-  base = SUITE.problem(causal=True, spare_pages=400)  # a cache far larger than q's padded rows
+  base = SUITE.problem(causal=True, spare_pages=400, **IN_PLACE)  # a cache far larger than q
   kwargs0, _ = make_problem(base)
 
   @jax.jit

@@ -244,6 +244,37 @@ def key_ranges(r0, r1, q_len, kv_len, window_left: int, window_right: int, block
 
 # ---- the kernel -----------------------------------------------------------------------------------
 
+SMEM_BYTES = 227 * 1024  # shared memory a Hopper CTA may opt into
+
+
+def direct_rows(tiles: MosaicTiles, head_dim: int, itemsize: int) -> bool:
+  """Whether q is read and the output written in place, through a staging tile per warpgroup.
+
+  TMA into the swizzled q tile must start on an 8-row boundary and a whole-tile store would spill
+  into the next sequence, so ragged rows go through an unswizzled staging tile (any first row, and
+  partial stores in power-of-two pieces). It costs a second q tile of shared memory: where that
+  does not fit (head_dim 256), q and the output take XLA's padded copies instead.
+  """
+  q_tiles = COMPUTE_WGS * tiles.block_q * head_dim * itemsize
+  kv_tiles = 2 * tiles.stages * tiles.block_kv * head_dim * itemsize
+  lse = COMPUTE_WGS * tiles.block_q * 4
+  return 2 * q_tiles + kv_tiles + lse + 1024 <= SMEM_BYTES  # 1 KiB for barriers and alignment
+
+
+def _store_rows(src, out_ref, row, head, n, rows: int):
+  """TMA-store src's rows [0, n) to out_ref[row:row + n, head] (n a traced count in [0, rows]):
+  the whole tile in one copy, else one copy per set bit of n (power-of-two boxes, none past n)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  plgpu.copy_smem_to_gmem(src, out_ref.at[pl.ds(row, rows), head], predicate=n == rows)
+  size = rows // 2
+  while size:
+    first = n & -(2 * size)  # the rows the larger pieces cover
+    plgpu.copy_smem_to_gmem(src.at[pl.ds(first, size)], out_ref.at[pl.ds(row + first, size), head],
+                            predicate=(n < rows) & ((n & size) != 0))
+    size //= 2
+
 @dataclasses.dataclass(frozen=True)
 class _Params:
   num_heads: int
@@ -257,6 +288,10 @@ class _Params:
   dtype: str
   tiles: MosaicTiles
   view: KVView
+  batch: int
+  total_q: int
+  num_programs: int
+  direct: bool  # q read and out written in place (`direct_rows`); else the padded copies
 
 
 def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref,
@@ -269,10 +304,12 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
   rows_per_copy = min(p.block_size, bkv)
   copies = bkv // rows_per_copy  # TMA copies (pages) per K or V tile
   dtype = jnp.dtype(p.dtype)
-  (qo_smem2, k_smem, v_smem, lse_smem2), (k_bars, v_bars, q_bars), consumed, sched = scoped
+  (qo_smem2, k_smem, v_smem, lse_smem2, *stage_smem2), (k_bars, v_bars, q_bars), consumed, sched = scoped
   k_consumed, v_consumed = consumed
+  R = COMPUTE_WGS * bq
 
-  prog = lax.axis_index("q_seq")
+  # Heaviest first: a sequence's last programs see the most keys (causal), so they launch first.
+  prog = p.num_programs - 1 - lax.axis_index("q_seq")
   head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
   seq = table_ref[prog, 0]
@@ -301,9 +338,15 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
     # warpgroup's own unmasked middle is clipped into them (rows past q_len have none of their own).
     full_lo = jnp.clip(full_lo, lo, hi)
     full_hi = jnp.clip(full_hi, full_lo, hi)
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(prog * (COMPUTE_WGS * bq) + wg * bq, bq), head], qo_smem,
-                            q_bars.at[wg])
-    plgpu.barrier_wait(q_bars.at[wg])
+    if p.direct:  # any first row: TMA into the unswizzled staging tile, then into qo_smem
+      stage = stage_smem2[0].at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start + r0, bq), head], stage, q_bars.at[wg])
+      plgpu.barrier_wait(q_bars.at[wg])
+      qo_smem[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False)
+      plgpu.commit_smem()
+    else:
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(prog * R + wg * bq, bq), head], qo_smem, q_bars.at[wg])
+      plgpu.barrier_wait(q_bars.at[wg])
 
     m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -378,13 +421,34 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
 
     seen = l_i > 0
     inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
-    qo_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+    o = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
     lse_smem[...] = jnp.where(seen, m_i * LN2 + jnp.log(jnp.where(seen, l_i, 1.0)), jnp.inf)
-    plgpu.commit_smem()
-    row = prog * (COMPUTE_WGS * bq) + wg * bq
-    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(row, bq), head])
+    row = prog * R + wg * bq  # the padded rows (LSE always; out unless direct)
+    if p.direct:
+      stage[...] = o
+      plgpu.commit_smem()
+      _store_rows(stage, out_ref, q_start + r0, head, jnp.clip(q_len - r0, 0, bq), bq)
+    else:
+      qo_smem[...] = o
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(row, bq), head])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[head, pl.ds(row, bq)])
     plgpu.wait_smem_to_gmem(0)
+
+  if p.direct:
+    # Rows past cu_q[-1] are zero (the contract); the programs after the last sequence's own (there
+    # are enough: AttentionSpec.query_programs) write them, R rows each.
+    q_end = cu_q_ref[p.batch]
+    first_tail = q_end // R + p.batch
+
+    @pl.when(~live & (wg < COMPUTE_WGS) & (prog >= first_tail))
+    def _zero_tail():
+      stage = stage_smem2[0].at[wg]
+      stage[...] = jnp.zeros((bq, d), dtype)
+      plgpu.commit_smem()
+      row = q_end + (prog - first_tail) * R + wg * bq
+      _store_rows(stage, out_ref, row, head, jnp.clip(p.total_q - row, 0, bq), bq)
+      plgpu.wait_smem_to_gmem(0)
 
   @pl.when(live & (wg == COMPUTE_WGS))
   def _load():
@@ -441,11 +505,16 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
   R = tiles.rows_per_program
   num_programs = spec.query_programs(R)
   dtype = jnp.dtype(spec.dtype)
+  # In place needs the staging tiles' shared memory, and a q at least one program tall (a TMA box
+  # may not be larger than its array).
+  direct = direct_rows(tiles, D, dtype.itemsize) and T >= R
   p = _Params(num_heads=H, group=spec.group_size, head_dim=D, block_size=spec.layout.block_size,
               max_blocks=spec.max_blocks, scale=spec.scale, window_left=spec.window_left,
-              window_right=spec.window_right, dtype=spec.dtype, tiles=tiles, view=view)
+              window_right=spec.window_right, dtype=spec.dtype, tiles=tiles, view=view,
+              batch=spec.batch, total_q=T, num_programs=num_programs, direct=direct)
   table = program_table(arrays.cu_seqlens_q, num_programs, R)
-  q_pad = jnp.take(arrays.q, padded_rows(table, arrays.cu_seqlens_q, T, R), axis=0)
+  q_in = (arrays.q if direct
+          else jnp.take(arrays.q, padded_rows(table, arrays.cu_seqlens_q, T, R), axis=0))
   layer = (jnp.zeros((1,), jnp.int32) if arrays.layer is None
            else jnp.reshape(arrays.layer, (1,)).astype(jnp.int32))
   k2d = arrays.k.reshape(-1, view.width)  # row-major: a bitcast, the cache is read in place
@@ -459,7 +528,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
         plgpu.SMEM((tiles.stages, tiles.block_kv, D), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((tiles.stages, tiles.block_kv, D), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((COMPUTE_WGS, tiles.block_q), jnp.float32),
-    )
+    ) + ((plgpu.SMEM((COMPUTE_WGS, tiles.block_q, D), dtype),) if direct else ())
     copies = tiles.block_kv // min(spec.layout.block_size, tiles.block_kv)
     bars = (plgpu.Barrier(num_arrivals=copies, num_barriers=tiles.stages),
             plgpu.Barrier(num_arrivals=copies, num_barriers=tiles.stages),
@@ -472,13 +541,13 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
 
   out_pad, lse_pad = plgpu.kernel(
       entry,
-      out_type=(jax.ShapeDtypeStruct((num_programs * R, H, D), dtype),
+      out_type=(jax.ShapeDtypeStruct((T if direct else num_programs * R, H, D), dtype),
                 jax.ShapeDtypeStruct((H, num_programs * R), jnp.float32)),
       grid=(H, num_programs), grid_names=("heads", "q_seq"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(table, arrays.cu_seqlens_q.astype(jnp.int32), arrays.seqlens_k.astype(jnp.int32),
-    arrays.kv_index.astype(jnp.int32), layer, q_pad, k2d, v2d)
-  out = compact_rows(out_pad, arrays.cu_seqlens_q, T, R, axis=0, fill=0)
+    arrays.kv_index.astype(jnp.int32), layer, q_in, k2d, v2d)
+  out = out_pad if direct else compact_rows(out_pad, arrays.cu_seqlens_q, T, R, axis=0, fill=0)
   lse = compact_rows(lse_pad, arrays.cu_seqlens_q, T, R, axis=1, fill=jnp.inf) if spec.return_lse else None
   return out, lse
