@@ -151,13 +151,16 @@ def _mosaic_copies(on: bool):
   if not on:
     yield
     return
+  import jax
   from jax_varlen_attn.backends.pallas import mosaic
   keep = mosaic.direct_rows
   mosaic.direct_rows = lambda *a, **k: False
+  jax.clear_caches()  # the pallas backend's jitted pieces were traced with the real rule
   try:
     yield
   finally:
     mosaic.direct_rows = keep
+    jax.clear_caches()
 
 
 # ---- work list -------------------------------------------------------------------------------------

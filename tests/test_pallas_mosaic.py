@@ -307,7 +307,8 @@ def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
   long = _spec(total_q=2 * mosaic.MIN_QUERIES, batch=2, max_seqlen_q=mosaic.MIN_QUERIES,
                max_seqlen_k=mosaic.MIN_QUERIES)
   short = _spec(total_q=2 * 2048, batch=2, max_seqlen_q=2048)
-  assert not mosaic.preferred(long)  # no Hopper GPU here
+  monkeypatch.setattr(device, "is_hopper", lambda: False)
+  assert not mosaic.preferred(long)  # not a Hopper GPU
   monkeypatch.setattr(device, "is_hopper", lambda: True)
   assert mosaic.preferred(long) and not mosaic.preferred(short)
   assert not mosaic.preferred(dataclasses.replace(long, softcap=1.0))  # a call it does not cover

@@ -158,6 +158,52 @@ def test_v04_arguments_put_aliased_buffers_in_refs():
   assert args[names.index("num_tokens")] == 3  # ints stay static Python ints
 
 
+def test_v04_arguments_put_new_outputs_after_the_refs():
+  """rope_write_kv on jax-triton 0.4: the caches go as Refs, q through out_type, and q's pointer
+  parameter follows both Refs' (0.4 hands the pointer parameters their buffers in order)."""
+  from jax_varlen_attn.backends.triton import rope_write_kernel
+  from jax_varlen_attn.layout import resolve
+
+  captured = {}
+
+  def fake_launch(kernel, inputs, outputs, grid, num_warps, num_stages, consts, input_output_aliases,
+                  route):
+    captured.update(kernel=kernel, inputs=inputs, outputs=outputs, aliases=input_output_aliases)
+    return [jnp.zeros(o.shape, o.dtype) for o in outputs]
+
+  t, h, hk, d = 19, 4, 2, 64
+  cache = jnp.zeros((6, 4, hk, d), jnp.bfloat16)
+  layout = resolve("NHD", cache.shape, cache.shape, stacked=False)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(rope_write_kernel, "launch", fake_launch)
+    q, k, v = rope_write_kernel.rope_write_kv(
+        layout, jnp.zeros((t, (h + 2 * hk) * d), jnp.bfloat16), jnp.zeros((t, d // 2)),
+        jnp.zeros((t, d // 2)), None, None, 1e-6, h, cache, cache, jnp.zeros((t,), jnp.int32), None)
+  assert q.shape == (t, h, d) and k.shape == cache.shape
+  args, kwargs, placed = call.v04_call_arguments(captured["kernel"], captured["inputs"],
+                                                 captured["outputs"], captured["aliases"])
+  params = list(captured["kernel"].arg_names)
+  out_params = params[len(captured["inputs"]):len(captured["inputs"]) + len(captured["outputs"])]
+  ref_params = [n for n in out_params if n in kwargs]
+  new_params = [n for n in out_params if n not in kwargs]
+  assert ref_params == ["k_out_ptr", "v_out_ptr"] and new_params == ["q_out_ptr"]
+  assert max(map(params.index, ref_params)) < params.index("q_out_ptr")
+  assert [tuple(o.shape) for o in kwargs["out_type"]] == [(t, h, d)]
+
+
+def test_launch_refuses_a_new_output_before_an_aliased_one():
+  import triton
+
+  @triton.jit
+  def kernel(x_ptr, y_out_ptr, x_out_ptr):
+    pass
+
+  x = jnp.zeros((4,), jnp.float32)
+  outputs = [jax.ShapeDtypeStruct((4,), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32)]
+  with pytest.raises(ValueError, match="aliased outputs must be the first"):
+    call.launch(kernel, {"x_ptr": x}, outputs, (1,), 1, 1, {}, input_output_aliases={"x_ptr": 1})
+
+
 def test_v04_arguments_pass_f32_scalars_as_floats():
   from jax_varlen_attn.validation import AttentionArgs, validate
   from jax_varlen_attn.backends.triton import Config

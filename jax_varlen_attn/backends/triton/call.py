@@ -122,6 +122,12 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
                        f"{out_idx} {tuple(o.shape)} {o.dtype}")
   if len(set(aliases.values())) != len(aliases):
     raise ValueError(f"input_output_aliases: two inputs alias one output: {aliases}")
+  if aliases and max(aliases.values()) >= len(aliases):
+    # jax-triton 0.4 passes an aliased output as a Ref operand and hands the kernel's pointer
+    # parameters their buffers in order (operands, then new outputs): a new output's parameter
+    # before an aliased one's would receive the wrong buffer (seen: q written into the K cache).
+    raise ValueError(f"input_output_aliases: the aliased outputs must be the first ones (outputs "
+                     f"0..{len(aliases) - 1}), got {aliases}")
   if triton_interpreting():
     return _interpret(kernel, inputs, outputs, grid, constexprs, aliases)
   route = default_route() if route is None else route

@@ -66,8 +66,8 @@ def rope_write_kv_kernel(
     layer_ptr,  # i32[1] (IS_STACKED)
     k_cache_ptr, v_cache_ptr,  # inputs aliased to k_out_ptr / v_out_ptr (the same memory)
     num_tokens,
-    q_out_ptr,  # output: [num_tokens, NUM_HEADS, HEAD_DIM]
-    k_out_ptr, v_out_ptr,  # outputs: the caches, written where the slots say
+    k_out_ptr, v_out_ptr,  # outputs: the caches, written where the slots say (aliased outputs first:
+    q_out_ptr,  # output: [num_tokens, NUM_HEADS, HEAD_DIM]       call.launch says why)
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr, QK_NORM: tl.constexpr, EPS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr,
@@ -145,11 +145,11 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
                 slot_mapping_ptr=slot_mapping,
                 layer_ptr=(jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,))),
                 k_cache_ptr=k_cache, v_cache_ptr=v_cache, num_tokens=num_tokens)
-  outputs = [jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype),
-             jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+  outputs = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+             jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype)]
   grid = (-(-num_tokens // block_t), num_heads + num_kv_heads)
-  q, k_cache, v_cache = launch(rope_write_kv_kernel, inputs, outputs, grid, num_warps, 1, consts,
-                               input_output_aliases={"k_cache_ptr": 1, "v_cache_ptr": 2},
+  k_cache, v_cache, q = launch(rope_write_kv_kernel, inputs, outputs, grid, num_warps, 1, consts,
+                               input_output_aliases={"k_cache_ptr": 0, "v_cache_ptr": 1},
                                route=route_for(num_tokens))
   return q, k_cache, v_cache
