@@ -306,7 +306,8 @@ def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
   from jax_varlen_attn.backends import device
   long = _spec(total_q=2 * mosaic.MIN_QUERIES, batch=2, max_seqlen_q=mosaic.MIN_QUERIES,
                max_seqlen_k=mosaic.MIN_QUERIES)
-  short = _spec(total_q=2 * 2048, batch=2, max_seqlen_q=2048)
+  half = mosaic.MIN_QUERIES // 2
+  short = _spec(total_q=2 * half, batch=2, max_seqlen_q=half)
   monkeypatch.setattr(device, "is_hopper", lambda: False)
   assert not mosaic.preferred(long)  # not a Hopper GPU
   monkeypatch.setattr(device, "is_hopper", lambda: True)

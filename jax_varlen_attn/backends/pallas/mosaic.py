@@ -20,11 +20,17 @@ them), so the cache is read in place and never gathered.
 What differs from the dense kernel, and why:
 - Ragged q. A program's (sequence, first row) come from `program_table` (computed by XLA from
   cu_seqlens_q, the rule every backend uses: sequence b owns programs
-  [cu_q[b] // (2 block_q) + b, cu_q[b+1] // (2 block_q) + b + 1)). A TMA box of a tiled, swizzled
-  shared-memory tile must start at a multiple of 8 rows, and a store of a partial tile would
-  overwrite the next sequence's rows, so q and the output live in padded buffers where program p
-  owns rows [p R, (p + 1) R), R = 2 block_q: one XLA gather builds q's (`padded_rows`), one
-  compacts the output's (`compact_rows`). Rows past a sequence's end are computed and discarded.
+  [cu_q[b] // (2 block_q) + b, cu_q[b+1] // (2 block_q) + b + 1)). A TMA box into a tiled,
+  swizzled tile must start at a multiple of 8 rows (Mosaic splits the row index into tile and row
+  within it), and a whole-tile store would overwrite the next sequence's rows. So each warpgroup
+  reads its q rows by TMA into an unswizzled staging tile (any first row) and copies them into the
+  swizzled one through registers, and writes its output back through the same staging tile: whole
+  tiles in one TMA store, a sequence's last partial tile in power-of-two pieces (`_store_rows`).
+  The programs after the last sequence's zero the padding rows. That is `direct_rows`; where the
+  staging tiles do not fit in shared memory (head_dim 256) or q is shorter than one program, q and
+  the output go through XLA's padded copies instead (`padded_rows`, `compact_rows`). In place
+  measured 8-29% faster than the copies (benchmarks/NOTES.md, session 11). Programs launch
+  heaviest first (a sequence's last query rows see the most keys).
 - Masks. Keys run over the band the CTA needs (causal bottom-right, sliding window, the sequence's
   length), split per warpgroup into masked edges and an unmasked middle (`key_ranges`), so the
   middle pays no mask.
@@ -152,9 +158,10 @@ def unsupported_reason(spec: AttentionSpec, tiles: Optional[MosaicTiles] = None,
 
 
 # Mean query tokens per sequence from which the pallas backend (kernel=None) and backend="auto" run
-# this kernel: on an H200 it was 7% faster than the Triton kernel at 4096 (prefill_4x4096) and 12%
-# at 8192, 5-30% slower at 512-2048 (benchmarks/NOTES.md, "Mosaic GPU prefill").
-MIN_QUERIES = 4096
+# this kernel: on an H200 (session 11, in place) 14-19% faster than the Triton kernel at 1024-4096
+# (prefill_8x1024 .. prefill_4x4096), 7% at 512 (16 sequences); single short prompts (seed1, 512)
+# and decode-heavy calls fill its 128-row tiles badly (benchmarks/NOTES.md, "Mosaic GPU prefill").
+MIN_QUERIES = 1024
 
 
 def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
