@@ -258,33 +258,39 @@ def _row_start(sinks_ref, head, with_sink, p: KernelParams):
   return m, jnp.where(m > _NEG_INF, 1.0, 0.0).astype(jnp.float32)
 
 
-def _key_ranges(first, len_q, len_k, shift, p: KernelParams):
-  """Three key ranges [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked.
+def key_ranges(r0, r1, q_len, kv_len, window_left: int, window_right: int, block_k: int):
+  """Key tiles rows [r0, r1] of a sequence (r1 >= r0) need, and which of them need no mask.
 
-  first, len_q, len_k, shift (= len_k - len_q) are i32[] scalars; returns (start i32[], stop i32[],
-  masked bool) triples.
-
-  The program's queries are [first, min(first + block_q, len_q)); query i sits at key position
-  i + shift. Unmasked tiles start and end on block_k multiples and every key in them is allowed for
-  every query of the program; keys outside [lo, hi) are allowed for none of them.
+  Returns i32[] tile indices (lo, full_lo, full_hi, hi): tiles [lo, hi) hold every key some row is
+  allowed; tiles [full_lo, full_hi) have every key allowed for every row (lo <= full_lo <= full_hi
+  <= hi). Bottom-right alignment: row r sees keys [r + off - window_left, r + off + window_right]
+  within [0, kv_len), off = kv_len - q_len; a window side of -1 is unbounded (static ints; under
+  causal window_right is 0, so tiles above the diagonal are never visited). Shared by this kernel
+  and the Mosaic GPU kernel (`mosaic.py`).
   """
-  bk = p.block_k
-  diag_lo = first + shift
-  diag_hi = jnp.minimum(first + p.block_q, len_q) - 1 + shift
-  hi = len_k
-  full_hi = len_k
-  if p.window_right >= 0:  # under causal, tiles above the diagonal are never visited
-    hi = jnp.minimum(len_k, diag_hi + p.window_right + 1)
-    full_hi = jnp.minimum(len_k, diag_lo + p.window_right + 1)
-  lo = jnp.int32(0)
-  full_lo = jnp.int32(0)
-  if p.window_left >= 0:
-    lo = _div(jnp.maximum(diag_lo - p.window_left, 0), bk) * bk
-    full_lo = _cdiv(jnp.maximum(diag_hi - p.window_left, 0), bk) * bk
-  hi = jnp.maximum(hi, lo)
-  full_lo = jnp.clip(full_lo, lo, hi)
-  full_hi = jnp.maximum(_div(jnp.maximum(full_hi, 0), bk) * bk, full_lo)
-  full_hi = jnp.minimum(full_hi, jnp.maximum(_div(hi, bk) * bk, full_lo))
+  r0, r1, q_len, kv_len = (jnp.asarray(x, jnp.int32) for x in (r0, r1, q_len, kv_len))
+  off = kv_len - q_len
+  zero = jnp.int32(0)
+  key_lo = jnp.maximum(r0 + off - window_left, 0) if window_left >= 0 else zero
+  key_hi = jnp.minimum(r1 + off + window_right + 1, kv_len) if window_right >= 0 else kv_len
+  lo = _div(key_lo, block_k)
+  hi = jnp.where(key_hi > key_lo, jnp.maximum(_cdiv(jnp.maximum(key_hi, 0), block_k), lo), lo)
+  # Every key of tile j is allowed for every row iff j * B >= r1 + off - window_left and
+  # (j + 1) * B <= min(kv_len, r0 + off + window_right + 1).
+  full_key_lo = jnp.maximum(r1 + off - window_left, 0) if window_left >= 0 else zero
+  full_key_hi = jnp.minimum(r0 + off + window_right + 1, kv_len) if window_right >= 0 else kv_len
+  full_lo = jnp.clip(_cdiv(full_key_lo, block_k), lo, hi)
+  full_hi = jnp.clip(_div(jnp.maximum(full_key_hi, 0), block_k), full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def _key_ranges(first, len_q, len_k, p: KernelParams):
+  """The program's key ranges as (start, stop, masked) triples in keys: masked tiles where a left
+  window starts, unmasked tiles, masked tiles at the causal / right-window / length boundary
+  (`key_ranges` for its queries [first, min(first + block_q, len_q)), first < len_q)."""
+  last = jnp.minimum(first + p.block_q, len_q) - 1
+  lo, full_lo, full_hi, hi = (t * p.block_k for t in key_ranges(
+      first, last, len_q, len_k, p.window_left, p.window_right, p.block_k))
   return ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True))
 
 
@@ -383,7 +389,7 @@ def _program(seq, first, q_start, len_q, kv_head, kv_index_ref, seqlens_k_ref, l
               qk_scale=qk_scale, p=p)
   carry = (jnp.zeros((p.block_m, p.head_dim_pad), jnp.float32),) + _row_start(
       sinks_ref, head, row_ok & real, p)
-  for start, stop, masked in _key_ranges(first, len_q, len_k, shift, p):
+  for start, stop, masked in _key_ranges(first, len_q, len_k, p):
     num_tiles = _cdiv(jnp.maximum(stop - start, 0), p.block_k)
 
     def body(t, carry, start=start, masked=masked):

@@ -28,9 +28,9 @@ What differs from the dense kernel, and why:
   tiles in one TMA store, a sequence's last partial tile in power-of-two pieces (`_store_rows`).
   The programs after the last sequence's zero the padding rows. That is `direct_rows`; where the
   staging tiles do not fit in shared memory (head_dim 256) or q is shorter than one program, q and
-  the output go through XLA's padded copies instead (`padded_rows`, `compact_rows`). In place
-  measured 8-29% faster than the copies (benchmarks/NOTES.md, session 11). Programs launch
-  heaviest first (a sequence's last query rows see the most keys).
+  the output go through XLA's padded copies instead (`padded_rows`, `compact_rows`), which measured
+  slower (benchmarks/NOTES.md, "the Mosaic kernel in place"). Programs launch heaviest first (a
+  sequence's last query rows see the most keys).
 - Masks. Keys run over the band the CTA needs (causal bottom-right, sliding window, the sequence's
   length), split per warpgroup into masked edges and an unmasked middle (`key_ranges`), so the
   middle pays no mask.
@@ -57,14 +57,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_varlen_attn.backends.pallas.kernel import LN2, LOG2E
+from jax_varlen_attn.backends.pallas.kernel import LN2, LOG2E, key_ranges
 from jax_varlen_attn.layout import KVCacheLayout
 from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
 
 COMPUTE_WGS = 2  # compute warpgroups per CTA; the third warpgroup loads K / V
 HEAD_DIMS = (64, 128, 256)
 DTYPES = ("float16", "bfloat16")
-_BIG = 1 << 30  # an unbounded window side, in keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +157,8 @@ def unsupported_reason(spec: AttentionSpec, tiles: Optional[MosaicTiles] = None,
 
 
 # Mean query tokens per sequence from which the pallas backend (kernel=None) and backend="auto" run
-# this kernel: on an H200 (session 11, in place) 14-19% faster than the Triton kernel at 1024-4096
-# (prefill_8x1024 .. prefill_4x4096), 7% at 512 (16 sequences); single short prompts (seed1, 512)
-# and decode-heavy calls fill its 128-row tiles badly (benchmarks/NOTES.md, "Mosaic GPU prefill").
+# this kernel: the crossover with the Triton kernel measured on an H200 (benchmarks/NOTES.md, "the
+# Mosaic kernel in place"; short single prompts and decode fill its 128-row tiles badly).
 MIN_QUERIES = 1024
 
 
@@ -222,31 +220,6 @@ def compact_rows(padded: jax.Array, cu_seqlens_q: jax.Array, total_q: int, rows_
   shape = [1] * rows.ndim
   shape[axis] = total_q
   return jnp.where(live.reshape(shape), rows, jnp.asarray(fill, rows.dtype))
-
-
-def key_ranges(r0, r1, q_len, kv_len, window_left: int, window_right: int, block_kv: int):
-  """Key tiles rows [r0, r1] (within the sequence, r1 >= r0) need, and which need no mask.
-
-  Returns (lo, full_lo, full_hi, hi): tiles [lo, hi) hold an allowed key of some row; tiles
-  [full_lo, full_hi) have every key allowed for every row (lo <= full_lo <= full_hi <= hi).
-  Bottom-right alignment: row r sees keys [r + off - window_left, r + off + window_right] within
-  [0, kv_len), off = kv_len - q_len; a window side of -1 is unbounded. Scalars (jnp or Python).
-  """
-  off = kv_len - q_len
-  wl = _BIG if window_left < 0 else window_left
-  wr = _BIG if window_right < 0 else window_right
-  key_lo = jnp.maximum(r0 + off - wl, 0)
-  key_hi = jnp.minimum(r1 + off + wr + 1, kv_len)
-  lo = key_lo // block_kv
-  hi = jnp.maximum((key_hi + block_kv - 1) // block_kv, lo)
-  hi = jnp.where(key_hi > key_lo, hi, lo)
-  # Every key of tile j is allowed for every row iff j * B >= r1 + off - wl and
-  # (j + 1) * B <= min(kv_len, r0 + off + wr + 1).
-  full_key_lo = jnp.maximum(r1 + off - wl, 0)
-  full_key_hi = jnp.minimum(r0 + off + wr + 1, kv_len)
-  full_lo = jnp.clip((full_key_lo + block_kv - 1) // block_kv, lo, hi)
-  full_hi = jnp.clip(full_key_hi // block_kv, full_lo, hi)
-  return lo, full_lo, full_hi, hi
 
 
 # ---- the kernel -----------------------------------------------------------------------------------
