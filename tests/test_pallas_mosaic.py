@@ -304,14 +304,15 @@ def test_interpret_mode_runs_the_same_semantics_off_the_gpu():
 def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
   from jax_varlen_attn import backends as registry
   from jax_varlen_attn.backends import device
-  long = _spec(total_q=2 * mosaic.MIN_QUERIES, batch=2, max_seqlen_q=mosaic.MIN_QUERIES,
-               max_seqlen_k=mosaic.MIN_QUERIES)
-  half = mosaic.MIN_QUERIES // 2
-  short = _spec(total_q=2 * half, batch=2, max_seqlen_q=half)
+  n, batch = mosaic.MIN_QUERIES, -(-mosaic.MIN_TOTAL_QUERIES // mosaic.MIN_QUERIES)
+  long = _spec(total_q=batch * n, batch=batch, max_seqlen_q=n, max_seqlen_k=n)
+  short = _spec(total_q=2 * batch * (n // 2), batch=2 * batch, max_seqlen_q=n // 2)  # per sequence
+  one_prompt = _spec(total_q=n, batch=1, max_seqlen_q=n, max_seqlen_k=n)  # a small call
   monkeypatch.setattr(device, "is_hopper", lambda: False)
   assert not mosaic.preferred(long)  # not a Hopper GPU
   monkeypatch.setattr(device, "is_hopper", lambda: True)
   assert mosaic.preferred(long) and not mosaic.preferred(short)
+  assert not mosaic.preferred(one_prompt)
   assert not mosaic.preferred(dataclasses.replace(long, softcap=1.0))  # a call it does not cover
   assert not mosaic.preferred(long, k_size=12 * 16 * 2 * 64 + 64)  # a buffer of partial tiles
   monkeypatch.setattr(registry, "_on_cuda_gpu", lambda: True)

@@ -61,7 +61,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
     (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None).
   """
   kernel = config.kernel
-  if kernel is None:  # the measured-faster kernel for this call (mosaic.MIN_QUERIES)
+  if kernel is None:  # the measured-faster kernel for this call (mosaic.preferred)
     kernel = "mosaic" if mosaic.preferred(spec, arrays.k.size, arrays.v.size) else "triton"
   if kernel == "mosaic":
     why = mosaic.unsupported_reason(spec, k_size=arrays.k.size, v_size=arrays.v.size)

@@ -25,7 +25,7 @@ class Config:
   kernel: which kernel runs on a CUDA GPU: "triton" (kernel.py through Pallas's Triton lowering)
     or "mosaic" (`mosaic.py`: a Hopper kernel in Mosaic GPU; a call it does not cover raises
     ValueError saying why); None: "mosaic" where it measured faster (an H100 / H200, a call it
-    covers, at least `mosaic.MIN_QUERIES` query tokens per sequence), else "triton". Off the GPU
+    covers, `mosaic.preferred`: long prefill), else "triton". Off the GPU
     both run kernel.py in interpret mode. The block sizes above are kernel.py's.
   """
 

@@ -1,7 +1,7 @@
 """A Mosaic GPU (Hopper) kernel for varlen attention over a paged KV cache, for long prefill.
 
 `backend="auto"` and `PallasConfig(kernel=None)` run it where it measured faster (`preferred`: an
-H100 / H200, a call it covers, >= MIN_QUERIES query tokens per sequence); to ask for it::
+H100 / H200, a call it covers, long prefill); to ask for it::
 
     from jax_varlen_attn import flash_attn_varlen_func, PallasConfig
     out = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q,
@@ -160,15 +160,18 @@ def unsupported_reason(spec: AttentionSpec, tiles: Optional[MosaicTiles] = None,
 # this kernel: the crossover with the Triton kernel measured on an H200 (benchmarks/NOTES.md, "the
 # Mosaic kernel in place"; short single prompts and decode fill its 128-row tiles badly).
 MIN_QUERIES = 1024
+# Query tokens in the call from which it runs: the smallest call measured faster (8 x 1024 and 16 x
+# 512 tokens); a single 512-token prompt (4 programs a head) measured 2x slower.
+MIN_TOTAL_QUERIES = 8192
 
 
 def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
               v_size: Optional[int] = None) -> bool:
   """Whether this kernel is the measured-faster choice for `spec` here: a Hopper GPU, a call it
-  covers, and long prefill (MIN_QUERIES)."""
+  covers, and long prefill (MIN_QUERIES a sequence, MIN_TOTAL_QUERIES in all)."""
   from jax_varlen_attn.backends import device
-  return (spec.mean_queries_per_sequence >= MIN_QUERIES and device.is_hopper()
-          and unsupported_reason(spec, k_size=k_size, v_size=v_size) is None)
+  return (spec.mean_queries_per_sequence >= MIN_QUERIES and spec.total_q >= MIN_TOTAL_QUERIES
+          and device.is_hopper() and unsupported_reason(spec, k_size=k_size, v_size=v_size) is None)
 
 
 # ---- index arithmetic shared by the kernel and XLA (tested on the CPU against the oracle) ----------
@@ -254,6 +257,7 @@ def _store_rows(src, out_ref, row, head, n, rows: int):
     plgpu.copy_smem_to_gmem(src.at[pl.ds(first, size)], out_ref.at[pl.ds(row + first, size), head],
                             predicate=(n < rows) & ((n & size) != 0))
     size //= 2
+
 
 @dataclasses.dataclass(frozen=True)
 class _Params:
