@@ -96,7 +96,8 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
   Python int is an i32 (i64 past 2**31), np.float32 an f32; the "xla" route folds scalars in as
   constants); the outputs' parameters follow them, then the constexprs.
   input_output_aliases: {input name: output index}: that output *is* the input's buffer (same
-  shape and dtype), so a kernel that stores into some of it leaves the rest as the input had it;
+  shape and dtype; the aliased outputs come first), so a kernel that stores into some of it
+  leaves the rest as the input had it;
   under `jax.jit(..., donate_argnums=...)` of the input nothing is copied (written in place). The
   kernel must read and write such a buffer only through the output's parameter (on jax-triton 0.4
   the input's parameter receives a placeholder: the module docstring says why).
@@ -125,7 +126,8 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
   if aliases and max(aliases.values()) >= len(aliases):
     # jax-triton 0.4 passes an aliased output as a Ref operand and hands the kernel's pointer
     # parameters their buffers in order (operands, then new outputs): a new output's parameter
-    # before an aliased one's would receive the wrong buffer (seen: q written into the K cache).
+    # before an aliased one's would receive the wrong buffer (seen: rope_write_kv's q came back
+    # wrong on jax-triton 0.4.1 while its q output came first).
     raise ValueError(f"input_output_aliases: the aliased outputs must be the first ones (outputs "
                      f"0..{len(aliases) - 1}), got {aliases}")
   if triton_interpreting():
