@@ -49,6 +49,42 @@ def test_split_count_follows_static_shapes_only():
   assert short_few.num_splits == 1
 
 
+def test_decode_stages_double_buffer_small_grids_only():
+  """Decode tiles get two K / V buffers (paged: 5 stages, the page-table load takes a stage of its
+  own) where the grid is about one program an SM and the sequences are long enough to fill the
+  pipeline; bigger grids and short sequences keep one, as fp16 prefill tiles keep the shared rule."""
+  from jax_varlen_attn.backends.triton import Config
+  from jax_varlen_attn.backends.triton.config import stages_for_buffers
+  from tests.problems import static_spec as spec_for
+
+  double = stages_for_buffers(2, paged=True)
+  assert (double, stages_for_buffers(2, paged=False), stages_for_buffers(1, paged=True)) == (5, 3, 3)
+  assert Config.get_default(spec_for(16, 38)).num_stages == double  # decode_16x600: 144 programs
+  assert Config.get_default(spec_for(1, 38)).num_stages == double  # one sequence, split-KV
+  assert Config.get_default(spec_for(24, 38)).num_stages == 2  # 216 programs: residency wins
+  assert Config.get_default(spec_for(256, 256)).num_stages == 2  # decode_256x4096
+  assert Config.get_default(spec_for(16, 38, max_seqlen_k=70)).num_stages == 2  # 1 tile a program
+  assert Config.get_default(spec_for(1, 32, q_per_seq=512)).num_stages == 3  # prefill: shared rule
+  assert Config(num_stages=2).resolved(spec_for(16, 38)).num_stages == 2  # the caller's wins
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND", "strided", "stacked_strided"])
+@pytest.mark.parametrize("kv_dtype", [None, "float8_e4m3fn"])
+def test_double_buffered_decode_tiles(layout, kv_dtype):
+  """The double-buffered decode pipeline (the default for small decode grids, see above) against the
+  oracle: many 16-key tiles a sequence, a partial last page, poisoned spare pages and padding, with
+  and without split-KV. (Under the interpreter num_stages has no effect; on a GPU this is the
+  pipelined build.)"""
+  from jax_varlen_attn.backends.triton import Config
+  from jax_varlen_attn.backends.triton.config import stages_for_buffers
+  suite = TestTriton()
+  stages = stages_for_buffers(2, paged=True)
+  for splits in (1, 3):
+    p = suite.problem(seqlens_q=(1, 1, 1, 2), seqlens_k=(203, 17, 64, 1), causal=True, layout=layout,
+                      kv_dtype=kv_dtype, head_dim=64)
+    suite.check(p, config=Config(block_n=16, num_splits=splits, num_stages=stages))
+
+
 def test_config_is_resolved_once_per_call(monkeypatch):
   """api chooses the None fields once (the caller's config or the default) and the launcher takes
   the result as is: no second pass over the tuned table and the heuristics."""

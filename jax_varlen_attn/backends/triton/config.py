@@ -15,6 +15,8 @@ MAX_SPLITS = 64
 # Key tiles a split-KV program gets at least (of the longest possible sequence): partials and their
 # combine stay small next to the K / V reads (NOTES.md "Tile rules"; bench_serving varies it).
 MIN_TILES_PER_SPLIT = 4
+# Decode grids of at most this many programs an SM get double-buffered K / V tiles (_default_stages).
+DOUBLE_BUFFER_PROGRAMS_PER_SM = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +93,9 @@ class Config:
     # 4 warps, 8 for 256-row tiles (one warpgroup per 128 rows). 8 for 128-row tiles is the usual
     # FlashAttention-2 choice, but 4 measured faster (NOTES.md "Tile rules").
     num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
+    programs = spec.query_programs(block_m // group) * spec.num_kv_heads * num_splits
     num_stages = (self.num_stages or tuned_entry.get("num_stages")
-                  or tile_rules.num_stages(block_m, spec.head_dim))
+                  or _default_stages(spec, block_m, block_n, num_splits, programs))
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
                                num_warps=num_warps, num_stages=num_stages)
 
@@ -165,3 +168,35 @@ def _default_block_n(spec: AttentionSpec, block_m: int) -> int:
   if spec.head_dim > 128:
     return 16
   return 128 if spec.max_seqlen_k >= 8 * 128 else 64
+
+
+def stages_for_buffers(buffers: int, paged: bool) -> int:
+  """num_stages that gives Triton's pipeliner `buffers` K / V tiles in shared memory.
+
+  A non-paged tile gets num_stages - 1 buffers. A paged tile's page-table load feeds its K / V
+  addresses, and the pipeliner gives that load a stage of its own ahead of each K / V stage:
+  (num_stages - 1) // 2 buffers (sm_90 TTGIR of triton 3.6 and 3.9). With one buffer the next
+  tile's copy is issued only after this tile's math, so nothing overlaps the wait.
+  """
+  return 2 * buffers + 1 if paged else buffers + 1
+
+
+def _default_stages(spec: AttentionSpec, block_m: int, block_n: int, num_splits: int,
+                    programs: int) -> int:
+  """Pipeline stages where neither the caller nor the tuned table says.
+
+  Decode-shaped tiles (block_m <= 16) stream K / V with little math a tile. With one buffer a
+  program waits out each tile's load in turn; where the grid is about one program an SM
+  (DOUBLE_BUFFER_PROGRAMS_PER_SM; a decode grid's padding programs exit at once) nothing else
+  hides that wait, so two buffers keep the next tile in flight. On bigger grids programs hide each
+  other's loads and a second buffer (twice the shared memory) only costs residency. fp8 tiles,
+  half the bytes, take two buffers at any grid. Either way only where the longest sequence gives
+  each program (split) MIN_TILES_PER_SPLIT tiles or more: a shorter pipeline never fills. Head dim
+  256 (16-key tiles) was not measured and keeps the shared rule. Measurements: NOTES.md "Tile
+  rules".
+  """
+  tiles = spec.max_seqlen_k // (block_n * num_splits)
+  if (block_m <= tile_rules.MIN_ROWS and spec.head_dim <= 128 and tiles >= MIN_TILES_PER_SPLIT
+      and (spec.kv_fp8 or programs <= DOUBLE_BUFFER_PROGRAMS_PER_SM * device.num_sms())):
+    return stages_for_buffers(2, spec.layout is not None)
+  return tile_rules.num_stages(block_m, spec.head_dim)
