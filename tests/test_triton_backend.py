@@ -52,7 +52,7 @@ def test_split_count_follows_static_shapes_only():
 def test_decode_stages_double_buffer_small_grids_only():
   """Decode tiles get two K / V buffers (paged: 5 stages, the page-table load takes a stage of its
   own) where the grid is about one program an SM and the sequences are long enough to fill the
-  pipeline; bigger grids and short sequences keep one, as fp16 prefill tiles keep the shared rule."""
+  pipeline; bigger grids and short sequences keep one."""
   from jax_varlen_attn.backends.triton import Config
   from jax_varlen_attn.backends.triton.config import stages_for_buffers
   from tests.problems import static_spec as spec_for
@@ -64,7 +64,8 @@ def test_decode_stages_double_buffer_small_grids_only():
   assert Config.get_default(spec_for(24, 38)).num_stages == 2  # 216 programs: residency wins
   assert Config.get_default(spec_for(256, 256)).num_stages == 2  # decode_256x4096
   assert Config.get_default(spec_for(16, 38, max_seqlen_k=70)).num_stages == 2  # 1 tile a program
-  assert Config.get_default(spec_for(1, 32, q_per_seq=512)).num_stages == 3  # prefill: shared rule
+  # Prefill tiles: the shared rule's two buffers, which a paged cache needs 5 stages for.
+  assert Config.get_default(spec_for(1, 32, q_per_seq=512)).num_stages == double
   assert Config(num_stages=2).resolved(spec_for(16, 38)).num_stages == 2  # the caller's wins
 
 

@@ -185,6 +185,7 @@ def _default_stages(spec: AttentionSpec, block_m: int, block_n: int, num_splits:
                     programs: int) -> int:
   """Pipeline stages where neither the caller nor the tuned table says.
 
+  Big tiles: the shared rule's buffers (tile_rules.num_stages counts a direct load's stages).
   Decode-shaped tiles (block_m <= 16) stream K / V with little math a tile. With one buffer a
   program waits out each tile's load in turn; where the grid is about one program an SM
   (DOUBLE_BUFFER_PROGRAMS_PER_SM; a decode grid's padding programs exit at once) nothing else
@@ -195,8 +196,14 @@ def _default_stages(spec: AttentionSpec, block_m: int, block_n: int, num_splits:
   256 (16-key tiles) was not measured and keeps the shared rule. Measurements: NOTES.md "Tile
   rules".
   """
+  paged = spec.layout is not None
+  shared = tile_rules.num_stages(block_m, spec.head_dim)
+  if shared > 2:
+    # The shared rule's 3 stages for big tiles are two buffers of a direct load; a paged cache
+    # needs 5 for the same two (with its 3, one buffer: slower on every prefill case measured).
+    return stages_for_buffers(shared - 1, paged)
   tiles = spec.max_seqlen_k // (block_n * num_splits)
   if (block_m <= tile_rules.MIN_ROWS and spec.head_dim <= 128 and tiles >= MIN_TILES_PER_SPLIT
       and (spec.kv_fp8 or programs <= DOUBLE_BUFFER_PROGRAMS_PER_SM * device.num_sms())):
-    return stages_for_buffers(2, spec.layout is not None)
-  return tile_rules.num_stages(block_m, spec.head_dim)
+    return stages_for_buffers(2, paged)
+  return shared
