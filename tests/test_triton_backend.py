@@ -1,5 +1,6 @@
 """The shared suite on the Triton backend: on a GPU natively, elsewhere under Triton's interpreter."""
 
+import dataclasses
 import os
 
 import pytest
@@ -67,6 +68,25 @@ def test_decode_stages_double_buffer_small_grids_only():
   # Prefill tiles: the shared rule's two buffers, which a paged cache needs 5 stages for.
   assert Config.get_default(spec_for(1, 32, q_per_seq=512)).num_stages == double
   assert Config(num_stages=2).resolved(spec_for(16, 38)).num_stages == 2  # the caller's wins
+  # Two buffers only where they fit in shared memory (an H100's without a GPU): a 2048-token
+  # prompt's 256 x 128 tile keeps 3 stages, an f32 decode tile of 128 keys keeps 2.
+  assert Config.get_default(spec_for(1, 128, q_per_seq=2048)).num_stages == 3
+  f32_decode = dataclasses.replace(spec_for(16, 38), dtype="float32")
+  assert Config.get_default(f32_decode).num_stages == 2
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="shared memory limits are a GPU's")
+@pytest.mark.parametrize("dtype,kv_dtype,seqlens", [
+    ("bfloat16", None, (1024, 1024)),  # 256 x 128 prefill tile: two buffers would not fit
+    ("float32", None, (1,) * 16), ("float16", "float8_e4m3fn", (1,) * 16)])  # decode tiles
+def test_default_stages_launch(dtype, kv_dtype, seqlens):
+  """The default config's stages launch on the GPU (the stage rule's shared-memory bound) and agree
+  with the oracle: big tiles and long sequences, where two K / V buffers are largest."""
+  suite = TestTriton()
+  seqlens_k = tuple(1024 if q > 1 else 600 for q in seqlens)
+  p = suite.problem(seqlens_q=seqlens, seqlens_k=seqlens_k, causal=True, dtype=dtype, kv_dtype=kv_dtype,
+                    head_dim=128, num_heads=4, num_kv_heads=2)
+  suite.check(p)
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND", "strided", "stacked_strided"])

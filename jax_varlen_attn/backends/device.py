@@ -3,8 +3,9 @@
     device_kind()  # "NVIDIA H200", or None where JAX sees no GPU (CPU tests, CUDA export on a CPU)
     num_sms()      # 132 on an H100 / H200 SXM
     is_hopper()    # compute capability 9.x (wgmma, TMA: what the Mosaic GPU kernel needs)
+    shared_memory_bytes()  # 232448 on an H100 / H200: what one block may use
 
-Both describe the first GPU JAX sees and are read once per process.
+All describe the first GPU JAX sees and are read once per process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import jax
 # (kernels compiled for sm_90 on a CPU get the tiles an H100 would).
 REFERENCE_KIND = "NVIDIA H100 80GB HBM3"
 REFERENCE_SMS = 132
+# Shared memory one block may opt into, by compute capability (CUDA's per-architecture limits);
+# SHARED_MEMORY_FLOOR for one not listed.
+SHARED_MEMORY_BYTES = {"8.0": 166912, "8.7": 166912, "9.0": 232448, "10.0": 232448}
+SHARED_MEMORY_FLOOR = 101376  # sm_86 / sm_89 / sm_120, the least of current GPUs
 
 
 def _first_gpu():
@@ -50,3 +55,12 @@ def is_hopper() -> bool:
   gpu = _first_gpu()
   cc = str(getattr(gpu, "compute_capability", "")) if gpu is not None else ""
   return cc.split(".")[0] == "9"
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_bytes() -> int:
+  """Shared memory one block of the first GPU may use; the reference H100's without a GPU."""
+  gpu = _first_gpu()
+  if gpu is None:
+    return SHARED_MEMORY_BYTES["9.0"]
+  return SHARED_MEMORY_BYTES.get(str(getattr(gpu, "compute_capability", "")), SHARED_MEMORY_FLOOR)

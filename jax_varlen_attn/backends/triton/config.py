@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax.numpy as jnp
+
 from jax_varlen_attn.backends import device, tile_rules
 from jax_varlen_attn.backends.config_checks import check_int_range, check_launch_options, check_pow2
 from jax_varlen_attn.backends.triton import tuned
@@ -198,6 +200,8 @@ def _default_stages(spec: AttentionSpec, block_m: int, block_n: int, num_splits:
   """
   paged = spec.layout is not None
   shared = tile_rules.num_stages(block_m, spec.head_dim)
+  if not _fits_two_buffers(spec, block_m, block_n):
+    return shared
   if shared > 2:
     # The shared rule's 3 stages for big tiles are two buffers of a direct load; a paged cache
     # needs 5 for the same two (with its 3, one buffer: slower on every prefill case measured).
@@ -207,3 +211,16 @@ def _default_stages(spec: AttentionSpec, block_m: int, block_n: int, num_splits:
       and (spec.kv_fp8 or programs <= DOUBLE_BUFFER_PROGRAMS_PER_SM * device.num_sms())):
     return stages_for_buffers(2, paged)
   return shared
+
+
+def _fits_two_buffers(spec: AttentionSpec, block_m: int, block_n: int) -> bool:
+  """Whether a tile with two K / V buffers fits the GPU's shared memory, estimated from above.
+
+  sm_90 builds (triton 3.6) hold q's tile, the pipeline's K / V buffers and, for prefill tiles,
+  one more K / V tile's worth of scratch: count three K / V tiles and 8 KB besides (the 256 x 128
+  bf16 prefill tile needs 264 KB there and does not fit; 256 x 64 needs 161 KB).
+  """
+  d_pad = max(16, next_pow2(spec.head_dim))
+  q_bytes = block_m * d_pad * max(2, jnp.dtype(spec.dtype).itemsize)  # an fp8 q computes in fp16
+  kv_bytes = 2 * block_n * d_pad * jnp.dtype(spec.kv_dtype or spec.dtype).itemsize
+  return q_bytes + 3 * kv_bytes + 8192 <= device.shared_memory_bytes()
