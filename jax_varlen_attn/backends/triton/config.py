@@ -217,8 +217,8 @@ def _fits_two_buffers(spec: AttentionSpec, block_m: int, block_n: int) -> bool:
   """Whether a tile with two K / V buffers fits the GPU's shared memory, estimated from above.
 
   sm_90 builds (triton 3.6) hold q's tile, the pipeline's K / V buffers and, for prefill tiles,
-  one more K / V tile's worth of scratch: count three K / V tiles and 8 KB besides (the 256 x 128
-  bf16 prefill tile needs 264 KB there and does not fit; 256 x 64 needs 161 KB).
+  one more K / V tile's worth of scratch: count three K / V tiles and 8 KB besides (the compiled
+  sizes: NOTES.md session 12 item 5).
   """
   d_pad = max(16, next_pow2(spec.head_dim))
   q_bytes = block_m * d_pad * max(2, jnp.dtype(spec.dtype).itemsize)  # an fp8 q computes in fp16
