@@ -29,6 +29,10 @@ class Config:
   block_n: keys per tile.
   num_splits: split-KV (flash-decoding): each (query block, kv head) program's keys are divided
     among this many programs, whose partial outputs are combined by their LSEs. 1 = off.
+  num_warps: warps a program.
+  num_stages: Triton's software-pipeline stages over the key tiles. A non-paged tile gets
+    num_stages - 1 K / V buffers in shared memory; a paged tile (num_stages - 1) // 2, because its
+    page-table load takes a stage of its own (`stages_for_buffers`): 5 stages = two buffers.
   launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
     call; the default on jax-triton 0.4), "legacy" (jax-triton 0.3's custom call; its default),
     "xla" (XLA's own Triton custom call: least host cost per call, a slower prefill kernel); None
