@@ -86,6 +86,7 @@ class Config:
     block_n = self.block_n or tuned_entry.get("block_n") or _default_block_n(spec, block_m)
     default_splits = self._default_splits(spec, block_m, block_n)
     num_splits = self.num_splits or default_splits
+    programs = spec.query_programs(block_m // group) * spec.num_kv_heads  # a split's grid
     if self.block_n is None and spec.head_dim <= 128 and num_splits == 1 and default_splits == 1:
       # A grid that fits on the GPU at once (seed1: 136 programs, seed2: 96) is latency-bound: the
       # longest program's chain of dependent tile steps (page lookup -> K load -> dot -> V) sets
@@ -93,15 +94,13 @@ class Config:
       # programs) is not latency-bound and stays at 64. Not where split-KV splits: splits already
       # shorten the chain. (Wider tiles never turn splits on: _default_splits only shrinks as
       # block_n grows.)
-      programs = spec.query_programs(block_m // group) * spec.num_kv_heads
       if programs < 2 * device.num_sms():
         block_n = 128
     # 4 warps, 8 for 256-row tiles (one warpgroup per 128 rows). 8 for 128-row tiles is the usual
     # FlashAttention-2 choice, but 4 measured faster (NOTES.md "Tile rules").
     num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
-    programs = spec.query_programs(block_m // group) * spec.num_kv_heads * num_splits
     num_stages = (self.num_stages or tuned_entry.get("num_stages")
-                  or _default_stages(spec, block_m, block_n, num_splits, programs))
+                  or _default_stages(spec, block_m, block_n, num_splits, programs * num_splits))
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
                                num_warps=num_warps, num_stages=num_stages)
 
@@ -222,7 +221,7 @@ def _fits_two_buffers(spec: AttentionSpec, block_m: int, block_n: int) -> bool:
 
   sm_90 builds (triton 3.6) hold q's tile, the pipeline's K / V buffers and, for prefill tiles,
   one more K / V tile's worth of scratch: count three K / V tiles and 8 KB besides (the compiled
-  sizes: NOTES.md session 12 item 5).
+  sizes: NOTES.md "Tile rules").
   """
   d_pad = max(16, next_pow2(spec.head_dim))
   q_bytes = block_m * d_pad * max(2, jnp.dtype(spec.dtype).itemsize)  # an fp8 q computes in fp16
