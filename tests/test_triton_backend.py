@@ -51,28 +51,52 @@ def test_split_count_follows_static_shapes_only():
 
 
 def test_decode_stages_double_buffer_small_grids_only():
-  """Decode tiles get two K / V buffers (paged: 5 stages, the page-table load takes a stage of its
-  own) where the grid is about one program an SM and the sequences are long enough to fill the
-  pipeline; bigger grids and short sequences keep one."""
+  """Decode tiles get two K / V buffers where the grid is about one program an SM and the sequences
+  are long enough to fill the pipeline (fp8: at any grid); bigger grids and short sequences keep
+  one. A paged fp16 tile's two buffers are 5 stages (its table takes a stage each), an fp8 tile's
+  3 (the kernel looks the table up a tile ahead)."""
   from jax_varlen_attn.backends.triton import Config
   from jax_varlen_attn.backends.triton.config import stages_for_buffers
   from tests.problems import static_spec as spec_for
 
-  double = stages_for_buffers(2, paged=True)
-  assert (double, stages_for_buffers(2, paged=False), stages_for_buffers(1, paged=True)) == (5, 3, 3)
-  assert Config.get_default(spec_for(16, 38)).num_stages == double  # decode_16x600: 144 programs
+  fp16 = spec_for(16, 38)  # decode_16x600: 144 programs
+  fp8 = dataclasses.replace(fp16, kv_dtype="float8_e4m3fn")
+  non_paged = dataclasses.replace(fp16, layout=None)
+  assert [stages_for_buffers(b, s) for b in (1, 2, 3) for s in (fp16, fp8, non_paged)] == [
+      2, 2, 2, 5, 3, 3, 7, 4, 4]
+  double = stages_for_buffers(2, fp16)
+  assert Config.get_default(fp16).num_stages == double
   assert Config.get_default(spec_for(1, 38)).num_stages == double  # one sequence, split-KV
   assert Config.get_default(spec_for(24, 38)).num_stages == 2  # 216 programs: residency wins
   assert Config.get_default(spec_for(256, 256)).num_stages == 2  # decode_256x4096
+  big_fp8 = dataclasses.replace(spec_for(256, 256), kv_dtype="float8_e4m3fn")
+  assert Config.get_default(big_fp8).num_stages == stages_for_buffers(2, big_fp8) == 3
   assert Config.get_default(spec_for(16, 38, max_seqlen_k=70)).num_stages == 2  # 1 tile a program
-  # Prefill tiles: the shared rule's two buffers, which a paged cache needs 5 stages for.
-  assert Config.get_default(spec_for(1, 32, q_per_seq=512)).num_stages == double
-  assert Config(num_stages=2).resolved(spec_for(16, 38)).num_stages == 2  # the caller's wins
+  # Prefill tiles: the shared rule's two buffers.
+  prefill = spec_for(1, 32, q_per_seq=512)
+  assert Config.get_default(prefill).num_stages == double
+  prefill_fp8 = dataclasses.replace(prefill, kv_dtype="float8_e4m3fn")
+  assert Config.get_default(prefill_fp8).num_stages == 3
+  assert Config(num_stages=3).resolved(fp16).num_stages == 3  # the caller's wins
   # Two buffers only where they fit in shared memory (an H100's without a GPU): a 2048-token
-  # prompt's 256 x 128 tile keeps 3 stages, an f32 decode tile of 128 keys keeps 2.
-  assert Config.get_default(spec_for(1, 128, q_per_seq=2048)).num_stages == 3
-  f32_decode = dataclasses.replace(spec_for(16, 38), dtype="float32")
+  # prompt's 256 x 128 tile and an f32 decode tile of 128 keys get one.
+  assert Config.get_default(spec_for(1, 128, q_per_seq=2048)).num_stages == 2
+  f32_decode = dataclasses.replace(fp16, dtype="float32")
   assert Config.get_default(f32_decode).num_stages == 2
+
+
+def test_table_ahead_only_where_pipelined_paged_fp8():
+  """A paged fp8 tile with two or more K / V buffers looks its pages up a tile ahead (TABLE_AHEAD);
+  one buffer, fp16 caches and non-paged tiles keep the pipeliner's own schedule."""
+  from jax_varlen_attn.backends.triton import Config
+  from tests.problems import static_spec as spec_for
+
+  fp16 = spec_for(16, 38)
+  fp8 = dataclasses.replace(fp16, kv_dtype="float8_e4m3fn")
+  ahead = lambda spec, st: Config(num_stages=st).resolved(spec).constexprs(spec)["TABLE_AHEAD"]
+  assert [ahead(fp8, st) for st in (1, 2, 3, 4)] == [False, False, True, True]
+  assert not any(ahead(fp16, st) for st in (2, 3, 5))
+  assert not ahead(dataclasses.replace(fp8, layout=None), 3)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="shared memory limits are a GPU's")
@@ -94,12 +118,14 @@ def test_default_stages_launch(dtype, kv_dtype, seqlens):
 def test_double_buffered_decode_tiles(layout, kv_dtype):
   """The double-buffered decode pipeline (the default for small decode grids, see above) against the
   oracle: many 16-key tiles a sequence, a partial last page, poisoned spare pages and padding, with
-  and without split-KV. (Under the interpreter num_stages has no effect; on a GPU this is the
-  pipelined build.)"""
+  and without split-KV. fp8 tiles look their pages up a tile ahead (TABLE_AHEAD), which the
+  interpreter runs too; num_stages itself has effect on a GPU only, where this is the pipelined
+  build."""
   from jax_varlen_attn.backends.triton import Config
   from jax_varlen_attn.backends.triton.config import stages_for_buffers
+  from tests.problems import static_spec
   suite = TestTriton()
-  stages = stages_for_buffers(2, paged=True)
+  stages = stages_for_buffers(2, dataclasses.replace(static_spec(1, 1), kv_dtype=kv_dtype))
   for splits in (1, 3):
     p = suite.problem(seqlens_q=(1, 1, 1, 2), seqlens_k=(203, 17, 64, 1), causal=True, layout=layout,
                       kv_dtype=kv_dtype, head_dim=64)

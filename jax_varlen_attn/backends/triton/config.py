@@ -30,9 +30,10 @@ class Config:
   num_splits: split-KV (flash-decoding): each (query block, kv head) program's keys are divided
     among this many programs, whose partial outputs are combined by their LSEs. 1 = off.
   num_warps: warps a program.
-  num_stages: Triton's software-pipeline stages over the key tiles. A non-paged tile gets
-    num_stages - 1 K / V buffers in shared memory; a paged tile (num_stages - 1) // 2, because its
-    page-table load takes a stage of its own (`stages_for_buffers`): 5 stages = two buffers.
+  num_stages: Triton's software-pipeline stages over the key tiles: num_stages - 1 K / V buffers
+    in shared memory on a non-paged or an fp8 paged cache; on an fp16 / bf16 / f32 paged cache
+    (num_stages - 1) // 2 from 3 stages, since its page-table load takes a stage of its own (2
+    stages: one buffer). `stages_for_buffers` states the mapping; 5 stages = two buffers there.
   launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
     call; the default on jax-triton 0.4), "legacy" (jax-triton 0.3's custom call; its default),
     "xla" (XLA's own Triton custom call: least host cost per call, a slower prefill kernel); None
@@ -154,6 +155,8 @@ class Config:
         # fp8 cache: fp8 tiles converted in registers, descales folded into per-program scalars;
         # an fp8 q computes in fp16 (kernel.py's docstring).
         KV_FP8=spec.kv_fp8, Q_FP8=spec.q_fp8, USE_SINKS=spec.has_sinks,
+        # A pipelined paged fp8 tile looks its pages up a tile ahead itself (`table_ahead`).
+        TABLE_AHEAD=table_ahead(spec) and self.num_stages > 2,
     )
 
 
@@ -175,44 +178,54 @@ def _default_block_n(spec: AttentionSpec, block_m: int) -> int:
   return 128 if spec.max_seqlen_k >= 8 * 128 else 64
 
 
-def stages_for_buffers(buffers: int, paged: bool) -> int:
+def table_ahead(spec: AttentionSpec) -> bool:
+  """Whether a pipelined (num_stages > 2) paged tile looks each tile's pages up a tile ahead itself.
+
+  Triton's pipeliner gives a paged tile's page-table load, which feeds the K / V addresses, a
+  stage of its own ahead of each K / V stage. Looked up by the kernel a tile ahead instead, the
+  K / V copies are direct loads to the pipeliner and the table takes no stage. Measured faster on
+  fp8 caches (decode and prefill), slower on fp16 prefill (NOTES.md "Tile rules"): fp8 only.
+  """
+  return spec.layout is not None and spec.kv_fp8
+
+
+def stages_for_buffers(buffers: int, spec: AttentionSpec) -> int:
   """num_stages that gives Triton's pipeliner `buffers` K / V tiles in shared memory.
 
-  A non-paged tile gets num_stages - 1 buffers. A paged tile's page-table load feeds its K / V
-  addresses, and the pipeliner gives that load a stage of its own ahead of each K / V stage:
-  (num_stages - 1) // 2 buffers (sm_90 TTGIR of triton 3.6 and 3.9). With one buffer the next
-  tile's copy is issued only after this tile's math, so nothing overlaps the wait.
+  One more than the buffers, except on a paged cache whose table takes a stage per buffer
+  (`table_ahead` false): twice the buffers, plus one. One buffer is 2 stages either way: the next
+  tile's copy is issued only after this tile's math, so nothing overlaps the wait (sm_90 TTGIR of
+  triton 3.6 and 3.9).
   """
-  return 2 * buffers + 1 if paged else buffers + 1
+  if buffers <= 1 or spec.layout is None or table_ahead(spec):
+    return buffers + 1
+  return 2 * buffers + 1
 
 
 def _default_stages(spec: AttentionSpec, block_m: int, block_n: int, num_splits: int,
                     programs: int) -> int:
   """Pipeline stages where neither the caller nor the tuned table says.
 
-  Big tiles: the shared rule's buffers (tile_rules.num_stages counts a direct load's stages).
-  Decode-shaped tiles (block_m <= 16) stream K / V with little math a tile. With one buffer a
-  program waits out each tile's load in turn; where the grid is about one program an SM
-  (DOUBLE_BUFFER_PROGRAMS_PER_SM; a decode grid's padding programs exit at once) nothing else
-  hides that wait, so two buffers keep the next tile in flight. On bigger grids programs hide each
+  Big tiles: the shared rule's K / V buffers (tile_rules.num_stages counts a direct load's stages:
+  two buffers). Decode-shaped tiles (block_m <= 16) stream K / V with little math a tile. With one
+  buffer a program waits out each tile's load in turn; where the grid is about one program an SM
+  (DOUBLE_BUFFER_PROGRAMS_PER_SM; a decode grid's padding programs exit at once) nothing else hides
+  that wait, so two buffers keep the next tile in flight. On bigger grids programs hide each
   other's loads and a second buffer (twice the shared memory) only costs residency. fp8 tiles,
   half the bytes, take two buffers at any grid. Either way only where the longest sequence gives
   each program (split) MIN_TILES_PER_SPLIT tiles or more: a shorter pipeline never fills. Head dim
-  256 (16-key tiles) was not measured and keeps the shared rule. Measurements: NOTES.md "Tile
-  rules".
+  256 (16-key tiles) was not measured and keeps the shared rule. A tile whose two buffers would not
+  fit in shared memory gets one. Measurements: NOTES.md "Tile rules".
   """
-  paged = spec.layout is not None
-  shared = tile_rules.num_stages(block_m, spec.head_dim)
   if not _fits_two_buffers(spec, block_m, block_n):
-    return shared
+    return stages_for_buffers(1, spec)
+  shared = tile_rules.num_stages(block_m, spec.head_dim)
   if shared > 2:
-    # The shared rule's 3 stages for big tiles are two buffers of a direct load; a paged cache
-    # needs 5 for the same two (with its 3, one buffer: slower on every prefill case measured).
-    return stages_for_buffers(shared - 1, paged)
+    return stages_for_buffers(shared - 1, spec)
   tiles = spec.max_seqlen_k // (block_n * num_splits)
   if (block_m <= tile_rules.MIN_ROWS and spec.head_dim <= 128 and tiles >= MIN_TILES_PER_SPLIT
       and (spec.kv_fp8 or programs <= DOUBLE_BUFFER_PROGRAMS_PER_SM * device.num_sms())):
-    return stages_for_buffers(2, paged)
+    return stages_for_buffers(2, spec)
   return shared
 
 

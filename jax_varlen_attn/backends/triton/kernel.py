@@ -20,6 +20,8 @@ Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
   IS_PAGED=False       rows `cu_seqlens_k[b] + j` of k / v [total_k, Hk, D]
   IS_PAGED=True        any layout: PAGE_STRIDE / TOKEN_STRIDE / HEAD_STRIDE are constants
                        (row-id addressing and runtime strides measured no faster: NOTES.md)
+  TABLE_AHEAD          a pipelined paged tile looks the next tile's pages up itself, so Triton's
+                       pipeliner sees direct K / V loads (no stage of its own for the table)
 The K / V offsets of a layout (k_offset, v_offset) are runtime arguments added once to the base
 pointers (the kernel body says why), so a strided cache compiles to the contiguous cache's code but
 for constants (tests/triton_compile_check.py checks the instruction counts match).
@@ -105,57 +107,60 @@ def _sink_start(sinks_ptr, head, with_sink):
 
 
 @triton.jit
-def _kv_offsets(kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head,
-                IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
-                MASKED: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
-                NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
-                HEAD_STRIDE: tl.constexpr):
-  """Element offsets of keys [n_start, n_start + BLOCK_N) (kv_head, dim 0) in a layer's K (or V).
+def _lane_offsets(kv_head, IS_PAGED: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
+                  HEAD_STRIDE: tl.constexpr):
+  """i32[BLOCK_N]: element offset of each key lane (kv_head, dim 0) from its tile's `_tile_offsets`.
 
-  Returns (tile_off, fixed_off): tile_off (i64, a scalar or [BLOCK_N]) is all that changes from tile
-  to tile (the pages looked up); fixed_off (i32[BLOCK_N]: token within its page, kv head) is the
-  same for every tile. Every tile starts at a multiple of BLOCK_N (the kernel's key ranges are
-  whole tiles), so a key's place in its page depends on its lane only. Kept apart so the compiler
-  hoists fixed_off + dim out of the key loop and each tile's addresses cost one wide multiply-add
-  per pointer (about 10% fewer instructions). int64 tile offsets even where int32 would hold every
-  offset: int32 measured slower on prefill (NOTES.md "Tile rules").
+  The same for every tile: every tile starts at a multiple of BLOCK_N (the kernel's key ranges are
+  whole tiles), so a key's place in its page depends on its lane only. Kept apart from the tile's
+  page offsets so each tile's addresses cost one wide multiply-add per pointer (about 10% fewer
+  instructions).
   """
   lane = tl.arange(0, BLOCK_N)  # [BLOCK_N]
   if not IS_PAGED:
-    tile_off = (k_start + n_start).to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM)
-    return tile_off + tl.zeros_like(lane).to(tl.int64), (lane * NUM_KV_HEADS + kv_head) * HEAD_DIM
-  # A key's token within its page: lane % PAGE_SIZE, plus (single-page tiles, BLOCK_N < PAGE_SIZE)
-  # where in its page the tile starts, which moves with the tile and so joins tile_off.
-  token = lane % PAGE_SIZE  # [BLOCK_N]
+    return (lane * NUM_KV_HEADS + kv_head) * HEAD_DIM
+  return (lane % PAGE_SIZE) * TOKEN_STRIDE + kv_head * HEAD_STRIDE
+
+
+@triton.jit
+def _tile_offsets(kv_index_ptr, seq, k_start, n_start, len_k,
+                  MASKED: tl.constexpr, IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
+                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
+                  PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr):
+  """i64[BLOCK_N]: element offset of the pages holding keys [n_start, n_start + BLOCK_N) in a
+  layer's K (or V): all that changes from tile to tile (the page-table lookup). MASKED tiles read
+  the table only for keys below len_k. int64 even where int32 would hold every offset: int32
+  measured slower on prefill (NOTES.md "Tile rules").
+  """
+  lane = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+  if not IS_PAGED:
+    return (k_start + n_start).to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + tl.zeros_like(lane).to(tl.int64)
   first_token = 0
   if SINGLE_PAGE_TILE:
     # The whole tile lies in one page: one scalar page lookup, and offsets the compiler sees as
-    # contiguous.
+    # contiguous. Where in its page the tile starts (BLOCK_N < PAGE_SIZE) moves with the tile.
     page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + tl.minimum(n_start // PAGE_SIZE, MAX_BLOCKS - 1))
     page = page + tl.zeros_like(lane)  # [BLOCK_N], one value
     first_token = n_start % PAGE_SIZE
   else:
+    offs_n = n_start + lane
     block = tl.minimum(offs_n // PAGE_SIZE, MAX_BLOCKS - 1)
     if MASKED:
-      page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block, mask=key_ok, other=0)
+      page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block, mask=offs_n < len_k, other=0)
     else:
       page = tl.load(kv_index_ptr + seq * MAX_BLOCKS + block)
   # A block-table entry out of range is clamped into the cache: never a read outside the buffer.
   page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)
-  tile_off = page * PAGE_STRIDE + first_token * TOKEN_STRIDE
-  fixed_off = token * TOKEN_STRIDE + kv_head * HEAD_STRIDE
-  return tile_off, fixed_off
+  return page * PAGE_STRIDE + first_token * TOKEN_STRIDE
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n_start, len_k,
-                 diag, key_lo, key_hi, slopes, kv_head, qk_scale, softcap,
-                 MASKED: tl.constexpr, IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr,
-                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
-                 NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr,
-                 HEAD_STRIDE: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+def _attend_tile(acc, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n_start, len_k,
+                 diag, key_lo, key_hi, slopes, qk_scale, softcap,
+                 MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  KV_FP8: tl.constexpr):
   """One online-softmax step over keys [n_start, n_start + BLOCK_N).
@@ -163,6 +168,8 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
   acc: f32[BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: f32[BLOCK_M] (log2 units); q: [BLOCK_M, HEAD_DIM_PAD]
   in the compute dtype (KV_FP8: K / V tiles are converted to it, exactly; their descales are the
   caller's: folded into qk_scale and the final normalization);
+  tile_off: i64[BLOCK_N] the tile's page offsets (`_tile_offsets`), fixed_off: i32[BLOCK_N] its
+  lanes' (`_lane_offsets`);
   diag: i32[BLOCK_M] key position of each row's query (i + len_k - len_q); key_lo, key_hi:
   i32[BLOCK_M] each row's allowed keys [key_lo, key_hi) (length, causal and window bounds);
   slopes: f32[BLOCK_M]. MASKED tiles apply key_lo / key_hi; unmasked tiles are wholly allowed.
@@ -170,10 +177,6 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n
   offs_n = n_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
   offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
   key_ok = offs_n < len_k  # [BLOCK_N]
-  tile_off, fixed_off = _kv_offsets(
-      kv_index_ptr, seq, k_start, n_start, offs_n, key_ok, kv_head, IS_PAGED, SINGLE_PAGE_TILE, MASKED,
-      NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
-      HEAD_STRIDE)
   # Loop-invariant part first (hoisted), the tile's page offsets last.
   k_ptrs = (k_base + fixed_off[None, :] + offs_d[:, None]) + tile_off[None, :]  # [D_PAD, BLOCK_N]
   v_ptrs = (v_base + fixed_off[:, None] + offs_d[None, :]) + tile_off[:, None]  # [BLOCK_N, D_PAD]
@@ -267,6 +270,8 @@ def varlen_attention_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
+    # pipeline
+    TABLE_AHEAD: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
@@ -376,6 +381,8 @@ def varlen_attention_kernel(
     split_lo = lo + split * per_split
     split_hi = tl.minimum(hi, split_lo + per_split)
 
+  fixed_off = _lane_offsets(kv_head, IS_PAGED, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, TOKEN_STRIDE,
+                            HEAD_STRIDE)  # [BLOCK_N]
   acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -390,12 +397,26 @@ def varlen_attention_kernel(
       start, stop = full_lo, full_hi
     else:
       start, stop = full_hi, hi
-    for n in range(tl.maximum(start, split_lo), tl.minimum(stop, split_hi), BLOCK_N):
+    n_lo = tl.maximum(start, split_lo)
+    if TABLE_AHEAD:
+      ahead = _tile_offsets(kv_index_ptr, seq, k_start, n_lo, len_k, True, IS_PAGED, SINGLE_PAGE_TILE,
+                            NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES,
+                            PAGE_STRIDE, TOKEN_STRIDE)
+    for n in range(n_lo, tl.minimum(stop, split_hi), BLOCK_N):
+      if TABLE_AHEAD:
+        # The next tile's pages are looked up now, a tile before its K / V copies need them.
+        tile_off = ahead
+        ahead = _tile_offsets(kv_index_ptr, seq, k_start, n + BLOCK_N, len_k, True, IS_PAGED,
+                              SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS,
+                              NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE)
+      else:
+        tile_off = _tile_offsets(kv_index_ptr, seq, k_start, n, len_k, phase != 1, IS_PAGED,
+                                 SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS,
+                                 NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE)
       acc, m_i, l_i = _attend_tile(
-          acc, m_i, l_i, q, k_base, v_base, kv_index_ptr, seq, k_start, n, len_k, diag, key_lo,
-          key_hi, slopes, kv_head, qk_scale, softcap, phase != 1, IS_PAGED, SINGLE_PAGE_TILE, NUM_KV_HEADS,
-          HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE,
-          HEAD_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8)
+          acc, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n, len_k, diag, key_lo, key_hi, slopes,
+          qk_scale, softcap, phase != 1, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+          USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8)
 
   # Rows that saw no allowed key (nor a sink) output zeros and LSE +inf (-inf in a split); a row
   # with a sink has l_i > 0 (a row that saw no key: acc = 0, l_i = 1: zeros and LSE = s_aux).
