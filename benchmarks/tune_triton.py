@@ -48,13 +48,13 @@ import device_time  # noqa: E402  (benchmarks/device_time.py)
 NUM_KV_HEADS = 8
 SWEEP_GROUPS = (1, 2, 4, 8)
 # (block_m or None, block_n, num_warps, num_stages) tried per regime (None: the heuristic's rows,
-# which follow the queries per sequence and the group); wide heads get narrower key tiles. Stages
-# are K / V buffers + 1 (config.stages_for_buffers).
+# which follow the queries per sequence and the group); wide heads get narrower key tiles. On a
+# paged fp16 cache 5 stages are two K / V buffers, 2-4 one (config.stages_for_buffers).
 CANDIDATES = {
     ("decode", "narrow"): [(None, 32, 4, 2), (None, 64, 4, 2), (None, 128, 4, 2), (None, 64, 4, 3),
-                           (None, 128, 4, 3)],
+                           (None, 128, 4, 5)],
     ("prefill", "narrow"): [(256, 64, 8, 3), (256, 64, 8, 2), (128, 64, 4, 3), (256, 32, 8, 3),
-                            (128, 128, 8, 3), (256, 64, 8, 4), (128, 64, 4, 4)],
+                            (128, 128, 8, 3), (256, 64, 8, 5), (128, 64, 4, 5)],
     ("decode", "wide"): [(None, 16, 4, 2), (None, 32, 4, 2), (None, 64, 4, 1), (None, 32, 8, 2)],
     ("prefill", "wide"): [(None, 16, 4, 2), (None, 32, 4, 2), (None, 32, 4, 1), (None, 32, 8, 2)],
 }
