@@ -62,7 +62,8 @@ FUSED_OPS = [("qkv", 2048, 4096, True, False, False), ("o_proj", 2048, 2048, Fal
              ("gate_up", 2048, 6144, True, False, True), ("down", 6144, 2048, False, True, False)]
 TINY_FUSED_OPS = [("gate_up", 64, 32, True, False, True), ("down", 32, 64, False, True, False)]
 # (block_n, block_k, num_stages, num_warps); None: LinearConfig.get_default
-FUSED_VARIANTS = [None, (16, 256, 4, 4), (32, 512, 3, 4), (16, 512, 4, 4), (16, 512, 3, 2), (32, 256, 4, 4)]
+FUSED_VARIANTS = [None, (16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 6, 4), (64, 128, 4, 4), (32, 256, 8, 4),
+                  (16, 256, 8, 4), (64, 256, 3, 8)]
 ROTATION = 8
 
 

@@ -8,9 +8,11 @@ its RMSNorm before it and its residual add or SwiGLU after it, in one launch.
 One program computes BLOCK_N output columns for every row (T <= BLOCK_M: a decode step's tokens),
 streaming its BLOCK_N rows of w (K contiguous: the weight is stored [out, in]) through NUM_STAGES
 buffers; with SILU_MUL it streams the gate's and the up projection's rows together and multiplies
-them in registers. NORM reads x twice (sum of squares, then the normed tiles): x is T x K, a few
-kB next to the weights. Every rounding is that of the jnp form (`jax_varlen_attn.nn.linear`): the
-product rounded to x's dtype before the residual add and before silu.
+them in registers. NORM needs no pass of its own: RMSNorm scales each row by one number, so the
+loop multiplies (x * norm_scale) rounded to x's dtype into the product while it sums x's squares,
+and the product is scaled by each row's 1 / rms at the end (the jnp form rounds x * scale / rms
+instead: the same error bound). The product is rounded to x's dtype before the residual add and
+before silu, as the jnp form (`jax_varlen_attn.nn.linear`) rounds it.
 
 In a decode step this replaces XLA's GEMM with its split-K partial sums and the small kernels
 around it (the residual add, the RMSNorm's reduction and its apply, silu * up): benchmarks/NOTES.md,
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from jax_varlen_attn.backends import device
 from jax_varlen_attn.backends.triton.call import launch, route_for
 from jax_varlen_attn.spec import next_pow2
 
@@ -44,12 +47,11 @@ class LinearConfig:
 
   @classmethod
   def get_default(cls, k: int, n: int) -> "LinearConfig":
-    # 16 columns: the narrowest MMA tile, so N = 2048 still gives 128 programs (one an SM).
-    block_n = min(16, next_pow2(n))
-    # 512 of K a step and 3 buffers: ~48 kB of weights in flight a program, what one SM needs to
-    # read at its share of HBM bandwidth (latency x 4.5 TB/s / 132 SMs).
-    block_k = max(16, min(512, next_pow2(k)))
-    return cls(block_n=block_n, block_k=block_k, num_stages=3, num_warps=4)
+    # 32 columns where that still gives every SM a program, else 16 (the narrowest MMA tile):
+    # 32 x 256 tiles in 4 buffers read the model's q|k|v and gate|up fastest (NOTES.md "fused linears").
+    block_n = 32 if n // 32 >= device.num_sms() else 16
+    block_k = max(16, min(256, next_pow2(k)))
+    return cls(block_n=min(block_n, max(16, next_pow2(n))), block_k=block_k, num_stages=4, num_warps=4)
 
 
 def fits(num_rows: int) -> bool:
@@ -81,25 +83,26 @@ def fused_linear_kernel(
   offs_k = tl.arange(0, BLOCK_K)
   row_ok = offs_m < T
   col_ok = offs_n < N
-  if NORM:
-    sum_sq = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-      xk = _load_rows(x_ptr + k0, offs_m, offs_k, row_ok, k0 + offs_k < K, K, EVEN_K).to(tl.float32)
-      sum_sq += tl.sum(xk * xk, 1)
-    inv_rms = tl.rsqrt(sum_sq / K + EPS)
+  sum_sq = tl.zeros([BLOCK_M], tl.float32)
   acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
   acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
   for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
     k_ok = k0 + offs_k < K
     xk = _load_rows(x_ptr + k0, offs_m, offs_k, row_ok, k_ok, K, EVEN_K)
     if NORM:
+      xf = xk.to(tl.float32)
+      sum_sq += tl.sum(xf * xf, 1)
       s = tl.load(scale_ptr + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-      xk = (xk.to(tl.float32) * (inv_rms[:, None] * s[None, :])).to(dtype)
+      xk = (xf * s[None, :]).to(dtype)
     w = _load_rows(w_ptr + k0, offs_n, offs_k, col_ok, k_ok, K, EVEN_K)
     acc += tl.dot(xk, tl.trans(w))
     if SILU_MUL:
       w_up = _load_rows(w_ptr + N * K + k0, offs_n, offs_k, col_ok, k_ok, K, EVEN_K)
       acc_up += tl.dot(xk, tl.trans(w_up))
+  if NORM:
+    inv_rms = tl.rsqrt(sum_sq / K + EPS)[:, None]
+    acc *= inv_rms
+    acc_up *= inv_rms
   y = acc.to(dtype).to(tl.float32)
   if SILU_MUL:
     y = (y * tl.sigmoid(y)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
