@@ -18,19 +18,11 @@ is checked against a float64 NumPy product first.
 
   python benchmarks/bench_gemv.py                       # GPU; writes <gpu>_<date>_gemv.json
   python benchmarks/bench_gemv.py --tiny                # CPU plumbing (Triton's interpreter)
-  python benchmarks/bench_gemv.py --fused               # the model's ops with what surrounds them
-
---fused (issue 15, `jax_varlen_attn.nn.fused_linear`): each projection as the model runs it, with
-its RMSNorm before it (q|k|v, gate|up), silu * up (gate|up) or the residual add (o_proj, down), the
-weight stored [out, in]: `fused_linear_xla` under jit (XLA's GEMM and the small kernels it fuses
-around it: what a step runs without the kernel) against the library's kernel at a few
-`LinearConfig`s (the default first). Device time counts every kernel of the op.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -57,13 +49,6 @@ TINY_SHAPES = [("qkv", 64, 128), ("down", 128, 64)]
 VARIANTS = [(32, 256, 1, 4, 4), (16, 256, 1, 4, 4), (64, 128, 1, 4, 4), (32, 128, 2, 4, 4),
             (64, 256, 2, 4, 3), (32, 256, 4, 4, 3), (64, 128, 4, 4, 4), (128, 128, 8, 4, 3)]
 TINY_VARIANTS = [(32, 32, 1, 1, 1), (16, 32, 2, 1, 1)]
-# --fused: (name, K, N, norm, residual, silu_mul) as the serving model's block calls them.
-FUSED_OPS = [("qkv", 2048, 4096, True, False, False), ("o_proj", 2048, 2048, False, True, False),
-             ("gate_up", 2048, 6144, True, False, True), ("down", 6144, 2048, False, True, False)]
-TINY_FUSED_OPS = [("gate_up", 64, 32, True, False, True), ("down", 32, 64, False, True, False)]
-# (block_n, block_k, num_stages, num_warps); None: LinearConfig.get_default
-FUSED_VARIANTS = [None, (16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 6, 4), (64, 128, 4, 4), (32, 256, 8, 4),
-                  (16, 256, 8, 4), (64, 256, 3, 8)]
 ROTATION = 8
 
 
@@ -105,59 +90,11 @@ def skinny_matmul(x, w, block_n: int, block_k: int, split_k: int, num_warps: int
   return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
 
 
-def fused_records(args, rotation: int, dtype, ceiling, rng) -> List[dict]:
-  """--fused: `fused_linear_xla` vs the kernel per op and row count (the module docstring)."""
-  from jax_varlen_attn.backends.triton import linear_kernel
-  from jax_varlen_attn.nn.linear import fused_linear_xla
-
-  records = []
-  on_gpu = ceiling is not None
-  for name, k, n, norm, res, silu in (TINY_FUSED_OPS if args.tiny else FUSED_OPS):
-    rows_w = 2 * n if silu else n
-    ws = [jnp.asarray(rng.standard_normal((rows_w, k)) / np.sqrt(k), dtype) for _ in range(rotation)]
-    w_bytes = rows_w * k * jnp.dtype(dtype).itemsize
-    scale = jnp.asarray(1 + 0.1 * rng.standard_normal(k), dtype) if norm else None
-    for m in [int(r) for r in args.rows.split(",")]:
-      x = jnp.asarray(rng.standard_normal((m, k)), dtype)
-      r = jnp.asarray(rng.standard_normal((m, n)), dtype) if res else None
-      ref = np.asarray(fused_linear_xla(x.astype(jnp.float32), ws[0].astype(jnp.float32),
-                                        scale, 1e-6, None if r is None else r.astype(jnp.float32), silu))
-      impls = [("xla-fused", "jnp", lambda a, b: fused_linear_xla(a, b, scale, 1e-6, r, silu))]
-      for v in FUSED_VARIANTS:
-        cfg = linear_kernel.LinearConfig.get_default(k, n) if v is None else linear_kernel.LinearConfig(*v)
-        label = ("default:" if v is None else "") + "n%d_k%d_st%d_w%d" % dataclasses.astuple(cfg)
-        impls.append(("jva-fused", label, lambda a, b, cfg=cfg: linear_kernel.fused_linear(
-            a, b, scale, 1e-6, r, silu, cfg)))
-      for impl, variant, op in impls:
-        rec = dict(shape=name, M=m, K=k, N=n, impl=impl, variant=variant, weight_bytes=w_bytes,
-                   norm=norm, residual=res, silu_mul=silu)
-        try:
-          got = np.asarray(jax.jit(op)(x, ws[0]), np.float64)
-          rec["rel_err"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
-          rec["status"] = "ok" if rec["rel_err"] < 3e-2 else "WRONG"
-          if on_gpu and rec["status"] == "ok":
-            many = jax.jit(lambda a, *bs, op=op: [op(a, b) for b in bs])
-            dev = device_time.measure(jax, many, (x, *ws), rotation)
-            if dev:
-              rec["device_us"] = round(dev["busy_ms"] * 1e3, 3)
-              rec["kernels_per_call"] = dev["kernels_per_call"]
-              rec["tbps"] = round(w_bytes / (dev["busy_ms"] / 1e3) / 1e12, 3)
-              rec["pct_ceiling"] = round(100 * rec["tbps"] * 1e3 / ceiling["read_gbps"], 1)
-        except Exception as e:  # a variant that fails to build is a record, not the end of the run
-          rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:300]}"
-        records.append(rec)
-        print(f"{name:8s} M={m:3d} {impl:9s} {variant:26s} {rec.get('device_us', '-'):>9} us "
-              f"{rec.get('kernels_per_call', '-'):>5} kernels {rec.get('pct_ceiling', '-'):>5}% {rec['status']}",
-              flush=True)
-  return records
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--rows", default="1,4,16", help="comma list of M")
   p.add_argument("--tiny", action="store_true", help="CPU plumbing run: tiny shapes, interpreter, float16 "
                  "(the interpreter's tl.dot mistakes bfloat16 bits)")
-  p.add_argument("--fused", action="store_true", help="the model's ops with their norm / epilogue (docstring)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   on_gpu = any(d.platform == "gpu" for d in jax.devices())
@@ -172,8 +109,8 @@ def main(argv=None) -> int:
     from bench_serving import read_ceiling
     ceiling = read_ceiling(2048)
   gpu = jax.devices()[0].device_kind
-  records: List[dict] = fused_records(args, rotation, dtype, ceiling, rng) if args.fused else []
-  for name, k, n in ([] if args.fused else shapes):
+  records: List[dict] = []
+  for name, k, n in shapes:
     ws = [jnp.asarray(rng.standard_normal((k, n)) * 0.02, dtype) for _ in range(rotation)]
     w_bytes = k * n * 2
     for m in [int(r) for r in args.rows.split(",")]:
@@ -205,8 +142,7 @@ def main(argv=None) -> int:
               f"{rec.get('tbps', '-'):>6} TB/s {rec.get('pct_ceiling', '-'):>5}% {rec['status']}", flush=True)
   commit = os.environ.get("JVA_COMMIT", "unknown")
   date = datetime.date.today().isoformat()
-  out = args.out or f"{gpu.lower().replace(' ', '_').replace('nvidia_', '')}_{date}_gemv" + (
-      "_fused" if args.fused else "")
+  out = args.out or f"{gpu.lower().replace(' ', '_').replace('nvidia_', '')}_{date}_gemv"
   doc = dict(benchmark="skinny matmul: XLA vs a Triton kernel of ours", commit=commit, gpu=gpu, date=date,
              read_ceiling=ceiling, rotation=rotation, dtype=jnp.dtype(dtype).name, records=records,
              xla_flags=os.environ.get("XLA_FLAGS", ""))
@@ -216,12 +152,11 @@ def main(argv=None) -> int:
   path.write_text(json.dumps(doc, indent=1))
   print(f"wrote {path}")
   # The table to read: per (shape, M), the best triton variant against XLA.
-  base, ours = ("xla-fused", "jva-fused") if args.fused else ("xla", "triton")
-  for name in dict.fromkeys(r["shape"] for r in records):
+  for name, k, n in shapes:
     for m in sorted({r["M"] for r in records}):
       rs = [r for r in records if r["shape"] == name and r["M"] == m and "device_us" in r]
-      xla = [r for r in rs if r["impl"] == base]
-      tri = sorted((r for r in rs if r["impl"] == ours), key=lambda r: r["device_us"])
+      xla = [r for r in rs if r["impl"] == "xla"]
+      tri = sorted((r for r in rs if r["impl"] == "triton"), key=lambda r: r["device_us"])
       if xla and tri:
         print(f"{name:8s} M={m:3d} xla {xla[0]['device_us']:8.2f} us ({xla[0]['pct_ceiling']}%)  best triton "
               f"{tri[0]['variant']} {tri[0]['device_us']:8.2f} us ({tri[0]['pct_ceiling']}%)  "

@@ -445,9 +445,6 @@ def parse_args(argv):
                       "buffers")
   p.add_argument("--no-fuse-rope-write", action="store_true",
                  help="q / k norms, RoPE and write_kv as separate ops (ModelConfig.fuse_rope_write=False)")
-  p.add_argument("--fused-linears", type=int, default=None, choices=(0, 1),
-                 help="ModelConfig.fused_linears for the run (each projection with its RMSNorm / residual "
-                      "/ SwiGLU in one Triton kernel for steps of <= 16 tokens); default: the preset's")
   p.add_argument("--out", default="serving")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, short prompts")
   args = p.parse_args(argv)
@@ -489,10 +486,6 @@ def main(argv=None) -> int:
   overrides = {} if args.layers is None else dict(num_layers=args.layers)
   if args.no_fuse_rope_write:
     overrides["fuse_rope_write"] = False
-  if args.fused_linears is not None:
-    overrides["fused_linears"] = bool(args.fused_linears)
-    if args.fused_linears:
-      overrides["fuse_projections"] = True
   base: ModelConfig = preset(args.preset, **overrides)
   args.vocab = base.vocab_size
   batches = [int(b) for b in args.batches.split(",")]

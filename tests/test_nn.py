@@ -101,13 +101,7 @@ STEPS = [[(0, 0, 10), (1, 0, 11)],
          [(0, 21, 3), (2, 6, 1)]]
 
 
-# The same sequences in steps of at most 16 tokens: the calls `fused_linear`'s kernel takes.
-SMALL_STEPS = [[(0, 0, 10), (1, 0, 6)],
-               [(0, 10, 10), (1, 6, 6)],
-               [(0, 20, 4), (2, 0, 7)]]
-
-
-def run_paged(model, cfg, block_size=4, num_tokens=32, num_seqs=4, seed=0, steps=STEPS):
+def run_paged(model, cfg, block_size=4, num_tokens=32, num_seqs=4, seed=0):
   rng = np.random.default_rng(seed)
   seqs = [rng.integers(0, cfg.vocab_size, n) for n in LENGTHS]
   max_blocks = -(-max(LENGTHS) // block_size)
@@ -123,7 +117,7 @@ def run_paged(model, cfg, block_size=4, num_tokens=32, num_seqs=4, seed=0, steps
   v_cache = jnp.full(shape, jnp.nan, jnp.float32)
   logits = [np.zeros((n, cfg.vocab_size), np.float32) for n in LENGTHS]
   split = nnx.split(model)
-  for step in steps:
+  for step in STEPS:
     chunks = [(s, start, n, seqs[s]) for s, start, n in step]
     tokens, batch = paged_batch(chunks, pages, block_size, num_tokens, num_seqs, max_blocks)
     out, k_cache, v_cache = _forward(split, tokens, k_cache, v_cache, batch)

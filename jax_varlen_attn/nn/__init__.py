@@ -11,10 +11,9 @@ Needs flax (`pip install "jax_varlen_attn[nn]"`).
 
 from jax_varlen_attn.nn.attention import PagedAttention, PagedBatch
 from jax_varlen_attn.nn.config import PRESETS, ModelConfig, preset
-from jax_varlen_attn.nn.linear import TransposedLinear, fused_linear
 from jax_varlen_attn.nn.model import DecoderBlock, DecoderLM, SwiGLU, init_cache
 from jax_varlen_attn.nn.qkv import apply_rope, rms_norm, rope_frequencies, rope_tables, rope_write_kv
 
 __all__ = ["PagedAttention", "PagedBatch", "apply_rope", "rope_frequencies", "rope_tables", "rms_norm",
            "rope_write_kv", "ModelConfig", "PRESETS", "preset", "DecoderBlock", "DecoderLM", "SwiGLU",
-           "init_cache", "fused_linear", "TransposedLinear"]
+           "init_cache"]

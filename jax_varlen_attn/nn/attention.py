@@ -23,7 +23,6 @@ from flax import nnx
 
 from jax_varlen_attn.api import flash_attn_varlen_func
 from jax_varlen_attn.cache import write_kv
-from jax_varlen_attn.nn.linear import TransposedLinear
 from jax_varlen_attn.nn.qkv import apply_rope, rope_write_kv
 from jax_varlen_attn.reference import naive_paged_attention
 
@@ -61,10 +60,6 @@ class PagedAttention(nnx.Module):
     fused_rope_write: with fused_qkv, the q / k norms, RoPE and the cache write run as one
       `jax_varlen_attn.nn.qkv.rope_write_kv` call (`project_and_write`): one Triton kernel where
       the backend is Triton, else the same jnp ops as `project` then `write_kv`.
-    fused_linears: with fused_qkv and no bias, `qkv_proj` and `o_proj` are `TransposedLinear`s
-      (weights [out, in]) called through `fused_linear`, which takes the block's input RMSNorm
-      (`norm_scale=`) and residual add (`residual=`) into the projections: one Triton kernel each
-      for a step of at most 16 tokens.
     dtype / param_dtype: compute and weight dtypes; the cache must be in `dtype`.
     backend: `flash_attn_varlen_func`'s backend ("auto": Triton on a CUDA GPU, else XLA), or
       "naive": `jax_varlen_attn.reference.naive_paged_attention` (the serving benchmark's baseline;
@@ -75,7 +70,7 @@ class PagedAttention(nnx.Module):
   def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float = 1_000_000.0, qk_norm: bool = False, norm_eps: float = 1e-6,
                use_bias: bool = False, fused_qkv: bool = False, fused_rope_write: bool = True,
-               fused_linears: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+               dtype=jnp.float32, param_dtype=jnp.float32,
                backend: str = "auto", init_std: float = 0.02, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -86,22 +81,16 @@ class PagedAttention(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     lin = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.normal(init_std),
                rngs=rngs)
-    if fused_linears and (use_bias or not fused_qkv):
-      raise ValueError("fused_linears needs fused_qkv=True and use_bias=False")
-    self.fused_linears = fused_linears
-    width = (num_heads + 2 * num_kv_heads) * head_dim
-    if fused_linears:
-      self.qkv_proj = TransposedLinear(hidden_size, width, **lin)
-    elif fused_qkv:
-      self.qkv_proj = nnx.Linear(hidden_size, width, use_bias=use_bias, **lin)
+    if fused_qkv:
+      self.qkv_proj = nnx.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, use_bias=use_bias,
+                                 **lin)
     else:
       self.q_proj = nnx.Linear(hidden_size, num_heads * head_dim, use_bias=use_bias, **lin)
       self.k_proj = nnx.Linear(hidden_size, num_kv_heads * head_dim, use_bias=use_bias, **lin)
       self.v_proj = nnx.Linear(hidden_size, num_kv_heads * head_dim, use_bias=use_bias, **lin)
     self.fused_qkv = fused_qkv
     self.fused_rope_write = fused_qkv and fused_rope_write
-    out_proj = TransposedLinear if fused_linears else functools.partial(nnx.Linear, use_bias=False)
-    self.o_proj = out_proj(num_heads * head_dim, hidden_size, **lin)
+    self.o_proj = nnx.Linear(num_heads * head_dim, hidden_size, use_bias=False, **lin)
     if qk_norm:
       norm = dict(epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
       self.q_norm = nnx.RMSNorm(head_dim, **norm)
@@ -109,24 +98,11 @@ class PagedAttention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  @property
-  def _linear_backend(self) -> str:
-    return "xla" if self.backend == "naive" else self.backend
-
-  def _qkv(self, x: jax.Array, norm_scale: Optional[jax.Array]) -> jax.Array:
-    """The fused projection [T, (H + 2 Hk) * D] of x (RMSNormed first with norm_scale: fused_linears)."""
-    if self.fused_linears:
-      return self.qkv_proj(x, norm_scale=norm_scale, eps=self.norm_eps, backend=self._linear_backend)
-    if norm_scale is not None:
-      raise ValueError("norm_scale= needs PagedAttention(fused_linears=True); otherwise pass x normed")
-    return self.qkv_proj(x)
-
-  def project(self, x: jax.Array, positions: jax.Array, norm_scale: Optional[jax.Array] = None):
-    """x [T, hidden] -> q [T, H, D], k [T, Hk, D], v [T, Hk, D]: projections, qk-norm, RoPE.
-    norm_scale (fused_linears only): x is RMSNormed with it (eps=norm_eps) inside the projection."""
+  def project(self, x: jax.Array, positions: jax.Array):
+    """x [T, hidden] -> q [T, H, D], k [T, Hk, D], v [T, Hk, D]: projections, qk-norm, RoPE."""
     t, h, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
     if self.fused_qkv:
-      q, k, v = jnp.split(self._qkv(x, norm_scale), [h * d, (h + hk) * d], axis=-1)
+      q, k, v = jnp.split(self.qkv_proj(x), [h * d, (h + hk) * d], axis=-1)
     else:
       q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     q, k, v = q.reshape(t, h, d), k.reshape(t, hk, d), v.reshape(t, hk, d)
@@ -137,32 +113,23 @@ class PagedAttention(nnx.Module):
     return q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
 
   def project_and_write(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: PagedBatch,
-                        layer: Optional[jax.Array] = None, norm_scale: Optional[jax.Array] = None):
+                        layer: Optional[jax.Array] = None):
     """`project` and `write_kv` in one (fused_qkv only): x [T, hidden] -> (q [T, H, D], k_cache,
     v_cache) through `rope_write_kv`, one kernel on the Triton backend; same values as `project`."""
-    qkv = self._qkv(x, norm_scale).astype(self.dtype)
+    qkv = self.qkv_proj(x).astype(self.dtype)
     norms = {} if self.q_norm is None else dict(q_norm_scale=self.q_norm.scale[...],
                                                   k_norm_scale=self.k_norm.scale[...])
     return rope_write_kv(qkv, k_cache, v_cache, batch.slot_mapping, batch.positions, num_heads=self.num_heads,
                          rope_theta=self.rope_theta, eps=self.norm_eps, layer=layer, backend=self.backend,
                          **norms)
 
-  def output(self, o: jax.Array, residual: Optional[jax.Array] = None) -> jax.Array:
-    """o [T, H, D] (attention output) -> [T, hidden] (plus `residual` [T, hidden] where given)."""
-    o = o.reshape(o.shape[0], self.num_heads * self.head_dim)
-    if self.fused_linears:
-      return self.o_proj(o, residual=residual, backend=self._linear_backend)
-    y = self.o_proj(o)
-    return y if residual is None else residual + y
+  def output(self, o: jax.Array) -> jax.Array:
+    """o [T, H, D] (attention output) -> [T, hidden]."""
+    return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
 
   def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: PagedBatch,
-               layer: Optional[jax.Array] = None, *, norm_scale: Optional[jax.Array] = None,
-               residual: Optional[jax.Array] = None):
+               layer: Optional[jax.Array] = None):
     """x [T, hidden] -> (y [T, hidden], k_cache, v_cache).
-
-    norm_scale [hidden] (fused_linears only): x is the block's input, RMSNormed with this scale
-    (eps=norm_eps) inside the q|k|v projection. residual [T, hidden]: y = residual + o_proj(o)
-    (inside o_proj's kernel with fused_linears).
 
     The caches are NHD, [num_blocks, block_size, Hk, D], or layer-stacked [L, num_blocks, block_size,
     Hk, D] with `layer` an int32 scalar (traced is fine). This step's keys and values are written at
@@ -171,13 +138,13 @@ class PagedAttention(nnx.Module):
     """
     naive = self.backend == "naive"
     if self.fused_rope_write and not naive:  # one launch from the projection to attention's inputs
-      q, k_cache, v_cache = self.project_and_write(x, k_cache, v_cache, batch, layer, norm_scale)
+      q, k_cache, v_cache = self.project_and_write(x, k_cache, v_cache, batch, layer)
     else:
-      q, k, v = self.project(x, batch.positions, norm_scale)
+      q, k, v = self.project(x, batch.positions)
       k_cache, v_cache = write_kv(k, v, k_cache, v_cache, batch.slot_mapping, layer=layer,
                                   backend="xla" if naive else self.backend)
     attend = naive_paged_attention if naive else functools.partial(flash_attn_varlen_func,
                                                                    backend=self.backend)
     o = attend(q, k_cache, v_cache, cu_seqlens_q=batch.cu_seqlens_q, seqused_k=batch.seqused_k,
                block_table=batch.block_table, causal=True, layer=layer)
-    return self.output(o, residual), k_cache, v_cache
+    return self.output(o), k_cache, v_cache

@@ -43,10 +43,6 @@ class ModelConfig:
   # with fuse_projections: q / k norms, RoPE and the cache write as one `rope_write_kv` call (one
   # Triton kernel in place of 4 small XLA kernels and write_kv a layer; NOTES.md "rope_write_kv")
   fuse_rope_write: bool = True
-  # with fuse_projections: weights stored [out, in] and each projection called through
-  # `fused_linear` with its RMSNorm / residual add / SwiGLU: on the Triton backend one kernel a
-  # projection for steps of <= 16 tokens (NOTES.md "fused linears"); needs attention_bias=False
-  fused_linears: bool = False
   init_std: float = 0.02  # weights ~ N(0, init_std^2) (Qwen's initializer_range); norms start at 1
   backend: str = "auto"  # the attention backend (flash_attn_varlen_func's `backend=`, or "naive")
 
@@ -63,8 +59,6 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
     if not self.rope_theta > 0:
       raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
-    if self.fused_linears and not (self.fuse_projections and not self.attention_bias):
-      raise ValueError("ModelConfig.fused_linears needs fuse_projections=True and attention_bias=False")
     for field in ("dtype", "param_dtype"):
       jnp.dtype(getattr(self, field))  # raises TypeError on a name that is no dtype
 

@@ -23,47 +23,25 @@ from flax import nnx
 
 from jax_varlen_attn.nn.attention import PagedAttention, PagedBatch
 from jax_varlen_attn.nn.config import ModelConfig
-from jax_varlen_attn.nn.linear import TransposedLinear
 
 
 class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)), no biases. `fused`: gate and up as one [hidden, 2 * intermediate]
-  projection (`gate_up_proj`, columns gate | up): one matmul instead of two. `fused_linears` (with
-  fused): both projections are `TransposedLinear`s called through `fused_linear`, the RMSNorm
-  before the MLP, silu * up and the residual add inside them (`__call__`'s norm_scale / residual)."""
+  projection (`gate_up_proj`, columns gate | up): one matmul instead of two."""
 
   def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, param_dtype, init_std: float = 0.02,
-               fused: bool = False, fused_linears: bool = False, rngs: nnx.Rngs):
+               fused: bool = False, rngs: nnx.Rngs):
     lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
                kernel_init=nnx.initializers.normal(init_std), rngs=rngs)
-    if fused_linears and not fused:
-      raise ValueError("fused_linears needs fused=True")
-    self.fused_linears = fused_linears
-    if fused_linears:
-      del lin["use_bias"]
-      self.gate_up_proj = TransposedLinear(hidden_size, 2 * intermediate_size, **lin)
-      self.down_proj = TransposedLinear(intermediate_size, hidden_size, **lin)
-    elif fused:
+    if fused:
       self.gate_up_proj = nnx.Linear(hidden_size, 2 * intermediate_size, **lin)
     else:
       self.gate_proj = nnx.Linear(hidden_size, intermediate_size, **lin)
       self.up_proj = nnx.Linear(hidden_size, intermediate_size, **lin)
-    if not fused_linears:
-      self.down_proj = nnx.Linear(intermediate_size, hidden_size, **lin)
+    self.down_proj = nnx.Linear(intermediate_size, hidden_size, **lin)
     self.fused = fused
 
-  def __call__(self, x, *, norm_scale=None, eps: float = 1e-6, residual=None, backend: str = "auto"):
-    """x [T, hidden] -> [T, hidden] (+ residual [T, hidden] where given). norm_scale [hidden]
-    (fused_linears only): x is RMSNormed with it (and eps) first. backend: `fused_linear`'s."""
-    if self.fused_linears:
-      h = self.gate_up_proj(x, norm_scale=norm_scale, eps=eps, silu_mul=True, backend=backend)
-      return self.down_proj(h, residual=residual, backend=backend)
-    if norm_scale is not None:
-      raise ValueError("norm_scale= needs SwiGLU(fused_linears=True); otherwise pass x normed")
-    y = self._mlp(x)
-    return y if residual is None else residual + y
-
-  def _mlp(self, x):
+  def __call__(self, x):
     if self.fused:
       gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
     else:
@@ -81,22 +59,13 @@ class DecoderBlock(nnx.Module):
     self.attn = PagedAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                                rope_theta=c.rope_theta, qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
                                use_bias=c.attention_bias, fused_qkv=c.fuse_projections,
-                               fused_rope_write=c.fuse_rope_write, fused_linears=c.fused_linears,
-                               backend=c.backend,
+                               fused_rope_write=c.fuse_rope_write, backend=c.backend,
                                init_std=c.init_std, rngs=rngs, **dt)
     self.post_attn_norm = nnx.RMSNorm(c.hidden_size, epsilon=c.rms_norm_eps, rngs=rngs, **dt)
     self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, init_std=c.init_std, fused=c.fuse_projections,
-                      fused_linears=c.fused_linears, rngs=rngs, **dt)
-    self.fused_linears = c.fused_linears
-    self.linear_backend = "xla" if c.backend == "naive" else c.backend
+                      rngs=rngs, **dt)
 
   def __call__(self, x, k_cache, v_cache, batch: PagedBatch, layer=None):
-    if self.fused_linears:  # the norms and residual adds inside the projections' kernels
-      x, k_cache, v_cache = self.attn(x, k_cache, v_cache, batch, layer, norm_scale=self.input_norm.scale[...],
-                                      residual=x)
-      x = self.mlp(x, norm_scale=self.post_attn_norm.scale[...], eps=self.post_attn_norm.epsilon, residual=x,
-                   backend=self.linear_backend)
-      return x, k_cache, v_cache
     h, k_cache, v_cache = self.attn(self.input_norm(x), k_cache, v_cache, batch, layer)
     x = x + h
     x = x + self.mlp(self.post_attn_norm(x))
