@@ -85,7 +85,9 @@ def parse_config_variant(variant: str) -> dict:
   for item in filter(None, variant[4:].split(";")):
     key, _, value = item.partition("=")
     value = value.strip()
-    kwargs[key.strip()] = int(value) if value.lstrip("-").isdigit() else value  # launch=xla
+    flags = {"true": True, "false": False}  # fp8_v_at_load=false
+    kwargs[key.strip()] = (int(value) if value.lstrip("-").isdigit()
+                           else flags.get(value.lower(), value))  # launch=xla
   return kwargs
 
 

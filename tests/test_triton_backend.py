@@ -99,6 +99,38 @@ def test_table_ahead_only_where_pipelined_paged_fp8():
   assert not ahead(dataclasses.replace(fp8, layout=None), 3)
 
 
+def test_fp8_v_at_load_for_short_decode_on_sm89(monkeypatch):
+  """V is converted where it is loaded on fp8 decode tiles whose programs see at most
+  V_AT_LOAD_MAX_TILES key tiles, on sm_89+ and not under the interpreter; the caller's choice wins;
+  the constexpr is off without an fp8 cache."""
+  from jax_varlen_attn.backends.triton import Config
+  from jax_varlen_attn.backends.triton import config as cfg_mod
+  from tests.problems import static_spec as spec_for
+
+  monkeypatch.setattr(cfg_mod, "triton_interpreting", lambda: False)
+  monkeypatch.setattr(cfg_mod, "compute_capability", lambda: 90)
+  fp8 = lambda batch, pages: dataclasses.replace(spec_for(batch, pages), kv_dtype="float8_e4m3fn")  # noqa: E731
+  chosen = lambda spec, **kw: Config(**kw).resolved(spec)  # noqa: E731
+  short, long_ = fp8(64, 38), fp8(256, 256)  # 600 and 4096 keys
+  assert chosen(short).fp8_v_at_load and chosen(short).constexprs(short)["V_AT_LOAD"]
+  c = chosen(long_)
+  assert not c.fp8_v_at_load
+  assert long_.max_seqlen_k // (c.block_n * c.num_splits) > cfg_mod.V_AT_LOAD_MAX_TILES
+  assert chosen(long_, fp8_v_at_load=True).constexprs(long_)["V_AT_LOAD"]
+  assert not chosen(short, fp8_v_at_load=False).constexprs(short)["V_AT_LOAD"]
+  fp16 = spec_for(64, 38)
+  assert not chosen(fp16).fp8_v_at_load
+  assert not chosen(fp16, fp8_v_at_load=True).constexprs(fp16)["V_AT_LOAD"]
+  prefill = dataclasses.replace(spec_for(4, 38, q_per_seq=64), kv_dtype="float8_e4m3fn")
+  assert not chosen(prefill).fp8_v_at_load  # not measured on prefill tiles
+  monkeypatch.setattr(cfg_mod, "compute_capability", lambda: 80)
+  assert not chosen(short).fp8_v_at_load  # the PTX conversion needs sm_89
+  monkeypatch.setattr(cfg_mod, "triton_interpreting", lambda: True)
+  assert not chosen(short, fp8_v_at_load=True).constexprs(short)["V_AT_LOAD"]  # no PTX to interpret
+  with pytest.raises(TypeError, match="fp8_v_at_load"):
+    Config(fp8_v_at_load=1)
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="shared memory limits are a GPU's")
 @pytest.mark.parametrize("dtype,kv_dtype,seqlens", [
     ("bfloat16", None, (1024, 1024)),  # 256 x 128 prefill tile: two buffers would not fit

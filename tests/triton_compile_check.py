@@ -58,6 +58,9 @@ VARIANTS = [
     # fp8 caches (fp8 tiles converted in registers) and sinks, on the decode and prefill tiles.
     ("fp8-e4m3-decode", dict(kv_dtype="float8_e4m3fn", head_dim=128, seqlens_q=(1, 1, 1),
                              seqlens_k=(400, 7, 33), causal=True), Config()),
+    # The same tile with V converted in the dot operand's layout (what long sequences take).
+    ("fp8-e4m3-decode-v-in-dot", dict(kv_dtype="float8_e4m3fn", head_dim=128, seqlens_q=(1, 1, 1),
+                                      seqlens_k=(400, 7, 33), causal=True), Config(fp8_v_at_load=False)),
     ("fp8-e5m2-bf16-hnd-decode", dict(dtype="bfloat16", kv_dtype="float8_e5m2", layout="HND", head_dim=128,
                                       seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33)), Config()),
     ("fp8-e4m3-prefill-128x64", dict(kv_dtype="float8_e4m3fn", head_dim=128, causal=True,

@@ -7,10 +7,10 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from jax_varlen_attn.backends import device, tile_rules
+from jax_varlen_attn.backends import device, tile_rules, triton_interpreting
 from jax_varlen_attn.backends.config_checks import check_int_range, check_launch_options, check_pow2
 from jax_varlen_attn.backends.triton import tuned
-from jax_varlen_attn.backends.triton.call import ROUTES
+from jax_varlen_attn.backends.triton.call import ROUTES, compute_capability
 from jax_varlen_attn.spec import AttentionSpec, next_pow2
 
 MAX_SPLITS = 64
@@ -19,6 +19,8 @@ MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4
 # Decode grids of at most this many programs an SM get double-buffered K / V tiles (_default_stages).
 DOUBLE_BUFFER_PROGRAMS_PER_SM = 1.25
+# fp8 decode programs of at most this many key tiles convert V where it is loaded (`fp8_v_at_load`).
+V_AT_LOAD_MAX_TILES = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,10 @@ class Config:
     in shared memory on a non-paged or an fp8 paged cache; on an fp16 / bf16 / f32 paged cache
     (num_stages - 1) // 2 from 3 stages, since its page-table load takes a stage of its own (2
     stages: one buffer). `stages_for_buffers` states the mapping; 5 stages = two buffers there.
+  fp8_v_at_load: an fp8 cache's V tile converted to the compute dtype where it is loaded (inline
+    PTX, sm_89+), so it reaches P @ V through fp16 shared memory; False: converted in the dot
+    operand's layout (fp8 bytes read one at a time). None: `_default_v_at_load` (short sequences).
+    Ignored without an fp8 cache and under Triton's interpreter (which runs no PTX).
   launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
     call; the default on jax-triton 0.4), "legacy" (jax-triton 0.3's custom call; its default),
     "xla" (XLA's own Triton custom call: least host cost per call, a slower prefill kernel); None
@@ -49,6 +55,7 @@ class Config:
   num_splits: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
+  fp8_v_at_load: Optional[bool] = None
   launch: Optional[str] = None
 
   def __post_init__(self):
@@ -56,6 +63,8 @@ class Config:
     check_pow2("block_n", self.block_n, 16)
     check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
     check_launch_options(self.num_warps, self.num_stages)
+    if self.fp8_v_at_load is not None and not isinstance(self.fp8_v_at_load, bool):
+      raise TypeError(f"Config.fp8_v_at_load must be a bool or None, got {self.fp8_v_at_load!r}")
     if self.launch is not None and self.launch not in ROUTES:
       raise ValueError(f"Config.launch must be one of {ROUTES} or None, got {self.launch!r}")
 
@@ -102,8 +111,11 @@ class Config:
     num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
     num_stages = (self.num_stages or tuned_entry.get("num_stages")
                   or _default_stages(spec, block_m, block_n, num_splits, programs * num_splits))
+    v_at_load = self.fp8_v_at_load
+    if v_at_load is None:
+      v_at_load = _default_v_at_load(spec, block_m, block_n, num_splits)
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
-                               num_warps=num_warps, num_stages=num_stages)
+                               num_warps=num_warps, num_stages=num_stages, fp8_v_at_load=v_at_load)
 
   @staticmethod
   def _default_splits(spec: AttentionSpec, block_m: int, block_n: int) -> int:
@@ -157,6 +169,7 @@ class Config:
         KV_FP8=spec.kv_fp8, Q_FP8=spec.q_fp8, USE_SINKS=spec.has_sinks,
         # A pipelined paged fp8 tile looks its pages up a tile ahead itself (`table_ahead`).
         TABLE_AHEAD=table_ahead(spec) and self.num_stages > 2,
+        V_AT_LOAD=spec.kv_fp8 and bool(self.fp8_v_at_load) and not triton_interpreting(),
     )
 
 
@@ -187,6 +200,21 @@ def table_ahead(spec: AttentionSpec) -> bool:
   fp8 caches (decode and prefill), slower on fp16 prefill (NOTES.md "Tile rules"): fp8 only.
   """
   return spec.layout is not None and spec.kv_fp8
+
+
+def _default_v_at_load(spec: AttentionSpec, block_m: int, block_n: int, num_splits: int) -> bool:
+  """Whether an fp8 tile converts V where it is loaded (`Config.fp8_v_at_load`) by default.
+
+  The converted tile is staged in shared memory again (fp16, for ldmatrix): fewer instructions a
+  tile, more shared-memory traffic. Measured faster on decode tiles whose programs see few key
+  tiles of the longest sequence (5 and 10: decode_16x600 -7%, decode_64x600 -23%) and slower on
+  long ones (18 and 32: seed4_distinct +18%, decode_256x4096 +14%): decode tiles of at most
+  V_AT_LOAD_MAX_TILES tiles a program (split), on sm_89+ (the PTX conversion's), not under the
+  interpreter. Prefill tiles were not measured. NOTES.md "Tile rules".
+  """
+  if not spec.kv_fp8 or block_m > tile_rules.MIN_ROWS or triton_interpreting() or compute_capability() < 89:
+    return False
+  return spec.max_seqlen_k // (block_n * num_splits) <= V_AT_LOAD_MAX_TILES
 
 
 def stages_for_buffers(buffers: int, spec: AttentionSpec) -> int:

@@ -22,6 +22,8 @@ Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
                        (row-id addressing and runtime strides measured no faster: NOTES.md)
   TABLE_AHEAD          a pipelined paged tile looks the next tile's pages up itself, so Triton's
                        pipeliner sees direct K / V loads (no stage of its own for the table)
+  V_AT_LOAD            an fp8 V tile is converted where it is loaded (`_fp8_to_f16`), not in the
+                       dot operand's layout
 The K / V offsets of a layout (k_offset, v_offset) are runtime arguments added once to the base
 pointers (the kernel body says why), so a strided cache compiles to the contiguous cache's code but
 for constants (tests/triton_compile_check.py checks the instruction counts match).
@@ -157,12 +159,27 @@ def _tile_offsets(kv_index_ptr, seq, k_start, n_start, len_k,
 
 
 @triton.jit
+def _fp8_to_f16(x):
+  """fp8 (e4m3 / e5m2) -> fp16 by the PTX conversion Triton itself emits (sm_89+), as opaque inline
+  assembly: Triton then converts the tile in the layout it was loaded in and stages fp16 in shared
+  memory for the dot's ldmatrix, instead of reading the fp8 bytes one at a time in the operand's
+  layout (no 8-bit ldmatrix.trans for P @ V's B operand). Exact: every fp8 value is an fp16 value."""
+  if x.dtype == tl.float8e5:
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 a<2>; mov.b32 {a0, a1}, $2; cvt.rn.f16x2.e5m2x2 $0, a0; cvt.rn.f16x2.e5m2x2 $1, a1; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+  return tl.inline_asm_elementwise(
+      "{ .reg .b16 a<2>; mov.b32 {a0, a1}, $2; cvt.rn.f16x2.e4m3x2 $0, a0; cvt.rn.f16x2.e4m3x2 $1, a1; }",
+      "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
 def _attend_tile(acc, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n_start, len_k,
                  diag, key_lo, key_hi, slopes, qk_scale, softcap,
                  MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 KV_FP8: tl.constexpr):
+                 KV_FP8: tl.constexpr, V_AT_LOAD: tl.constexpr):
   """One online-softmax step over keys [n_start, n_start + BLOCK_N).
 
   acc: f32[BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: f32[BLOCK_M] (log2 units); q: [BLOCK_M, HEAD_DIM_PAD]
@@ -192,7 +209,10 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n_start,
     v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
   if KV_FP8:  # fp8 from memory, the compute dtype in registers (exact: no rounding)
     k = k.to(q.dtype)
-    v = v.to(q.dtype)
+    if V_AT_LOAD:
+      v = _fp8_to_f16(v).to(q.dtype)
+    else:
+      v = v.to(q.dtype)
 
   s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] f32, raw q . k
   if not MASKED and not USE_SOFTCAP and not USE_ALIBI:
@@ -271,7 +291,7 @@ def varlen_attention_kernel(
     USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
     # pipeline
-    TABLE_AHEAD: tl.constexpr,
+    TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
@@ -416,7 +436,7 @@ def varlen_attention_kernel(
       acc, m_i, l_i = _attend_tile(
           acc, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n, len_k, diag, key_lo, key_hi, slopes,
           qk_scale, softcap, phase != 1, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-          USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8)
+          USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8, V_AT_LOAD)
 
   # Rows that saw no allowed key (nor a sink) output zeros and LSE +inf (-inf in a split); a row
   # with a sink has l_i > 0 (a row that saw no key: acc = 0, l_i = 1: zeros and LSE = s_aux).
