@@ -100,9 +100,9 @@ def test_table_ahead_only_where_pipelined_paged_fp8():
 
 
 def test_fp8_v_at_load_for_short_decode_on_sm89(monkeypatch):
-  """V is converted where it is loaded on fp8 decode tiles whose programs see at most
-  V_AT_LOAD_MAX_TILES key tiles, on sm_89+ and not under the interpreter; the caller's choice wins;
-  the constexpr is off without an fp8 cache."""
+  """V is converted where it is loaded on fp8 decode tiles of a decode batch whose programs see at
+  most V_AT_LOAD_MAX_TILES key tiles, on sm_89+ and not under the interpreter; the caller's choice
+  wins; the constexpr is off without an fp8 cache."""
   from jax_varlen_attn.backends.triton import Config
   from jax_varlen_attn.backends.triton import config as cfg_mod
   from tests.problems import static_spec as spec_for
@@ -123,6 +123,8 @@ def test_fp8_v_at_load_for_short_decode_on_sm89(monkeypatch):
   assert not chosen(fp16, fp8_v_at_load=True).constexprs(fp16)["V_AT_LOAD"]
   prefill = dataclasses.replace(spec_for(4, 38, q_per_seq=64), kv_dtype="float8_e4m3fn")
   assert not chosen(prefill).fp8_v_at_load  # not measured on prefill tiles
+  mixed = dataclasses.replace(spec_for(55, 33, q_per_seq=5), kv_dtype="float8_e4m3fn")
+  assert chosen(mixed).block_m <= 16 and not chosen(mixed).fp8_v_at_load  # seed3-like: slower
   monkeypatch.setattr(cfg_mod, "compute_capability", lambda: 80)
   assert not chosen(short).fp8_v_at_load  # the PTX conversion needs sm_89
   monkeypatch.setattr(cfg_mod, "triton_interpreting", lambda: True)

@@ -38,7 +38,7 @@ class Config:
     stages: one buffer). `stages_for_buffers` states the mapping; 5 stages = two buffers there.
   fp8_v_at_load: an fp8 cache's V tile converted to the compute dtype where it is loaded (inline
     PTX, sm_89+), so it reaches P @ V through fp16 shared memory; False: converted in the dot
-    operand's layout (fp8 bytes read one at a time). None: `_default_v_at_load` (short sequences).
+    operand's layout (fp8 bytes read one at a time). None: `_default_v_at_load` (short decode).
     Ignored without an fp8 cache and under Triton's interpreter (which runs no PTX).
   launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
     call; the default on jax-triton 0.4), "legacy" (jax-triton 0.3's custom call; its default),
@@ -206,13 +206,16 @@ def _default_v_at_load(spec: AttentionSpec, block_m: int, block_n: int, num_spli
   """Whether an fp8 tile converts V where it is loaded (`Config.fp8_v_at_load`) by default.
 
   The converted tile is staged in shared memory again (fp16, for ldmatrix): fewer instructions a
-  tile, more shared-memory traffic. Measured faster on decode tiles whose programs see few key
-  tiles of the longest sequence (5 and 10: decode_16x600 -7%, decode_64x600 -23%) and slower on
-  long ones (18 and 32: seed4_distinct +18%, decode_256x4096 +14%): decode tiles of at most
-  V_AT_LOAD_MAX_TILES tiles a program (split), on sm_89+ (the PTX conversion's), not under the
-  interpreter. Prefill tiles were not measured. NOTES.md "Tile rules".
+  tile, more shared-memory traffic. Measured faster on decode batches (one query a sequence) whose
+  programs see few key tiles of the longest sequence (5 to 10: decode_1x600 / 16x600 -6%,
+  decode_64x600 -23%), slower on long ones (18 and 32: seed4_distinct +18%, decode_256x4096 +14%)
+  and on a mixed batch of the same lengths (seed3_mixed55, 5 queries a sequence: +7%). So: decode
+  tiles of a decode batch, at most V_AT_LOAD_MAX_TILES tiles a program (split), on sm_89+ (the
+  PTX conversion's), not under the interpreter. Prefill tiles were not measured. NOTES.md "Tile
+  rules".
   """
-  if not spec.kv_fp8 or block_m > tile_rules.MIN_ROWS or triton_interpreting() or compute_capability() < 89:
+  if (not spec.kv_fp8 or block_m > tile_rules.MIN_ROWS or spec.mean_queries_per_sequence > 1
+      or triton_interpreting() or compute_capability() < 89):
     return False
   return spec.max_seqlen_k // (block_n * num_splits) <= V_AT_LOAD_MAX_TILES
 
