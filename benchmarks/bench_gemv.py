@@ -18,6 +18,12 @@ is checked against a float64 NumPy product first.
 
   python benchmarks/bench_gemv.py                       # GPU; writes <gpu>_<date>_gemv.json
   python benchmarks/bench_gemv.py --tiny                # CPU plumbing (Triton's interpreter)
+  python benchmarks/bench_gemv.py --nk                  # the weight stored [N, K], CUDA-core dots
+
+--nk: `gemv_nk_kernel`, the weight stored [out, in] (each program streams whole rows of it, K
+contiguous) and no MMA: each row of x times each weight row, summed over K in f32 on the CUDA
+cores (what a GEMV of 1-4 rows needs; tl.dot pads the rows to 16). Session 14's fused projections
+(tl.dot over [N, K] tiles) read at 33-60% of the ceiling: this asks whether a plain GEMV does better.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ TINY_SHAPES = [("qkv", 64, 128), ("down", 128, 64)]
 VARIANTS = [(32, 256, 1, 4, 4), (16, 256, 1, 4, 4), (64, 128, 1, 4, 4), (32, 128, 2, 4, 4),
             (64, 256, 2, 4, 3), (32, 256, 4, 4, 3), (64, 128, 4, 4, 4), (128, 128, 8, 4, 3)]
 TINY_VARIANTS = [(32, 32, 1, 1, 1), (16, 32, 2, 1, 1)]
+# --nk: (BLOCK_N, BLOCK_K, num_warps, num_stages)
+NK_VARIANTS = [(8, 256, 4, 3), (16, 256, 4, 3), (16, 128, 4, 4), (8, 512, 4, 2), (32, 128, 4, 3), (4, 512, 2, 3)]
+TINY_NK_VARIANTS = [(8, 32, 1, 1), (16, 32, 1, 2)]
 ROTATION = 8
 
 
@@ -76,6 +85,34 @@ def skinny_matmul_kernel(x_ptr, w_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr
     tl.store(out_ptr + pid_k * M * N + at, acc, mask=rows[:, None])
 
 
+@triton.jit
+def gemv_nk_kernel(x_ptr, w_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   NUM_STAGES: tl.constexpr):
+  """out [M, N] = x [M, K] @ w[N, K].T, x's dtype: f32 products summed over K (no tl.dot)."""
+  offs_m = tl.arange(0, BLOCK_M)
+  offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+  rows = offs_m < M
+  acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+  for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=rows[:, None], other=0.0)
+    w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :])
+    acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+  tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+           mask=rows[:, None])
+
+
+def gemv_nk(x, w_nk, block_n: int, block_k: int, num_warps: int, num_stages: int):
+  """x [M, K] @ w_nk [N, K].T through `gemv_nk_kernel`; N % block_n == 0, K % block_k == 0."""
+  (m, k), n = x.shape, w_nk.shape[0]
+  consts = dict(M=m, K=k, N=n, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+                NUM_STAGES=num_stages)
+  [y] = launch(gemv_nk_kernel, dict(x_ptr=x, w_ptr=w_nk), [jax.ShapeDtypeStruct((m, n), x.dtype)],
+               (n // block_n,), num_warps, num_stages, consts)
+  return y
+
+
 def skinny_matmul(x, w, block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int):
   """x [M, K] @ w [K, N] through the kernel; N % block_n == 0 and K % (split_k * block_k) == 0."""
   (m, k), n = x.shape, w.shape[1]
@@ -95,6 +132,7 @@ def main(argv=None) -> int:
   p.add_argument("--rows", default="1,4,16", help="comma list of M")
   p.add_argument("--tiny", action="store_true", help="CPU plumbing run: tiny shapes, interpreter, float16 "
                  "(the interpreter's tl.dot mistakes bfloat16 bits)")
+  p.add_argument("--nk", action="store_true", help="XLA against gemv_nk_kernel only (docstring)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   on_gpu = any(d.platform == "gpu" for d in jax.devices())
@@ -118,18 +156,25 @@ def main(argv=None) -> int:
       ref = np.asarray(x, np.float64) @ np.asarray(ws[0], np.float64)
       impls = [("xla", "jnp.dot",
                 lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))]
-      impls += [("triton", "n%d_k%d_s%d_w%d_st%d" % v, lambda a, b, v=v: skinny_matmul(a, b, *v))
-                for v in variants if n % v[0] == 0 and k % (v[2] * v[1]) == 0]
-      for impl, variant, op in impls:
+      if args.nk:  # the weight passed as [N, K] (a transposed copy: the same bytes)
+        impls += [("triton-nk", "nk_n%d_k%d_w%d_st%d" % v,
+                   lambda a, b, v=v: gemv_nk(a, b, *v), True)
+                  for v in (TINY_NK_VARIANTS if args.tiny else NK_VARIANTS) if n % v[0] == 0 and k % v[1] == 0]
+      else:
+        impls += [("triton", "n%d_k%d_s%d_w%d_st%d" % v, lambda a, b, v=v: skinny_matmul(a, b, *v))
+                  for v in variants if n % v[0] == 0 and k % (v[2] * v[1]) == 0]
+      ws_nk = [w.T.copy() for w in ws] if args.nk else None
+      for impl, variant, op, *nk in impls:
         one = jax.jit(op)
+        sets = ws_nk if nk else ws
         rec = dict(shape=name, M=m, K=k, N=n, impl=impl, variant=variant, weight_bytes=w_bytes)
         try:
-          got = np.asarray(one(x, ws[0]), np.float64)
+          got = np.asarray(one(x, sets[0]), np.float64)
           rec["rel_err"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
           rec["status"] = "ok" if rec["rel_err"] < 2e-2 else "WRONG"
           if on_gpu and rec["status"] == "ok":
             many = jax.jit(lambda a, *bs, op=op: [op(a, b) for b in bs])
-            dev = device_time.measure(jax, many, (x, *ws), rotation)
+            dev = device_time.measure(jax, many, (x, *sets), rotation)
             if dev:
               rec["device_us"] = round(dev["busy_ms"] * 1e3, 3)
               rec["kernels_per_call"] = dev["kernels_per_call"]
@@ -138,7 +183,7 @@ def main(argv=None) -> int:
         except Exception as e:  # a variant that fails to build is a record, not the end of the run
           rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:300]}"
         records.append(rec)
-        print(f"{name:8s} M={m:3d} {impl:7s} {variant:22s} {rec.get('device_us', '-'):>9} us "
+        print(f"{name:8s} M={m:3d} {impl:9s} {variant:22s} {rec.get('device_us', '-'):>9} us "
               f"{rec.get('tbps', '-'):>6} TB/s {rec.get('pct_ceiling', '-'):>5}% {rec['status']}", flush=True)
   commit = os.environ.get("JVA_COMMIT", "unknown")
   date = datetime.date.today().isoformat()
@@ -156,7 +201,7 @@ def main(argv=None) -> int:
     for m in sorted({r["M"] for r in records}):
       rs = [r for r in records if r["shape"] == name and r["M"] == m and "device_us" in r]
       xla = [r for r in rs if r["impl"] == "xla"]
-      tri = sorted((r for r in rs if r["impl"] == "triton"), key=lambda r: r["device_us"])
+      tri = sorted((r for r in rs if r["impl"] in ("triton", "triton-nk")), key=lambda r: r["device_us"])
       if xla and tri:
         print(f"{name:8s} M={m:3d} xla {xla[0]['device_us']:8.2f} us ({xla[0]['pct_ceiling']}%)  best triton "
               f"{tri[0]['variant']} {tri[0]['device_us']:8.2f} us ({tri[0]['pct_ceiling']}%)  "
