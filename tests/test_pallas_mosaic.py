@@ -2,7 +2,8 @@
 
 On a CPU: its index arithmetic against brute force built from the semantics (which program holds
 which row, the padded q / output rows, the key tiles each warpgroup visits and which need a mask),
-what it refuses and why, and that JAX lowers it for CUDA (Mosaic GPU lowers without a GPU). On a
+what it refuses and why, that JAX lowers it for CUDA (Mosaic GPU lowers without a GPU), and the
+kernel's own program under Mosaic GPU's interpreter against the oracle (matmuls as dots). On a
 CUDA GPU (H100 / H200): the float64 oracle over the features, layouts, dtypes and head dims it
 covers, with poisoned padding, one compile across lengths, and no copy of the cache.
 """
@@ -297,6 +298,62 @@ def test_interpret_mode_runs_the_same_semantics_off_the_gpu():
   if HAS_GPU:
     pytest.skip("on a GPU the Mosaic kernel itself runs (test_gpu_*)")
   SUITE.check(SUITE.problem(causal=True, window=(9, -1)))
+
+
+# ---- the Mosaic kernel itself under Mosaic GPU's interpreter (CPU) ------------------------------
+
+def _interpreter_missing() -> str:
+  try:
+    mosaic._interpret_params()
+  except ImportError as e:  # a private module of JAX's: it may move
+    return f"Mosaic GPU's interpreter is not importable here ({e})"
+  return ""
+
+
+class _MosaicInterpreted(_Mosaic):
+  """The kernel's own program (the warpgroups, barriers, TMA page copies, masks, in-place rows and
+  partial stores), simulated on the CPU; only its two wgmmas are plain f32 dots there."""
+
+  def run(self, kwargs, **extra):
+    import inspect
+    from jax_varlen_attn.validation import AttentionArgs, validate
+    bound = inspect.signature(flash_attn_varlen_func).bind(**kwargs)
+    bound.apply_defaults()
+    named = {k: v for k, v in bound.arguments.items() if k not in ("backend", "config")}
+    spec, arrays = validate(AttentionArgs(**named))
+    out, lse = jax.jit(lambda a: mosaic.attention(spec, a, interpret=True))(arrays)
+    return (out, lse) if spec.return_lse else out
+
+
+# Seconds each on the CPU (the interpreter runs every CTA's three warpgroups as threads), so: one kv
+# head, small sequences, each case covering several paths.
+INTERPRETED = {
+    # q in place (taller than a program's 128 rows): unaligned sequence starts, a sequence's last
+    # partial tile stored in power-of-two pieces, programs past the last sequence zeroing padding
+    # rows, causal bottom-right with more keys than queries, the last K / V tile's poisoned tail.
+    "in_place_causal": dict(seqlens_q=(130, 3, 20), seqlens_k=(140, 40, 60), pad_q=130,
+                            causal=True),
+    # q through the padded copies (shorter than a program), a window on both sides, an empty
+    # sequence, a long sequence whose window skips its first tiles, hostile block-table padding.
+    "padded_window": dict(seqlens_q=(3, 0, 7), seqlens_k=(300, 5, 7), pad_q=2, causal=True,
+                          window=(40, 3)),
+    # A head-major cache, head_dim 128, GQA 2, not causal (only the length masks keys), no LSE.
+    "hnd_d128_gqa": dict(seqlens_q=(9, 17), seqlens_k=(9, 150), layout="HND", head_dim=128,
+                         num_heads=2, return_lse=False),
+}
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU the Mosaic kernel itself runs (test_gpu_*)")
+@pytest.mark.parametrize("case", sorted(INTERPRETED))
+def test_mosaic_kernel_interpreted_matches_the_oracle(case):
+  why = _interpreter_missing()
+  if why:
+    pytest.skip(why)
+  SUITE_INTERPRETED.check(SUITE_INTERPRETED.problem(
+      **{"num_heads": 1, "num_kv_heads": 1, **INTERPRETED[case]}))
+
+
+SUITE_INTERPRETED = _MosaicInterpreted()
 
 
 # ---- which kernel runs by default (CPU, with the GPU facts patched) -------------------------------

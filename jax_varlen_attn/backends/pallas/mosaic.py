@@ -37,8 +37,9 @@ What differs from the dense kernel, and why:
 - Poisoned cache rows. Rows past seqlens_k inside the last page, and pages a padded block-table
   entry names, may hold anything (NaN included). K's masked scores become -inf; V's rows would
   still meet P = 0 in the PV product (0 x NaN = NaN), so the tile holding the sequence's last key
-  has its rows past the end zeroed in shared memory before PV. A page id out of range is a TMA
-  coordinate out of range: the hardware zero-fills it, nothing outside the buffer is read.
+  has its rows past the end zeroed in shared memory before PV. A page id out of range is clamped
+  into [0, num_pages): such a page holds only keys past the end or a hostile table's own
+  sequence's, and nothing outside the buffer is read.
 
 Not covered (`unsupported_reason` says why; with kernel=None the pallas backend then runs its
 Triton-lowered kernel, with kernel="mosaic" the call raises ValueError before any launch):
@@ -244,18 +245,25 @@ def direct_rows(tiles: MosaicTiles, head_dim: int, itemsize: int) -> bool:
   return 2 * q_tiles + kv_tiles + lse + 1024 <= SMEM_BYTES  # 1 KiB for barriers and alignment
 
 
-def _store_rows(src, out_ref, row, head, n, rows: int):
+def _store_rows(src, out_ref, row, head, n, rows: int, interpret: bool):
   """TMA-store src's rows [0, n) to out_ref[row:row + n, head] (n a traced count in [0, rows]):
-  the whole tile in one copy, else one copy per set bit of n (power-of-two boxes, none past n)."""
+  the whole tile in one copy, else one copy per set bit of n (power-of-two boxes, none past n).
+  interpret: each copy under pl.when (the interpreter takes no copy predicate)."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  plgpu.copy_smem_to_gmem(src, out_ref.at[pl.ds(row, rows), head], predicate=n == rows)
+  def copy(src_rows, dst_rows, predicate):
+    if interpret:
+      pl.when(predicate)(lambda: plgpu.copy_smem_to_gmem(src_rows, dst_rows))
+    else:
+      plgpu.copy_smem_to_gmem(src_rows, dst_rows, predicate=predicate)
+
+  copy(src, out_ref.at[pl.ds(row, rows), head], n == rows)
   size = rows // 2
   while size:
     first = n & -(2 * size)  # the rows the larger pieces cover
-    plgpu.copy_smem_to_gmem(src.at[pl.ds(first, size)], out_ref.at[pl.ds(row + first, size), head],
-                            predicate=(n < rows) & ((n & size) != 0))
+    copy(src.at[pl.ds(first, size)], out_ref.at[pl.ds(row + first, size), head],
+         (n < rows) & ((n & size) != 0))
     size //= 2
 
 
@@ -266,6 +274,7 @@ class _Params:
   head_dim: int
   block_size: int
   max_blocks: int
+  num_pages: int
   scale: float
   window_left: int
   window_right: int
@@ -276,6 +285,13 @@ class _Params:
   total_q: int
   num_programs: int
   direct: bool  # q read and out written in place (`direct_rows`); else the padded copies
+  interpret: bool  # under Mosaic GPU's interpreter on the CPU (`attention`)
+
+
+def _dot(a, b, contract_b: int):
+  """a @ b (contract_b 0) or a @ b.T (1) in f32: the interpreter's stand-in for wgmma."""
+  return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                         preferred_element_type=jnp.float32)
 
 
 def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref,
@@ -306,6 +322,17 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
   lo, _, _, hi = key_ranges(q_lo, r_last, q_len, kv_len, p.window_left, p.window_right, bkv)
   live = q_lo < q_len
 
+  def wgmma_layout(x, reduced: bool = False):
+    """x in the registers' WGMMA layout (rows of it: reduced); the interpreter has no layouts."""
+    if p.interpret:
+      return x
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1) if reduced else plgpu.Layout.WGMMA)
+
+  def iota(shape, dim: int):
+    if p.interpret:
+      return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
   def schedule_barrier():
     plgpu.barrier_arrive(sched)
     plgpu.barrier_wait(sched)
@@ -326,15 +353,16 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
       stage = stage_smem2[0].at[wg]
       plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start + r0, bq), head], stage, q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
-      qo_smem[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False)
+      qo_smem[...] = (stage[...] if p.interpret
+                      else plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False))
       plgpu.commit_smem()
     else:
       plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(prog * R + wg * bq, bq), head], qo_smem, q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
 
-    m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc = plgpu.layout_cast(jnp.full((bq, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+    m_i = wgmma_layout(jnp.full((bq,), -jnp.inf, jnp.float32), reduced=True)
+    l_i = wgmma_layout(jnp.full((bq,), 0, jnp.float32), reduced=True)
+    acc = wgmma_layout(jnp.full((bq, d), 0, jnp.float32))
 
     @pl.when(hi > lo)
     def _():
@@ -352,12 +380,16 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
         schedule_barrier()
         return acc_ref[...]
 
-      s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+      if p.interpret:
+        s = _dot(qo_smem[...], k_smem.at[slot][...], contract_b=1)
+        schedule_barrier()
+      else:
+        s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
       plgpu.barrier_arrive(k_consumed.at[slot])
       s = s * qk_scale
       if masked:  # the band's edges and the sequence's end: -inf where a key is not allowed
-        rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA) + r0
-        keys = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA) + j * bkv
+        rows = iota((bq, bkv), 0) + r0
+        keys = iota((bq, bkv), 1) + j * bkv
         off = kv_len - q_len
         ok = keys < kv_len
         if p.window_right >= 0:
@@ -379,21 +411,26 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
         # Rows past the sequence's last key may hold NaN (poison): P = 0 would not cancel it.
         @pl.when((j + 1) * bkv > kv_len)
         def _():
-          vrows = plgpu.broadcasted_iota(jnp.int32, (bkv, d), 0, layout=plgpu.Layout.WGMMA)
+          vrows = iota((bkv, d), 0)
           vt = v_smem.at[slot][...]
           v_smem.at[slot][...] = jnp.where(vrows + j * bkv < kv_len, vt, jnp.zeros_like(vt))
           plgpu.commit_smem()
       plgpu.barrier_wait(sched)  # the tensor cores are ours
 
+      def wait_next_k():
+        @pl.when(j + 1 < hi)
+        def _():
+          plgpu.barrier_wait(k_bars.at[lax.rem(j + 1 - lo, stages)])
+
       def compute_pv(acc_ref):
         plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-        nxt = j + 1
+        wait_next_k()  # while P V runs
 
-        @pl.when(nxt < hi)
-        def _():
-          plgpu.barrier_wait(k_bars.at[lax.rem(nxt - lo, stages)])
-
-      acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+      if p.interpret:
+        acc = acc + _dot(p16, v_smem.at[slot][...], contract_b=0)
+        wait_next_k()
+      else:
+        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, m_new, l_i
 
@@ -411,7 +448,8 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
     if p.direct:
       stage[...] = o
       plgpu.commit_smem()
-      _store_rows(stage, out_ref, q_start + r0, head, jnp.clip(q_len - r0, 0, bq), bq)
+      _store_rows(stage, out_ref, q_start + r0, head, jnp.clip(q_len - r0, 0, bq), bq,
+                  p.interpret)
     else:
       qo_smem[...] = o
       plgpu.commit_smem()
@@ -431,7 +469,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
       stage[...] = jnp.zeros((bq, d), dtype)
       plgpu.commit_smem()
       row = q_end + (prog - first_tail) * R + wg * bq
-      _store_rows(stage, out_ref, row, head, jnp.clip(p.total_q - row, 0, bq), bq)
+      _store_rows(stage, out_ref, row, head, jnp.clip(p.total_q - row, 0, bq), bq, p.interpret)
       plgpu.wait_smem_to_gmem(0)
 
   @pl.when(live & (wg == COMPUTE_WGS))
@@ -444,7 +482,8 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
     def issue(j, slot, src_ref, dst_smem, first_row, bars):
       for c in range(copies):  # one TMA copy per page of the tile
         key = j * bkv + c * rows_per_copy
-        page = bt_ref[seq, jnp.minimum(key // p.block_size, p.max_blocks - 1)]
+        page = jnp.clip(bt_ref[seq, jnp.minimum(key // p.block_size, p.max_blocks - 1)], 0,
+                        p.num_pages - 1)
         row = base + first_row + page * view.page_rows + key % p.block_size
         plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(row, rows_per_copy), pl.ds(col, d)],
                                 dst_smem.at[slot, pl.ds(c * rows_per_copy, rows_per_copy)],
@@ -464,8 +503,22 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
       plgpu.barrier_wait(v_consumed.at[slot])
       issue(j, slot, v_ref, v_smem, view.v_rows, v_bars)
 
+    # Observe the last `stages` tiles' releases too: each barrier's every phase is waited on once
+    # (the hardware would not mind; Mosaic GPU's interpreter checks it).
+    @pl.loop(jnp.maximum(hi - stages, lo), hi)
+    def _(j):
+      plgpu.barrier_wait(k_consumed.at[lax.rem(j - lo, stages)])
+      plgpu.barrier_wait(v_consumed.at[lax.rem(j - lo, stages)])
 
-def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[MosaicTiles] = None):
+
+def _interpret_params():
+  """Mosaic GPU's interpreter settings (a private module in JAX 0.10-0.11: ImportError if moved)."""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return InterpretGPUParams()
+
+
+def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[MosaicTiles] = None,
+              interpret: bool = False):
   """Varlen paged attention with the Mosaic GPU kernel (CUDA, sm_90a).
 
   Args:
@@ -473,6 +526,10 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
     arrays: q [T, H, D]; k / v the caller's cache buffers; cu_seqlens_q i32[B + 1]; seqlens_k i32[B];
       kv_index = block_table i32[B, max_blocks]; layer i32[] or None.
     tiles: MosaicTiles (default `MosaicTiles.get_default(head_dim)`).
+    interpret: run the kernel under Mosaic GPU's interpreter, on the CPU (tests: it simulates the
+      warpgroups, barriers and TMA copies). The two matmuls are then f32 `dot_general`s on the
+      shared-memory tiles instead of wgmma (the interpreter takes no transposed operand and no
+      `run_state`), and registers carry no layouts.
 
   Returns:
     (out [T, H, D] in q's dtype, lse f32[H, T] or None).
@@ -493,9 +550,10 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
   # may not be larger than its array).
   direct = direct_rows(tiles, D, dtype.itemsize) and T >= R
   p = _Params(num_heads=H, group=spec.group_size, head_dim=D, block_size=spec.layout.block_size,
-              max_blocks=spec.max_blocks, scale=spec.scale, window_left=spec.window_left,
-              window_right=spec.window_right, dtype=spec.dtype, tiles=tiles, view=view,
-              batch=spec.batch, total_q=T, num_programs=num_programs, direct=direct)
+              max_blocks=spec.max_blocks, num_pages=spec.layout.num_pages, scale=spec.scale,
+              window_left=spec.window_left, window_right=spec.window_right, dtype=spec.dtype,
+              tiles=tiles, view=view, batch=spec.batch, total_q=T, num_programs=num_programs,
+              direct=direct, interpret=interpret)
   table = program_table(arrays.cu_seqlens_q, num_programs, R)
   q_in = (arrays.q if direct
           else jnp.take(arrays.q, padded_rows(table, arrays.cu_seqlens_q, T, R), axis=0))
@@ -530,6 +588,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
       grid=(H, num_programs), grid_names=("heads", "q_seq"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
+      **({"interpret": _interpret_params()} if interpret else {}),
   )(table, arrays.cu_seqlens_q.astype(jnp.int32), arrays.seqlens_k.astype(jnp.int32),
     arrays.kv_index.astype(jnp.int32), layer, q_in, k2d, v2d)
   out = out_pad if direct else compact_rows(out_pad, arrays.cu_seqlens_q, T, R, axis=0, fill=0)
