@@ -22,7 +22,8 @@ from jax_varlen_attn.backends.pallas import mosaic
 from jax_varlen_attn.layout import KVCacheLayout, resolve
 from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
 from jax_varlen_attn import flash_attn_varlen_func
-from tests.attention_suite import FEATURES, AttentionSuite, _large_buffers, _pad_cols, _pad_rows
+from tests.attention_suite import (FEATURES, SINK_CASES, AttentionSuite, _large_buffers, _pad_cols,
+                                   _pad_rows)
 from tests.conftest import HAS_GPU
 from tests.oracle import reference_attention
 from tests.problems import LAYOUTS, TOLERANCE, Problem, make_problem, rel_err
@@ -105,7 +106,6 @@ def test_key_ranges_match_the_mask(window):
 # ---- what it refuses, and its lowering (CPU) ----------------------------------------------------
 
 @pytest.mark.parametrize("overrides, reason", [
-    (dict(softcap=2.0), "softcap"), (dict(has_alibi=True), "ALiBi"), (dict(has_sinks=True), "sinks"),
     (dict(dtype="float32"), "float32"), (dict(kv_dtype="float8_e4m3fn"), "float8"),
     (dict(head_dim=96), "head_dim 96"), (dict(block_size=4), "page size 4"),
     (dict(block_size=48), "page size 48"),
@@ -139,13 +139,15 @@ def test_q_and_out_in_place_where_the_staging_tiles_fit():
 
 # total_q 300: q and out in place (the staging tiles); 40 (< one program's rows) and head_dim 256:
 # XLA's padded copies.
-@pytest.mark.parametrize("layout, head_dim, dtype, total_q", [
-    ("NHD", 128, "float16", 300), ("HND", 64, "bfloat16", 300), ("NHD", 64, "float16", 40),
-    ("fused_page_major", 256, "float16", 300)])
-def test_lowers_for_cuda_without_a_gpu(layout, head_dim, dtype, total_q):
-  """JAX lowers the Mosaic kernel to its CUDA custom call on any machine (PTX comes later, from XLA)."""
+@pytest.mark.parametrize("layout, head_dim, dtype, total_q, features", [
+    ("NHD", 128, "float16", 300, False), ("HND", 64, "bfloat16", 300, True),
+    ("NHD", 64, "float16", 40, False), ("fused_page_major", 256, "float16", 300, False)])
+def test_lowers_for_cuda_without_a_gpu(layout, head_dim, dtype, total_q, features):
+  """JAX lowers the Mosaic kernel to its CUDA custom call on any machine (PTX comes later, from XLA).
+  features: with softcap, ALiBi and sinks (their wgmma-layout arithmetic is not interpreted)."""
   spec = _spec(layout=layout, head_dim=head_dim, dtype=dtype, window_left=30, total_q=total_q,
-               max_seqlen_q=total_q)
+               max_seqlen_q=total_q, softcap=2.0 if features else 0.0, has_alibi=features,
+               has_sinks=features)
   kshape = {"NHD": (12, 16, 2, head_dim), "HND": (12, 2, 16, head_dim),
             "fused_page_major": (12, 2, 16, 2, head_dim)}[layout]
   kv = jax.ShapeDtypeStruct(kshape, jnp.dtype(dtype))
@@ -153,21 +155,26 @@ def test_lowers_for_cuda_without_a_gpu(layout, head_dim, dtype, total_q):
   arrays = AttentionArrays(q=jax.ShapeDtypeStruct((total_q, 4, head_dim), jnp.dtype(dtype)), k=kv, v=kv,
                            cu_seqlens_q=i32(4), seqlens_k=i32(3), kv_index=i32(3, 6), alibi=None,
                            layer=None)
+  if features:
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    arrays = arrays._replace(alibi=f32(3, 4), s_aux=f32(4))
   text = jax.jit(lambda a: mosaic.attention(spec, a)).trace(arrays).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
 
 def test_an_uncovered_call_raises_before_any_launch():
-  kwargs, _ = make_problem(Problem(softcap=2.0))
-  with pytest.raises(ValueError, match="softcap"):
+  kwargs, _ = make_problem(Problem(kv_dtype="float8_e4m3fn"))
+  with pytest.raises(ValueError, match="float8"):
     flash_attn_varlen_func(**kwargs, backend="pallas", config=MOSAIC)
 
 
 # ---- the oracle on the GPU ----------------------------------------------------------------------
 
 COVERED = ("plain", "causal", "causal_more_q_than_k", "window_left", "window_both", "causal_window",
-           "window_empty_rows", "mqa", "mha", "gqa8", "zero_lengths", "decode")
+           "window_empty_rows", "softcap", "alibi_heads", "alibi_batch", "mqa", "mha", "gqa8",
+           "zero_lengths", "decode", "all_kwargs")
+SINKS_COVERED = sorted(name for name, case in SINK_CASES.items() if "kv_dtype" not in case)
 gpu = pytest.mark.skipif(not HAS_GPU, reason="the Mosaic kernel runs on a CUDA GPU (sm_90)")
 
 
@@ -188,6 +195,12 @@ SUITE = _Mosaic()
 @pytest.mark.parametrize("feature", COVERED)
 def test_gpu_feature(feature):
   SUITE.check(SUITE.problem(**FEATURES[feature]))
+
+
+@gpu
+@pytest.mark.parametrize("case", SINKS_COVERED)
+def test_gpu_sinks(case):
+  SUITE.check(SUITE.problem(**SINK_CASES[case]))
 
 
 @gpu
@@ -337,6 +350,10 @@ INTERPRETED = {
     # sequence, a long sequence whose window skips its first tiles, hostile block-table padding.
     "padded_window": dict(seqlens_q=(3, 0, 7), seqlens_k=(300, 5, 7), pad_q=2, causal=True,
                           window=(40, 3)),
+    # Softcap, ALiBi per sequence and head, and sinks (the second head's is -inf: none), in the
+    # masked edges and the unmasked middle.
+    "softcap_alibi_sinks": dict(seqlens_q=(20, 5), seqlens_k=(40, 300), num_heads=2, softcap=3.0,
+                                alibi="batch", sinks=True, causal=True, window=(200, -1)),
     # A head-major cache, head_dim 128, GQA 2, not causal (only the length masks keys), no LSE.
     "hnd_d128_gqa": dict(seqlens_q=(9, 17), seqlens_k=(9, 150), layout="HND", head_dim=128,
                          num_heads=2, return_lse=False),
@@ -370,7 +387,8 @@ def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
   monkeypatch.setattr(device, "is_hopper", lambda: True)
   assert mosaic.preferred(long) and not mosaic.preferred(short)
   assert not mosaic.preferred(one_prompt)
-  assert not mosaic.preferred(dataclasses.replace(long, softcap=1.0))  # a call it does not cover
+  assert not mosaic.preferred(dataclasses.replace(long, softcap=1.0))  # covered, not measured yet
+  assert not mosaic.preferred(dataclasses.replace(long, dtype="float32"))  # not covered
   assert not mosaic.preferred(long, k_size=12 * 16 * 2 * 64 + 64)  # a buffer of partial tiles
   monkeypatch.setattr(registry, "_on_cuda_gpu", lambda: True)
   monkeypatch.setattr(registry, "status", lambda name: (True, "patched"))

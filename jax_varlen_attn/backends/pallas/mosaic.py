@@ -34,6 +34,10 @@ What differs from the dense kernel, and why:
 - Masks. Keys run over the band the CTA needs (causal bottom-right, sliding window, the sequence's
   length), split per warpgroup into masked edges and an unmasked middle (`key_ranges`), so the
   middle pays no mask.
+- Score options: softcap (tanh), ALiBi (minus slope x the distance from the row's diagonal, on
+  every tile, masked or not), sinks (each row's online softmax starts from its head's s_aux: m =
+  s_aux, l = 1), as the other backends. They run when asked for (`kernel="mosaic"`); `preferred`
+  leaves them to the Triton kernel until a GPU has measured them.
 - Poisoned cache rows. Rows past seqlens_k inside the last page, and pages a padded block-table
   entry names, may hold anything (NaN included). K's masked scores become -inf; V's rows would
   still meet P = 0 in the PV product (0 x NaN = NaN), so the tile holding the sequence's last key
@@ -43,7 +47,7 @@ What differs from the dense kernel, and why:
 
 Not covered (`unsupported_reason` says why; with kernel=None the pallas backend then runs its
 Triton-lowered kernel, with kernel="mosaic" the call raises ValueError before any launch):
-softcap, ALiBi, sinks, fp8, float32, non-paged k / v, head_dim not in (64, 128, 256), pages of
+fp8, float32, non-paged k / v, head_dim not in (64, 128, 256), pages of
 fewer than 8 rows or not dividing / divided by block_kv, layouts whose pages are not a 2-D box of a
 row-major view of the buffer. GQA is not packed into the tile: each q head's CTA reads its kv head's
 tiles (K / V reads grow by the group size; prefill is bound by the tensor cores, not by them).
@@ -133,8 +137,6 @@ def unsupported_reason(spec: AttentionSpec, tiles: Optional[MosaicTiles] = None,
     return f"dtype {spec.dtype} / kv {spec.kv_dtype}: only float16 / bfloat16 q and cache"
   if spec.head_dim not in HEAD_DIMS:
     return f"head_dim {spec.head_dim} not in {HEAD_DIMS}"
-  if spec.softcap or spec.has_alibi or spec.has_sinks:
-    return "softcap, ALiBi and sinks are not in this kernel"
   tiles = tiles or MosaicTiles.get_default(spec.head_dim)
   bs = spec.layout.block_size
   rows = min(bs, tiles.block_kv)
@@ -169,10 +171,14 @@ MIN_TOTAL_QUERIES = 8192
 def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
               v_size: Optional[int] = None) -> bool:
   """Whether this kernel is the measured-faster choice for `spec` here: a Hopper GPU, a call it
-  covers, and long prefill (MIN_QUERIES a sequence, MIN_TOTAL_QUERIES in all)."""
+  covers, and long prefill (MIN_QUERIES a sequence, MIN_TOTAL_QUERIES in all), without softcap,
+  ALiBi or sinks (not measured on a GPU yet)."""
   from jax_varlen_attn.backends import device
+  # Softcap, ALiBi and sinks run here (tested under the interpreter), but no GPU measured them yet.
+  unmeasured = spec.softcap or spec.has_alibi or spec.has_sinks
   return (spec.mean_queries_per_sequence >= MIN_QUERIES and spec.total_q >= MIN_TOTAL_QUERIES
-          and device.is_hopper() and unsupported_reason(spec, k_size=k_size, v_size=v_size) is None)
+          and not unmeasured and device.is_hopper()
+          and unsupported_reason(spec, k_size=k_size, v_size=v_size) is None)
 
 
 # ---- index arithmetic shared by the kernel and XLA (tested on the CPU against the oracle) ----------
@@ -278,6 +284,9 @@ class _Params:
   scale: float
   window_left: int
   window_right: int
+  softcap: float  # 0: off
+  has_alibi: bool
+  has_sinks: bool
   dtype: str
   tiles: MosaicTiles
   view: KVView
@@ -294,8 +303,8 @@ def _dot(a, b, contract_b: int):
                          preferred_element_type=jnp.float32)
 
 
-def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref,
-            out_ref, lse_ref, scoped):
+def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_ref, sinks_ref,
+            q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -360,8 +369,14 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
       plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(prog * R + wg * bq, bq), head], qo_smem, q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
 
+    # Each row's online softmax starts from its head's sink (m = s_aux, l = 1; none for -inf) or
+    # from nothing (m = -inf, l = 0).
     m_i = wgmma_layout(jnp.full((bq,), -jnp.inf, jnp.float32), reduced=True)
     l_i = wgmma_layout(jnp.full((bq,), 0, jnp.float32), reduced=True)
+    if p.has_sinks:
+      m_i = l_i + sinks_ref[head] * LOG2E
+      l_i = jnp.where(m_i == -jnp.inf, l_i, l_i + 1.0)
+    slope = alibi_ref[seq, head] * LOG2E if p.has_alibi else None
     acc = wgmma_layout(jnp.full((bq, d), 0, jnp.float32))
 
     @pl.when(hi > lo)
@@ -386,11 +401,17 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref,
       else:
         s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
       plgpu.barrier_arrive(k_consumed.at[slot])
-      s = s * qk_scale
-      if masked:  # the band's edges and the sequence's end: -inf where a key is not allowed
+      if p.softcap > 0:
+        s = jnp.tanh(s * (p.scale / p.softcap)) * (p.softcap * LOG2E)
+      else:
+        s = s * qk_scale
+      if masked or p.has_alibi:
         rows = iota((bq, bkv), 0) + r0
         keys = iota((bq, bkv), 1) + j * bkv
         off = kv_len - q_len
+      if p.has_alibi:  # ALiBi: minus slope x the distance from the row's diagonal
+        s = s - slope * jnp.abs((rows + off - keys).astype(jnp.float32))
+      if masked:  # the band's edges and the sequence's end: -inf where a key is not allowed
         ok = keys < kv_len
         if p.window_right >= 0:
           ok = ok & (keys <= rows + off + p.window_right)
@@ -551,7 +572,8 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
   direct = direct_rows(tiles, D, dtype.itemsize) and T >= R
   p = _Params(num_heads=H, group=spec.group_size, head_dim=D, block_size=spec.layout.block_size,
               max_blocks=spec.max_blocks, num_pages=spec.layout.num_pages, scale=spec.scale,
-              window_left=spec.window_left, window_right=spec.window_right, dtype=spec.dtype,
+              window_left=spec.window_left, window_right=spec.window_right, softcap=spec.softcap,
+              has_alibi=spec.has_alibi, has_sinks=spec.has_sinks, dtype=spec.dtype,
               tiles=tiles, view=view, batch=spec.batch, total_q=T, num_programs=num_programs,
               direct=direct, interpret=interpret)
   table = program_table(arrays.cu_seqlens_q, num_programs, R)
@@ -559,12 +581,16 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
           else jnp.take(arrays.q, padded_rows(table, arrays.cu_seqlens_q, T, R), axis=0))
   layer = (jnp.zeros((1,), jnp.int32) if arrays.layer is None
            else jnp.reshape(arrays.layer, (1,)).astype(jnp.int32))
+  # Slopes f32[B, H] and s_aux f32[H]; one-element stand-ins where the call has none.
+  alibi = (arrays.alibi.astype(jnp.float32) if spec.has_alibi else jnp.zeros((1, 1), jnp.float32))
+  sinks = (arrays.s_aux.astype(jnp.float32) if spec.has_sinks else jnp.zeros((1,), jnp.float32))
   k2d = arrays.k.reshape(-1, view.width)  # row-major: a bitcast, the cache is read in place
   v2d = arrays.v.reshape(-1, view.width)
   swizzle = plgpu.SwizzleTransform(128)
   tiling = plgpu.TilingTransform((8, 128 // dtype.itemsize))
 
-  def entry(table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
+  def entry(table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_ref, sinks_ref, q_ref, k_ref,
+            v_ref, out_ref, lse_ref):
     scratch = (
         plgpu.SMEM((COMPUTE_WGS, tiles.block_q, D), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((tiles.stages, tiles.block_kv, D), dtype, transforms=(tiling, swizzle)),
@@ -577,8 +603,8 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
             plgpu.Barrier(num_barriers=COMPUTE_WGS))
     consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=tiles.stages),) * 2
     pl.run_scoped(
-        lambda *scoped: _kernel(p, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, q_ref, k_ref,
-                                v_ref, out_ref, lse_ref, scoped),
+        lambda *scoped: _kernel(p, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_ref,
+                                sinks_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped),
         scratch, bars, consumed, plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
 
   out_pad, lse_pad = plgpu.kernel(
@@ -590,7 +616,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **({"interpret": _interpret_params()} if interpret else {}),
   )(table, arrays.cu_seqlens_q.astype(jnp.int32), arrays.seqlens_k.astype(jnp.int32),
-    arrays.kv_index.astype(jnp.int32), layer, q_in, k2d, v2d)
+    arrays.kv_index.astype(jnp.int32), layer, alibi, sinks, q_in, k2d, v2d)
   out = out_pad if direct else compact_rows(out_pad, arrays.cu_seqlens_q, T, R, axis=0, fill=0)
   lse = compact_rows(lse_pad, arrays.cu_seqlens_q, T, R, axis=1, fill=jnp.inf) if spec.return_lse else None
   return out, lse
