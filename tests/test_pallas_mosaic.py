@@ -354,6 +354,9 @@ INTERPRETED = {
     # masked edges and the unmasked middle.
     "softcap_alibi_sinks": dict(seqlens_q=(20, 5), seqlens_k=(40, 300), num_heads=2, softcap=3.0,
                                 alibi="batch", sinks=True, causal=True, window=(200, -1)),
+    # One layer of a stacked, strided K|V cache (the layer's rows), bf16, pages of 32 rows.
+    "stacked_strided_bf16": dict(seqlens_q=(6, 11), seqlens_k=(70, 11), layout="stacked_strided",
+                                 dtype="bfloat16", block_size=32, causal=True),
     # A head-major cache, head_dim 128, GQA 2, not causal (only the length masks keys), no LSE.
     "hnd_d128_gqa": dict(seqlens_q=(9, 17), seqlens_k=(9, 150), layout="HND", head_dim=128,
                          num_heads=2, return_lse=False),
