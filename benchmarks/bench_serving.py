@@ -445,6 +445,8 @@ def parse_args(argv):
                       "buffers")
   p.add_argument("--no-fuse-rope-write", action="store_true",
                  help="q / k norms, RoPE and write_kv as separate ops (ModelConfig.fuse_rope_write=False)")
+  p.add_argument("--no-fuse-add-norm", action="store_true",
+                 help="residual adds and RMSNorms as XLA's ops (ModelConfig.fuse_add_norm=False)")
   p.add_argument("--out", default="serving")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, short prompts")
   args = p.parse_args(argv)
@@ -486,6 +488,8 @@ def main(argv=None) -> int:
   overrides = {} if args.layers is None else dict(num_layers=args.layers)
   if args.no_fuse_rope_write:
     overrides["fuse_rope_write"] = False
+  if args.no_fuse_add_norm:
+    overrides["fuse_add_norm"] = False
   base: ModelConfig = preset(args.preset, **overrides)
   args.vocab = base.vocab_size
   batches = [int(b) for b in args.batches.split(",")]

@@ -23,6 +23,7 @@ from flax import nnx
 
 from jax_varlen_attn.nn.attention import PagedAttention, PagedBatch
 from jax_varlen_attn.nn.config import ModelConfig
+from jax_varlen_attn.nn.norm import add_rms_norm
 
 
 class SwiGLU(nnx.Module):
@@ -49,8 +50,16 @@ class SwiGLU(nnx.Module):
     return self.down_proj(jax.nn.silu(gate) * up)
 
 
+def norm_backend(attention_backend: str) -> str:
+  """`add_rms_norm`'s backend for a model whose attention runs on `attention_backend`."""
+  return "xla" if attention_backend == "naive" else attention_backend
+
+
 class DecoderBlock(nnx.Module):
-  """Pre-norm block: x + attn(rms(x)), then x + mlp(rms(x))."""
+  """Pre-norm block: x + attn(rms(x)), then x + mlp(rms(x)).
+
+  With `ModelConfig.fuse_add_norm` each add and the norm after it are one `add_rms_norm` call.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     c = config
@@ -64,12 +73,32 @@ class DecoderBlock(nnx.Module):
     self.post_attn_norm = nnx.RMSNorm(c.hidden_size, epsilon=c.rms_norm_eps, rngs=rngs, **dt)
     self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, init_std=c.init_std, fused=c.fuse_projections,
                       rngs=rngs, **dt)
+    self.fuse_add_norm = c.fuse_add_norm
+    self.norm_backend = norm_backend(c.backend)
 
   def __call__(self, x, k_cache, v_cache, batch: PagedBatch, layer=None):
-    h, k_cache, v_cache = self.attn(self.input_norm(x), k_cache, v_cache, batch, layer)
-    x = x + h
-    x = x + self.mlp(self.post_attn_norm(x))
-    return x, k_cache, v_cache
+    if not self.fuse_add_norm:
+      h, k_cache, v_cache = self.attn(self.input_norm(x), k_cache, v_cache, batch, layer)
+      x = x + h
+      x = x + self.mlp(self.post_attn_norm(x))
+      return x, k_cache, v_cache
+    x, pending, k_cache, v_cache = self.carry(x, None, k_cache, v_cache, batch, layer)
+    return x + pending, k_cache, v_cache
+
+  def carry(self, x, pending, k_cache, v_cache, batch: PagedBatch, layer=None):
+    """The block over a residual stream held as x + pending, its adds inside `add_rms_norm`.
+
+    x: [T, hidden]; pending: the previous block's MLP output not yet added to x ([T, hidden]), or
+    None. Returns (x, mlp_out, k_cache, v_cache), the stream after the block being x + mlp_out: the
+    next block's (or the final) norm adds it, so a layer launches no add of its own.
+    """
+    y, x = self._norm(self.input_norm, x if pending is None else pending, None if pending is None else x)
+    h, k_cache, v_cache = self.attn(y, k_cache, v_cache, batch, layer)
+    y, x = self._norm(self.post_attn_norm, h, x)
+    return x, self.mlp(y), k_cache, v_cache
+
+  def _norm(self, norm: nnx.RMSNorm, h, residual):
+    return add_rms_norm(h, residual, norm.scale[...], eps=norm.epsilon, backend=self.norm_backend)
 
 
 class DecoderLM(nnx.Module):
@@ -118,8 +147,11 @@ class DecoderLM(nnx.Module):
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Final norm and LM head: x [N, hidden] -> logits [N, vocab] (in the compute dtype)."""
-    x = self.final_norm(x)
-    return self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    return self.head(self.final_norm(x))
+
+  def head(self, y: jax.Array) -> jax.Array:
+    """LM head over normed rows: y [N, hidden] -> logits [N, vocab]."""
+    return self.embed.attend(y) if self.lm_head is None else self.lm_head(y)
 
   def __call__(self, tokens: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: PagedBatch,
                logits_indices: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
@@ -147,6 +179,15 @@ class DecoderLM(nnx.Module):
 
       layers = jnp.arange(c.num_layers, dtype=jnp.int32)
       (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, k_cache, v_cache), (state, layers))
+    elif c.fuse_add_norm:  # the stream is x + pending; each add runs inside the next norm's call
+      pending = None
+      for i, layer in enumerate(self.layers):
+        x, pending, k_cache, v_cache = layer.carry(x, pending, k_cache, v_cache, batch, jnp.int32(i))
+      if logits_indices is not None:
+        x, pending = x[logits_indices], pending[logits_indices]
+      y, _ = add_rms_norm(pending, x, self.final_norm.scale[...], eps=self.final_norm.epsilon,
+                          backend=norm_backend(c.backend))
+      return self.head(y), k_cache, v_cache
     else:
       for i, layer in enumerate(self.layers):
         x, k_cache, v_cache = layer(x, k_cache, v_cache, batch, jnp.int32(i))
