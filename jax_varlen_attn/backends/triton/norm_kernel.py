@@ -12,12 +12,14 @@ squares, the scaling): a decode step of a few rows is bound by its launches, not
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from jax_varlen_attn.backends.triton.call import launch, route_for
+from jax_varlen_attn.backends.triton.call import LAUNCH_ENV, launch
 from jax_varlen_attn.spec import next_pow2
 
 # Widest row one program holds as one tile (f32: 64 registers a thread on 8 warps).
@@ -63,7 +65,11 @@ def add_rms_norm(x, residual, scale, eps: float):
   inputs = dict(x_ptr=x, residual_ptr=residual if has_residual else unused, scale_ptr=scale)
   outputs = [jax.ShapeDtypeStruct(x.shape, x.dtype),
              jax.ShapeDtypeStruct(x.shape if has_residual else (1,), x.dtype)]
+  # XLA's Triton call at every size (unless $JAX_VARLEN_ATTN_LAUNCH says): its bundled Triton builds
+  # a load-reduce-store as well as any, and the call stays inside XLA's command buffers, which
+  # jax-triton's legacy call splits (batch 64 of the serving step: NOTES.md session 16).
+  route = None if os.environ.get(LAUNCH_ENV) else "xla"
   y, total = launch(add_rms_norm_kernel, inputs, outputs, (num_rows,), num_warps, 1,
                     dict(HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=has_residual, EPS=float(eps)),
-                    route=route_for(num_rows))
+                    route=route)
   return y, (total if has_residual else x)
