@@ -11,6 +11,10 @@ the compiled program for all layers; quick to compile, but each step copies ever
 of the stack, as XLA's matmuls do not read a slice in place). `scan_layers=False`: each layer owns its
 own arrays (`DecoderLM.layers`) and a Python loop unrolls them, so a step reads the weights where they
 lie (what a serving loop wants; benchmarks/NOTES.md, "the serving decode loop").
+
+`ModelConfig.fuse_add_norm=True` (the default): each residual add and the RMSNorm after it are one
+`add_rms_norm` call (one Triton kernel on a GPU), and the unrolled loop carries each block's MLP
+output into the next block's norm (`DecoderBlock.carry`), so the stream's adds all run inside norms.
 """
 
 from __future__ import annotations
