@@ -23,6 +23,9 @@ KV variants (ours only): `--kv-dtype float16,float8_e4m3fn` runs every case agai
 reference on the inputs the kernel read (the dequantized cache), `rel_err_unquantized` against the
 reference on the fp16 cache before quantization (the quantization error). `kv_answers` compares
 the kv variants of each implementation side by side.
+Score options (ours only): `--softcap C` and / or `--alibi` (slopes 2^(-8h/H)) apply to every call
+and reference of the run; records carry `softcap` and `alibi`. Run once without them for the
+baseline (e.g. `--impls jva-triton,jva-pallas --variants default,mosaic --softcap 30`).
 
 Writes benchmarks/results/<name>.json (docs/contract.md's "Benchmark results" schema, plus extra
 fields) and, when $OUT is set, a copy, the PNG plot and a log there. Prints a compact table last.
@@ -103,7 +106,8 @@ def case_call(cd: CaseData, ld: LayoutData, backend: str, config) -> Callable:
         max_seqlen_k=case.max_seqlen_k, seqused_k=meta["seqused_k"], softmax_scale=cd.scale,
         causal=case.causal, block_table=meta["block_table"], kv_layout=ld.kv_layout,
         layer=meta.get("layer"), backend=backend, config=config, k_descale=meta.get("k_descale"),
-        v_descale=meta.get("v_descale"), s_aux=meta.get("s_aux"))
+        v_descale=meta.get("v_descale"), s_aux=meta.get("s_aux"), softcap=cd.softcap,
+        alibi_slopes=meta.get("alibi_slopes"))
 
   return one
 
@@ -251,6 +255,10 @@ def parse_args(argv=None):
                       "float8_e4m3fn, float8_e5m2 (ours only; per-kv-head descales)")
   p.add_argument("--sinks", action="store_true",
                  help="also run every kv dtype with attention sinks (random s_aux; ours only)")
+  p.add_argument("--softcap", type=float, default=0.0,
+                 help="every call of the run with this softcap (> 0; ours only: the peers skip)")
+  p.add_argument("--alibi", action="store_true",
+                 help="every call of the run with ALiBi (slopes 2^(-8h/H); ours only)")
   p.add_argument("--reps", type=int, default=50, help="timed repeats per record (at most)")
   p.add_argument("--unit-time-s", type=float, default=1.0, help="stop repeating after this long")
   p.add_argument("--out", default=None, help="results name: benchmarks/results/<name>.json")
@@ -408,8 +416,9 @@ def main(argv=None) -> int:
   for pass_no in passes:
     for cname in args.cases:
       case = cases[cname]
+      plain = not (args.softcap or args.alibi)  # score options: ours only, as sinks
       wanted_kv = {kvv: {lay: [u for u in units_for(env, case, lay, args.impls, args.variants,
-                                                     default_kv=kvv == (args.dtype, False))
+                                                     default_kv=plain and kvv == (args.dtype, False))
                                if pass_of(*u) == pass_no] for lay in args.layouts}
                    for kvv in args.kv_variants}
       if not any(us for by_layout in wanted_kv.values() for us in by_layout.values()):

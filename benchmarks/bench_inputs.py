@@ -57,6 +57,10 @@ class CaseData:
     self.kv_dtype = args.dtype
     self.sinks = False
     self.ref_unquantized = None
+    # Score options of the whole run (--softcap, --alibi): every call and reference takes them.
+    self.softcap = float(getattr(args, "softcap", 0.0) or 0.0)
+    self.alibi = (None if not getattr(args, "alibi", False)
+                  else alibi_slopes(case.num_heads))
     self.jdtype = jnp.dtype(args.dtype)
     self.scale = case.head_dim ** -0.5
     self.parity = args.strided_parity
@@ -88,17 +92,22 @@ class CaseData:
     self.garbage_keys = [keys[self.calls + 3 * s + 2] for s in range(self.sets)]
     cu = jnp.asarray(np.array(case.cu_seqlens_q, np.int32))
     used = jnp.asarray(np.array(case.seqused_k, np.int32))
-    self.metas = [dict(cu_seqlens_q=cu, seqused_k=used, block_table=jnp.asarray(t))
+    extra = {} if self.alibi is None else dict(alibi_slopes=jnp.asarray(self.alibi))
+    self.metas = [dict(cu_seqlens_q=cu, seqused_k=used, block_table=jnp.asarray(t), **extra)
                   for t in self.tables_np]
     jax.block_until_ready((self.qs, self.kv, self.metas))
     ref_key = (case.name, args.dtype, args.seed)
     if ref_key not in ref_cache:
       t0 = time.perf_counter()
       ref_cache[ref_key] = reference(env, case, self.qs[0], self.kv[0][0], self.kv[0][1],
-                                     self.tables_np[0], self.scale)
+                                     self.tables_np[0], self.scale, **self.score_options())
       log(f"  reference ({case.name}): {time.perf_counter() - t0:.1f} s")
     self.ref = ref_cache[ref_key]
     self.ref_norm = float(np.linalg.norm(self.ref.astype(np.float64)))
+
+  def score_options(self) -> dict:
+    """The run's softcap / ALiBi as `reference`'s keyword arguments."""
+    return dict(softcap=self.softcap, alibi_slopes=self.alibi)
 
   def calls_for(self, impl: str) -> int:
     return min(self.calls, MAX_CALLS.get(impl, self.calls))
@@ -173,7 +182,8 @@ def kv_variant(env: Env, cd: CaseData, kv_dtype: str, sinks: bool, args, ref_cac
     t0 = time.perf_counter()
     k_descale, v_descale = descales[0]
     ref_cache[key] = reference(env, case, cd.qs[0], out.kv[0][0], out.kv[0][1], cd.tables_np[0], cd.scale,
-                               k_descale=k_descale, v_descale=v_descale, s_aux=s_aux)
+                               k_descale=k_descale, v_descale=v_descale, s_aux=s_aux,
+                               **cd.score_options())
     log(f"  reference ({case.name}, {kv_tag(kv_dtype, sinks)}): {time.perf_counter() - t0:.1f} s")
   out.ref = ref_cache[key]
   out.ref_norm = float(np.linalg.norm(out.ref.astype(np.float64)))
@@ -181,22 +191,24 @@ def kv_variant(env: Env, cd: CaseData, kv_dtype: str, sinks: bool, args, ref_cac
     unq = (case.name, cd.dtype, args.seed, cd.dtype, sinks)
     if unq not in ref_cache:
       ref_cache[unq] = cd.ref if not sinks else reference(
-          env, case, cd.qs[0], cd.kv[0][0], cd.kv[0][1], cd.tables_np[0], cd.scale, s_aux=s_aux)
+          env, case, cd.qs[0], cd.kv[0][0], cd.kv[0][1], cd.tables_np[0], cd.scale, s_aux=s_aux,
+          **cd.score_options())
     out.ref_unquantized = ref_cache[unq]
   return out
 
 
 @functools.lru_cache(maxsize=None)
-def _ref_kernel(group: int, scale: float):
+def _ref_kernel(group: int, scale: float, softcap: float = 0.0):
   import jax
   import jax.numpy as jnp
 
   hi = jax.lax.Precision.HIGHEST
 
   @jax.jit
-  def kernel(q, kflat, vflat, qi, ki, sq, sk, kd, vd, sink):
+  def kernel(q, kflat, vflat, qi, ki, sq, sk, kd, vd, sink, slopes):
     """kd, vd: f32[n, Hk] descales of each row's sequence (ones for a cache in q's dtype); sink:
-    f32[H] logits in every row's denominator (-inf: none)."""
+    f32[H] logits in every row's denominator (-inf: none); slopes: f32[H] ALiBi slopes (zeros:
+    none); softcap > 0: scores capped as softcap * tanh(s / softcap)."""
     f32 = jnp.float32
     qb = q[qi].astype(f32)  # [n, SQ, H, D]
     kb = kflat[ki].astype(f32) * kd[:, None, :, None]  # [n, SK, Hk, D], dequantized
@@ -205,10 +217,14 @@ def _ref_kernel(group: int, scale: float):
     SK, Hk = kb.shape[1], kb.shape[2]
     qb = qb.reshape(n, SQ, Hk, group, D)
     s = jnp.einsum("nqhgd,nkhd->nhgqk", qb, kb, precision=hi) * scale
+    if softcap > 0:
+      s = softcap * jnp.tanh(s / softcap)
     i = jnp.arange(SQ)[None, :, None]
     j = jnp.arange(SK)[None, None, :]
     sq3, sk3 = sq[:, None, None], sk[:, None, None]
-    allowed = (i < sq3) & (j < sk3) & (j <= i + sk3 - sq3)  # causal, bottom-right aligned
+    diag = i + sk3 - sq3  # bottom-right aligned position of query i among the keys
+    s = s - slopes.reshape(1, Hk, group, 1, 1) * jnp.abs(diag - j).astype(f32)[:, None, None]
+    allowed = (i < sq3) & (j < sk3) & (j <= diag)  # causal
     allowed = allowed[:, None, None]
     s = jnp.where(allowed, s, -jnp.inf)
     sink = sink.reshape(1, Hk, group, 1, 1)
@@ -223,15 +239,20 @@ def _ref_kernel(group: int, scale: float):
   return kernel
 
 
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """f32[H]: the ALiBi paper's geometric slopes 2^(-8 (h + 1) / H) (for a power-of-two H)."""
+  return (2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)).astype(np.float32)
+
+
 def _pow2(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
 
 
 def reference(env: Env, case: shapes.Case, q, k, v, table: np.ndarray, scale: float, k_descale=None,
-              v_descale=None, s_aux=None) -> np.ndarray:
+              v_descale=None, s_aux=None, softcap: float = 0.0, alibi_slopes=None) -> np.ndarray:
   """float32 (precision HIGHEST) attention of one input set, sequences bucketed by padded shape.
   An fp8 cache is dequantized with k_descale / v_descale [batch, Hk]; s_aux [H] joins every row's
-  softmax denominator."""
+  softmax denominator; softcap and alibi_slopes [H] as flash_attn_varlen_func's."""
   jnp = env.jnp
   T, H, D = case.total_q, case.num_heads, case.head_dim
   Hk, bs = case.num_kv_heads, case.block_size
@@ -247,7 +268,9 @@ def reference(env: Env, case: shapes.Case, q, k, v, table: np.ndarray, scale: fl
   for b, (sq, sk) in enumerate(zip(case.seqlens_q, case.seqused_k)):
     if sq > 0 and sk > 0:
       buckets.setdefault((_pow2(sq), _pow2(sk, 16)), []).append(b)
-  kernel = _ref_kernel(case.group, scale)
+  kernel = _ref_kernel(case.group, scale, float(softcap))
+  slopes = jnp.asarray(np.zeros((H,), np.float32) if alibi_slopes is None
+                       else np.asarray(alibi_slopes, np.float32))
   for (SQ, SK), members in sorted(buckets.items()):
     chunk = max(1, min(len(members), (1 << 27) // (H * SQ * SK), (1 << 29) // (SK * Hk * D * 8),
                        (1 << 29) // (SQ * H * D * 4)))
@@ -265,7 +288,8 @@ def reference(env: Env, case: shapes.Case, q, k, v, table: np.ndarray, scale: fl
         sqa[r], ska[r] = sq, sk
       rows = np.array(group + [group[-1]] * (chunk - len(group)))  # padding rows: any sequence
       res = np.asarray(kernel(q, kflat, vflat, jnp.asarray(qi), jnp.asarray(ki), jnp.asarray(sqa),
-                              jnp.asarray(ska), jnp.asarray(kd_all[rows]), jnp.asarray(vd_all[rows]), sink))
+                              jnp.asarray(ska), jnp.asarray(kd_all[rows]), jnp.asarray(vd_all[rows]), sink,
+                              slopes))
       for r, b in enumerate(group):
         sq = case.seqlens_q[b]
         out[cu[b]:cu[b] + sq] = res[r, :sq]
@@ -353,7 +377,8 @@ def build_layout(env: Env, cd: CaseData, name: str) -> LayoutData:
 def base_record(cd: CaseData, layout: str, impl: str, variant: str) -> dict:
   case = cd.case
   return dict(case=case.name, layout=layout, impl=impl, variant=variant, dtype=cd.dtype,
-              kv_dtype=cd.kv_dtype, sinks=cd.sinks, ms=None,
+              kv_dtype=cd.kv_dtype, sinks=cd.sinks, softcap=cd.softcap, alibi=cd.alibi is not None,
+              ms=None,
               ms_wall=None, tbps=None, tflops=None, pct_of_ceiling=None, rel_err=None, status=None,
               tolerance=TOLERANCE[cd.dtype], bytes=case.bytes_moved(cd.dtype, cd.kv_dtype),
               flops=case.flops(), bound="flops" if case.flop_bound else "bytes")

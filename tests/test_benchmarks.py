@@ -60,6 +60,19 @@ def test_bench_attention_tiny_fp8_cache_and_sinks(tmp_path):
   assert rows and set(rows[0]["kv"]) == {"fp16", "fp16+sinks", "e4m3", "e4m3+sinks"}
 
 
+def test_bench_attention_tiny_softcap_and_alibi(tmp_path):
+  """--softcap / --alibi: every call and the reference take them (a record within tolerance means
+  the kernel and the bench's reference agree on them); peers skip; records say which."""
+  _run("bench_attention.py", "--tiny", "--cases", "seed3_mixed55", "--impls", "jva-xla,xla-naive",
+       "--softcap", "5", "--alibi", "--no-plot", "--out", "tiny_score", "--results-dir", str(tmp_path),
+       out_dir=tmp_path / "copies")
+  doc = json.loads((tmp_path / "tiny_score.json").read_text())
+  recs = [r for r in doc["records"] if r["impl"] == "jva-xla"]
+  assert recs and all(r["status"] == "ok" and r["rel_err"] < r["tolerance"] for r in recs)
+  assert all(r["softcap"] == 5.0 and r["alibi"] for r in recs)
+  assert not [r for r in doc["records"] if r["impl"] == "xla-naive"]  # no score options there
+
+
 def test_bench_loop_tiny_writes_unrolled_stacked_and_fori_records(tmp_path):
   out = _run("bench_loop.py", "--tiny", "--impls", "jva-xla", "--out", "loop_test", "--results-dir",
              str(tmp_path), out_dir=tmp_path / "copies")
