@@ -19,6 +19,14 @@ is checked against a float64 NumPy product first.
   python benchmarks/bench_gemv.py                       # GPU; writes <gpu>_<date>_gemv.json
   python benchmarks/bench_gemv.py --tiny                # CPU plumbing (Triton's interpreter)
   python benchmarks/bench_gemv.py --nk                  # the weight stored [N, K], CUDA-core dots
+  python benchmarks/bench_gemv.py --partials --rows 4,16   # XLA's split-K GEMM vs its batched form
+
+--partials: XLA's GEMM without its split-K sum. The model's step pays, after each split-K GEMM, a
+separate reduce kernel (1.3-1.5 us, three a layer; NOTES.md session 16 item 4). Asked as a batched
+dot, `x [M, S, K/S] x w [S, K/S, N] -> f32 partials [S, M, N]`, XLA runs the K ranges as a batch
+and the sum could move into the kernel that consumes the projection (rope_write_kv, add_rms_norm).
+Records "xla-partials" time only the batched dot (kernels_per_call says whether XLA added any);
+the check sums the partials. Worth building only where it beats "xla" by the reduce's 1.3 us.
 
 --nk: `gemv_nk_kernel`, the weight stored [out, in] (each program streams whole rows of it, K
 contiguous) and no MMA: each row of x times each weight row, summed over K in f32 on the CUDA
@@ -127,12 +135,27 @@ def skinny_matmul(x, w, block_n: int, block_k: int, split_k: int, num_warps: int
   return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
 
 
+# --partials: K split into this many ranges (the batch of the batched dot).
+PARTIAL_SPLITS = (2, 4, 8)
+
+
+def partials(x, w, splits: int):
+  """f32[splits, M, N]: x [M, K] @ w [K, N] over `splits` contiguous K ranges, as one batched dot
+  (the reshapes are free: row-major x and w)."""
+  (m, k), n = x.shape, w.shape[1]
+  xs = x.reshape(m, splits, k // splits)
+  ws = w.reshape(splits, k // splits, n)
+  return jax.lax.dot_general(xs, ws, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.float32)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--rows", default="1,4,16", help="comma list of M")
   p.add_argument("--tiny", action="store_true", help="CPU plumbing run: tiny shapes, interpreter, float16 "
                  "(the interpreter's tl.dot mistakes bfloat16 bits)")
   p.add_argument("--nk", action="store_true", help="XLA against gemv_nk_kernel only (docstring)")
+  p.add_argument("--partials", action="store_true",
+                 help="XLA's GEMM against its batched, unsummed form only (docstring)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   on_gpu = any(d.platform == "gpu" for d in jax.devices())
@@ -156,7 +179,13 @@ def main(argv=None) -> int:
       ref = np.asarray(x, np.float64) @ np.asarray(ws[0], np.float64)
       impls = [("xla", "jnp.dot",
                 lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))]
-      if args.nk:  # the weight passed as [N, K] (a transposed copy: the same bytes)
+      checks = {}  # impl variant -> the op checked against ref, where it differs from the timed one
+      if args.partials:
+        for sp in PARTIAL_SPLITS:
+          if k % sp == 0:
+            impls.append(("xla-partials", f"splits{sp}", lambda a, b, sp=sp: partials(a, b, sp)))
+            checks[f"splits{sp}"] = lambda a, b, sp=sp: jnp.sum(partials(a, b, sp), axis=0)
+      elif args.nk:  # the weight passed as [N, K] (a transposed copy: the same bytes)
         impls += [("triton-nk", "nk_n%d_k%d_w%d_st%d" % v,
                    lambda a, b, v=v: gemv_nk(a, b, *v), True)
                   for v in (TINY_NK_VARIANTS if args.tiny else NK_VARIANTS) if n % v[0] == 0 and k % v[1] == 0]
@@ -169,7 +198,8 @@ def main(argv=None) -> int:
         sets = ws_nk if nk else ws
         rec = dict(shape=name, M=m, K=k, N=n, impl=impl, variant=variant, weight_bytes=w_bytes)
         try:
-          got = np.asarray(one(x, sets[0]), np.float64)
+          checked = jax.jit(checks[variant]) if variant in checks else one
+          got = np.asarray(checked(x, sets[0]), np.float64)
           rec["rel_err"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
           rec["status"] = "ok" if rec["rel_err"] < 2e-2 else "WRONG"
           if on_gpu and rec["status"] == "ok":
@@ -201,9 +231,10 @@ def main(argv=None) -> int:
     for m in sorted({r["M"] for r in records}):
       rs = [r for r in records if r["shape"] == name and r["M"] == m and "device_us" in r]
       xla = [r for r in rs if r["impl"] == "xla"]
-      tri = sorted((r for r in rs if r["impl"] in ("triton", "triton-nk")), key=lambda r: r["device_us"])
+      tri = sorted((r for r in rs if r["impl"] in ("triton", "triton-nk", "xla-partials")),
+                   key=lambda r: r["device_us"])
       if xla and tri:
-        print(f"{name:8s} M={m:3d} xla {xla[0]['device_us']:8.2f} us ({xla[0]['pct_ceiling']}%)  best triton "
+        print(f"{name:8s} M={m:3d} xla {xla[0]['device_us']:8.2f} us ({xla[0]['pct_ceiling']}%)  best other "
               f"{tri[0]['variant']} {tri[0]['device_us']:8.2f} us ({tri[0]['pct_ceiling']}%)  "
               f"ratio {tri[0]['device_us'] / xla[0]['device_us']:.3f}")
   return 0 if all(r["status"] != "WRONG" for r in records) else 1

@@ -293,3 +293,15 @@ def test_bench_gemv_tiny_checks_every_variant(tmp_path):
   recs = doc["records"]
   assert {r["impl"] for r in recs} == {"xla", "triton"} and len(recs) == 2 * 2 * 3
   assert all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in recs), recs
+
+
+def test_bench_gemv_tiny_partials_sum_to_the_product(tmp_path):
+  """--partials: XLA's batched, unsummed form of each projection, checked (summed) against float64."""
+  env = dict(os.environ, OUT=str(tmp_path), JVA_COMMIT="test", TRITON_INTERPRET="1")
+  proc = subprocess.run([sys.executable, str(BENCH / "bench_gemv.py"), "--tiny", "--partials", "--rows",
+                         "1,4", "--out", "p"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  recs = json.loads((tmp_path / "p.json").read_text())["records"]
+  assert {(r["impl"], r["variant"]) for r in recs} == {("xla", "jnp.dot")} | {
+      ("xla-partials", f"splits{s}") for s in (2, 4, 8)}
+  assert len(recs) == 2 * 2 * 4 and all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in recs), recs
