@@ -45,7 +45,7 @@ class ModelConfig:
   fuse_rope_write: bool = True
   # each residual add and the RMSNorm after it as one `add_rms_norm` call (one Triton kernel in
   # place of XLA's three on a GPU; the same jnp ops elsewhere). Unrolled layers (scan_layers=False)
-  # also carry the MLP's output into the next layer's norm; NOTES.md session 16
+  # also carry the MLP's output into the next layer's norm (measured faster: NOTES.md)
   fuse_add_norm: bool = True
   init_std: float = 0.02  # weights ~ N(0, init_std^2) (Qwen's initializer_range); norms start at 1
   backend: str = "auto"  # the attention backend (flash_attn_varlen_func's `backend=`, or "naive")

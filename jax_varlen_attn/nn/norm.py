@@ -4,9 +4,8 @@
 
 A pre-norm decoder runs `x = x + sublayer(...)` and then normalizes x for the next sublayer. XLA emits
 that as three kernels (the add, the sum of squares, the scaling); on the Triton backend this is one
-(`backends/triton/norm_kernel.py`), which a decode step of a few rows, bound by its launches, feels
-(benchmarks/NOTES.md, session 16). Elsewhere it is the jnp form `add_rms_norm_xla`, which defines the
-semantics.
+(`backends/triton/norm_kernel.py`), which a decode step of a few rows, bound by its launches, feels.
+Elsewhere it is the jnp form `add_rms_norm_xla`, which defines the semantics.
 """
 
 from __future__ import annotations

@@ -172,9 +172,8 @@ MIN_TOTAL_QUERIES = 8192
 def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
               v_size: Optional[int] = None) -> bool:
   """Whether this kernel is the measured-faster choice for `spec` here: a Hopper GPU, a call it
-  covers, and long prefill (MIN_QUERIES a sequence, MIN_TOTAL_QUERIES in all), without softcap or
-  ALiBi (GPU-tested, not timed yet). Sinks are in: measured at no cost, 16% faster than the Triton
-  backend with them (NOTES.md session 16)."""
+  covers, and long prefill (MIN_QUERIES a sequence, MIN_TOTAL_QUERIES in all), sinks included
+  (measured faster than the Triton kernel with them), softcap and ALiBi not (not timed yet)."""
   from jax_varlen_attn.backends import device
   # Softcap and ALiBi pass the GPU suite, but no benchmark has timed them against the Triton kernel.
   unmeasured = spec.softcap or spec.has_alibi

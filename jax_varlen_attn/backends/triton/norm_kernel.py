@@ -5,9 +5,8 @@ in one launch.
                                         --> RMSNorm(residual + x)  (f32 inside, rounded)
 
 One program per row; the row is one tile. XLA emits this as three kernels (the add, the sum of
-squares, the scaling): a decode step of a few rows is bound by its launches, not its bytes
-(benchmarks/NOTES.md, session 16). The math and its roundings are those of
-`jax_varlen_attn.nn.norm.add_rms_norm_xla`.
+squares, the scaling): a decode step of a few rows is bound by its launches, not its bytes. The
+math and its roundings are those of `jax_varlen_attn.nn.norm.add_rms_norm_xla`.
 """
 
 from __future__ import annotations
@@ -65,9 +64,8 @@ def add_rms_norm(x, residual, scale, eps: float):
   inputs = dict(x_ptr=x, residual_ptr=residual if has_residual else unused, scale_ptr=scale)
   outputs = [jax.ShapeDtypeStruct(x.shape, x.dtype),
              jax.ShapeDtypeStruct(x.shape if has_residual else (1,), x.dtype)]
-  # XLA's Triton call at every size (unless $JAX_VARLEN_ATTN_LAUNCH says): its bundled Triton builds
-  # a load-reduce-store as well as any, and the call stays inside XLA's command buffers, which
-  # jax-triton's legacy call splits (batch 64 of the serving step: NOTES.md session 16).
+  # XLA's Triton call at every size (unless $JAX_VARLEN_ATTN_LAUNCH says): the call stays inside
+  # XLA's command buffers, which jax-triton's legacy call splits (measured slower: NOTES.md).
   route = None if os.environ.get(LAUNCH_ENV) else "xla"
   y, total = launch(add_rms_norm_kernel, inputs, outputs, (num_rows,), num_warps, 1,
                     dict(HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=has_residual, EPS=float(eps)),
