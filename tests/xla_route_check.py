@@ -4,7 +4,7 @@ Run without TRITON_INTERPRET (tests/sm90.py starts it): jax.export lowers a jitt
 a write_kv call for the "cuda" platform, which needs no GPU; the installed triton compiles the
 kernels for sm_90 on the way. Checks that each becomes one `__gpu$xla.gpu.triton` custom call whose
 Triton IR takes only buffers (every scalar folded in), and that write_kv's caches are aliased to its
-outputs (in place). Prints "0 failures" when all hold.
+outputs (in place). add_rms_norm's kernel too (it takes this route at every size). Prints "0 failures" when all hold.
 """
 
 from __future__ import annotations
@@ -80,6 +80,18 @@ def write_case(cache_dtype=jnp.float16):
   return f, (new, slots, cache, cache + 1)
 
 
+def norm_case(with_residual: bool):
+  """add_rms_norm's kernel (which takes the "xla" route at every size) over 40 rows of 2048."""
+  from jax_varlen_attn.backends.triton import norm_kernel
+
+  x = jnp.ones((40, 2048), jnp.bfloat16)
+
+  def f(x, r, w):
+    return norm_kernel.add_rms_norm(x, r if with_residual else None, w, 1e-6)
+
+  return f, (x, x, jnp.ones((2048,), jnp.bfloat16))
+
+
 def main() -> int:
   failures = 0
   # buffers: attention's 12 inputs (q, k, v, metadata, layer, descales, sinks) + out, lse; write_kv's
@@ -88,7 +100,10 @@ def main() -> int:
             ("attention-strided", *attention_case("strided"), 12 + 2, None),
             ("attention-fp8", *attention_case("nhd", jnp.float8_e4m3fn), 12 + 2, "f8E4M3FN"),
             ("write_kv", *write_case(), 8 + 2, "output_operand_aliases"),
-            ("write_kv-fp8", *write_case(jnp.float8_e5m2), 8 + 2, "f8E5M2")]
+            ("write_kv-fp8", *write_case(jnp.float8_e5m2), 8 + 2, "f8E5M2"),
+            # add_rms_norm: x, residual (or a placeholder), scale + y, the sum (or a placeholder)
+            ("add_rms_norm", *norm_case(True), 3 + 2, None),
+            ("rms_norm", *norm_case(False), 3 + 2, None)]
   for name, fn, args, buffers, needs in checks:
     try:
       text = exported_text(fn, *args)
