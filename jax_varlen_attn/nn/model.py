@@ -54,9 +54,11 @@ class SwiGLU(nnx.Module):
     return self.down_proj(jax.nn.silu(gate) * up)
 
 
-def norm_backend(attention_backend: str) -> str:
-  """`add_rms_norm`'s backend for a model whose attention runs on `attention_backend`."""
-  return "xla" if attention_backend == "naive" else attention_backend
+def add_norm(norm: nnx.RMSNorm, h, residual, attention_backend: str):
+  """`add_rms_norm` with an `nnx.RMSNorm`'s scale and epsilon: returns (norm(h + residual), the sum),
+  on the backend of a model whose attention runs on `attention_backend` ("naive": jnp)."""
+  backend = "xla" if attention_backend == "naive" else attention_backend
+  return add_rms_norm(h, residual, norm.scale[...], eps=norm.epsilon, backend=backend)
 
 
 class DecoderBlock(nnx.Module):
@@ -78,7 +80,6 @@ class DecoderBlock(nnx.Module):
     self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, init_std=c.init_std, fused=c.fuse_projections,
                       rngs=rngs, **dt)
     self.fuse_add_norm = c.fuse_add_norm
-    self.norm_backend = norm_backend(c.backend)
 
   def __call__(self, x, k_cache, v_cache, batch: PagedBatch, layer=None):
     if not self.fuse_add_norm:
@@ -96,13 +97,13 @@ class DecoderBlock(nnx.Module):
     None. Returns (x, mlp_out, k_cache, v_cache), the stream after the block being x + mlp_out: the
     next block's (or the final) norm adds it, so a layer launches no add of its own.
     """
-    y, x = self._norm(self.input_norm, x if pending is None else pending, None if pending is None else x)
+    if pending is None:
+      y, x = add_norm(self.input_norm, x, None, self.attn.backend)
+    else:
+      y, x = add_norm(self.input_norm, pending, x, self.attn.backend)
     h, k_cache, v_cache = self.attn(y, k_cache, v_cache, batch, layer)
-    y, x = self._norm(self.post_attn_norm, h, x)
+    y, x = add_norm(self.post_attn_norm, h, x, self.attn.backend)
     return x, self.mlp(y), k_cache, v_cache
-
-  def _norm(self, norm: nnx.RMSNorm, h, residual):
-    return add_rms_norm(h, residual, norm.scale[...], eps=norm.epsilon, backend=self.norm_backend)
 
 
 class DecoderLM(nnx.Module):
@@ -189,8 +190,7 @@ class DecoderLM(nnx.Module):
         x, pending, k_cache, v_cache = layer.carry(x, pending, k_cache, v_cache, batch, jnp.int32(i))
       if logits_indices is not None:
         x, pending = x[logits_indices], pending[logits_indices]
-      y, _ = add_rms_norm(pending, x, self.final_norm.scale[...], eps=self.final_norm.epsilon,
-                          backend=norm_backend(c.backend))
+      y, _ = add_norm(self.final_norm, pending, x, c.backend)
       return self.head(y), k_cache, v_cache
     else:
       for i, layer in enumerate(self.layers):
