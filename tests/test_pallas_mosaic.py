@@ -390,8 +390,9 @@ def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
   monkeypatch.setattr(device, "is_hopper", lambda: True)
   assert mosaic.preferred(long) and not mosaic.preferred(short)
   assert not mosaic.preferred(one_prompt)
-  assert not mosaic.preferred(dataclasses.replace(long, softcap=1.0))  # covered, not timed yet
-  assert mosaic.preferred(dataclasses.replace(long, has_sinks=True))  # timed: faster
+  for option in (dict(softcap=1.0), dict(has_alibi=True), dict(has_sinks=True)):  # timed: faster
+    assert mosaic.preferred(dataclasses.replace(long, **option)), option
+    assert not mosaic.preferred(dataclasses.replace(short, **option)), option
   assert not mosaic.preferred(dataclasses.replace(long, dtype="float32"))  # not covered
   assert not mosaic.preferred(long, k_size=12 * 16 * 2 * 64 + 64)  # a buffer of partial tiles
   monkeypatch.setattr(registry, "_on_cuda_gpu", lambda: True)

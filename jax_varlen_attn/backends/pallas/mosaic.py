@@ -36,9 +36,9 @@ What differs from the dense kernel, and why:
   middle pays no mask.
 - Score options: softcap (tanh), ALiBi (minus slope x the distance from the row's diagonal, on
   every tile, masked or not), sinks (each row's online softmax starts from its head's s_aux: m =
-  s_aux, l = 1), as the other backends. All three pass the GPU suite (H200); `preferred` takes
-  sinks (timed: no cost) and leaves softcap and ALiBi to the Triton kernel until a benchmark has
-  timed them (`kernel="mosaic"` runs them).
+  s_aux, l = 1), as the other backends. All three pass the GPU suite (H200) and `preferred` takes
+  them: sinks cost nothing measurable, softcap and ALiBi run 1.2-1.6x faster than on the Triton
+  kernel (benchmarks/NOTES.md session 17 item 1).
 - Poisoned cache rows. Rows past seqlens_k inside the last page, and pages a padded block-table
   entry names, may hold anything (NaN included). K's masked scores become -inf; V's rows would
   still meet P = 0 in the PV product (0 x NaN = NaN), so the tile holding the sequence's last key
@@ -172,14 +172,12 @@ MIN_TOTAL_QUERIES = 8192
 def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
               v_size: Optional[int] = None) -> bool:
   """Whether this kernel is the measured-faster choice for `spec` here: a Hopper GPU, a call it
-  covers, and long prefill (MIN_QUERIES a sequence, MIN_TOTAL_QUERIES in all), sinks included
-  (measured faster than the Triton kernel with them), softcap and ALiBi not (not timed yet)."""
+  covers, and long prefill (MIN_QUERIES a sequence, MIN_TOTAL_QUERIES in all). Every score option
+  it covers is included: sinks, softcap and ALiBi each measured faster here than on the Triton
+  kernel (benchmarks/NOTES.md session 17 item 1)."""
   from jax_varlen_attn.backends import device
-  # Softcap and ALiBi pass the GPU suite, but no benchmark has timed them against the Triton kernel.
-  unmeasured = spec.softcap or spec.has_alibi
   return (spec.mean_queries_per_sequence >= MIN_QUERIES and spec.total_q >= MIN_TOTAL_QUERIES
-          and not unmeasured and device.is_hopper()
-          and unsupported_reason(spec, k_size=k_size, v_size=v_size) is None)
+          and device.is_hopper() and unsupported_reason(spec, k_size=k_size, v_size=v_size) is None)
 
 
 # ---- index arithmetic shared by the kernel and XLA (tested on the CPU against the oracle) ----------
