@@ -38,7 +38,7 @@ What differs from the dense kernel, and why:
   every tile, masked or not), sinks (each row's online softmax starts from its head's s_aux: m =
   s_aux, l = 1), as the other backends. All three pass the GPU suite (H200) and `preferred` takes
   them: sinks cost nothing measurable, softcap and ALiBi run 1.2-1.6x faster than on the Triton
-  kernel (benchmarks/NOTES.md session 17 item 1).
+  kernel (benchmarks/NOTES.md, "Softcap and ALiBi on the Mosaic kernel, timed").
 - Poisoned cache rows. Rows past seqlens_k inside the last page, and pages a padded block-table
   entry names, may hold anything (NaN included). K's masked scores become -inf; V's rows would
   still meet P = 0 in the PV product (0 x NaN = NaN), so the tile holding the sequence's last key
@@ -174,7 +174,7 @@ def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
   """Whether this kernel is the measured-faster choice for `spec` here: a Hopper GPU, a call it
   covers, and long prefill (MIN_QUERIES a sequence, MIN_TOTAL_QUERIES in all). Every score option
   it covers is included: sinks, softcap and ALiBi each measured faster here than on the Triton
-  kernel (benchmarks/NOTES.md session 17 item 1)."""
+  kernel (benchmarks/NOTES.md, "Softcap and ALiBi on the Mosaic kernel, timed")."""
   from jax_varlen_attn.backends import device
   return (spec.mean_queries_per_sequence >= MIN_QUERIES and spec.total_q >= MIN_TOTAL_QUERIES
           and device.is_hopper() and unsupported_reason(spec, k_size=k_size, v_size=v_size) is None)
