@@ -400,10 +400,15 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       else:
         s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
       plgpu.barrier_arrive(k_consumed.at[slot])
+      # c: what still scales s into log2 units (None: nothing). Plain scores stay raw: the scale
+      # (positive) commutes with the row max, so each score costs one multiply-add (s c - m).
+      c = None
       if p.softcap > 0:
         s = jnp.tanh(s * (p.scale / p.softcap)) * (p.softcap * LOG2E)
-      else:
+      elif p.has_alibi:
         s = s * qk_scale
+      else:
+        c = qk_scale
       if masked or p.has_alibi:
         rows = iota((bq, bkv), 0) + r0
         keys = iota((bq, bkv), 1) + j * bkv
@@ -417,11 +422,12 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
         if p.window_left >= 0:
           ok = ok & (keys >= rows + off - p.window_left)
         s = jnp.where(ok, s, -jnp.inf)
-      m_new = jnp.maximum(m_i, s.max(axis=1))
+      row_max = s.max(axis=1)
+      m_new = jnp.maximum(m_i, row_max if c is None else row_max * c)
       # A row with no allowed key yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN).
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
       alpha = jnp.exp2(m_i - m_use)
-      pmat = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+      pmat = jnp.exp2((s if c is None else s * c) - lax.broadcast_in_dim(m_use, s.shape, [0]))
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       l_i = l_i * alpha + pmat.sum(axis=1)
       p16 = pmat.astype(dtype)
