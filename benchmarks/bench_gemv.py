@@ -20,6 +20,12 @@ is checked against a float64 NumPy product first.
   python benchmarks/bench_gemv.py --tiny                # CPU plumbing (Triton's interpreter)
   python benchmarks/bench_gemv.py --nk                  # the weight stored [N, K], CUDA-core dots
   python benchmarks/bench_gemv.py --partials --rows 4,16   # XLA's split-K GEMM vs its batched form
+  python benchmarks/bench_gemv.py --mosaic              # a Mosaic GPU kernel streaming w by TMA
+
+--mosaic: `gemv_mosaic.py` (its docstring), per variant (BLOCK_N, BLOCK_K, SPLIT_K, stages): the
+weight as wgmma's A operand, streamed by TMA `stages` tiles deep, x padded to 16 rows beforehand
+(untimed: a model's producer would write it so); the timed op includes the fusion that sums the
+K ranges. GPU only (sm_90a).
 
 --partials: XLA's GEMM without its split-K sum. The model's step pays, after each split-K GEMM, a
 separate reduce kernel (1.3-1.5 us, three a layer; NOTES.md session 16 item 4). Asked as a batched
@@ -66,6 +72,9 @@ TINY_VARIANTS = [(32, 32, 1, 1, 1), (16, 32, 2, 1, 1)]
 # --nk: (BLOCK_N, BLOCK_K, num_warps, num_stages)
 NK_VARIANTS = [(8, 256, 4, 3), (16, 256, 4, 3), (16, 128, 4, 4), (8, 512, 4, 2), (32, 128, 4, 3), (4, 512, 2, 3)]
 TINY_NK_VARIANTS = [(8, 32, 1, 1), (16, 32, 1, 2)]
+# --mosaic: (BLOCK_N, BLOCK_K, SPLIT_K, stages); CTAs = N / BLOCK_N x SPLIT_K (132 SMs on an H200)
+MOSAIC_VARIANTS = [(64, 128, 1, 4), (64, 128, 2, 4), (64, 128, 4, 4), (64, 256, 2, 4), (128, 128, 2, 4),
+                   (64, 64, 4, 8)]
 ROTATION = 8
 
 
@@ -156,8 +165,13 @@ def main(argv=None) -> int:
   p.add_argument("--nk", action="store_true", help="XLA against gemv_nk_kernel only (docstring)")
   p.add_argument("--partials", action="store_true",
                  help="XLA's GEMM against its batched, unsummed form only (docstring)")
+  p.add_argument("--mosaic", action="store_true", help="XLA against gemv_mosaic.py only (docstring)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
+  if args.mosaic and args.tiny:
+    p.error("--mosaic runs on an H100 / H200 only (no interpreter run)")
+  if args.mosaic:
+    import gemv_mosaic  # noqa: F401  (benchmarks/)
   on_gpu = any(d.platform == "gpu" for d in jax.devices())
   if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
     p.error("no GPU: run with TRITON_INTERPRET=1 (and --tiny)")
@@ -185,6 +199,13 @@ def main(argv=None) -> int:
           if k % sp == 0:
             impls.append(("xla-partials", f"splits{sp}", lambda a, b, sp=sp: partials(a, b, sp)))
             checks[f"splits{sp}"] = lambda a, b, sp=sp: jnp.sum(partials(a, b, sp), axis=0)
+      elif args.mosaic:
+        ok = [v for v in MOSAIC_VARIANTS if n % v[0] == 0 and k % (v[2] * v[1]) == 0]
+        impls += [("mosaic", "mosaic_n%d_k%d_s%d_st%d" % v,
+                   lambda a, b, v=v, m=m: gemv_mosaic.matmul(a, b, m, *v)) for v in ok]
+        # The weight stored [N, K] too (wgmma's A operand as it lies; a transposed copy, same bytes).
+        impls += [("mosaic", "mosaic_nk_n%d_k%d_s%d_st%d" % v,
+                   lambda a, b, v=v, m=m: gemv_mosaic.matmul(a, b, m, *v, w_nk=True), True) for v in ok]
       elif args.nk:  # the weight passed as [N, K] (a transposed copy: the same bytes)
         impls += [("triton-nk", "nk_n%d_k%d_w%d_st%d" % v,
                    lambda a, b, v=v: gemv_nk(a, b, *v), True)
@@ -192,19 +213,23 @@ def main(argv=None) -> int:
       else:
         impls += [("triton", "n%d_k%d_s%d_w%d_st%d" % v, lambda a, b, v=v: skinny_matmul(a, b, *v))
                   for v in variants if n % v[0] == 0 and k % (v[2] * v[1]) == 0]
-      ws_nk = [w.T.copy() for w in ws] if args.nk else None
+      ws_nk = [w.T.copy() for w in ws] if args.nk or args.mosaic else None
+      xp = None
+      if args.mosaic:
+        xp = gemv_mosaic.pad_rows(x)
       for impl, variant, op, *nk in impls:
         one = jax.jit(op)
         sets = ws_nk if nk else ws
+        xin = xp if impl == "mosaic" else x
         rec = dict(shape=name, M=m, K=k, N=n, impl=impl, variant=variant, weight_bytes=w_bytes)
         try:
           checked = jax.jit(checks[variant]) if variant in checks else one
-          got = np.asarray(checked(x, sets[0]), np.float64)
+          got = np.asarray(checked(xin, sets[0]), np.float64)
           rec["rel_err"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
           rec["status"] = "ok" if rec["rel_err"] < 2e-2 else "WRONG"
           if on_gpu and rec["status"] == "ok":
             many = jax.jit(lambda a, *bs, op=op: [op(a, b) for b in bs])
-            dev = device_time.measure(jax, many, (x, *sets), rotation)
+            dev = device_time.measure(jax, many, (xin, *sets), rotation)
             if dev:
               rec["device_us"] = round(dev["busy_ms"] * 1e3, 3)
               rec["kernels_per_call"] = dev["kernels_per_call"]
@@ -231,7 +256,7 @@ def main(argv=None) -> int:
     for m in sorted({r["M"] for r in records}):
       rs = [r for r in records if r["shape"] == name and r["M"] == m and "device_us" in r]
       xla = [r for r in rs if r["impl"] == "xla"]
-      tri = sorted((r for r in rs if r["impl"] in ("triton", "triton-nk", "xla-partials")),
+      tri = sorted((r for r in rs if r["impl"] in ("triton", "triton-nk", "xla-partials", "mosaic")),
                    key=lambda r: r["device_us"])
       if xla and tri:
         print(f"{name:8s} M={m:3d} xla {xla[0]['device_us']:8.2f} us ({xla[0]['pct_ceiling']}%)  best other "
