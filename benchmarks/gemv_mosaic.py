@@ -50,7 +50,11 @@ def partials(xp, w, block_n: int, block_k: int, split_k: int, stages: int, w_nk:
     swizzle = plgpu.find_swizzle(minor * itemsize * 8)
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
-  def body(x_gmem, w_gmem, o_gmem, o_smem):
+  def body(x_gmem, w_gmem, o_gmem):
+    pl.run_scoped(lambda o_smem: cta(x_gmem, w_gmem, o_gmem, o_smem),
+                  plgpu.SMEM((block_n, ROWS), jnp.float32))
+
+  def cta(x_gmem, w_gmem, o_gmem, o_smem):
     ni = lax.axis_index("n")
     si = lax.axis_index("s")
 
@@ -80,7 +84,6 @@ def partials(xp, w, block_n: int, block_k: int, split_k: int, stages: int, w_nk:
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((split_k, n, ROWS), jnp.float32),
       grid=(n // block_n, split_k), grid_names=("n", "s"),
-      scratch_shapes=[plgpu.SMEM((block_n, ROWS), jnp.float32)],
   )(xp, w)
 
 
