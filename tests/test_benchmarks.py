@@ -305,3 +305,24 @@ def test_bench_gemv_tiny_partials_sum_to_the_product(tmp_path):
   assert {(r["impl"], r["variant"]) for r in recs} == {("xla", "jnp.dot")} | {
       ("xla-partials", f"splits{s}") for s in (2, 4, 8)}
   assert len(recs) == 2 * 2 * 4 and all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in recs), recs
+
+
+@pytest.mark.parametrize("w_nk", [False, True])
+def test_gemv_mosaic_lowers_for_cuda_and_refuses_bad_tiles(w_nk):
+  """bench_gemv --mosaic's kernel lowers to Mosaic GPU's CUDA call without a GPU (the weight [K, N]
+  read transposed, or stored [N, K]); tiles that do not divide the shape raise before lowering."""
+  import jax
+  import jax.numpy as jnp
+  import gemv_mosaic
+
+  k, n = 512, 256
+  xp = jax.ShapeDtypeStruct((gemv_mosaic.ROWS, k), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((n, k) if w_nk else (k, n), jnp.bfloat16)
+  op = lambda a, b: gemv_mosaic.matmul(a, b, m=4, block_n=64, block_k=128, split_k=2, stages=2, w_nk=w_nk)
+  text = jax.jit(op).trace(xp, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  with pytest.raises(ValueError, match="block_n"):
+    gemv_mosaic.partials(jnp.zeros((gemv_mosaic.ROWS, k), jnp.bfloat16), jnp.zeros((k, 96), jnp.bfloat16),
+                         block_n=64, block_k=128, split_k=1, stages=2)
+  with pytest.raises(ValueError, match="at most"):
+    gemv_mosaic.pad_rows(jnp.zeros((17, k), jnp.bfloat16))
