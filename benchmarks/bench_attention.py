@@ -80,12 +80,13 @@ PASS_OF = {("jva-triton", "default"): 0,
 
 
 
-def parse_config_variant(variant: str) -> dict:
-  """Config kwargs of a `cfg:key=value;key=value` variant ({} for any other variant)."""
-  if not variant.startswith("cfg:"):
+def parse_config_variant(variant: str, prefix: str = "cfg:") -> dict:
+  """Config kwargs of a `cfg:key=value;key=value` variant ({} for any other variant); `prefix`
+  "mosaic-tiles:" reads a Mosaic tile variant's fields the same way."""
+  if not variant.startswith(prefix):
     return {}
   kwargs = {}
-  for item in filter(None, variant[4:].split(";")):
+  for item in filter(None, variant[len(prefix):].split(";")):
     key, _, value = item.partition("=")
     value = value.strip()
     flags = {"true": True, "false": False}  # fp8_v_at_load=false
@@ -127,9 +128,11 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
     rec["config"] = {**parse_config_variant(variant), "launch": config.launch}
   if impl == "jva-triton" and variant == "default":
     rec["variant"] = "page-stride-constexpr"  # the default address on every layout
-  if impl == "jva-pallas" and variant in MOSAIC_VARIANTS:  # the Mosaic GPU kernel (pallas/mosaic.py)
+  if impl == "jva-pallas" and is_mosaic_variant(variant):  # the Mosaic GPU kernel (pallas/mosaic.py)
     from jax_varlen_attn import PallasConfig
     config = PallasConfig(kernel="mosaic")
+    if variant.startswith(MOSAIC_TILES):
+      rec["config"] = parse_config_variant(variant, MOSAIC_TILES)
   layer = env.jnp.asarray(1, env.jnp.int32) if ld.stacked else None
   extra = [dict(layer=layer) for _ in range(cd.sets)] if ld.stacked else None
   if ld.meta_sets is not None:
@@ -137,7 +140,7 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
 
   one = case_call(cd, ld, backend, config)
   # ms_wall: the public function called eagerly (argument checks and dispatch included)
-  with _mosaic_copies(impl == "jva-pallas" and variant == "mosaic-copies"):
+  with _mosaic_copies(impl == "jva-pallas" and variant == "mosaic-copies"), _mosaic_tiles(variant):
     run_jax_unit(env, cd, rec, one, ld.kv_sets, extra, cd.calls_for(impl), args, ceilings,
                  wall_fn=one)
   if ld.note:
@@ -148,7 +151,35 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
 
 # jva-pallas variants: "mosaic" the Mosaic GPU kernel as users get it; "mosaic-copies" the same
 # kernel with q and the output through XLA's padded copies (as before it read / wrote them in place).
+# "mosaic-tiles:block_kv=64;stages=3" the kernel with other MosaicTiles (a sweep point).
 MOSAIC_VARIANTS = ("mosaic", "mosaic-copies")
+MOSAIC_TILES = "mosaic-tiles:"
+
+
+def is_mosaic_variant(variant: str) -> bool:
+  return variant in MOSAIC_VARIANTS or variant.startswith(MOSAIC_TILES)
+
+
+@contextlib.contextmanager
+def _mosaic_tiles(variant: str):
+  """A Mosaic tile sweep point, here rather than in the kernel: MosaicTiles.get_default returns
+  the variant's tiles (the rest as the default's) while it lasts."""
+  fields = parse_config_variant(variant, MOSAIC_TILES)
+  if not fields:
+    yield
+    return
+  import dataclasses
+  import jax
+  from jax_varlen_attn.backends.pallas import mosaic
+  keep = mosaic.MosaicTiles.__dict__["get_default"]
+  mosaic.MosaicTiles.get_default = classmethod(
+      lambda cls, head_dim: dataclasses.replace(keep.__func__(cls, head_dim), **fields))
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    mosaic.MosaicTiles.get_default = keep
+    jax.clear_caches()
 
 
 @contextlib.contextmanager
@@ -184,7 +215,7 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants,
           continue
         if (var == "ffi-launch" or var.startswith("cfg:")) and layout != "contiguous":
           continue
-        if var in MOSAIC_VARIANTS:  # jva-pallas's
+        if is_mosaic_variant(var):  # jva-pallas's
           continue
         out.append((impl, var))
     elif impl == "flaggems":
@@ -201,7 +232,7 @@ def units_for(env: Env, case: shapes.Case, layout: str, impls, variants,
         out.append((impl, "default"))
     elif impl == "jva-pallas":
       out.append((impl, "default"))
-      out.extend((impl, var) for var in MOSAIC_VARIANTS if var in variants)
+      out.extend((impl, var) for var in variants if is_mosaic_variant(var))
     else:
       out.append((impl, "default"))
   return out
