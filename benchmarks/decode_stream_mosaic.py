@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Experiment (issues 15 / 16): how fast can a Mosaic GPU CTA stream a decode step's K / V?
+
+The Triton decode tile of the serving shapes (decode_16x600: 16 sequences, 8 kv heads, head dim
+128) is bound by its instruction chain (benchmarks/NOTES.md session 18, items 2-3), not by bytes.
+Before a Mosaic GPU decode kernel is written, this measures what its memory side could give: one
+CTA per (sequence, kv head), one warpgroup, K / V tiles of `block_kv` keys brought by TMA through
+`emit_pipeline` (`stages` tiles in flight), and per tile the two wgmmas a decode tile does
+(S = q K^T with q's rows padded to 64, then P V with P = S in fp16): no softmax, no page table
+(pages in order, so a tile is one TMA box; session 17 measured pages of 16 <= 5% dearer than 128).
+
+It prints, per case, the device time of this kernel and of our Triton decode kernel
+(`flash_attn_varlen_func`, backend="triton", the same cache bytes as a paged cache whose pages are
+in order), each over `--sets` rotated caches so the bytes come from HBM, and the read ceiling of
+the same run. The kernel's output (sum over tiles of fp16(q K_t^T) V_t, stored fp16) is checked
+against float64 first. GPU only (sm_90a):
+
+  python benchmarks/decode_stream_mosaic.py --cases 16x640,64x640,1x640 --out h200_<date>_decode_stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+ROWS = 64  # q rows a warpgroup (wgmma's M); a decode tile has group-size real rows of them
+PAGE = 16  # the Triton call's page size (pages in order)
+
+
+def stream(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, stages: int):
+  """f16 [batch, kv_heads, ROWS, D]: sum over key tiles t of fp16(q K_t^T) V_t, per (sequence,
+  kv head); q [ROWS, D], k2d / v2d [batch * keys, kv_heads * D] (token-major, heads side by side)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  d = q.shape[1]
+  dtype = q.dtype
+  if keys % block_kv:
+    raise ValueError(f"keys={keys} must divide by block_kv={block_kv}")
+  swizzle = plgpu.find_swizzle(d * jnp.dtype(dtype).itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+                plgpu.SwizzleTransform(swizzle))
+
+  def body(q_gmem, k_gmem, v_gmem, o_gmem):
+    pl.run_scoped(lambda q_smem, o_smem, bar: cta(q_gmem, k_gmem, v_gmem, o_gmem, q_smem, o_smem, bar),
+                  plgpu.SMEM((ROWS, d), dtype, transforms=transforms), plgpu.SMEM((ROWS, d), dtype),
+                  plgpu.Barrier())
+
+  def cta(q_gmem, k_gmem, v_gmem, o_gmem, q_smem, o_smem, bar):
+    kv = lax.axis_index("kv")
+    b = lax.axis_index("b")
+    plgpu.copy_gmem_to_smem(q_gmem, q_smem, bar)
+    plgpu.barrier_wait(bar)
+
+    def step(_, k_smem, v_smem, acc):
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
+        return s_ref[...]
+
+      p16 = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32)).astype(dtype)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem)
+
+      return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+    spec = plgpu.BlockSpec((block_kv, d), lambda t: (t, 0), transforms=transforms)
+    acc0 = plgpu.layout_cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+    rows, cols = pl.ds(b * keys, keys), pl.ds(kv * d, d)
+    acc = plgpu.emit_pipeline(step, grid=(keys // block_kv,), in_specs=[spec, spec],
+                              max_concurrent_steps=stages, init_carry=acc0)(
+                                  k_gmem.at[rows, cols], v_gmem.at[rows, cols])
+    o_smem[...] = acc.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, kv])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((batch, kv_heads, ROWS, d), dtype),
+                      grid=(kv_heads, batch), grid_names=("kv", "b"))(q, k2d, v2d)
+
+
+def expected(q, k2d, v2d, batch, kv_heads, keys, block_kv):
+  """float64 [batch, kv_heads, ROWS, D] of `stream` (P rounded to fp16 as the kernel does)."""
+  d = q.shape[1]
+  q64 = np.asarray(q, np.float64)
+  k = np.asarray(k2d, np.float64).reshape(batch, keys, kv_heads, d)
+  v = np.asarray(v2d, np.float64).reshape(batch, keys, kv_heads, d)
+  out = np.zeros((batch, kv_heads, ROWS, d))
+  for t in range(keys // block_kv):
+    kt = k[:, t * block_kv:(t + 1) * block_kv]  # [b, n, h, d]
+    vt = v[:, t * block_kv:(t + 1) * block_kv]
+    s = np.einsum("rd,bnhd->bhrn", q64, kt).astype(np.float16).astype(np.float64)
+    out += np.einsum("bhrn,bnhd->bhrd", s, vt)
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--cases", default="16x640,64x640,1x640", help="BxK: B sequences of K keys (K % 128 == 0)")
+  p.add_argument("--tiles", default="128:2,128:3,64:4", help="block_kv:stages points")
+  p.add_argument("--sets", type=int, default=4, help="rotated caches (bytes from HBM, not L2)")
+  p.add_argument("--out", default=None)
+  args = p.parse_args(argv)
+  if not any(dev.platform == "gpu" for dev in jax.devices()):
+    p.error("GPU only (Mosaic GPU, sm_90a)")
+  import device_time
+  from bench_serving import read_ceiling
+  from jax_varlen_attn import flash_attn_varlen_func
+
+  kv_heads, group, d = 8, 2, 128
+  dtype = jnp.float16
+  rng = np.random.default_rng(0)
+  ceiling = read_ceiling(2048)
+  records = []
+  for case in args.cases.split(","):
+    batch, keys = (int(x) for x in case.split("x"))
+    q = jnp.asarray(rng.standard_normal((ROWS, d)) * 0.3, dtype)
+    sets = [(jnp.asarray(rng.standard_normal((batch * keys, kv_heads * d)) * 0.3, dtype),
+             jnp.asarray(rng.standard_normal((batch * keys, kv_heads * d)) * 0.3, dtype))
+            for _ in range(args.sets)]
+    kv_bytes = 2 * batch * keys * kv_heads * d * 2
+    for point in args.tiles.split(","):
+      block_kv, stages = (int(x) for x in point.split(":"))
+      rec = dict(case=case, impl="mosaic-stream", block_kv=block_kv, stages=stages, kv_bytes=kv_bytes)
+      try:
+        one = jax.jit(lambda q, k, v, bk=block_kv, st=stages: stream(q, k, v, batch, kv_heads, keys, bk, st))
+        got = np.asarray(one(q, *sets[0]), np.float64)
+        ref = expected(q, *sets[0], batch, kv_heads, keys, block_kv)
+        rec["rel_err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+        rec["status"] = "ok" if rec["rel_err"] < 1e-2 else "WRONG"
+        many = jax.jit(lambda q, *kvs, one=one: [one(q, kvs[2 * i], kvs[2 * i + 1]) for i in range(len(kvs) // 2)])
+        dev = device_time.measure(jax, many, (q, *[a for s in sets for a in s]), len(sets))
+        rec["device_us"] = round(dev["busy_ms"] * 1e3, 2)
+        rec["pct_ceiling"] = round(100 * kv_bytes / (dev["busy_ms"] * 1e-3) / 1e9 / ceiling["read_gbps"], 1)
+      except Exception as e:  # a point that does not build is a record
+        rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"
+      records.append(rec)
+      print(rec, flush=True)
+    # Our Triton decode kernel on the same bytes: a paged cache whose pages are in order.
+    rec = dict(case=case, impl="jva-triton", kv_bytes=kv_bytes)
+    try:
+      qd = jnp.asarray(rng.standard_normal((batch, kv_heads * group, d)) * 0.3, dtype)
+      cu = jnp.arange(batch + 1, dtype=jnp.int32)
+      used = jnp.full((batch,), keys, jnp.int32)
+      table = jnp.arange(batch * keys // PAGE, dtype=jnp.int32).reshape(batch, keys // PAGE)
+
+      def attend(k2d, v2d):
+        k = k2d.reshape(-1, PAGE, kv_heads, d)  # row-major: the same bytes, no copy
+        v = v2d.reshape(-1, PAGE, kv_heads, d)
+        return flash_attn_varlen_func(qd, k, v, max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=keys,
+                                      seqused_k=used, block_table=table, backend="triton")
+
+      many = jax.jit(lambda *kvs: [attend(kvs[2 * i], kvs[2 * i + 1]) for i in range(len(kvs) // 2)])
+      jax.block_until_ready(many(*[a for s in sets for a in s]))
+      dev = device_time.measure(jax, many, tuple(a for s in sets for a in s), len(sets))
+      rec["device_us"] = round(dev["busy_ms"] * 1e3, 2)
+      rec["kernels_per_call"] = dev["kernels_per_call"]
+      rec["pct_ceiling"] = round(100 * kv_bytes / (dev["busy_ms"] * 1e-3) / 1e9 / ceiling["read_gbps"], 1)
+      rec["status"] = "ok"
+    except Exception as e:
+      rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"
+    records.append(rec)
+    print(rec, flush=True)
+  gpu = jax.devices()[0].device_kind
+  date = datetime.date.today().isoformat()
+  out = args.out or f"{gpu.lower().replace(' ', '_').replace('nvidia_', '')}_{date}_decode_stream"
+  doc = dict(benchmark="decode K / V streaming: a Mosaic TMA pipeline vs our Triton decode kernel",
+             commit=os.environ.get("JVA_COMMIT", "unknown"), gpu=gpu, date=date, read_ceiling=ceiling,
+             sets=args.sets, dtype="float16", kv_heads=kv_heads, head_dim=d, records=records)
+  out_dir = Path(os.environ.get("OUT") or HERE / "results")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / f"{out}.json").write_text(json.dumps(doc, indent=1))
+  print(f"{'case':8s} {'impl':14s} {'tile':8s} {'us':>8s} {'%ceil':>6s} status")
+  for r in records:
+    tile = f"{r['block_kv']}:{r['stages']}" if "block_kv" in r else "-"
+    print(f"{r['case']:8s} {r['impl']:14s} {tile:8s} {r.get('device_us', '-'):>8} {r.get('pct_ceiling', '-'):>6} "
+          f"{r['status']}")
+  return 0 if all(r["status"] != "WRONG" for r in records) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
