@@ -326,3 +326,28 @@ def test_gemv_mosaic_lowers_for_cuda_and_refuses_bad_tiles(w_nk):
                          block_n=64, block_k=128, split_k=1, stages=2)
   with pytest.raises(ValueError, match="at most"):
     gemv_mosaic.pad_rows(jnp.zeros((17, k), jnp.bfloat16))
+
+
+def test_decode_stream_mosaic_lowers_for_cuda_and_its_expectation_is_the_sum_over_tiles():
+  """decode_stream_mosaic's kernel lowers to Mosaic GPU's CUDA call without a GPU, and the float64
+  expectation it is checked against equals the per-(sequence, head) sum written out directly."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import decode_stream_mosaic as m
+
+  q = jax.ShapeDtypeStruct((m.ROWS, 128), jnp.float16)
+  kv = jax.ShapeDtypeStruct((2 * 256, 4 * 128), jnp.float16)
+  op = lambda q, k, v: m.stream(q, k, v, batch=2, kv_heads=4, keys=256, block_kv=128, stages=2)
+  assert "mosaic_gpu" in jax.jit(op).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  with pytest.raises(ValueError, match="block_kv"):
+    m.stream(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((192, 512), jnp.float16),
+             jnp.zeros((192, 512), jnp.float16), batch=1, kv_heads=4, keys=192, block_kv=128, stages=2)
+  rng = np.random.default_rng(1)
+  qq, kk, vv = (rng.standard_normal(s) for s in ((m.ROWS, 128), (512, 512), (512, 512)))
+  got = m.expected(qq, kk, vv, batch=2, kv_heads=4, keys=256, block_kv=128)
+  b, h = 1, 2
+  k_bh, v_bh = kk.reshape(2, 256, 4, 128)[b, :, h], vv.reshape(2, 256, 4, 128)[b, :, h]
+  want = sum((qq @ k_bh[t:t + 128].T).astype(np.float16).astype(np.float64) @ v_bh[t:t + 128]
+             for t in (0, 128))
+  np.testing.assert_allclose(got[b, h], want, rtol=1e-12, atol=1e-9)
