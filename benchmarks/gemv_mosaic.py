@@ -5,11 +5,12 @@ is wgmma's A operand (64 output features a warpgroup, wgmma's M) and the few row
 16): y.T [N, M] = w.T [N, K] @ x.T [K, M]. Each CTA owns `block_n` output features and one of
 `split_k` K ranges; `emit_pipeline` keeps `stages` weight tiles [block_k, block_n] (and x's [16,
 block_k]) in flight by TMA, so a CTA has stages x block_k x block_n x 2 bytes of weights on the way
-with no per-thread address arithmetic (what the Triton skinny kernels of this folder spend their
-issue slots on). The CTA writes its f32 partial [block_n, 16]; one XLA fusion sums the K ranges,
-transposes and casts (the step's consumer would fuse that in a model).
+with no per-thread address arithmetic. The CTA writes its f32 partial [block_n, 16]; one XLA fusion
+sums the K ranges, transposes and casts (the step's consumer would fuse that in a model).
 
-Not in the library: this asks whether TMA streaming beats XLA's split-K GEMMs at 1-16 rows.
+Not in the library: it asked whether TMA streaming beats XLA's split-K GEMMs at 4-16 rows. On an
+H200 it did not (benchmarks/NOTES.md session 18 item 4: 6-25% slower, o_proj aside): at these
+sizes every GEMM kernel pays ~2 us of fill and drain beyond its bytes.
 """
 
 from __future__ import annotations
