@@ -351,3 +351,19 @@ def test_decode_stream_mosaic_lowers_for_cuda_and_its_expectation_is_the_sum_ove
   want = sum((qq @ k_bh[t:t + 128].T).astype(np.float16).astype(np.float64) @ v_bh[t:t + 128]
              for t in (0, 128))
   np.testing.assert_allclose(got[b, h], want, rtol=1e-12, atol=1e-9)
+
+
+def test_decode_stream_mosaic_fp8_is_the_tma_stream_alone():
+  """An fp8 cache takes the stream without wgmmas (8-bit V is not K-major), and lowers so; the
+  wgmma form refuses it rather than mixing dtypes."""
+  import jax
+  import jax.numpy as jnp
+  import decode_stream_mosaic as m
+
+  q = jax.ShapeDtypeStruct((m.ROWS, 128), jnp.float16)
+  kv = jax.ShapeDtypeStruct((2 * 256, 4 * 128), jnp.float8_e4m3fn)
+  op = lambda q, k, v: m.stream(q, k, v, batch=2, kv_heads=4, keys=256, block_kv=128, stages=2, mma=False)
+  assert "mosaic_gpu" in jax.jit(op).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  with pytest.raises(ValueError, match="mma=False"):
+    m.stream(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((512, 512), jnp.float8_e4m3fn),
+             jnp.zeros((512, 512), jnp.float8_e4m3fn), batch=2, kv_heads=4, keys=256, block_kv=128, stages=2)
