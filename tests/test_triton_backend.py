@@ -99,38 +99,60 @@ def test_table_ahead_only_where_pipelined_paged_fp8():
   assert not ahead(dataclasses.replace(fp8, layout=None), 3)
 
 
-def test_fp8_v_at_load_for_short_decode_on_sm89(monkeypatch):
-  """V is converted where it is loaded on fp8 decode tiles of a decode batch whose programs see at
-  most V_AT_LOAD_MAX_TILES key tiles, on sm_89+ and not under the interpreter; the caller's choice
-  wins; the constexpr is off without an fp8 cache."""
+def test_fp8_v_form_rule(monkeypatch):
+  """fp8 decode tiles read V as 16-bit pairs, prefill tiles keep Triton's own conversion; the
+  caller's form wins where it applies; the PTX forms need sm_89+ and no interpreter, pairs also an
+  fp16 / bf16 compute dtype and an even head dim; no constexpr without an fp8 cache."""
   from jax_varlen_attn.backends.triton import Config
   from jax_varlen_attn.backends.triton import config as cfg_mod
   from tests.problems import static_spec as spec_for
 
   monkeypatch.setattr(cfg_mod, "triton_interpreting", lambda: False)
   monkeypatch.setattr(cfg_mod, "compute_capability", lambda: 90)
-  fp8 = lambda batch, pages: dataclasses.replace(spec_for(batch, pages), kv_dtype="float8_e4m3fn")  # noqa: E731
-  chosen = lambda spec, **kw: Config(**kw).resolved(spec)  # noqa: E731
+  fp8 = lambda batch, pages, **kw: dataclasses.replace(spec_for(batch, pages, **kw),  # noqa: E731
+                                                       kv_dtype="float8_e4m3fn")
+  form = lambda spec, **kw: Config(**kw).resolved(spec).fp8_v  # noqa: E731
+  flags = lambda spec, **kw: {k: v for k, v in Config(**kw).resolved(spec).constexprs(spec).items()  # noqa: E731
+                              if k in ("V_AT_LOAD", "V_PAIRS")}
   short, long_ = fp8(64, 38), fp8(256, 256)  # 600 and 4096 keys
-  assert chosen(short).fp8_v_at_load and chosen(short).constexprs(short)["V_AT_LOAD"]
-  c = chosen(long_)
-  assert not c.fp8_v_at_load
-  assert long_.max_seqlen_k // (c.block_n * c.num_splits) > cfg_mod.V_AT_LOAD_MAX_TILES
-  assert chosen(long_, fp8_v_at_load=True).constexprs(long_)["V_AT_LOAD"]
-  assert not chosen(short, fp8_v_at_load=False).constexprs(short)["V_AT_LOAD"]
+  assert form(short) == form(long_) == "pairs"
+  assert flags(long_) == dict(V_AT_LOAD=False, V_PAIRS=True)
+  assert flags(long_, fp8_v="load") == dict(V_AT_LOAD=True, V_PAIRS=False)
+  assert flags(long_, fp8_v="operand") == dict(V_AT_LOAD=False, V_PAIRS=False)
+  prefill = fp8(4, 38, q_per_seq=64)
+  assert form(prefill) == "operand" and form(prefill, fp8_v="pairs") == "pairs"
   fp16 = spec_for(64, 38)
-  assert not chosen(fp16).fp8_v_at_load
-  assert not chosen(fp16, fp8_v_at_load=True).constexprs(fp16)["V_AT_LOAD"]
-  prefill = dataclasses.replace(spec_for(4, 38, q_per_seq=64), kv_dtype="float8_e4m3fn")
-  assert not chosen(prefill).fp8_v_at_load  # not measured on prefill tiles
-  mixed = dataclasses.replace(spec_for(55, 33, q_per_seq=5), kv_dtype="float8_e4m3fn")
-  assert chosen(mixed).block_m <= 16 and not chosen(mixed).fp8_v_at_load  # seed3-like: slower
+  assert flags(fp16, fp8_v="pairs") == dict(V_AT_LOAD=False, V_PAIRS=False)
+  assert form(dataclasses.replace(short, dtype="bfloat16")) == "pairs"
+  assert form(dataclasses.replace(short, dtype="float32")) == "operand"  # fp32 products asked for
+  assert form(dataclasses.replace(short, head_dim=16)) == "operand"  # halves narrower than a dot
+  odd = dataclasses.replace(short, head_dim=33)  # pairs would straddle rows
+  assert form(odd) == "operand" and form(odd, fp8_v="load") == "load"
   monkeypatch.setattr(cfg_mod, "compute_capability", lambda: 80)
-  assert not chosen(short).fp8_v_at_load  # the PTX conversion needs sm_89
+  assert form(short) == form(short, fp8_v="load") == "operand"  # the PTX conversions need sm_89
+  monkeypatch.setattr(cfg_mod, "compute_capability", lambda: 90)
   monkeypatch.setattr(cfg_mod, "triton_interpreting", lambda: True)
-  assert not chosen(short, fp8_v_at_load=True).constexprs(short)["V_AT_LOAD"]  # no PTX to interpret
-  with pytest.raises(TypeError, match="fp8_v_at_load"):
-    Config(fp8_v_at_load=1)
+  assert form(short, fp8_v="pairs") == "operand"  # no PTX to interpret
+  with pytest.raises(ValueError, match="fp8_v"):
+    Config(fp8_v="bytes")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="the PTX forms of an fp8 V tile run on a GPU only")
+@pytest.mark.parametrize("fp8_v", ["operand", "load", "pairs"])
+@pytest.mark.parametrize("case", ["e4m3_nhd_causal", "e5m2_hnd_window_scalar", "e4m3_stacked_gqa8_decode",
+                                  "bf16_q_e4m3", "e5m2_q_e4m3_cache_scalar"])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_fp8_v_forms_on_the_gpu(fp8_v, case, head_dim):
+  """Each way an fp8 V tile reaches P @ V, on decode and prefill tiles, split and not, against the
+  oracle on the dequantized cache (NaN poison in every unused slot, as the suite's fp8 cases)."""
+  from jax_varlen_attn.backends.triton import Config
+  from tests.attention_suite import FP8_CASES
+  suite = TestTriton()
+  for seqlens_q, seqlens_k, splits in (((1, 1, 1, 1), (203, 17, 600, 1), 1), ((1, 1, 1), (700, 33, 5), 3),
+                                       ((37, 1, 5), (300, 9, 40), 1)):
+    p = suite.problem(seqlens_q=seqlens_q, seqlens_k=seqlens_k, head_dim=head_dim,
+                      **{k: v for k, v in FP8_CASES[case].items() if k not in ("seqlens_q", "seqlens_k")})
+    suite.check(p, config=Config(fp8_v=fp8_v, num_splits=splits))
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="shared memory limits are a GPU's")

@@ -58,9 +58,17 @@ VARIANTS = [
     # fp8 caches (fp8 tiles converted in registers) and sinks, on the decode and prefill tiles.
     ("fp8-e4m3-decode", dict(kv_dtype="float8_e4m3fn", head_dim=128, seqlens_q=(1, 1, 1),
                              seqlens_k=(400, 7, 33), causal=True), Config()),
-    # The same tile with V converted in the dot operand's layout (what long sequences take).
+    # The same tile with V's other forms: Triton's own conversion in the dot operand, at load.
     ("fp8-e4m3-decode-v-in-dot", dict(kv_dtype="float8_e4m3fn", head_dim=128, seqlens_q=(1, 1, 1),
-                                      seqlens_k=(400, 7, 33), causal=True), Config(fp8_v_at_load=False)),
+                                      seqlens_k=(400, 7, 33), causal=True), Config(fp8_v="operand")),
+    ("fp8-e4m3-decode-v-at-load", dict(kv_dtype="float8_e4m3fn", head_dim=128, seqlens_q=(1, 1, 1),
+                                       seqlens_k=(400, 7, 33), causal=True), Config(fp8_v="load")),
+    # V as pairs with a padded head dim on a layer-stacked strided cache, and on a prefill tile.
+    ("fp8-e5m2-d80-stacked-decode", dict(kv_dtype="float8_e5m2", head_dim=80, layout="stacked_strided",
+                                         seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33)), Config()),
+    ("fp8-e4m3-prefill-pairs", dict(kv_dtype="float8_e4m3fn", head_dim=128, causal=True,
+                                    seqlens_q=(300, 40), seqlens_k=(300, 90)),
+     Config(block_m=128, block_n=64, fp8_v="pairs")),
     ("fp8-e5m2-bf16-hnd-decode", dict(dtype="bfloat16", kv_dtype="float8_e5m2", layout="HND", head_dim=128,
                                       seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33)), Config()),
     ("fp8-e4m3-prefill-128x64", dict(kv_dtype="float8_e4m3fn", head_dim=128, causal=True,

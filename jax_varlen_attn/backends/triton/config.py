@@ -19,8 +19,8 @@ MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4
 # Decode grids of at most this many programs an SM get double-buffered K / V tiles (_default_stages).
 DOUBLE_BUFFER_PROGRAMS_PER_SM = 1.25
-# fp8 decode programs of at most this many key tiles convert V where it is loaded (`fp8_v_at_load`).
-V_AT_LOAD_MAX_TILES = 12
+# How an fp8 V tile reaches P @ V (`Config.fp8_v`).
+FP8_V_FORMS = ("operand", "load", "pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,16 @@ class Config:
     in shared memory on a non-paged or an fp8 paged cache; on an fp16 / bf16 / f32 paged cache
     (num_stages - 1) // 2 from 3 stages, since its page-table load takes a stage of its own (2
     stages: one buffer). `stages_for_buffers` states the mapping; 5 stages = two buffers there.
-  fp8_v_at_load: an fp8 cache's V tile converted to the compute dtype where it is loaded (inline
-    PTX, sm_89+), so it reaches P @ V through fp16 shared memory; False: converted in the dot
-    operand's layout (fp8 bytes read one at a time). None: `_default_v_at_load` (short decode).
-    Ignored without an fp8 cache and under Triton's interpreter (which runs no PTX).
+  fp8_v: how an fp8 cache's V tile reaches P @ V (K needs nothing: q . K reads it along the
+    head dim, as it lies). "operand": Triton converts it in the dot operand's layout, reading the
+    fp8 bytes from shared memory one at a time (no 8-bit ldmatrix.trans). "load": converted where
+    it is loaded (inline PTX) and staged in shared memory again as fp16. "pairs": read as 16-bit
+    pairs of adjacent head dims, so the operand comes by ldmatrix.trans as an fp16 tile does;
+    each pair splits into an even-dim and an odd-dim fp16 value (inline PTX, exact) feeding two
+    half-width dots, interleaved back once at the end. None: `_default_fp8_v`. "load" and
+    "pairs" need sm_89+ and not Triton's interpreter (which runs no PTX), "pairs" also an fp16 /
+    bf16 compute dtype and an even head dim of at least 32 padded (`pairs_apply`); elsewhere a
+    tile takes "operand". Ignored without an fp8 cache.
   launch: how the kernel reaches XLA (backends/triton/call.py): "ffi" (jax-triton's typed-FFI
     call; the default on jax-triton 0.4), "legacy" (jax-triton 0.3's custom call; its default),
     "xla" (XLA's own Triton custom call: least host cost per call, a slower prefill kernel); None
@@ -55,7 +61,7 @@ class Config:
   num_splits: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
-  fp8_v_at_load: Optional[bool] = None
+  fp8_v: Optional[str] = None
   launch: Optional[str] = None
 
   def __post_init__(self):
@@ -63,8 +69,8 @@ class Config:
     check_pow2("block_n", self.block_n, 16)
     check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
     check_launch_options(self.num_warps, self.num_stages)
-    if self.fp8_v_at_load is not None and not isinstance(self.fp8_v_at_load, bool):
-      raise TypeError(f"Config.fp8_v_at_load must be a bool or None, got {self.fp8_v_at_load!r}")
+    if self.fp8_v is not None and self.fp8_v not in FP8_V_FORMS:
+      raise ValueError(f"Config.fp8_v must be one of {FP8_V_FORMS} or None, got {self.fp8_v!r}")
     if self.launch is not None and self.launch not in ROUTES:
       raise ValueError(f"Config.launch must be one of {ROUTES} or None, got {self.launch!r}")
 
@@ -111,11 +117,13 @@ class Config:
     num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
     num_stages = (self.num_stages or tuned_entry.get("num_stages")
                   or _default_stages(spec, block_m, block_n, num_splits, programs * num_splits))
-    v_at_load = self.fp8_v_at_load
-    if v_at_load is None:
-      v_at_load = _default_v_at_load(spec, block_m, block_n, num_splits)
+    fp8_v = self.fp8_v or _default_fp8_v(spec, block_m)
+    if fp8_v != "operand" and not _ptx_conversion_applies(spec):
+      fp8_v = "operand"
+    if fp8_v == "pairs" and not pairs_apply(spec):
+      fp8_v = "operand"
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
-                               num_warps=num_warps, num_stages=num_stages, fp8_v_at_load=v_at_load)
+                               num_warps=num_warps, num_stages=num_stages, fp8_v=fp8_v)
 
   @staticmethod
   def _default_splits(spec: AttentionSpec, block_m: int, block_n: int) -> int:
@@ -169,7 +177,9 @@ class Config:
         KV_FP8=spec.kv_fp8, Q_FP8=spec.q_fp8, USE_SINKS=spec.has_sinks,
         # A pipelined paged fp8 tile looks its pages up a tile ahead itself (`table_ahead`).
         TABLE_AHEAD=table_ahead(spec) and self.num_stages > 2,
-        V_AT_LOAD=spec.kv_fp8 and bool(self.fp8_v_at_load) and not triton_interpreting(),
+        # How an fp8 V tile reaches P @ V (`resolved` keeps each form where it applies).
+        V_AT_LOAD=spec.kv_fp8 and self.fp8_v == "load",
+        V_PAIRS=spec.kv_fp8 and self.fp8_v == "pairs", V_E5M2=spec.kv_dtype == "float8_e5m2",
     )
 
 
@@ -202,22 +212,33 @@ def table_ahead(spec: AttentionSpec) -> bool:
   return spec.layout is not None and spec.kv_fp8
 
 
-def _default_v_at_load(spec: AttentionSpec, block_m: int, block_n: int, num_splits: int) -> bool:
-  """Whether an fp8 tile converts V where it is loaded (`Config.fp8_v_at_load`) by default.
+def _default_fp8_v(spec: AttentionSpec, block_m: int) -> str:
+  """How an fp8 V tile reaches P @ V (`Config.fp8_v`) where the caller does not say.
 
-  The converted tile is staged in shared memory again (fp16, for ldmatrix): fewer instructions a
-  tile, more shared-memory traffic. Measured faster on decode batches (one query a sequence) whose
-  programs see few key tiles of the longest sequence (5 to 10: decode_1x600 / 16x600 -6%,
-  decode_64x600 -23%), slower on long ones (18 and 32: seed4_distinct +18%, decode_256x4096 +14%)
-  and on a mixed batch of the same lengths (seed3_mixed55, 5 queries a sequence: +7%). So: decode
-  tiles of a decode batch, at most V_AT_LOAD_MAX_TILES tiles a program (split), on sm_89+ (the
-  PTX conversion's), not under the interpreter. Prefill tiles were not measured. NOTES.md "Tile
-  rules".
+  Decode tiles (block_m <= MIN_ROWS: mma.sync reads the operand from registers) read V as 16-bit
+  pairs: ldmatrix.trans instead of byte loads, one conversion a pair of values; the unmasked loop
+  of the sm_90 e4m3 decode build went from 824 SASS instructions (177 shared-memory loads) to 613
+  (33), and its registers from 254 to 188. Prefill tiles (wgmma reads V from shared memory) keep
+  Triton's own. Measurements: NOTES.md "Tile rules".
   """
-  if (not spec.kv_fp8 or block_m > tile_rules.MIN_ROWS or spec.mean_queries_per_sequence > 1
-      or triton_interpreting() or compute_capability() < 89):
-    return False
-  return spec.max_seqlen_k // (block_n * num_splits) <= V_AT_LOAD_MAX_TILES
+  return "pairs" if block_m <= tile_rules.MIN_ROWS else "operand"
+
+
+def _ptx_conversion_applies(spec: AttentionSpec) -> bool:
+  """Whether the inline-PTX fp8 conversions can run: sm_89+ (cvt from e4m3 / e5m2), not under
+  Triton's interpreter (which runs no PTX)."""
+  return spec.kv_fp8 and not triton_interpreting() and compute_capability() >= 89
+
+
+def pairs_apply(spec: AttentionSpec) -> bool:
+  """Whether V can be read as 16-bit pairs of adjacent head dims (`Config.fp8_v="pairs"`).
+
+  The pairs' dots take P in fp16 (fp16 / bf16 compute only: an fp32 caller gets fp32 products),
+  each half of V is at least 16 wide (tl.dot's N), and the head dim is even: every layout offset
+  is a multiple of it (KVCacheLayout), so halved offsets address whole pairs.
+  """
+  return (spec.dtype in ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+          and spec.head_dim % 2 == 0 and max(16, next_pow2(spec.head_dim)) >= 32)
 
 
 def stages_for_buffers(buffers: int, spec: AttentionSpec) -> int:

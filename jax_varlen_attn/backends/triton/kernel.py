@@ -24,6 +24,9 @@ Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
                        pipeliner sees direct K / V loads (no stage of its own for the table)
   V_AT_LOAD            an fp8 V tile is converted where it is loaded (`_fp8_to_f16`), not in the
                        dot operand's layout
+  V_PAIRS              an fp8 V tile is read as 16-bit pairs of adjacent dims and split into its
+                       even and odd dims in the dot operand's layout (`_fp8_pairs_to_f16`): P @ V
+                       becomes two half-width dots, acc (even dims) and acc_odd
 The K / V offsets of a layout (k_offset, v_offset) are runtime arguments added once to the base
 pointers (the kernel body says why), so a strided cache compiles to the contiguous cache's code but
 for constants (tests/triton_compile_check.py checks the instruction counts match).
@@ -174,12 +177,33 @@ def _fp8_to_f16(x):
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n_start, len_k,
+def _fp8_pairs_to_f16(x, E5M2: tl.constexpr):
+  """(even, odd) f16[N, D / 2] from i16[N, D / 2], each element the fp8 values of dims 2j (low byte)
+  and 2j + 1 (high byte).
+
+  Pure elementwise PTX, so Triton moves it after the tile's 16-bit ldmatrix.trans in P @ V's
+  operand layout (as for an fp16 tile) instead of reading fp8 bytes one at a time. Two elements a
+  32-bit register: prmt gathers their low (high) bytes, one cvt converts the pair (an e5m2 byte is
+  the high byte of its fp16, so prmt alone). Exact, NaN and subnormals included.
+  """
+  if E5M2:  # an e5m2 byte is the high byte of the fp16 of its value
+    return tl.inline_asm_elementwise(
+        "{ prmt.b32 $0, $2, 0, 0x2404; prmt.b32 $1, $2, 0, 0x3414; }",
+        "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+  return tl.inline_asm_elementwise(
+      "{ .reg .b32 t<2>; .reg .b16 l<2>, h<2>; prmt.b32 t0, $2, 0, 0x0020; prmt.b32 t1, $2, 0, 0x0031; "
+      "mov.b32 {l0, h0}, t0; mov.b32 {l1, h1}, t1; cvt.rn.f16x2.e4m3x2 $0, l0; cvt.rn.f16x2.e4m3x2 $1, l1; }",
+      "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+
+
+@triton.jit
+def _attend_tile(acc, acc_odd, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n_start, len_k,
                  diag, key_lo, key_hi, slopes, qk_scale, softcap,
                  MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 KV_FP8: tl.constexpr, V_AT_LOAD: tl.constexpr):
+                 KV_FP8: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr,
+                 V_E5M2: tl.constexpr):
   """One online-softmax step over keys [n_start, n_start + BLOCK_N).
 
   acc: f32[BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: f32[BLOCK_M] (log2 units); q: [BLOCK_M, HEAD_DIM_PAD]
@@ -197,19 +221,30 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n_start,
   # Loop-invariant part first (hoisted), the tile's page offsets last.
   k_ptrs = (k_base + fixed_off[None, :] + offs_d[:, None]) + tile_off[None, :]  # [D_PAD, BLOCK_N]
   v_ptrs = (v_base + fixed_off[:, None] + offs_d[None, :]) + tile_off[:, None]  # [BLOCK_N, D_PAD]
+  if V_PAIRS:
+    offs_h = tl.arange(0, HEAD_DIM_PAD // 2)
+    v_ptrs = (v_base + (fixed_off // 2)[:, None] + offs_h[None, :]) + (tile_off >> 1)[:, None]
   if MASKED:
     # Masked keys may be poison (the unused tail of a last page): other=0 keeps 0 * NaN out of P @ V.
     k = tl.load(k_ptrs, mask=key_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-    v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if V_PAIRS:
+      v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_h[None, :] < HEAD_DIM // 2), other=0)
+    else:
+      v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
   elif HEAD_DIM == HEAD_DIM_PAD:
     k = tl.load(k_ptrs)
     v = tl.load(v_ptrs)
   else:
     k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-    v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    if V_PAIRS:
+      v = tl.load(v_ptrs, mask=offs_h[None, :] < HEAD_DIM // 2, other=0)
+    else:
+      v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
   if KV_FP8:  # fp8 from memory, the compute dtype in registers (exact: no rounding)
     k = k.to(q.dtype)
-    if V_AT_LOAD:
+    if V_PAIRS:
+      v, v_odd = _fp8_pairs_to_f16(v, V_E5M2)
+    elif V_AT_LOAD:
       v = _fp8_to_f16(v).to(q.dtype)
     else:
       v = v.to(q.dtype)
@@ -249,8 +284,13 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n_start,
     alpha = tl.math.exp2(m_i - m_ref)
   l_i = l_i * alpha + tl.sum(p, 1)
   # P @ V accumulates into the rescaled accumulator in place (the MMA's own accumulator operand).
-  acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-  return acc, m_new, l_i
+  if V_PAIRS:  # even and odd dims of V, each half the width
+    p = p.to(tl.float16)
+    acc = tl.dot(p, v, acc * alpha[:, None])
+    acc_odd = tl.dot(p, v_odd, acc_odd * alpha[:, None])
+  else:
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+  return acc, acc_odd, m_new, l_i
 
 
 @triton.jit
@@ -291,7 +331,7 @@ def varlen_attention_kernel(
     USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
     # pipeline
-    TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr,
+    TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
@@ -403,7 +443,13 @@ def varlen_attention_kernel(
 
   fixed_off = _lane_offsets(kv_head, IS_PAGED, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, TOKEN_STRIDE,
                             HEAD_STRIDE)  # [BLOCK_N]
-  acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+  if V_PAIRS:
+    v_base = v_base.to(tl.pointer_type(tl.int16))
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD // 2], tl.float32)
+    acc_odd = tl.zeros([BLOCK_M, HEAD_DIM_PAD // 2], tl.float32)
+  else:
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    acc_odd = tl.zeros([1], tl.float32)
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
   if USE_SINKS:
@@ -433,14 +479,16 @@ def varlen_attention_kernel(
         tile_off = _tile_offsets(kv_index_ptr, seq, k_start, n, len_k, phase != 1, IS_PAGED,
                                  SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS,
                                  NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE)
-      acc, m_i, l_i = _attend_tile(
-          acc, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n, len_k, diag, key_lo, key_hi, slopes,
+      acc, acc_odd, m_i, l_i = _attend_tile(
+          acc, acc_odd, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n, len_k, diag, key_lo, key_hi, slopes,
           qk_scale, softcap, phase != 1, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-          USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8, V_AT_LOAD)
+          USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8, V_AT_LOAD, V_PAIRS, V_E5M2)
 
   # Rows that saw no allowed key (nor a sink) output zeros and LSE +inf (-inf in a split); a row
   # with a sink has l_i > 0 (a row that saw no key: acc = 0, l_i = 1: zeros and LSE = s_aux).
   seen = l_i > 0.0
+  if V_PAIRS:  # dims back in order: 2j from acc, 2j + 1 from acc_odd
+    acc = tl.reshape(tl.join(acc, acc_odd), [BLOCK_M, HEAD_DIM_PAD])
   if KV_FP8:  # v_descale applied once per row, with the normalization
     out = acc * (v_scale / tl.where(seen, l_i, 1.0))[:, None]
   else:
