@@ -21,6 +21,10 @@ MIN_TILES_PER_SPLIT = 4
 DOUBLE_BUFFER_PROGRAMS_PER_SM = 1.25
 # How an fp8 V tile reaches P @ V (`Config.fp8_v`).
 FP8_V_FORMS = ("operand", "load", "pairs")
+# fp8 decode grids of at most this many programs an SM, each seeing at most V_AT_LOAD_MAX_TILES key
+# tiles, convert V where it is loaded (`_default_fp8_v`).
+V_AT_LOAD_PROGRAMS_PER_SM = 1.25
+V_AT_LOAD_MAX_TILES = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +121,7 @@ class Config:
     num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
     num_stages = (self.num_stages or tuned_entry.get("num_stages")
                   or _default_stages(spec, block_m, block_n, num_splits, programs * num_splits))
-    fp8_v = self.fp8_v or _default_fp8_v(spec, block_m)
+    fp8_v = self.fp8_v or _default_fp8_v(spec, block_m, block_n, num_splits, programs * num_splits)
     if fp8_v != "operand" and not _ptx_conversion_applies(spec):
       fp8_v = "operand"
     if fp8_v == "pairs" and not pairs_apply(spec):
@@ -212,16 +216,23 @@ def table_ahead(spec: AttentionSpec) -> bool:
   return spec.layout is not None and spec.kv_fp8
 
 
-def _default_fp8_v(spec: AttentionSpec, block_m: int) -> str:
+def _default_fp8_v(spec: AttentionSpec, block_m: int, block_n: int, num_splits: int, programs: int) -> str:
   """How an fp8 V tile reaches P @ V (`Config.fp8_v`) where the caller does not say.
 
   Decode tiles (block_m <= MIN_ROWS: mma.sync reads the operand from registers) read V as 16-bit
-  pairs: ldmatrix.trans instead of byte loads, one conversion a pair of values; the unmasked loop
-  of the sm_90 e4m3 decode build went from 824 SASS instructions (177 shared-memory loads) to 613
-  (33), and its registers from 254 to 188. Prefill tiles (wgmma reads V from shared memory) keep
-  Triton's own. Measurements: NOTES.md "Tile rules".
+  pairs: ldmatrix.trans instead of byte loads (the sm_90 e4m3 build's unmasked loop: 613 SASS
+  instructions against 824, 188 registers against 254), except on a decode batch whose grid is
+  about one program an SM or less, each with few key tiles: there nothing hides a tile's chain
+  of dependent steps, and converting at load (off the chain) measured faster. Prefill tiles
+  (wgmma reads V from shared memory) keep Triton's own: pairs measured slower there. NOTES.md
+  "Tile rules".
   """
-  return "pairs" if block_m <= tile_rules.MIN_ROWS else "operand"
+  if block_m > tile_rules.MIN_ROWS:
+    return "operand"
+  if (spec.mean_queries_per_sequence <= 1 and programs <= V_AT_LOAD_PROGRAMS_PER_SM * device.num_sms()
+      and spec.max_seqlen_k // (block_n * num_splits) <= V_AT_LOAD_MAX_TILES):
+    return "load"
+  return "pairs"
 
 
 def _ptx_conversion_applies(spec: AttentionSpec) -> bool:
