@@ -103,7 +103,8 @@ class Config:
       while (block_m > max(16, next_pow2(group))
              and spec.query_programs(block_m // group) * spec.num_kv_heads < device.num_sms()):
         block_m //= 2
-    block_n = self.block_n or tuned_entry.get("block_n") or _default_block_n(spec, block_m)
+    block_n = (self.block_n or tuned_entry.get("block_n")
+               or _default_block_n(spec, block_m, self.fp8_v in (None, "pairs")))
     default_splits = self._default_splits(spec, block_m, block_n)
     num_splits = self.num_splits or default_splits
     programs = spec.query_programs(block_m // group) * spec.num_kv_heads  # a split's grid
@@ -187,14 +188,16 @@ class Config:
     )
 
 
-def _default_block_n(spec: AttentionSpec, block_m: int) -> int:
+def _default_block_n(spec: AttentionSpec, block_m: int, fp8_pairs: bool = False) -> int:
   """Keys per tile where neither the caller nor the tuned table says.
 
   Decode-shaped tiles (block_m <= 16: a query or two x the GQA group) stream K / V and do little
   math per key; the tile size trades loads in flight per program (bigger tiles) against programs
   resident per SM (smaller tiles: fp16 D=128 K+V stages of 64 KB at 128 keys leave room for one).
   Long sequences want the former, short ones the latter: 128 keys where the longest sequence has
-  at least 8 such tiles, else 64; 16 for head_dim 256. Prefill-shaped tiles keep 64 keys (16 KB K /
+  at least 8 such tiles, else 64; 16 for head_dim 256. An fp8 cache read with V as pairs
+  (`fp8_pairs`: the caller's form or the default) takes 64 at any length: its tiles are half the
+  bytes, and 64 measured faster on long sequences too. Prefill-shaped tiles keep 64 keys (16 KB K /
   V tiles at D = 128; 32 for wide heads): 128 spilled registers. Measurements: NOTES.md "Tile
   rules".
   """
@@ -202,6 +205,8 @@ def _default_block_n(spec: AttentionSpec, block_m: int) -> int:
     return 64 if spec.head_dim <= 128 else 32
   if spec.head_dim > 128:
     return 16
+  if fp8_pairs and pairs_apply(spec) and _ptx_conversion_applies(spec):
+    return 64
   return 128 if spec.max_seqlen_k >= 8 * 128 else 64
 
 
