@@ -122,6 +122,7 @@ def test_fp8_v_form_rule(monkeypatch):
   assert form(fp8(16, 38, q_per_seq=2)) == "pairs"  # not a decode batch
   assert flags(long_) == dict(V_AT_LOAD=False, V_PAIRS=True)
   assert Config().resolved(long_).block_n == 64  # pairs: 64-key tiles at any length
+  assert Config().resolved(fp8(8, 2048)).block_n == 128  # but not where the grid splits (decode_8x32768)
   assert Config(fp8_v="operand").resolved(long_).block_n == 128 == Config().resolved(spec_for(256, 256)).block_n
   assert flags(long_, fp8_v="load") == dict(V_AT_LOAD=True, V_PAIRS=False)
   assert flags(long_, fp8_v="operand") == dict(V_AT_LOAD=False, V_PAIRS=False)

@@ -103,11 +103,11 @@ class Config:
       while (block_m > max(16, next_pow2(group))
              and spec.query_programs(block_m // group) * spec.num_kv_heads < device.num_sms()):
         block_m //= 2
-    block_n = (self.block_n or tuned_entry.get("block_n")
-               or _default_block_n(spec, block_m, self.fp8_v in (None, "pairs")))
+    programs = spec.query_programs(block_m // group) * spec.num_kv_heads  # a split's grid
+    fp8_pairs = self.fp8_v in (None, "pairs") and programs >= device.num_sms()  # no split-KV
+    block_n = self.block_n or tuned_entry.get("block_n") or _default_block_n(spec, block_m, fp8_pairs)
     default_splits = self._default_splits(spec, block_m, block_n)
     num_splits = self.num_splits or default_splits
-    programs = spec.query_programs(block_m // group) * spec.num_kv_heads  # a split's grid
     if self.block_n is None and spec.head_dim <= 128 and num_splits == 1 and default_splits == 1:
       # A grid that fits on the GPU at once (seed1: 136 programs, seed2: 96) is latency-bound: the
       # longest program's chain of dependent tile steps (page lookup -> K load -> dot -> V) sets
@@ -196,8 +196,9 @@ def _default_block_n(spec: AttentionSpec, block_m: int, fp8_pairs: bool = False)
   resident per SM (smaller tiles: fp16 D=128 K+V stages of 64 KB at 128 keys leave room for one).
   Long sequences want the former, short ones the latter: 128 keys where the longest sequence has
   at least 8 such tiles, else 64; 16 for head_dim 256. An fp8 cache read with V as pairs
-  (`fp8_pairs`: the caller's form or the default) takes 64 at any length: its tiles are half the
-  bytes, and 64 measured faster on long sequences too. Prefill-shaped tiles keep 64 keys (16 KB K /
+  (`fp8_pairs`: the caller's form or the default, on a grid that needs no split-KV) takes 64 at
+  any length: its tiles are half the bytes, and 64 measured faster on long sequences too (a split
+  grid, decode_8x32768, measured slower with 64). Prefill-shaped tiles keep 64 keys (16 KB K /
   V tiles at D = 128; 32 for wide heads): 128 spilled registers. Measurements: NOTES.md "Tile
   rules".
   """
