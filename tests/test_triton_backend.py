@@ -101,9 +101,10 @@ def test_table_ahead_only_where_pipelined_paged_fp8():
 
 def test_fp8_v_form_rule(monkeypatch):
   """fp8 decode tiles read V as 16-bit pairs, but convert it at load on small grids of short
-  decode (about a program an SM, few tiles each); prefill tiles keep Triton's own conversion; the
-  caller's form wins where it applies; the PTX forms need sm_89+ and no interpreter, pairs also an
-  fp16 / bf16 compute dtype and an even head dim; no constexpr without an fp8 cache."""
+  decode (about a program an SM, few tiles each); split-KV grids and prefill tiles keep Triton's
+  own conversion; the caller's form wins where it applies; the PTX forms need sm_89+ and no
+  interpreter, pairs also an fp16 / bf16 compute dtype and an even head dim; no constexpr without
+  an fp8 cache."""
   from jax_varlen_attn.backends.triton import Config
   from jax_varlen_attn.backends.triton import config as cfg_mod
   from tests.problems import static_spec as spec_for
@@ -122,7 +123,8 @@ def test_fp8_v_form_rule(monkeypatch):
   assert form(fp8(16, 38, q_per_seq=2)) == "pairs"  # not a decode batch
   assert flags(long_) == dict(V_AT_LOAD=False, V_PAIRS=True)
   assert Config().resolved(long_).block_n == 64  # pairs: 64-key tiles at any length
-  assert Config().resolved(fp8(8, 2048)).block_n == 128  # but not where the grid splits (decode_8x32768)
+  split = Config().resolved(fp8(8, 2048))  # decode_8x32768: split-KV keeps Triton's own, 128 keys
+  assert split.num_splits > 1 and split.fp8_v == "operand" and split.block_n == 128
   assert Config(fp8_v="operand").resolved(long_).block_n == 128 == Config().resolved(spec_for(256, 256)).block_n
   assert flags(long_, fp8_v="load") == dict(V_AT_LOAD=True, V_PAIRS=False)
   assert flags(long_, fp8_v="operand") == dict(V_AT_LOAD=False, V_PAIRS=False)

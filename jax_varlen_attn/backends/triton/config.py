@@ -229,16 +229,16 @@ def _default_fp8_v(spec: AttentionSpec, block_m: int, block_n: int, num_splits: 
   pairs: ldmatrix.trans instead of byte loads (the sm_90 e4m3 build's unmasked loop: 613 SASS
   instructions against 824, 188 registers against 254), except on a decode batch whose grid is
   about one program an SM or less, each with few key tiles: there nothing hides a tile's chain
-  of dependent steps, and converting at load (off the chain) measured faster. Prefill tiles
-  (wgmma reads V from shared memory) keep Triton's own: pairs measured slower there. NOTES.md
-  "Tile rules".
+  of dependent steps, and converting at load (off the chain) measured faster. Split-KV grids
+  (few long sequences) and prefill tiles (wgmma reads V from shared memory) keep Triton's own:
+  pairs measured slower on both (not understood on the split grid). NOTES.md "Tile rules".
   """
   if block_m > tile_rules.MIN_ROWS:
     return "operand"
   if (spec.mean_queries_per_sequence <= 1 and programs <= V_AT_LOAD_PROGRAMS_PER_SM * device.num_sms()
       and spec.max_seqlen_k // (block_n * num_splits) <= V_AT_LOAD_MAX_TILES):
     return "load"
-  return "pairs"
+  return "operand" if num_splits > 1 else "pairs"
 
 
 def _ptx_conversion_applies(spec: AttentionSpec) -> bool:
