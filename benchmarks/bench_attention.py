@@ -89,7 +89,7 @@ def parse_config_variant(variant: str, prefix: str = "cfg:") -> dict:
   for item in filter(None, variant[len(prefix):].split(";")):
     key, _, value = item.partition("=")
     value = value.strip()
-    flags = {"true": True, "false": False}  # fp8_v_at_load=false
+    flags = {"true": True, "false": False}  # a bool field: key=true / key=false
     kwargs[key.strip()] = (int(value) if value.lstrip("-").isdigit()
                            else flags.get(value.lower(), value))  # launch=xla
   return kwargs
