@@ -80,6 +80,8 @@ VARIANTS = [
     ("fp8-q-e4m3-strided", dict(dtype="float8_e4m3fn", kv_dtype="float8_e4m3fn", layout="strided",
                                 causal=True), Config()),
     ("fp8-f32-q-e5m2", dict(dtype="float32", kv_dtype="float8_e5m2", causal=True), Config()),
+    ("fp8-e4m3-decode-sinks", dict(sinks=True, kv_dtype="float8_e4m3fn", head_dim=128, seqlens_q=(1, 1, 1),
+                                   seqlens_k=(400, 7, 33), causal=True), Config()),
     ("sinks-decode-split-kv", dict(sinks=True, head_dim=128, seqlens_q=(1, 1, 1), seqlens_k=(400, 7, 33)),
      Config(num_splits=4)),
     ("sinks-fp8-softcap-prefill", dict(sinks=True, kv_dtype="float8_e4m3fn", softcap=5.0, head_dim=128,
