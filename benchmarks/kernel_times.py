@@ -42,9 +42,10 @@ def build(case: shapes.Case, seed: int = 0, strided: bool = False):
 
 
 def ours(case: shapes.Case, data: dict, config_kwargs: dict, strided: bool = False,
-         wide_contiguous: bool = False):
+         wide_contiguous: bool = False, kv_dtype: str = "float16"):
   """wide_contiguous: the strided storage read as a plain NHD cache through block table 2p+1 (the
-  very addresses the strided layout reads, with contiguous addressing)."""
+  very addresses the strided layout reads, with contiguous addressing). kv_dtype float8_e4m3fn /
+  float8_e5m2: the cache cast to fp8, with unit descales per (sequence, kv head)."""
   import jax
   import jax.numpy as jnp
   from jax_varlen_attn import flash_attn_varlen_func
@@ -59,11 +60,16 @@ def ours(case: shapes.Case, data: dict, config_kwargs: dict, strided: bool = Fal
     layout = KVCacheLayout(block_size=case.block_size, num_kv_heads=case.num_kv_heads,
                            head_dim=case.head_dim, page_stride=2 * span, k_offset=span,
                            v_offset=span)
+  descales = {}
+  if kv_dtype != "float16":
+    ones = jnp.ones((case.batch, case.num_kv_heads), jnp.float32)
+    descales = dict(k_descale=ones, v_descale=ones)
   fn = jax.jit(lambda q, k, v, cu, used, table: flash_attn_varlen_func(
       q, k, v, max_seqlen_q=case.max_seqlen_q, cu_seqlens_q=cu, max_seqlen_k=case.max_seqlen_k,
       seqused_k=used, block_table=table, causal=case.causal, kv_layout=layout, backend="triton",
-      config=config))
+      config=config, **descales))
   args = [jnp.asarray(data[n]) for n in ("q", "k", "v", "cu", "used", "table")]
+  args[1], args[2] = args[1].astype(kv_dtype), args[2].astype(kv_dtype)
   if wide_contiguous:
     args[5] = 2 * args[5] + 1
   return lambda: jax.block_until_ready(fn(*args))
@@ -118,6 +124,8 @@ def main(argv=None) -> int:
                  "5.0.2 reads a strided cache wrongly)")
   p.add_argument("--contiguous-2x", action="store_true", help="the strided storage read as a "
                  "contiguous cache (block table 2p+1): same addresses as --strided (ours only)")
+  p.add_argument("--kv-dtype", default="float16", choices=("float16", "float8_e4m3fn", "float8_e5m2"),
+                 help="the cache's dtype (ours only; fp8 with unit descales)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--reps", type=int, default=5)
   args = p.parse_args(argv)
@@ -132,13 +140,18 @@ def main(argv=None) -> int:
   case = shapes.cases_for([args.case])[args.case]  # named, decode_<B>x<K> or prefill_<B>x<L>
   if (args.strided or args.contiguous_2x) and args.impl != "ours":
     p.error("--strided / --contiguous-2x are for --impl ours")
+  if args.kv_dtype != "float16" and args.impl != "ours":
+    p.error("--kv-dtype is for --impl ours")
   if args.strided and args.contiguous_2x:
     p.error("--strided or --contiguous-2x, not both")
   data = build(case, strided=args.strided or args.contiguous_2x)
   configs = json.loads(args.configs)
   tag = " strided" if args.strided else " contiguous_2x" if args.contiguous_2x else ""
+  if args.kv_dtype != "float16":
+    tag += " " + args.kv_dtype
   runs = ([(json.dumps(c, sort_keys=True) + tag,
-            ours(case, data, c, args.strided, wide_contiguous=args.contiguous_2x)) for c in configs]
+            ours(case, data, c, args.strided, wide_contiguous=args.contiguous_2x, kv_dtype=args.kv_dtype))
+           for c in configs]
           if args.impl == "ours" else [("flaggems", flaggems(case, data))])
   ready = []
   for label, run in runs:
