@@ -206,7 +206,9 @@ def _attend_tile(acc, acc_odd, m_i, l_i, q, k_base, v_base, tile_off, fixed_off,
                  V_E5M2: tl.constexpr):
   """One online-softmax step over keys [n_start, n_start + BLOCK_N).
 
-  acc: f32[BLOCK_M, HEAD_DIM_PAD]; m_i, l_i: f32[BLOCK_M] (log2 units); q: [BLOCK_M, HEAD_DIM_PAD]
+  acc: f32[BLOCK_M, HEAD_DIM_PAD] (V_PAIRS: acc / acc_odd f32[BLOCK_M, HEAD_DIM_PAD / 2], the even /
+  odd dims; else acc_odd is a placeholder passed through); m_i, l_i: f32[BLOCK_M] (log2 units);
+  q: [BLOCK_M, HEAD_DIM_PAD]
   in the compute dtype (KV_FP8: K / V tiles are converted to it, exactly; their descales are the
   caller's: folded into qk_scale and the final normalization);
   tile_off: i64[BLOCK_N] the tile's page offsets (`_tile_offsets`), fixed_off: i32[BLOCK_N] its
@@ -220,26 +222,26 @@ def _attend_tile(acc, acc_odd, m_i, l_i, q, k_base, v_base, tile_off, fixed_off,
   key_ok = offs_n < len_k  # [BLOCK_N]
   # Loop-invariant part first (hoisted), the tile's page offsets last.
   k_ptrs = (k_base + fixed_off[None, :] + offs_d[:, None]) + tile_off[None, :]  # [D_PAD, BLOCK_N]
-  v_ptrs = (v_base + fixed_off[:, None] + offs_d[None, :]) + tile_off[:, None]  # [BLOCK_N, D_PAD]
-  if V_PAIRS:
-    offs_h = tl.arange(0, HEAD_DIM_PAD // 2)
-    v_ptrs = (v_base + (fixed_off // 2)[:, None] + offs_h[None, :]) + (tile_off >> 1)[:, None]
+  if V_PAIRS:  # i16 pairs of adjacent dims (v_base is an i16 pointer): half the columns and offsets
+    offs_v = tl.arange(0, HEAD_DIM_PAD // 2)
+    v_ptrs = (v_base + (fixed_off >> 1)[:, None] + offs_v[None, :]) + (tile_off >> 1)[:, None]
+    v_cols = HEAD_DIM // 2
+    v_zero = 0
+  else:
+    offs_v = offs_d
+    v_ptrs = (v_base + fixed_off[:, None] + offs_v[None, :]) + tile_off[:, None]  # [BLOCK_N, D_PAD]
+    v_cols = HEAD_DIM
+    v_zero = 0.0
   if MASKED:
     # Masked keys may be poison (the unused tail of a last page): other=0 keeps 0 * NaN out of P @ V.
     k = tl.load(k_ptrs, mask=key_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-    if V_PAIRS:
-      v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_h[None, :] < HEAD_DIM // 2), other=0)
-    else:
-      v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_v[None, :] < v_cols), other=v_zero)
   elif HEAD_DIM == HEAD_DIM_PAD:
     k = tl.load(k_ptrs)
     v = tl.load(v_ptrs)
   else:
     k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-    if V_PAIRS:
-      v = tl.load(v_ptrs, mask=offs_h[None, :] < HEAD_DIM // 2, other=0)
-    else:
-      v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    v = tl.load(v_ptrs, mask=offs_v[None, :] < v_cols, other=v_zero)
   if KV_FP8:  # fp8 from memory, the compute dtype in registers (exact: no rounding)
     k = k.to(q.dtype)
     if V_PAIRS:
@@ -449,7 +451,7 @@ def varlen_attention_kernel(
     acc_odd = tl.zeros([BLOCK_M, HEAD_DIM_PAD // 2], tl.float32)
   else:
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    acc_odd = tl.zeros([1], tl.float32)
+    acc_odd = tl.zeros([1], tl.float32)  # unused: _attend_tile passes it through
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
   if USE_SINKS:
