@@ -185,6 +185,11 @@ class Config:
         # How an fp8 V tile reaches P @ V (`resolved` keeps each form where it applies).
         V_AT_LOAD=spec.kv_fp8 and self.fp8_v == "load",
         V_PAIRS=spec.kv_fp8 and self.fp8_v == "pairs", V_E5M2=spec.kv_dtype == "float8_e5m2",
+        # fp8 caches: the epilogue's row addresses computed after the key loop, not kept live
+        # through it (sm_90: a split fp8 decode tile 154 -> 126 registers, 3 -> 4 programs an SM;
+        # some fp16 / fp32 builds took more registers: NOTES.md "Tile rules"). Inline PTX: not
+        # under Triton's interpreter.
+        ROWS_AFTER_LOOP=spec.kv_fp8 and not triton_interpreting(),
     )
 
 

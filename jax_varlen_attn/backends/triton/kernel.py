@@ -27,6 +27,9 @@ Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
   V_PAIRS              an fp8 V tile is read as 16-bit pairs of adjacent dims and split into its
                        even and odd dims in the dot operand's layout (`_fp8_pairs_to_f16`): P @ V
                        becomes two half-width dots, acc (even dims) and acc_odd
+  ROWS_AFTER_LOOP      the epilogue computes its rows' store addresses anew after the key loop
+                       instead of keeping the prologue's live through it (fewer registers a
+                       program on fp8 caches)
 The K / V offsets of a layout (k_offset, v_offset) are runtime arguments added once to the base
 pointers (the kernel body says why), so a strided cache compiles to the contiguous cache's code but
 for constants (tests/triton_compile_check.py checks the instruction counts match).
@@ -296,6 +299,28 @@ def _attend_tile(acc, acc_odd, m_i, l_i, q, k_base, v_base, tile_off, fixed_off,
 
 
 @triton.jit
+def _opaque_zero(x):
+  """i32 zeros shaped like x that the compiler cannot see are zero, nor compute before x exists."""
+  return tl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _tile_rows(offs_m, first, len_q, q_start, kv_head, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr,
+               NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+  """Rows of a program's tile. offs_m: i32[BLOCK_M] tile rows = (query token, q head in the group).
+
+  Returns q_idx (query index in the sequence), head (q head), row_ok, q_row (row of q / out) and
+  qo_off (element offset of the row's first dim in q / out), all [BLOCK_M].
+  """
+  q_idx = first + offs_m // GROUP
+  head = kv_head * GROUP + offs_m % GROUP
+  row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < len_q)
+  q_row = q_start + q_idx
+  qo_off = (q_row * NUM_HEADS + head) * HEAD_DIM  # (launcher keeps q's size < 2**31)
+  return q_idx, head, row_ok, q_row, qo_off
+
+
+@triton.jit
 def varlen_attention_kernel(
     # inputs
     q_ptr,  # [total_q, NUM_HEADS, HEAD_DIM]
@@ -334,6 +359,7 @@ def varlen_attention_kernel(
     KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
     # pipeline
     TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
+    ROWS_AFTER_LOOP: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
@@ -350,13 +376,9 @@ def varlen_attention_kernel(
   if (first >= len_q) | (first < 0):
     return
 
-  offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M] tile row = (query token, q head within the group)
   offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
-  q_idx = first + offs_m // GROUP  # [BLOCK_M] query index within the sequence
-  head = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M] q head
-  row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < len_q)
-  q_row = q_start + q_idx
-  qo_off = (q_row * NUM_HEADS + head) * HEAD_DIM  # [BLOCK_M] (launcher keeps q's size < 2**31)
+  q_idx, head, row_ok, q_row, qo_off = _tile_rows(tl.arange(0, BLOCK_M), first, len_q, q_start, kv_head,
+                                                  GROUP, BLOCK_Q, NUM_HEADS, HEAD_DIM)
   io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, HEAD_DIM_PAD]
 
   # Split-KV: split `split` of NUM_SPLITS writes its partial (normalized output, LSE) to its own
@@ -489,6 +511,12 @@ def varlen_attention_kernel(
   # Rows that saw no allowed key (nor a sink) output zeros and LSE +inf (-inf in a split); a row
   # with a sink has l_i > 0 (a row that saw no key: acc = 0, l_i = 1: zeros and LSE = s_aux).
   seen = l_i > 0.0
+  if ROWS_AFTER_LOOP:
+    # The rows' store addresses again, from a zero the compiler cannot hoist above the loop: kept
+    # from before it, they stay live through every tile (the cost: `Config.constexprs`).
+    _, head, row_ok, q_row, qo_off = _tile_rows(tl.arange(0, BLOCK_M) + _opaque_zero(l_i), first, len_q,
+                                                q_start, kv_head, GROUP, BLOCK_Q, NUM_HEADS, HEAD_DIM)
+    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
   if V_PAIRS:  # dims back in order: 2j from acc, 2j + 1 from acc_odd
     acc = tl.reshape(tl.join(acc, acc_odd), [BLOCK_M, HEAD_DIM_PAD])
   if KV_FP8:  # v_descale applied once per row, with the normalization
