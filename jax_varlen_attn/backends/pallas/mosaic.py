@@ -481,7 +481,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(row, bq), head])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[head, pl.ds(row, bq)])
-    plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the CTA only needs its smem read
 
   if p.direct:
     # Rows past cu_q[-1] are zero (the contract); the programs after the last sequence's own (there
@@ -496,7 +496,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       plgpu.commit_smem()
       row = q_end + (prog - first_tail) * R + wg * bq
       _store_rows(stage, out_ref, row, head, jnp.clip(p.total_q - row, 0, bq), bq, p.interpret)
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the CTA only needs its smem read
 
   @pl.when(live & (wg == COMPUTE_WGS))
   def _load():
