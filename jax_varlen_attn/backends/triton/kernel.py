@@ -305,19 +305,22 @@ def _opaque_zero(x):
 
 
 @triton.jit
-def _tile_rows(offs_m, first, len_q, q_start, kv_head, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr,
+def _tile_rows(offs_m, offs_d, first, len_q, q_start, kv_head, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr,
                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-  """Rows of a program's tile. offs_m: i32[BLOCK_M] tile rows = (query token, q head in the group).
+  """Rows of a program's tile. offs_m: i32[BLOCK_M] tile rows = (query token, q head in the group);
+  offs_d: i32[HEAD_DIM_PAD].
 
-  Returns q_idx (query index in the sequence), head (q head), row_ok, q_row (row of q / out) and
-  qo_off (element offset of the row's first dim in q / out), all [BLOCK_M].
+  Returns q_idx (query index in the sequence), head (q head), row_ok, q_row (row of q / out),
+  qo_off (element offset of the row's first dim in q / out), all [BLOCK_M], and io_mask
+  [BLOCK_M, HEAD_DIM_PAD] (real rows, real dims).
   """
   q_idx = first + offs_m // GROUP
   head = kv_head * GROUP + offs_m % GROUP
   row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < len_q)
   q_row = q_start + q_idx
   qo_off = (q_row * NUM_HEADS + head) * HEAD_DIM  # (launcher keeps q's size < 2**31)
-  return q_idx, head, row_ok, q_row, qo_off
+  io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+  return q_idx, head, row_ok, q_row, qo_off, io_mask
 
 
 @triton.jit
@@ -377,9 +380,8 @@ def varlen_attention_kernel(
     return
 
   offs_d = tl.arange(0, HEAD_DIM_PAD)  # [HEAD_DIM_PAD]
-  q_idx, head, row_ok, q_row, qo_off = _tile_rows(tl.arange(0, BLOCK_M), first, len_q, q_start, kv_head,
-                                                  GROUP, BLOCK_Q, NUM_HEADS, HEAD_DIM)
-  io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, HEAD_DIM_PAD]
+  q_idx, head, row_ok, q_row, qo_off, io_mask = _tile_rows(tl.arange(0, BLOCK_M), offs_d, first, len_q, q_start,
+                                                           kv_head, GROUP, BLOCK_Q, NUM_HEADS, HEAD_DIM)
 
   # Split-KV: split `split` of NUM_SPLITS writes its partial (normalized output, LSE) to its own
   # slice of out [NUM_SPLITS, total_q, H, D] f32 / lse [NUM_SPLITS, H, total_q]; the launcher
@@ -513,10 +515,10 @@ def varlen_attention_kernel(
   seen = l_i > 0.0
   if ROWS_AFTER_LOOP:
     # The rows' store addresses again, from a zero the compiler cannot hoist above the loop: kept
-    # from before it, they stay live through every tile (the cost: `Config.constexprs`).
-    _, head, row_ok, q_row, qo_off = _tile_rows(tl.arange(0, BLOCK_M) + _opaque_zero(l_i), first, len_q,
-                                                q_start, kv_head, GROUP, BLOCK_Q, NUM_HEADS, HEAD_DIM)
-    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    # from before it, they stay live through every tile (registers measured: Config.constexprs).
+    _, head, row_ok, q_row, qo_off, io_mask = _tile_rows(tl.arange(0, BLOCK_M) + _opaque_zero(l_i), offs_d,
+                                                         first, len_q, q_start, kv_head, GROUP, BLOCK_Q,
+                                                         NUM_HEADS, HEAD_DIM)
   if V_PAIRS:  # dims back in order: 2j from acc, 2j + 1 from acc_odd
     acc = tl.reshape(tl.join(acc, acc_odd), [BLOCK_M, HEAD_DIM_PAD])
   if KV_FP8:  # v_descale applied once per row, with the normalization
