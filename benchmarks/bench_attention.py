@@ -123,6 +123,8 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
       config = Config(launch="ffi")
     elif variant.startswith("cfg:"):  # a sweep point: cfg:num_splits=2;block_n=32
       config = Config(**parse_config_variant(variant))
+    elif variant.startswith(SEARCH_PROBES):  # the default kernel, another sequence search
+      config = Config()
     else:
       raise ValueError(f"unknown jva-triton variant {variant!r}")
     rec["config"] = {**parse_config_variant(variant), "launch": config.launch}
@@ -140,7 +142,8 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
 
   one = case_call(cd, ld, backend, config)
   # ms_wall: the public function called eagerly (argument checks and dispatch included)
-  with _mosaic_copies(impl == "jva-pallas" and variant == "mosaic-copies"), _mosaic_tiles(variant):
+  with (_mosaic_copies(impl == "jva-pallas" and variant == "mosaic-copies"), _mosaic_tiles(variant),
+        _search_probes(variant)):
     run_jax_unit(env, cd, rec, one, ld.kv_sets, extra, cd.calls_for(impl), args, ceilings,
                  wall_fn=one)
   if ld.note:
@@ -179,6 +182,30 @@ def _mosaic_tiles(variant: str):
     yield
   finally:
     mosaic.MosaicTiles.get_default = keep
+    jax.clear_caches()
+
+
+# jva-triton "search-probes:N": the default kernel with N probes a round in its sequence search
+# (config.SEARCH_PROBES; 1 is a binary search).
+SEARCH_PROBES = "search-probes:"
+
+
+@contextlib.contextmanager
+def _search_probes(variant: str):
+  """A sequence-search sweep point, here rather than in the kernel: the Triton kernel's
+  SEARCH_PROBES constexpr is the variant's while it lasts."""
+  if not variant.startswith(SEARCH_PROBES):
+    yield
+    return
+  import jax
+  from jax_varlen_attn.backends.triton import config
+  keep = config.SEARCH_PROBES
+  config.SEARCH_PROBES = int(variant[len(SEARCH_PROBES):])
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    config.SEARCH_PROBES = keep
     jax.clear_caches()
 
 

@@ -19,6 +19,11 @@ from jax_varlen_attn import flash_attn_varlen_func
 from tests.oracle import reference_attention
 from tests.problems import LAYOUTS, TOLERANCE, Problem, make_problem, out_dtype, rel_err
 
+# 70 sequences: a program's search for its sequence (the Triton kernel's several probes a round)
+# runs more than one round, over owners of 0, 1 and several query blocks.
+_MANY_Q = tuple((0, 1, 1, 3, 1, 9, 1, 0, 2, 1)[i % 10] for i in range(70))
+_MANY_K = tuple(q + (7 * i) % 31 for i, q in enumerate(_MANY_Q))
+
 FEATURES = {
     "plain": dict(),
     "causal": dict(causal=True),
@@ -35,6 +40,7 @@ FEATURES = {
     "gqa8": dict(num_heads=8, num_kv_heads=1, causal=True),
     "zero_lengths": dict(seqlens_q=(0, 4, 3, 0), seqlens_k=(5, 0, 20, 0), causal=True),
     "decode": dict(seqlens_q=(1, 1, 1, 1, 1), seqlens_k=(1, 40, 33, 16, 7), causal=True),
+    "many_sequences": dict(seqlens_q=_MANY_Q, seqlens_k=_MANY_K, causal=True),
     "all_kwargs": dict(causal=True, window=(12, -1), softcap=3.0, alibi="batch", softmax_scale=0.3),
 }
 

@@ -253,6 +253,21 @@ def test_config_variant_parses_to_config_kwargs():
   assert bench_attention.parse_config_variant("ffi-launch") == {}
 
 
+def test_search_probes_variant_sets_the_kernels_constexpr_while_it_lasts():
+  pytest.importorskip("triton")
+  import bench_attention
+  from jax_varlen_attn.backends.triton import Config, config
+  from tests.problems import static_spec
+
+  spec = static_spec(8, 4)
+  default = config.SEARCH_PROBES
+  with bench_attention._search_probes("search-probes:1"):
+    assert Config.get_default(spec).constexprs(spec)["SEARCH_PROBES"] == 1
+  assert Config.get_default(spec).constexprs(spec)["SEARCH_PROBES"] == default != 1
+  with bench_attention._search_probes("default"):
+    assert config.SEARCH_PROBES == default
+
+
 def test_tile_table_picks_one_candidate_per_class():
   """Near-ties that swap the winner between groups still give the class one choice, for all groups."""
   pytest.importorskip("jax")

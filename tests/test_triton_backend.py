@@ -8,10 +8,14 @@ import pytest
 from tests.attention_suite import AttentionSuite
 from tests.conftest import HAS_GPU
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 if not HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1":
   pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+import triton.language as tl  # noqa: E402 (after the skips above)
+
+from jax_varlen_attn.backends.triton.kernel import _find_sequence  # noqa: E402
 
 
 class TestTriton(AttentionSuite):
@@ -251,3 +255,42 @@ def test_prefill_256_row_tiles_on_8_warps(dtype, layout):
     p = suite.problem(seqlens_q=(300, 40, 0), seqlens_k=(300, 90, 5), causal=True, window=window,
                       dtype=dtype, layout=layout)
     suite.check(p, config=config)
+
+
+@triton.jit
+def _search_kernel(cu_seqlens_q_ptr, batch, total_q, out_ptr, BLOCK_Q: tl.constexpr, PROBES: tl.constexpr):
+  """out i32[programs, 3]: each program's `_find_sequence` (sequence, its start, its end)."""
+  pid = tl.program_id(0)
+  seq, start, end = _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q, PROBES)
+  tl.store(out_ptr + pid * 3, seq)
+  tl.store(out_ptr + pid * 3 + 1, start)
+  tl.store(out_ptr + pid * 3 + 2, end)
+
+
+@pytest.mark.parametrize("probes,block_q", [(32, 1), (4, 8), (1, 8)])  # 1: a binary search
+def test_sequence_search_against_numpy(probes, block_q):
+  """Every program's (sequence, its first query, its end) from `_find_sequence`, against a linear
+  scan: batches that take one to several rounds of probes, empty and multi-block sequences.
+
+  The attention suite alone cannot see a wrong start on a CPU: a program given the wrong rows
+  writes rows its neighbour's program (run after it, in the interpreter's order) overwrites."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jax_varlen_attn.backends.triton.call import launch
+
+  rng = np.random.default_rng()
+  for batch in (1, 5, 40, 150):
+    lens = rng.choice([0, 1, 1, 1, 2, 9, 17], size=batch)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    total_q = int(cu[-1]) + 3  # padding rows past the last sequence
+    programs = -(-total_q // block_q) + batch + 2  # the kernel's grid and a little more
+    (got,) = launch(_search_kernel, dict(cu_seqlens_q_ptr=jnp.asarray(cu), batch=batch, total_q=total_q),
+                    [jax.ShapeDtypeStruct((programs * 3,), jnp.int32)], (programs, 1, 1), 4, 1,
+                    dict(BLOCK_Q=block_q, PROBES=probes))
+    first = cu // block_q + np.arange(batch + 1)  # each sequence's first program
+    seq = np.searchsorted(first, np.arange(programs), side="right") - 1
+    want = np.stack([seq, cu[seq], np.append(cu[1:], total_q)[seq]], axis=1)
+    np.testing.assert_array_equal(np.asarray(got).reshape(programs, 3), want,
+                                  err_msg=f"batch {batch}")

@@ -25,6 +25,9 @@ FP8_V_FORMS = ("operand", "load", "pairs")
 # tiles, convert V where it is loaded (`_default_fp8_v`).
 V_AT_LOAD_PROGRAMS_PER_SM = 1.25
 V_AT_LOAD_MAX_TILES = 12
+# cu_seqlens_q entries a program's sequence search loads at once (kernel._find_sequence): a warp's
+# lanes, so 200 sequences take 2 rounds of dependent loads instead of 8.
+SEARCH_PROBES = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +193,9 @@ class Config:
         # some fp16 / fp32 builds took more registers: NOTES.md "Tile rules"). Inline PTX: not
         # under Triton's interpreter.
         ROWS_AFTER_LOOP=spec.kv_fp8 and not triton_interpreting(),
+        # Each program finds its sequence by a SEARCH_PROBES-ary search over cu_seqlens_q: one
+        # round of dependent loads per factor of 33 in the batch, not per factor of 2.
+        SEARCH_PROBES=SEARCH_PROBES,
     )
 
 

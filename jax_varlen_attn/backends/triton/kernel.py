@@ -53,28 +53,38 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q: tl.constexpr):
+def _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q: tl.constexpr, PROBES: tl.constexpr):
   """(b, cu_seqlens_q[b], end of b): the largest b in [0, batch] whose first program
   `cu_seqlens_q[b] // BLOCK_Q + b` is <= pid, with its query range.
 
   Sequence b owns programs [its first, the next sequence's first); b == batch is the padding region
-  [cu_seqlens_q[batch], total_q). The bounds come out of the search's own loads (a probe that
-  moves `hi` below mid has just read the end of mid - 1): reloading them after the search put
-  one more dependent global load on every program's path to its first K tile.
+  [cu_seqlens_q[batch], total_q). A PROBES-ary search: each round loads PROBES evenly spaced
+  entries of the remaining range at once, so a program's path to its first K tile has
+  ceil(log_{PROBES + 1}(batch + 1)) dependent loads (2 for 200 sequences at 32 probes), not a
+  binary search's log2. The bounds come out of the probes' own loads (the last probe at or below
+  the answer holds its start, the first above it the end of the answer): reloading them after the
+  search put one more dependent global load on every program's path.
   """
   lo = pid * 0
   hi = pid * 0 + batch
   start = tl.load(cu_seqlens_q_ptr)  # cu_seqlens_q[lo]
   end = total_q + pid * 0  # end of sequence hi
+  probe = tl.arange(0, PROBES) + 1  # [PROBES]
   while lo < hi:
-    mid = (lo + hi + 1) // 2
-    offset = tl.load(cu_seqlens_q_ptr + mid)
-    if offset // BLOCK_Q + mid <= pid:
-      lo = mid
-      start = offset
-    else:
-      hi = mid - 1
-      end = offset
+    # Probes lo + step, ..., lo + PROBES * step (those <= hi): every gap between them, and from
+    # the last to hi, is under step <= hi - lo, so the range shrinks each round.
+    step = (hi - lo + PROBES) // (PROBES + 1)
+    mid = lo + probe * step  # [PROBES], increasing
+    valid = mid <= hi
+    offset = tl.load(cu_seqlens_q_ptr + mid, mask=valid, other=0)
+    at_or_below = valid & (offset // BLOCK_Q + mid <= pid)  # the answer is >= mid
+    above = valid & ~at_or_below  # the answer is < mid
+    # cu_seqlens_q is nondecreasing: the largest start below, the smallest end above.
+    start = tl.maximum(start, tl.max(tl.where(at_or_below, offset, start), 0))
+    end = tl.minimum(end, tl.min(tl.where(above, offset, end), 0))
+    new_lo = tl.max(tl.where(at_or_below, mid, lo), 0)
+    hi = tl.min(tl.where(above, mid - 1, hi), 0)
+    lo = new_lo
   return lo, start, end
 
 
@@ -362,7 +372,7 @@ def varlen_attention_kernel(
     KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
     # pipeline
     TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
-    ROWS_AFTER_LOOP: tl.constexpr,
+    ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
@@ -371,7 +381,7 @@ def varlen_attention_kernel(
   num_query_programs = tl.num_programs(0) // NUM_KV_HEADS
   kv_head = tl.program_id(0) % NUM_KV_HEADS
   pid = num_query_programs - 1 - tl.program_id(0) // NUM_KV_HEADS
-  seq, seq_start, q_end = _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q)
+  seq, seq_start, q_end = _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q, SEARCH_PROBES)
   first = (pid - (seq_start // BLOCK_Q + seq)) * BLOCK_Q  # first query of this program in its sequence
   q_start = tl.minimum(tl.maximum(seq_start, 0), total_q)
   q_end = tl.minimum(tl.maximum(q_end, q_start), total_q)
