@@ -123,7 +123,7 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
       config = Config(launch="ffi")
     elif variant.startswith("cfg:"):  # a sweep point: cfg:num_splits=2;block_n=32
       config = Config(**parse_config_variant(variant))
-    elif variant.startswith(SEARCH_PROBES):  # the default kernel, another sequence search
+    elif variant.startswith(CONFIG_CONSTANT):  # the default kernel, another rule constant
       config = Config()
     else:
       raise ValueError(f"unknown jva-triton variant {variant!r}")
@@ -143,7 +143,7 @@ def jva_unit(env: Env, cd: CaseData, ld: LayoutData, impl: str, variant: str, ar
   one = case_call(cd, ld, backend, config)
   # ms_wall: the public function called eagerly (argument checks and dispatch included)
   with (_mosaic_copies(impl == "jva-pallas" and variant == "mosaic-copies"), _mosaic_tiles(variant),
-        _search_probes(variant)):
+        _config_constant(variant)):
     run_jax_unit(env, cd, rec, one, ld.kv_sets, extra, cd.calls_for(impl), args, ceilings,
                  wall_fn=one)
   if ld.note:
@@ -185,27 +185,31 @@ def _mosaic_tiles(variant: str):
     jax.clear_caches()
 
 
-# jva-triton "search-probes:N": the default kernel with N probes a round in its sequence search
-# (config.SEARCH_PROBES; 1 is a binary search).
-SEARCH_PROBES = "search-probes:"
+# jva-triton "const:NAME=V": the default kernel with the Triton backend's config.py constant NAME
+# set to the integer V (const:SEARCH_PROBES=1: a binary sequence search; const:TAIL_PIECES=1: no
+# tail plan).
+CONFIG_CONSTANT = "const:"
 
 
 @contextlib.contextmanager
-def _search_probes(variant: str):
-  """A sequence-search sweep point, here rather than in the kernel: the Triton kernel's
-  SEARCH_PROBES constexpr is the variant's while it lasts."""
-  if not variant.startswith(SEARCH_PROBES):
+def _config_constant(variant: str):
+  """A rule-constant sweep point, here rather than in the kernel: the Triton backend's config.py
+  constant is the variant's while it lasts (every jitted trace made under it rebuilt)."""
+  if not variant.startswith(CONFIG_CONSTANT):
     yield
     return
   import jax
   from jax_varlen_attn.backends.triton import config
-  keep = config.SEARCH_PROBES
-  config.SEARCH_PROBES = int(variant[len(SEARCH_PROBES):])
+  name, value = variant[len(CONFIG_CONSTANT):].split("=")
+  if not hasattr(config, name):
+    raise ValueError(f"variant {variant!r}: config.py has no {name}")
+  keep = getattr(config, name)
+  setattr(config, name, int(value))
   jax.clear_caches()
   try:
     yield
   finally:
-    config.SEARCH_PROBES = keep
+    setattr(config, name, keep)
     jax.clear_caches()
 
 

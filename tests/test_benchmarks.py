@@ -253,7 +253,7 @@ def test_config_variant_parses_to_config_kwargs():
   assert bench_attention.parse_config_variant("ffi-launch") == {}
 
 
-def test_search_probes_variant_sets_the_kernels_constexpr_while_it_lasts():
+def test_config_constant_variant_sets_the_kernels_constexpr_while_it_lasts():
   pytest.importorskip("triton")
   import bench_attention
   from jax_varlen_attn.backends.triton import Config, config
@@ -261,11 +261,14 @@ def test_search_probes_variant_sets_the_kernels_constexpr_while_it_lasts():
 
   spec = static_spec(8, 4)
   default = config.SEARCH_PROBES
-  with bench_attention._search_probes("search-probes:1"):
+  with bench_attention._config_constant("const:SEARCH_PROBES=1"):
     assert Config.get_default(spec).constexprs(spec)["SEARCH_PROBES"] == 1
   assert Config.get_default(spec).constexprs(spec)["SEARCH_PROBES"] == default != 1
-  with bench_attention._search_probes("default"):
+  with bench_attention._config_constant("default"):
     assert config.SEARCH_PROBES == default
+  with pytest.raises(ValueError, match="no NOPE"):
+    with bench_attention._config_constant("const:NOPE=1"):
+      pass
 
 
 def test_tile_table_picks_one_candidate_per_class():

@@ -294,3 +294,43 @@ def test_sequence_search_against_numpy(probes, block_q):
     want = np.stack([seq, cu[seq], np.append(cu[1:], total_q)[seq]], axis=1)
     np.testing.assert_array_equal(np.asarray(got).reshape(programs, 3), want,
                                   err_msg=f"batch {batch}")
+
+
+TAIL_CASES = {
+    # (slots, problem): items = working query blocks x kv heads; the tail is items % slots
+    "decode_two_pieces": (8, dict(seqlens_q=(1,) * 5, seqlens_k=(40, 33, 0, 16, 7), causal=True)),
+    "decode_gqa_three_pieces": (6, dict(num_heads=8, num_kv_heads=2, seqlens_q=(1,) * 7,
+                                       seqlens_k=(1, 40, 33, 16, 7, 64, 50), causal=True)),
+    "many_sequences_lse": (28, dict(seqlens_q=tuple((1, 1, 0, 1, 2)[i % 5] for i in range(40)),
+                                    seqlens_k=tuple(20 + (7 * i) % 31 for i in range(40)), causal=True,
+                                    return_lse=True)),
+    "sinks_window": (8, dict(sinks=True, window=(9, -1), seqlens_q=(1,) * 5, seqlens_k=(40, 33, 0, 16, 7))),
+    "fp8_stacked": (8, dict(kv_dtype="float8_e4m3fn", layout="stacked_fused_kv_major", seqlens_q=(1,) * 5,
+                            seqlens_k=(40, 33, 20, 16, 7), causal=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAIL_CASES))
+def test_tail_pieces_against_the_oracle(case, monkeypatch):
+  """The grid's last round split into pieces (kernel._tail_plan), forced on with a small round
+  under the interpreter: tail items' keys in pieces run by helper programs, partials combined by
+  the last piece to finish, against the oracle; the plan really split (its constexprs)."""
+  import jax
+
+  from jax_varlen_attn.backends.triton import config
+
+  slots, overrides = TAIL_CASES[case]
+  plans = []
+  plan = config.tail_constexprs
+  monkeypatch.setattr(config, "tail_slots", lambda spec: slots)
+  monkeypatch.setattr(config, "TAIL_MIN_KEYS", 0)
+  monkeypatch.setattr(config, "tail_constexprs", lambda spec, cfg: plans.append((cfg, plan(spec, cfg))) or plans[-1][1])
+  jax.clear_caches()
+  suite = TestTriton()
+  p = suite.problem(**overrides)
+  suite.check(p)
+  jax.clear_caches()
+  (cfg, consts), = plans
+  assert consts["TAIL_PIECES"] > 1 and consts["TAIL_SLOTS"] == slots
+  items = sum(-(-q // (cfg.block_m // (p.num_heads // p.num_kv_heads))) for q in p.seqlens_q) * p.num_kv_heads
+  assert 0 < items % slots <= slots // 2, f"the case must have a tail to split ({items} items)"

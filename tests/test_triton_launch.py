@@ -216,7 +216,7 @@ def test_v04_arguments_pass_f32_scalars_as_floats():
                                         jnp.asarray([20], jnp.int32), 0.125, True, (-1, -1), 0.0, None,
                                         jnp.asarray([[1, 2]], jnp.int32), False, "NHD", None))
   config = Config().resolved(spec)
-  inputs, outputs, _, _ = kernel_arguments(spec, arrays, config)
+  inputs, outputs, _, _, _ = kernel_arguments(spec, arrays, config)
   args, kwargs, placed = call.v04_call_arguments(varlen_attention_kernel, inputs, outputs, {})
   scale = args[list(inputs).index("scale")]
   assert type(scale) is float and scale == 0.125

@@ -119,7 +119,7 @@ def compile_variant(name, overrides, config):
   extra = {k: kwargs[k] for k in ("q_descale", "k_descale", "v_descale", "s_aux") if k in kwargs}
   spec, arrays = validate(AttentionArgs(*[kwargs.get(k, defaults.get(k)) for k in keys], **extra))
   config = config.resolved(spec)
-  inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
+  inputs, outputs, grid, consts, _ = kernel_arguments(spec, arrays, config)
   sig = signature_of(inputs, outputs)
   for k in consts:
     sig[k] = "constexpr"

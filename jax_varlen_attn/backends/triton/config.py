@@ -25,6 +25,13 @@ FP8_V_FORMS = ("operand", "load", "pairs")
 # tiles, convert V where it is loaded (`_default_fp8_v`).
 V_AT_LOAD_PROGRAMS_PER_SM = 1.25
 V_AT_LOAD_MAX_TILES = 12
+# The grid's last round (kernel._tail_plan): at most this many pieces a tail item, where batches of
+# at most TAIL_MAX_BATCH sequences (one vector of cu_seqlens_q a program) with a longest sequence
+# of at least TAIL_MIN_KEYS keys (an item alone takes far longer than the plan's fixed cost: a
+# memset and the helpers' exits) run decode tiles in at least one whole round of programs.
+TAIL_PIECES = 8
+TAIL_MAX_BATCH = 1024
+TAIL_MIN_KEYS = 1024
 # cu_seqlens_q entries a program's sequence search loads at once (kernel._find_sequence): a warp's
 # lanes, so 200 sequences take 2 rounds of dependent loads instead of 8.
 SEARCH_PROBES = 32
@@ -196,7 +203,38 @@ class Config:
         # Each program finds its sequence by a SEARCH_PROBES-ary search over cu_seqlens_q: one
         # round of dependent loads per factor of 33 in the batch, not per factor of 2.
         SEARCH_PROBES=SEARCH_PROBES,
+        **tail_constexprs(spec, self),
     )
+
+
+def programs_per_sm(spec: AttentionSpec) -> int:
+  """Decode-tile programs resident on an SM at once, as the sm_90 builds' registers allow: fp8
+  caches 126 registers a thread (4), fp16 / bf16 up to 210 (2) (NOTES.md "Tile rules")."""
+  return 4 if spec.kv_fp8 else 2
+
+
+def tail_constexprs(spec: AttentionSpec, config: "Config") -> dict:
+  """TAIL_PIECES / TAIL_SLOTS / BATCH_PAD of the grid's last round (kernel._tail_plan).
+
+  On where a round of resident decode programs (TAIL_SLOTS = SMs x programs an SM) leaves the
+  last items of a long-sequence batch alone on an idle GPU: decode tiles without split-KV, a
+  static grid of at least one round, at most TAIL_MAX_BATCH sequences, at least TAIL_MIN_KEYS
+  keys. Whether a call's tail is split is the kernel's (its lengths are data). Not under Triton's
+  interpreter unless a test asks (`tail_slots`): its programs run one at a time.
+  """
+  slots = tail_slots(spec)
+  programs = spec.query_programs(config.block_m // spec.group_size) * spec.num_kv_heads
+  on = (slots > 0 and config.num_splits == 1 and config.block_m <= tile_rules.MIN_ROWS
+        and spec.batch + 1 <= TAIL_MAX_BATCH and spec.max_seqlen_k >= TAIL_MIN_KEYS and programs >= slots)
+  return dict(TAIL_PIECES=TAIL_PIECES if on else 1, TAIL_SLOTS=slots if on else 0,
+              BATCH_PAD=next_pow2(spec.batch + 1) if on else 1)
+
+
+def tail_slots(spec: AttentionSpec) -> int:
+  """Resident decode programs in one round of the grid (0: no tail plan)."""
+  if triton_interpreting():
+    return 0
+  return device.num_sms() * programs_per_sm(spec)
 
 
 def _default_block_n(spec: AttentionSpec, block_m: int, fp8_pairs: bool = False) -> int:

@@ -89,6 +89,80 @@ def _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q: tl.constexpr,
 
 
 @triton.jit
+def _tail_plan(cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, helper,
+               NUM_KV_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BATCH_PAD: tl.constexpr,
+               TAIL_SLOTS: tl.constexpr, TAIL_PIECES: tl.constexpr):
+  """Splits the grid's last items into pieces, so its last round fills the GPU (TAIL_PIECES > 1).
+
+  An item is a working (query block, kv head) program. Programs start in about launch order, and
+  the items past the last whole round of TAIL_SLOTS resident programs (the `tail` launched last)
+  would otherwise run alone on an idle GPU: each takes about a third of a round doing a twelfth of
+  a round's work (NOTES.md). Here each tail item's keys are divided into `pieces` whole-tile
+  ranges (min(TAIL_PIECES, TAIL_SLOTS // tail); 1: no split); its own program takes piece 0 and
+  helper programs, launched after every item (the grid's last TAIL_SLOTS programs), the others.
+
+  Items are numbered in the order opposite to launch: g = (working query blocks of the sequences
+  before this one + this block) * NUM_KV_HEADS + kv_head, so the tail is g < tail. One vector
+  load of cu_seqlens_q gives every count (batch < BATCH_PAD).
+
+  seq, seq_start, q_end, first, kv_head: an item's program's own (from `_find_sequence`); helper:
+  this program's index among the helpers (< 0 for an item's own program). Returns (seq, seq_start,
+  q_end, first, kv_head, slot, piece, pieces): a helper's item (first = -1 for a helper without
+  one, which then exits), slot (the tail item's index g, -1 outside the tail) and this program's
+  piece of `pieces`.
+  """
+  b = tl.arange(0, BATCH_PAD)
+  real = b < batch
+  starts = tl.load(cu_seqlens_q_ptr + b, mask=real, other=0)
+  ends = tl.load(cu_seqlens_q_ptr + b + 1, mask=real, other=0)
+  blocks = tl.where(real, (tl.maximum(ends - starts, 0) + BLOCK_Q - 1) // BLOCK_Q, 0)  # working blocks
+  tail = tl.sum(blocks, 0) * NUM_KV_HEADS % TAIL_SLOTS
+  pieces = tl.where(tail > 0, tl.minimum(TAIL_SLOTS // tl.maximum(tail, 1), TAIL_PIECES), 1)
+  if helper >= 0:
+    slot = helper // tl.maximum(pieces - 1, 1)
+    piece = 1 + helper % tl.maximum(pieces - 1, 1)
+    block = slot // NUM_KV_HEADS  # the item's working block, counted from sequence 0's first
+    kv_head = slot % NUM_KV_HEADS
+    seq = tl.sum(tl.where(tl.cumsum(blocks, 0) <= block, 1, 0), 0)  # sequences wholly before it
+    seq_start = tl.sum(tl.where(b == seq, starts, 0), 0)
+    q_end = tl.sum(tl.where(b == seq, ends, 0), 0)
+    first = (block - tl.sum(tl.where(b < seq, blocks, 0), 0)) * BLOCK_Q
+    first = tl.where((pieces > 1) & (slot < tail), first, -1)
+  else:
+    slot = (tl.sum(tl.where(b < seq, blocks, 0), 0) + first // BLOCK_Q) * NUM_KV_HEADS + kv_head
+    piece = slot * 0
+    slot = tl.where((pieces > 1) & (slot < tail) & (seq < batch), slot, -1)
+    pieces = tl.where(slot >= 0, pieces, 1)
+  return seq, seq_start, q_end, first, kv_head, slot, piece, pieces
+
+
+@triton.jit
+def _combine_pieces(part_ptr, part_lse_ptr, slot, pieces, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+  """(out f32[BLOCK_M, HEAD_DIM_PAD], lse f32[BLOCK_M] natural log, +inf for a row no piece saw) of
+  one tail item from its pieces' partials (each normalized, LSE -inf where it saw no key), as
+  `launcher.combine_splits` merges split-KV partials. Read past L1 (.cg): other programs wrote them."""
+  rows = tl.arange(0, BLOCK_M)
+  cols = tl.arange(0, HEAD_DIM_PAD)
+  m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+  total = tl.zeros([BLOCK_M], tl.float32)
+  acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+  for p in range(0, pieces):
+    at = slot * pieces + p
+    lse = tl.load(part_lse_ptr + at * BLOCK_M + rows, cache_modifier=".cg")
+    part = tl.load(part_ptr + (at * BLOCK_M + rows)[:, None] * HEAD_DIM_PAD + cols[None, :], cache_modifier=".cg")
+    m_new = tl.maximum(m, lse)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_ref)
+    weight = tl.exp(lse - m_ref)
+    total = total * alpha + weight
+    acc = acc * alpha[:, None] + weight[:, None] * part
+    m = m_new
+  seen = total > 0.0
+  out = acc / tl.where(seen, total, 1.0)[:, None]
+  return out, tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("inf"))
+
+
+@triton.jit
 def _tanh(x):
   # tanh through exp2: saturates cleanly to +-1 (exp2 -> inf gives 1 - 0), no inf / inf.
   return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
@@ -352,9 +426,13 @@ def varlen_attention_kernel(
     softcap,  # f32 (USE_SOFTCAP)
     batch,  # number of sequences
     total_q,  # rows of q (padding included)
+    tail_in_ptr,  # i32[TAIL_SLOTS // 2] zeros (TAIL_PIECES > 1): tail_ptr's input, never read here
     # outputs
+    tail_ptr,  # i32[TAIL_SLOTS // 2]: pieces of each tail item done (the same buffer as tail_in_ptr)
     out_ptr,  # [total_q, NUM_HEADS, HEAD_DIM] q's dtype; split-KV: f32[NUM_SPLITS, total_q, H, D]
     lse_ptr,  # f32[NUM_HEADS, total_q] (RETURN_LSE); split-KV: f32[NUM_SPLITS, NUM_HEADS, total_q]
+    part_ptr,  # f32[TAIL_SLOTS, BLOCK_M, HEAD_DIM_PAD] (TAIL_PIECES > 1): the tail pieces' outputs
+    part_lse_ptr,  # f32[TAIL_SLOTS, BLOCK_M]: and their LSEs
     # shape
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -373,16 +451,32 @@ def varlen_attention_kernel(
     # pipeline
     TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
     ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr,
+    # the grid's last round (`_tail_plan`)
+    TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_PAD: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
   # sequence's last query block sees the most keys, and launching the light ones first
   # (prefill_4x4096: 1 to 64 key tiles each) leaves the heaviest for a ragged last wave (NOTES.md).
-  num_query_programs = tl.num_programs(0) // NUM_KV_HEADS
+  # With TAIL_PIECES > 1 the grid's last TAIL_SLOTS programs are helpers (`_tail_plan`).
+  helper = tl.program_id(0) - (tl.num_programs(0) - (TAIL_SLOTS if TAIL_PIECES > 1 else 0))
+  num_query_programs = (tl.num_programs(0) - (TAIL_SLOTS if TAIL_PIECES > 1 else 0)) // NUM_KV_HEADS
   kv_head = tl.program_id(0) % NUM_KV_HEADS
-  pid = num_query_programs - 1 - tl.program_id(0) // NUM_KV_HEADS
+  pid = tl.maximum(num_query_programs - 1 - tl.program_id(0) // NUM_KV_HEADS, 0)
   seq, seq_start, q_end = _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q, SEARCH_PROBES)
   first = (pid - (seq_start // BLOCK_Q + seq)) * BLOCK_Q  # first query of this program in its sequence
+  # Split-KV: split `split` of NUM_SPLITS writes its partial (normalized output, LSE) to its own
+  # slice of out [NUM_SPLITS, total_q, H, D] f32 / lse [NUM_SPLITS, H, total_q]; the launcher
+  # combines them. A row with no key in a split has LSE -inf there (weight 0 in the combine). A
+  # tail item's pieces (`_tail_plan`) likewise, into part_ptr / part_lse_ptr, and the last piece
+  # to finish combines them (`_combine_pieces`).
+  split = tl.program_id(2)
+  pieces = NUM_SPLITS
+  slot = -1
+  if TAIL_PIECES > 1:
+    seq, seq_start, q_end, first, kv_head, slot, split, pieces = _tail_plan(
+        cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, helper, NUM_KV_HEADS, BLOCK_Q,
+        BATCH_PAD, TAIL_SLOTS, TAIL_PIECES)
   q_start = tl.minimum(tl.maximum(seq_start, 0), total_q)
   q_end = tl.minimum(tl.maximum(q_end, q_start), total_q)
   len_q = q_end - q_start
@@ -393,12 +487,9 @@ def varlen_attention_kernel(
   q_idx, head, row_ok, q_row, qo_off, io_mask = _tile_rows(tl.arange(0, BLOCK_M), offs_d, first, len_q, q_start,
                                                            kv_head, GROUP, BLOCK_Q, NUM_HEADS, HEAD_DIM)
 
-  # Split-KV: split `split` of NUM_SPLITS writes its partial (normalized output, LSE) to its own
-  # slice of out [NUM_SPLITS, total_q, H, D] f32 / lse [NUM_SPLITS, H, total_q]; the launcher
-  # combines them. A row with no key in a split has LSE -inf there (weight 0 in the combine).
-  split = tl.program_id(2)
-  out_ptr += split * (total_q * NUM_HEADS * HEAD_DIM)
-  lse_ptr += split * (NUM_HEADS * total_q)
+  if NUM_SPLITS > 1:
+    out_ptr += split * (total_q * NUM_HEADS * HEAD_DIM)
+    lse_ptr += split * (NUM_HEADS * total_q)
   EMPTY_LSE: tl.constexpr = float("inf") if NUM_SPLITS == 1 else float("-inf")
 
   if seq == batch:  # padding rows past cu_seqlens_q[-1]: a defined zero output
@@ -472,8 +563,8 @@ def varlen_attention_kernel(
   # This split's keys: [split_lo, split_hi), whole tiles from lo (so tile starts stay aligned).
   split_lo = lo
   split_hi = hi
-  if NUM_SPLITS > 1:
-    per_split = ((hi - lo + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+  if NUM_SPLITS > 1 or TAIL_PIECES > 1:
+    per_split = ((hi - lo + pieces - 1) // pieces + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     split_lo = lo + split * per_split
     split_hi = tl.minimum(hi, split_lo + per_split)
 
@@ -535,7 +626,20 @@ def varlen_attention_kernel(
     out = acc * (v_scale / tl.where(seen, l_i, 1.0))[:, None]
   else:
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
+  lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, EMPTY_LSE)
+  if TAIL_PIECES > 1:
+    if slot >= 0:  # a tail item's piece: its partial, then the last piece to finish combines
+      at = slot * pieces + split
+      tile_row = tl.arange(0, BLOCK_M)
+      tl.store(part_ptr + (at * BLOCK_M + tile_row)[:, None] * HEAD_DIM_PAD + offs_d[None, :], out)
+      tl.store(part_lse_ptr + at * BLOCK_M + tile_row, tl.where(seen, lse, float("-inf")))
+      tl.debug_barrier()  # every thread's partial is written before the count says so (release)
+      done = tl.atomic_add(tail_ptr + slot, 1, sem="acq_rel", scope="gpu")
+      if done == pieces - 1:
+        out, lse = _combine_pieces(part_ptr, part_lse_ptr, slot, pieces, BLOCK_M, HEAD_DIM_PAD)
+      # Row-shaped, not a scalar `&` (which Triton's interpreter turns into int32).
+      row_ok = row_ok & (tl.zeros_like(row_ok.to(tl.int32)) + done == pieces - 1)
+      io_mask = io_mask & row_ok[:, None]
   tl.store(out_ptr + qo_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
   if RETURN_LSE or NUM_SPLITS > 1:
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, EMPTY_LSE)
     tl.store(lse_ptr + head * total_q + q_row, lse, mask=row_ok)

@@ -15,7 +15,8 @@ _I32_MAX = 2**31 - 1
 
 
 def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
-  """(inputs by kernel parameter name, outputs, grid, constexprs) of one launch; config resolved."""
+  """(inputs by kernel parameter name, outputs, grid, constexprs, input_output_aliases) of one
+  launch; config resolved."""
   consts = config.constexprs(spec)
   splits = config.num_splits
   if splits * spec.total_q * spec.num_heads * spec.head_dim > _I32_MAX:
@@ -49,24 +50,36 @@ def kernel_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Confi
   )
   out_shape = (spec.total_q, spec.num_heads, spec.head_dim)
   lse_shape = (spec.num_heads, spec.total_q)
+  # The grid's last round (kernel._tail_plan): a count per tail item, zero at the start of every
+  # call (the kernel adds to it in place), and the pieces' partials.
+  tail = consts["TAIL_PIECES"] > 1
+  slots = consts["TAIL_SLOTS"]
+  counts = (slots // 2,) if tail else (1,)
+  inputs["tail_in_ptr"] = jnp.zeros(counts, jnp.int32)
+  outputs = [jax.ShapeDtypeStruct(counts, jnp.int32)]
   if splits > 1:  # partial results per split, f32, combined by `combine_splits`
-    outputs = (jax.ShapeDtypeStruct((splits,) + out_shape, jnp.float32),
-               jax.ShapeDtypeStruct((splits,) + lse_shape, jnp.float32))
+    outputs += [jax.ShapeDtypeStruct((splits,) + out_shape, jnp.float32),
+                jax.ShapeDtypeStruct((splits,) + lse_shape, jnp.float32)]
   else:
-    outputs = (jax.ShapeDtypeStruct(out_shape, spec.out_dtype),
-               jax.ShapeDtypeStruct(lse_shape if spec.return_lse else (1,), jnp.float32))
+    outputs += [jax.ShapeDtypeStruct(out_shape, spec.out_dtype),
+                jax.ShapeDtypeStruct(lse_shape if spec.return_lse else (1,), jnp.float32)]
+  outputs += [jax.ShapeDtypeStruct((slots, consts["BLOCK_M"], consts["HEAD_DIM_PAD"]) if tail else (1,),
+                                   jnp.float32),
+              jax.ShapeDtypeStruct((slots, consts["BLOCK_M"]) if tail else (1,), jnp.float32)]
+  aliases = {"tail_in_ptr": 0} if tail else {}
   # Query programs x kv heads on axis 0 (the kernel splits them; axis 1 would cap the programs at
-  # 65535), split-KV on axis 2.
-  grid = (spec.query_programs(consts["BLOCK_Q"]) * spec.num_kv_heads, 1, splits)
-  return inputs, outputs, grid, consts
+  # 65535), then the tail's helpers; split-KV on axis 2.
+  grid = (spec.query_programs(consts["BLOCK_Q"]) * spec.num_kv_heads + (slots if tail else 0), 1, splits)
+  return inputs, outputs, grid, consts, aliases
 
 
 def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   """Returns (out [T, H, D] in spec.out_dtype, lse f32[H, T] or None); `config` resolved
   (`Config.resolved(spec)`: api does it once per call)."""
-  inputs, outputs, grid, consts = kernel_arguments(spec, arrays, config)
-  out, lse = launch(varlen_attention_kernel, inputs, outputs, grid, config.num_warps,
-                    config.num_stages, consts, route=config.launch or route_for(spec.total_q))
+  inputs, outputs, grid, consts, aliases = kernel_arguments(spec, arrays, config)
+  _, out, lse, _, _ = launch(varlen_attention_kernel, inputs, outputs, grid, config.num_warps,
+                             config.num_stages, consts, input_output_aliases=aliases,
+                             route=config.launch or route_for(spec.total_q))
   if config.num_splits > 1:
     out, lse = combine_splits(out, lse)
     out = out.astype(spec.out_dtype)
