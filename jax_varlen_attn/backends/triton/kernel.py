@@ -11,6 +11,11 @@ With NUM_SPLITS > 1 (split-KV, flash-decoding, for grids too small to fill the G
 axis divides each program's keys into NUM_SPLITS whole-tile ranges; each split writes a normalized
 partial output and its LSE, and the launcher combines them (`launcher.combine_splits`).
 
+With TAIL_PIECES > 1 (decode tiles of long-sequence batches: `config.tail_constexprs`) the grid
+ends with TAIL_SLOTS helper programs: the items past the last whole round of resident programs
+have their keys split into pieces, run by their own program and the helpers, each piece writing a
+partial as a split does; the last piece to finish combines them (`_tail_plan`, `_combine_pieces`).
+
 Keys are visited in three ranges: masked tiles at the start of a left window, unmasked tiles in the
 middle, masked tiles at the causal / right-window / length boundary. Tiles above the causal
 diagonal are never visited. The online-softmax step is `_attend_tile`, written once and called for
