@@ -30,7 +30,6 @@ V_AT_LOAD_MAX_TILES = 12
 # of at least TAIL_MIN_KEYS keys (an item alone takes far longer than the plan's fixed cost: a
 # memset and the helpers' exits) run decode tiles in at least one whole round of programs.
 TAIL_PIECES = 8
-TAIL_HELPERS_FIRST = 1  # measuring: helpers launched first (1) or last (0)
 TAIL_MAX_BATCH = 1024
 TAIL_MIN_KEYS = 1024
 # cu_seqlens_q entries a program's sequence search loads at once (kernel._find_sequence): a warp's
@@ -228,7 +227,7 @@ def tail_constexprs(spec: AttentionSpec, config: "Config") -> dict:
   on = (slots > 0 and config.num_splits == 1 and config.block_m <= tile_rules.MIN_ROWS
         and spec.batch + 1 <= TAIL_MAX_BATCH and spec.max_seqlen_k >= TAIL_MIN_KEYS and programs >= slots)
   return dict(TAIL_PIECES=TAIL_PIECES if on else 1, TAIL_SLOTS=slots if on else 0,
-              BATCH_PAD=next_pow2(spec.batch + 1) if on else 1, TAIL_FIRST=bool(TAIL_HELPERS_FIRST))
+              BATCH_PAD=next_pow2(spec.batch + 1) if on else 1)
 
 
 def tail_slots(spec: AttentionSpec) -> int:

@@ -96,7 +96,7 @@ def _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q: tl.constexpr,
 @triton.jit
 def _tail_plan(cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, helper,
                NUM_KV_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BATCH_PAD: tl.constexpr,
-               TAIL_SLOTS: tl.constexpr, TAIL_PIECES: tl.constexpr, TAIL_FIRST: tl.constexpr):
+               TAIL_SLOTS: tl.constexpr, TAIL_PIECES: tl.constexpr):
   """Splits the grid's last items into pieces, so its last round fills the GPU (TAIL_PIECES > 1).
 
   An item is a working (query block, kv head) program. Programs start in about launch order, and
@@ -123,12 +123,9 @@ def _tail_plan(cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, h
   blocks = tl.where(real, (tl.maximum(ends - starts, 0) + BLOCK_Q - 1) // BLOCK_Q, 0)  # working blocks
   tail = tl.sum(blocks, 0) * NUM_KV_HEADS % TAIL_SLOTS
   pieces = tl.where(tail > 0, tl.minimum(TAIL_SLOTS // tl.maximum(tail, 1), TAIL_PIECES), 1)
-  # TAIL_FIRST: helpers launched before every item take all the pieces (their items' own
-  # programs exit); else helpers launched after every item take pieces 1.., the own program 0.
-  helper_pieces = pieces if TAIL_FIRST else tl.maximum(pieces - 1, 1)
   if helper >= 0:
-    slot = helper // helper_pieces
-    piece = helper % helper_pieces + (0 if TAIL_FIRST else 1)
+    slot = helper // tl.maximum(pieces - 1, 1)
+    piece = 1 + helper % tl.maximum(pieces - 1, 1)
     block = slot // NUM_KV_HEADS  # the item's working block, counted from sequence 0's first
     kv_head = slot % NUM_KV_HEADS
     seq = tl.sum(tl.where(tl.cumsum(blocks, 0) <= block, 1, 0), 0)  # sequences wholly before it
@@ -141,8 +138,6 @@ def _tail_plan(cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, h
     piece = slot * 0
     slot = tl.where((pieces > 1) & (slot < tail) & (seq < batch), slot, -1)
     pieces = tl.where(slot >= 0, pieces, 1)
-    if TAIL_FIRST:
-      first = tl.where(slot >= 0, -1, first)
   return seq, seq_start, q_end, first, kv_head, slot, piece, pieces
 
 
@@ -462,22 +457,17 @@ def varlen_attention_kernel(
     TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
     ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr,
     # the grid's last round (`_tail_plan`)
-    TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_PAD: tl.constexpr, TAIL_FIRST: tl.constexpr,
+    TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_PAD: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
   # sequence's last query block sees the most keys, and launching the light ones first
   # (prefill_4x4096: 1 to 64 key tiles each) leaves the heaviest for a ragged last wave (NOTES.md).
   # With TAIL_PIECES > 1 the grid's last TAIL_SLOTS programs are helpers (`_tail_plan`).
-  helpers: tl.constexpr = TAIL_SLOTS if TAIL_PIECES > 1 else 0
-  program = tl.program_id(0)
-  helper = program - (tl.num_programs(0) - helpers)
-  if TAIL_FIRST:  # the helpers are the grid's first programs
-    helper = tl.where(program < helpers, program, -1)
-    program -= helpers
-  num_query_programs = (tl.num_programs(0) - helpers) // NUM_KV_HEADS
-  kv_head = program % NUM_KV_HEADS
-  pid = tl.maximum(num_query_programs - 1 - program // NUM_KV_HEADS, 0)
+  helper = tl.program_id(0) - (tl.num_programs(0) - (TAIL_SLOTS if TAIL_PIECES > 1 else 0))
+  num_query_programs = (tl.num_programs(0) - (TAIL_SLOTS if TAIL_PIECES > 1 else 0)) // NUM_KV_HEADS
+  kv_head = tl.program_id(0) % NUM_KV_HEADS
+  pid = tl.maximum(num_query_programs - 1 - tl.program_id(0) // NUM_KV_HEADS, 0)
   seq, seq_start, q_end = _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q, SEARCH_PROBES)
   first = (pid - (seq_start // BLOCK_Q + seq)) * BLOCK_Q  # first query of this program in its sequence
   # Split-KV: split `split` of NUM_SPLITS writes its partial (normalized output, LSE) to its own
@@ -491,7 +481,7 @@ def varlen_attention_kernel(
   if TAIL_PIECES > 1:
     seq, seq_start, q_end, first, kv_head, slot, split, pieces = _tail_plan(
         cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, helper, NUM_KV_HEADS, BLOCK_Q,
-        BATCH_PAD, TAIL_SLOTS, TAIL_PIECES, TAIL_FIRST)
+        BATCH_PAD, TAIL_SLOTS, TAIL_PIECES)
   q_start = tl.minimum(tl.maximum(seq_start, 0), total_q)
   q_end = tl.minimum(tl.maximum(q_end, q_start), total_q)
   len_q = q_end - q_start
