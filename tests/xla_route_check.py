@@ -94,11 +94,12 @@ def norm_case(with_residual: bool):
 
 def main() -> int:
   failures = 0
-  # buffers: attention's 12 inputs (q, k, v, metadata, layer, descales, sinks) + out, lse; write_kv's
-  # 8 (new k / v, slots, layer, scales, caches) + the two aliased caches
-  checks = [("attention-nhd", *attention_case("nhd"), 12 + 2, None),
-            ("attention-strided", *attention_case("strided"), 12 + 2, None),
-            ("attention-fp8", *attention_case("nhd", jnp.float8_e4m3fn), 12 + 2, "f8E4M3FN"),
+  # buffers: attention's 13 inputs (q, k, v, metadata, layer, descales, sinks, the tail plan's
+  # counts) + the counts, out, lse and the tail pieces' two partials; write_kv's 8 (new k / v,
+  # slots, layer, scales, caches) + the two aliased caches
+  checks = [("attention-nhd", *attention_case("nhd"), 13 + 5, None),
+            ("attention-strided", *attention_case("strided"), 13 + 5, None),
+            ("attention-fp8", *attention_case("nhd", jnp.float8_e4m3fn), 13 + 5, "f8E4M3FN"),
             ("write_kv", *write_case(), 8 + 2, "output_operand_aliases"),
             ("write_kv-fp8", *write_case(jnp.float8_e5m2), 8 + 2, "f8E5M2"),
             # add_rms_norm: x, residual (or a placeholder), scale + y, the sum (or a placeholder)
