@@ -101,8 +101,8 @@ def _tail_plan(cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, h
 
   An item is a working (query block, kv head) program. Programs start in about launch order, and
   the items past the last whole round of TAIL_SLOTS resident programs (the `tail` launched last)
-  would otherwise run alone on an idle GPU: each takes about a third of a round doing a twelfth of
-  a round's work (NOTES.md). Here each tail item's keys are divided into `pieces` whole-tile
+  would otherwise run alone, one an SM, on an otherwise idle GPU: a few items then take about a
+  third of a round's time (NOTES.md). Here each tail item's keys are divided into `pieces` whole-tile
   ranges (min(TAIL_PIECES, TAIL_SLOTS // tail); 1: no split); its own program takes piece 0 and
   helper programs, launched after every item (the grid's last TAIL_SLOTS programs), the others.
 
