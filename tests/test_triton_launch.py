@@ -145,7 +145,8 @@ def test_v04_arguments_put_aliased_buffers_in_refs():
   layout = resolve("NHD", cache.shape, cache.shape, stacked=False)
   kernel, inputs, outputs, _, _, _, aliases = write_kernel.kernel_arguments(
       layout, new, new, cache, cache + 1, slots, None)
-  args, kwargs, placed = call.v04_call_arguments(kernel, inputs, outputs, aliases)
+  refs = {name: jax.new_ref(inputs[name]) for name in aliases}
+  args, kwargs, placed = call.v04_call_arguments(kernel, inputs, outputs, aliases, refs)
   names = list(inputs)
   assert len(args) == len(inputs)
   for name in ("k_cache_ptr", "v_cache_ptr"):
@@ -180,8 +181,9 @@ def test_v04_arguments_put_new_outputs_after_the_refs():
         layout, jnp.zeros((t, (h + 2 * hk) * d), jnp.bfloat16), jnp.zeros((t, d // 2)),
         jnp.zeros((t, d // 2)), None, None, 1e-6, h, cache, cache, jnp.zeros((t,), jnp.int32), None)
   assert q.shape == (t, h, d) and k.shape == cache.shape
+  refs = {name: jax.new_ref(captured["inputs"][name]) for name in captured["aliases"]}
   args, kwargs, placed = call.v04_call_arguments(captured["kernel"], captured["inputs"],
-                                                 captured["outputs"], captured["aliases"])
+                                                 captured["outputs"], captured["aliases"], refs)
   params = list(captured["kernel"].arg_names)
   out_params = params[len(captured["inputs"]):len(captured["inputs"]) + len(captured["outputs"])]
   ref_params = [n for n in out_params if n in kwargs]
@@ -189,6 +191,47 @@ def test_v04_arguments_put_new_outputs_after_the_refs():
   assert ref_params == ["k_out_ptr", "v_out_ptr"] and new_params == ["q_out_ptr"]
   assert max(map(params.index, ref_params)) < params.index("q_out_ptr")
   assert [tuple(o.shape) for o in kwargs["out_type"]] == [(t, h, d)]
+
+
+def test_v04_launch_in_place_composes_with_custom_jvp_under_jit(monkeypatch):
+  """jax-triton 0.4's Refs stay inside the launch: an in-place launch under a custom_jvp (the
+  attention API's `_forward_only`) traces under jit, and the aliased output is the input's buffer
+  as the kernel changed it. A stand-in `triton_call` does what 0.4's does with a Ref (the kernel
+  writes it in place) and with out_type (new buffers); a Ref made outside `run_state` failed here
+  with "No state discharge rule implemented for primitive: custom_jvp_call"."""
+  import sys
+  import types
+
+  import triton
+
+  @triton.jit
+  def kernel(x_ptr, n, count_in_ptr, count_out_ptr, y_out_ptr):
+    pass
+
+  seen = {}
+
+  def triton_call(*args, kernel, out_type, grid, num_warps, num_stages, name, **kwargs):
+    seen.update(args=args, kwargs=kwargs)
+    x = args[0]
+    kwargs["count_out_ptr"][...] = kwargs["count_out_ptr"][...] + 1  # the kernel's in-place write
+    return [jnp.broadcast_to(x.sum(), o.shape).astype(o.dtype) for o in out_type]
+
+  monkeypatch.setitem(sys.modules, "jax_triton", types.SimpleNamespace(triton_call=triton_call))
+  monkeypatch.setattr(call, "jax_triton_generation", lambda: (0, 4))
+  monkeypatch.setattr(call, "triton_interpreting", lambda: False)
+
+  @jax.custom_jvp
+  def run(x, counts):
+    return call.launch(kernel, {"x_ptr": x, "n": 3, "count_in_ptr": counts},
+                       [jax.ShapeDtypeStruct(counts.shape, counts.dtype), jax.ShapeDtypeStruct((2,), x.dtype)],
+                       (1,), 4, 1, {}, input_output_aliases={"count_in_ptr": 0}, route="ffi")
+
+  run.defjvp(lambda primals, tangents: (_ for _ in ()).throw(TypeError("no derivative")))
+  counts, y = jax.jit(run)(jnp.arange(3.0), jnp.asarray([5, 6], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(counts), [6, 7])
+  np.testing.assert_array_equal(np.asarray(y), [3.0, 3.0])
+  assert seen["args"][2].shape == (1,)  # the aliased input's own parameter: a placeholder
+  assert "y_out_ptr" not in seen["kwargs"] and "count_out_ptr" in seen["kwargs"]
 
 
 def test_launch_refuses_a_new_output_before_an_aliased_one():
@@ -217,7 +260,7 @@ def test_v04_arguments_pass_f32_scalars_as_floats():
                                         jnp.asarray([[1, 2]], jnp.int32), False, "NHD", None))
   config = Config().resolved(spec)
   inputs, outputs, _, _, _ = kernel_arguments(spec, arrays, config)
-  args, kwargs, placed = call.v04_call_arguments(varlen_attention_kernel, inputs, outputs, {})
+  args, kwargs, placed = call.v04_call_arguments(varlen_attention_kernel, inputs, outputs, {}, {})
   scale = args[list(inputs).index("scale")]
   assert type(scale) is float and scale == 0.125
   assert placed == {} and kwargs["out_type"] == list(outputs)

@@ -28,6 +28,7 @@ The two jax-triton generations differ in what a launch looks like, and this modu
 Our kernels keep 0.3's parameter list (an aliased buffer appears as an input and as an output, and
 the kernel writes it only through the output parameter); on 0.4 the input parameter gets a 1-element
 placeholder and the output parameter a Ref of the buffer, so the compiled call is still in place.
+Those Refs live inside one `run_state` (`_launch_v04`): no Ref effect leaves a launch.
 benchmarks/bench_loop.py times the routes; benchmarks/NOTES.md has the story.
 """
 
@@ -144,12 +145,8 @@ def launch(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeSt
     if route == "legacy":
       raise ValueError("jax-triton >= 0.4 launches through XLA's typed FFI only: the legacy custom "
                        "call needs jax-triton 0.3")
-    args, kwargs, placed = v04_call_arguments(kernel, inputs, outputs, aliases)
-    results = iter(jax_triton.triton_call(
-        *args, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
-        name=kernel.fn.__name__, **kwargs, **constexprs))
-    # An aliased output is its Ref, read after the kernel wrote it; the others come back in order.
-    return [placed[i][...] if i in placed else next(results) for i in range(len(outputs))]
+    return _launch_v04(jax_triton, kernel, inputs, outputs, aliases, dict(
+        grid=grid, num_warps=num_warps, num_stages=num_stages, name=kernel.fn.__name__, **constexprs))
   # jax-triton 0.3 numbers aliased inputs among the *array* arguments only (scalars are not operands).
   array_names = [n for n, x in inputs.items() if not _is_scalar(x)]
   by_index = {array_names.index(name): out_idx for name, out_idx in aliases.items()}
@@ -322,20 +319,54 @@ def _make_xla_triton_primitive():
 _xla_triton_p = _make_xla_triton_primitive()
 
 
+def _launch_v04(jax_triton, kernel, inputs, outputs, aliases, call_kwargs):
+  """jax-triton 0.4's `triton_call`; aliased buffers go in as Refs that live only inside one
+  `run_state`, so no Ref effect leaves the launch.
+
+  A Ref made by `jax.new_ref` would carry its effect out to whatever encloses the launch, and jit
+  can discharge it only through primitives that have a state discharge rule: the attention call's
+  `custom_jvp` (api._forward_only) has none, so its tail-plan launch failed to trace ("No state
+  discharge rule implemented for primitive: custom_jvp_call", jax-triton 0.4.1 on an H200); a
+  user's remat or custom_vjp around write_kv would fail the same way. run_state owns its Refs, so
+  the launch is a pure function of values outside it; under jit it is still in place.
+  """
+  def call(refs):
+    args, kwargs, placed = v04_call_arguments(kernel, inputs, outputs, aliases, refs)
+    return jax_triton.triton_call(*args, kernel=kernel, **kwargs, **call_kwargs), placed
+
+  if not aliases:
+    return list(call({})[0])
+  from jax.experimental.pallas import run_state  # jax's own state discharge, public in Pallas
+
+  new = [i for i in range(len(outputs)) if i not in aliases.values()]
+
+  def body(state):
+    alias_refs, new_refs = state
+    results, _ = call(dict(zip(aliases, alias_refs)))
+    for ref, value in zip(new_refs, results):
+      ref[...] = value  # the whole buffer: its zero initial value is dead and XLA drops it
+
+  alias_values, new_values = run_state(body)(
+      ([inputs[name] for name in aliases], [jnp.zeros(outputs[i].shape, outputs[i].dtype) for i in new]))
+  by_index = dict(zip(aliases.values(), alias_values)) | dict(zip(new, new_values))
+  return [by_index[i] for i in range(len(outputs))]
+
+
 def v04_call_arguments(kernel, inputs: Dict[str, object], outputs: Sequence[jax.ShapeDtypeStruct],
-                       aliases: Mapping[str, int]):
+                       aliases: Mapping[str, int], refs: Mapping[str, object]):
   """(positional operands, keyword arguments, {output index: Ref}) of a jax-triton 0.4 `triton_call`.
 
   Inputs go positionally, f32 scalars as Python floats; an aliased input's parameter gets a
-  1-element placeholder (the kernel never touches it) and its output's parameter, by name, a Ref of
-  the input; `out_type` lists the other outputs, whose parameters jax-triton fills in order.
+  1-element placeholder (the kernel never touches it) and its output's parameter, by name, the
+  input's Ref from `refs` ({input name: Ref}); `out_type` lists the other outputs, whose parameters
+  jax-triton fills in order.
   """
   out_params = list(kernel.arg_names)[len(inputs):len(inputs) + len(outputs)]
   args, placed, kwargs = [], {}, {}
   for name, value in inputs.items():
     if name in aliases:
       args.append(jnp.zeros((1,), value.dtype))
-      ref = jax.new_ref(value)
+      ref = refs[name]
       placed[aliases[name]] = ref
       kwargs[out_params[aliases[name]]] = ref
     else:
