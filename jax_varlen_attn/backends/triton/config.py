@@ -26,11 +26,13 @@ FP8_V_FORMS = ("operand", "load", "pairs")
 V_AT_LOAD_PROGRAMS_PER_SM = 1.25
 V_AT_LOAD_MAX_TILES = 12
 # The grid's last round (kernel._tail_plan): at most this many pieces a tail item, where batches of
-# at most TAIL_MAX_BATCH sequences (one vector of cu_seqlens_q a program) with a longest sequence
+# under TAIL_MAX_BATCH sequences (one vector of cu_seqlens_q a program) with a longest sequence
 # of at least TAIL_MIN_KEYS keys (an item alone takes far longer than the plan's fixed cost: a
 # memset and the helpers' exits) run decode tiles in at least one whole round of programs.
+# TAIL_MAX_BATCH keeps that vector at 256 entries: 512 cost 11-12% on triton 3.7.1 where the tail
+# did not split (decode_256x4096 fp8), 256 at most 1.5% (NOTES.md, session 22).
 TAIL_PIECES = 8
-TAIL_MAX_BATCH = 1024
+TAIL_MAX_BATCH = 256
 TAIL_MIN_KEYS = 1024
 # cu_seqlens_q entries a program's sequence search loads at once (kernel._find_sequence): a warp's
 # lanes, so 200 sequences take 2 rounds of dependent loads instead of 8.
@@ -218,7 +220,7 @@ def tail_constexprs(spec: AttentionSpec, config: "Config") -> dict:
 
   On where a round of resident decode programs (TAIL_SLOTS = SMs x programs an SM) leaves the
   last items of a long-sequence batch alone on an idle GPU: decode tiles without split-KV, a
-  static grid of at least one round, at most TAIL_MAX_BATCH sequences, at least TAIL_MIN_KEYS
+  static grid of at least one round, fewer than TAIL_MAX_BATCH sequences, at least TAIL_MIN_KEYS
   keys. Whether a call's tail is split is the kernel's (its lengths are data). Not under Triton's
   interpreter unless a test asks (`tail_slots`): its programs run one at a time.
   """
