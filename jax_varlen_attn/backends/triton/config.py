@@ -30,7 +30,7 @@ V_AT_LOAD_MAX_TILES = 12
 # of at least TAIL_MIN_KEYS keys (an item alone takes far longer than the plan's fixed cost: a
 # memset and the helpers' exits) run decode tiles in at least one whole round of programs.
 # TAIL_MAX_BATCH keeps that vector at 256 entries: 512 cost 11-12% on triton 3.7.1 where the tail
-# did not split (decode_256x4096 fp8), 256 at most 1.5% (NOTES.md, session 22).
+# did not split (decode_256x4096 fp8), 256 at most 1.5% (benchmarks/NOTES.md, "Tile rules").
 TAIL_PIECES = 8
 TAIL_MAX_BATCH = 256
 TAIL_MIN_KEYS = 1024
