@@ -27,8 +27,10 @@ def _run(script, *args, out_dir):
 
 
 def test_bench_attention_tiny_writes_checked_records(tmp_path):
-  _run("bench_attention.py", "--tiny", "--out", "tiny_test", "--results-dir", str(tmp_path),
-       out_dir=tmp_path / "copies")
+  """Every named case is built (tiny); four of them run here: prefill, mixed, shared pages, a long
+  split-KV decode (the other tiny tests run decode_256x4096 and seed3_mixed55)."""
+  _run("bench_attention.py", "--tiny", "--cases", "seed1_prefill512,seed2_small_mixed,seed4_long200,decode_8x32768",
+       "--out", "tiny_test", "--results-dir", str(tmp_path), out_dir=tmp_path / "copies")
   doc = json.loads((tmp_path / "tiny_test.json").read_text())
   assert doc["commit"] == "test" and doc["records"]
   ok = [r for r in doc["records"] if r["status"] == "ok"]

@@ -281,7 +281,7 @@ def test_sequence_search_against_numpy(probes, block_q):
   from jax_varlen_attn.backends.triton.call import launch
 
   rng = np.random.default_rng()
-  for batch in (1, 5, 40, 110):
+  for batch in (1, 5, 40):  # 40: two rounds of 32 probes, three of 4, six of a binary search
     lens = rng.choice([0, 1, 1, 1, 2, 9, 17], size=batch)
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     total_q = int(cu[-1]) + 3  # padding rows past the last sequence
