@@ -308,22 +308,29 @@ TAIL_CASES = {
     "fp8_stacked": (8, dict(kv_dtype="float8_e4m3fn", layout="stacked_fused_kv_major", seqlens_q=(1,) * 5,
                             seqlens_k=(40, 33, 20, 16, 7), causal=True)),
 }
+# Cases whose cu_seqlens_q the plan reads in several vectors (config.TAIL_CHUNK made small).
+TAIL_CHUNKS = {"many_sequences_lse": 8}
 
 
-@pytest.mark.parametrize("case", sorted(TAIL_CASES))
+@pytest.mark.parametrize("case", sorted(TAIL_CASES) + [f"{c}_in_chunks" for c in sorted(TAIL_CHUNKS)])
 def test_tail_pieces_against_the_oracle(case, monkeypatch):
   """The grid's last round split into pieces (kernel._tail_plan), forced on with a small round
   under the interpreter: tail items' keys in pieces run by helper programs, partials combined by
-  the last piece to finish, against the oracle; the plan really split (its constexprs)."""
+  the last piece to finish, against the oracle; the plan really split (its constexprs). The
+  `_in_chunks` cases read cu_seqlens_q in several vectors."""
   import jax
 
   from jax_varlen_attn.backends.triton import config
 
-  slots, overrides = TAIL_CASES[case]
+  base = case.removesuffix("_in_chunks")
+  slots, overrides = TAIL_CASES[base]
+  chunk = TAIL_CHUNKS[base] if base != case else None
   plans = []
   plan = config.tail_constexprs
   monkeypatch.setattr(config, "tail_slots", lambda spec: slots)
   monkeypatch.setattr(config, "TAIL_MIN_KEYS", 0)
+  if chunk:
+    monkeypatch.setattr(config, "TAIL_CHUNK", chunk)
   monkeypatch.setattr(config, "tail_constexprs", lambda spec, cfg: plans.append((cfg, plan(spec, cfg))) or plans[-1][1])
   jax.clear_caches()
   suite = TestTriton()
@@ -332,5 +339,7 @@ def test_tail_pieces_against_the_oracle(case, monkeypatch):
   jax.clear_caches()
   (cfg, consts), = plans
   assert consts["TAIL_PIECES"] > 1 and consts["TAIL_SLOTS"] == slots
+  if chunk:
+    assert consts["BATCH_CHUNK"] == chunk and len(p.seqlens_q) > 2 * chunk
   items = sum(-(-q // (cfg.block_m // (p.num_heads // p.num_kv_heads))) for q in p.seqlens_q) * p.num_kv_heads
   assert 0 < items % slots <= slots // 2, f"the case must have a tail to split ({items} items)"

@@ -26,14 +26,18 @@ FP8_V_FORMS = ("operand", "load", "pairs")
 V_AT_LOAD_PROGRAMS_PER_SM = 1.25
 V_AT_LOAD_MAX_TILES = 12
 # The grid's last round (kernel._tail_plan): at most this many pieces a tail item, where batches of
-# under TAIL_MAX_BATCH sequences (one vector of cu_seqlens_q a program) with a longest sequence
-# of at least TAIL_MIN_KEYS keys (an item alone takes far longer than the plan's fixed cost: a
-# memset and the helpers' exits) run decode tiles in at least one whole round of programs.
-# TAIL_MAX_BATCH keeps that vector at 256 entries: 512 cost 11-12% on triton 3.7.1 where the tail
-# did not split (decode_256x4096 fp8), 256 at most 1.5% (benchmarks/NOTES.md, "Tile rules").
+# under TAIL_MAX_BATCH sequences with a longest sequence of at least TAIL_MIN_KEYS keys (an item
+# alone takes far longer than the plan's fixed cost: a memset and the helpers' exits) run decode
+# tiles in at least one whole round of programs. A program reads cu_seqlens_q in vectors of at most
+# TAIL_CHUNK entries: a 512-entry vector cost 11-12% on triton 3.7.1 where the tail did not split
+# (decode_256x4096 fp8), 256 at most 1.5% (benchmarks/NOTES.md, "Tile rules").
 TAIL_PIECES = 8
-TAIL_MAX_BATCH = 256
+TAIL_MAX_BATCH = 1024
+TAIL_CHUNK = 256
 TAIL_MIN_KEYS = 1024
+# Decode tiles visit their keys in one masked loop (kernel ONE_KEY_LOOP): a length that is no
+# multiple of the tile then costs no second pipeline fill.
+DECODE_ONE_LOOP = True
 # cu_seqlens_q entries a program's sequence search loads at once (kernel._find_sequence): a warp's
 # lanes, so 200 sequences take 2 rounds of dependent loads instead of 8.
 SEARCH_PROBES = 32
@@ -205,6 +209,8 @@ class Config:
         # Each program finds its sequence by a SEARCH_PROBES-ary search over cu_seqlens_q: one
         # round of dependent loads per factor of 33 in the batch, not per factor of 2.
         SEARCH_PROBES=SEARCH_PROBES,
+        # Decode tiles: one masked key loop instead of an unmasked one and a masked last tile.
+        ONE_KEY_LOOP=DECODE_ONE_LOOP and self.block_m <= tile_rules.MIN_ROWS,
         **tail_constexprs(spec, self),
     )
 
@@ -216,7 +222,7 @@ def programs_per_sm(spec: AttentionSpec) -> int:
 
 
 def tail_constexprs(spec: AttentionSpec, config: "Config") -> dict:
-  """TAIL_PIECES / TAIL_SLOTS / BATCH_PAD of the grid's last round (kernel._tail_plan).
+  """TAIL_PIECES / TAIL_SLOTS / BATCH_CHUNK of the grid's last round (kernel._tail_plan).
 
   On where a round of resident decode programs (TAIL_SLOTS = SMs x programs an SM) leaves the
   last items of a long-sequence batch alone on an idle GPU: decode tiles without split-KV, a
@@ -227,9 +233,9 @@ def tail_constexprs(spec: AttentionSpec, config: "Config") -> dict:
   slots = tail_slots(spec)
   programs = spec.query_programs(config.block_m // spec.group_size) * spec.num_kv_heads
   on = (slots > 0 and config.num_splits == 1 and config.block_m <= tile_rules.MIN_ROWS
-        and spec.batch + 1 <= TAIL_MAX_BATCH and spec.max_seqlen_k >= TAIL_MIN_KEYS and programs >= slots)
+        and spec.batch < TAIL_MAX_BATCH and spec.max_seqlen_k >= TAIL_MIN_KEYS and programs >= slots)
   return dict(TAIL_PIECES=TAIL_PIECES if on else 1, TAIL_SLOTS=slots if on else 0,
-              BATCH_PAD=next_pow2(spec.batch + 1) if on else 1)
+              BATCH_CHUNK=min(next_pow2(spec.batch), TAIL_CHUNK) if on else 1)
 
 
 def tail_slots(spec: AttentionSpec) -> int:

@@ -94,8 +94,20 @@ def _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q: tl.constexpr,
 
 
 @triton.jit
+def _working_blocks(cu_seqlens_q_ptr, batch, chunk, BLOCK_Q: tl.constexpr, BATCH_CHUNK: tl.constexpr):
+  """(b, starts, ends, blocks), each i32[BATCH_CHUNK]: sequences b = chunk + [0, BATCH_CHUNK), their
+  query ranges and working query blocks (0 past the batch)."""
+  b = chunk + tl.arange(0, BATCH_CHUNK)
+  real = b < batch
+  starts = tl.load(cu_seqlens_q_ptr + b, mask=real, other=0)
+  ends = tl.load(cu_seqlens_q_ptr + b + 1, mask=real, other=0)
+  blocks = tl.where(real, (tl.maximum(ends - starts, 0) + BLOCK_Q - 1) // BLOCK_Q, 0)
+  return b, starts, ends, blocks
+
+
+@triton.jit
 def _tail_plan(cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, helper,
-               NUM_KV_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BATCH_PAD: tl.constexpr,
+               NUM_KV_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BATCH_CHUNK: tl.constexpr,
                TAIL_SLOTS: tl.constexpr, TAIL_PIECES: tl.constexpr):
   """Splits the grid's last items into pieces, so its last round fills the GPU (TAIL_PIECES > 1).
 
@@ -107,8 +119,9 @@ def _tail_plan(cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, h
   helper programs, launched after every item (the grid's last TAIL_SLOTS programs), the others.
 
   Items are numbered in the order opposite to launch: g = (working query blocks of the sequences
-  before this one + this block) * NUM_KV_HEADS + kv_head, so the tail is g < tail. One vector
-  load of cu_seqlens_q gives every count (batch < BATCH_PAD).
+  before this one + this block) * NUM_KV_HEADS + kv_head, so the tail is g < tail. The counts come
+  from cu_seqlens_q read in vectors of BATCH_CHUNK sequences (one for batches under BATCH_CHUNK;
+  a helper reads them twice: once for the tail, once for its item's sequence).
 
   seq, seq_start, q_end, first, kv_head: an item's program's own (from `_find_sequence`); helper:
   this program's index among the helpers (< 0 for an item's own program). Returns (seq, seq_start,
@@ -116,25 +129,39 @@ def _tail_plan(cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, h
   one, which then exits), slot (the tail item's index g, -1 outside the tail) and this program's
   piece of `pieces`.
   """
-  b = tl.arange(0, BATCH_PAD)
-  real = b < batch
-  starts = tl.load(cu_seqlens_q_ptr + b, mask=real, other=0)
-  ends = tl.load(cu_seqlens_q_ptr + b + 1, mask=real, other=0)
-  blocks = tl.where(real, (tl.maximum(ends - starts, 0) + BLOCK_Q - 1) // BLOCK_Q, 0)  # working blocks
-  tail = tl.sum(blocks, 0) * NUM_KV_HEADS % TAIL_SLOTS
+  total = batch * 0  # working blocks of the batch
+  before = batch * 0  # of the sequences before `seq` (an item's own program)
+  for chunk in range(0, batch, BATCH_CHUNK):
+    b, _, _, blocks = _working_blocks(cu_seqlens_q_ptr, batch, chunk, BLOCK_Q, BATCH_CHUNK)
+    total += tl.sum(blocks, 0)
+    before += tl.sum(tl.where(b < seq, blocks, 0), 0)
+  tail = total * NUM_KV_HEADS % TAIL_SLOTS
   pieces = tl.where(tail > 0, tl.minimum(TAIL_SLOTS // tl.maximum(tail, 1), TAIL_PIECES), 1)
   if helper >= 0:
     slot = helper // tl.maximum(pieces - 1, 1)
     piece = 1 + helper % tl.maximum(pieces - 1, 1)
     block = slot // NUM_KV_HEADS  # the item's working block, counted from sequence 0's first
     kv_head = slot % NUM_KV_HEADS
-    seq = tl.sum(tl.where(tl.cumsum(blocks, 0) <= block, 1, 0), 0)  # sequences wholly before it
-    seq_start = tl.sum(tl.where(b == seq, starts, 0), 0)
-    q_end = tl.sum(tl.where(b == seq, ends, 0), 0)
-    first = (block - tl.sum(tl.where(b < seq, blocks, 0), 0)) * BLOCK_Q
+    # Its sequence: the one whose blocks [done, done + blocks) hold `block`.
+    seq = batch * 0
+    seq_start = batch * 0
+    q_end = batch * 0
+    before = batch * 0
+    done = batch * 0
+    for chunk in range(0, batch, BATCH_CHUNK):
+      _, starts, ends, blocks = _working_blocks(cu_seqlens_q_ptr, batch, chunk, BLOCK_Q, BATCH_CHUNK)
+      upto = done + tl.cumsum(blocks, 0)  # blocks up to and including each sequence
+      wholly_before = upto <= block
+      holds = ~wholly_before & (upto - blocks <= block)
+      seq += tl.sum(tl.where(wholly_before, 1, 0), 0)
+      before += tl.sum(tl.where(wholly_before, blocks, 0), 0)
+      seq_start += tl.sum(tl.where(holds, starts, 0), 0)
+      q_end += tl.sum(tl.where(holds, ends, 0), 0)
+      done += tl.sum(blocks, 0)
+    first = (block - before) * BLOCK_Q
     first = tl.where((pieces > 1) & (slot < tail), first, -1)
   else:
-    slot = (tl.sum(tl.where(b < seq, blocks, 0), 0) + first // BLOCK_Q) * NUM_KV_HEADS + kv_head
+    slot = (before + first // BLOCK_Q) * NUM_KV_HEADS + kv_head
     piece = slot * 0
     slot = tl.where((pieces > 1) & (slot < tail) & (seq < batch), slot, -1)
     pieces = tl.where(slot >= 0, pieces, 1)
@@ -455,9 +482,9 @@ def varlen_attention_kernel(
     KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
     # pipeline
     TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
-    ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr,
+    ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
     # the grid's last round (`_tail_plan`)
-    TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_PAD: tl.constexpr,
+    TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_CHUNK: tl.constexpr,
 ):
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
@@ -481,7 +508,7 @@ def varlen_attention_kernel(
   if TAIL_PIECES > 1:
     seq, seq_start, q_end, first, kv_head, slot, split, pieces = _tail_plan(
         cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, helper, NUM_KV_HEADS, BLOCK_Q,
-        BATCH_PAD, TAIL_SLOTS, TAIL_PIECES)
+        BATCH_CHUNK, TAIL_SLOTS, TAIL_PIECES)
   q_start = tl.minimum(tl.maximum(seq_start, 0), total_q)
   q_end = tl.minimum(tl.maximum(q_end, q_start), total_q)
   len_q = q_end - q_start
@@ -587,11 +614,17 @@ def varlen_attention_kernel(
   if USE_SINKS:
     # Split-KV: the sink joins split 0's partial only, so the combine counts it once.
     m_i, l_i = _sink_start(sinks_ptr, head, row_ok & (tl.zeros_like(head) + split == 0))
-  for phase in tl.static_range(3):
-    # phase 0: [lo, full_lo) masked; 1: [full_lo, full_hi) unmasked; 2: [full_hi, hi) masked.
+  if ONE_KEY_LOOP:
+    # Decode tiles: the middle range joins the masked one after it, so a sequence whose length is
+    # no multiple of BLOCK_N runs one pipelined loop, not a second one (and its fill) for its last
+    # partial tile.
+    full_hi = full_lo
+  for phase in tl.static_range(3 - ONE_KEY_LOOP):
+    # phase 0: [lo, full_lo) masked; 1: [full_lo, full_hi) unmasked; 2: [full_hi, hi) masked
+    # (ONE_KEY_LOOP: phase 1 is the masked [full_lo, hi)).
     if phase == 0:
       start, stop = lo, full_lo
-    elif phase == 1:
+    elif phase == 1 and not ONE_KEY_LOOP:
       start, stop = full_lo, full_hi
     else:
       start, stop = full_hi, hi
@@ -600,6 +633,7 @@ def varlen_attention_kernel(
       ahead = _tile_offsets(kv_index_ptr, seq, k_start, n_lo, len_k, True, IS_PAGED, SINGLE_PAGE_TILE,
                             NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES,
                             PAGE_STRIDE, TOKEN_STRIDE)
+    masked = phase != 1 or ONE_KEY_LOOP
     for n in range(n_lo, tl.minimum(stop, split_hi), BLOCK_N):
       if TABLE_AHEAD:
         # The next tile's pages are looked up now, a tile before its K / V copies need them.
@@ -608,12 +642,12 @@ def varlen_attention_kernel(
                               SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS,
                               NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE)
       else:
-        tile_off = _tile_offsets(kv_index_ptr, seq, k_start, n, len_k, phase != 1, IS_PAGED,
+        tile_off = _tile_offsets(kv_index_ptr, seq, k_start, n, len_k, masked, IS_PAGED,
                                  SINGLE_PAGE_TILE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, MAX_BLOCKS,
                                  NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE)
       acc, acc_odd, m_i, l_i = _attend_tile(
           acc, acc_odd, m_i, l_i, q, k_base, v_base, tile_off, fixed_off, n, len_k, diag, key_lo, key_hi, slopes,
-          qk_scale, softcap, phase != 1, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+          qk_scale, softcap, masked, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
           USE_SOFTCAP, USE_ALIBI, DOT_PRECISION, KV_FP8, V_AT_LOAD, V_PAIRS, V_E5M2)
 
   # Rows that saw no allowed key (nor a sink) output zeros and LSE +inf (-inf in a split); a row
