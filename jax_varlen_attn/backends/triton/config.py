@@ -210,7 +210,7 @@ class Config:
         # round of dependent loads per factor of 33 in the batch, not per factor of 2.
         SEARCH_PROBES=SEARCH_PROBES,
         # Decode tiles: one masked key loop instead of an unmasked one and a masked last tile.
-        ONE_KEY_LOOP=DECODE_ONE_LOOP and self.block_m <= tile_rules.MIN_ROWS,
+        ONE_KEY_LOOP=bool(DECODE_ONE_LOOP) and self.block_m <= tile_rules.MIN_ROWS,
         **tail_constexprs(spec, self),
     )
 
