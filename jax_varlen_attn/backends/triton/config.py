@@ -35,8 +35,9 @@ TAIL_PIECES = 8
 TAIL_MAX_BATCH = 1024
 TAIL_CHUNK = 256
 TAIL_MIN_KEYS = 1024
-# Decode tiles visit their keys in one masked loop (kernel ONE_KEY_LOOP): a length that is no
-# multiple of the tile then costs no second pipeline fill.
+# fp16 / bf16 decode tiles visit their keys in one masked loop (kernel ONE_KEY_LOOP), not an
+# unmasked loop and a second pipeline for the last partial tile: faster on short sequences
+# (decode_16x600 -6%, 64x600 -2%), within 0.5% on long ones; fp8 tiles lost 0.5-8% (NOTES.md).
 DECODE_ONE_LOOP = True
 # cu_seqlens_q entries a program's sequence search loads at once (kernel._find_sequence): a warp's
 # lanes, so 200 sequences take 2 rounds of dependent loads instead of 8.
@@ -209,8 +210,8 @@ class Config:
         # Each program finds its sequence by a SEARCH_PROBES-ary search over cu_seqlens_q: one
         # round of dependent loads per factor of 33 in the batch, not per factor of 2.
         SEARCH_PROBES=SEARCH_PROBES,
-        # Decode tiles: one masked key loop instead of an unmasked one and a masked last tile.
-        ONE_KEY_LOOP=bool(DECODE_ONE_LOOP) and self.block_m <= tile_rules.MIN_ROWS,
+        # fp16 / bf16 decode tiles: one masked key loop (DECODE_ONE_LOOP says why not fp8).
+        ONE_KEY_LOOP=bool(DECODE_ONE_LOOP) and self.block_m <= tile_rules.MIN_ROWS and not spec.kv_fp8,
         **tail_constexprs(spec, self),
     )
 
