@@ -243,6 +243,23 @@ def test_key_tile_follows_sequence_length_and_head_dim():
   assert (small.block_m, small.num_warps) == (64, 4)
 
 
+def test_one_key_loop_on_16_bit_decode_tiles_only():
+  """ONE_KEY_LOOP (one masked key loop, no second pipeline for a last partial tile): fp16 / bf16
+  decode tiles; not fp8 decode tiles, nor prefill tiles (config.DECODE_ONE_LOOP says why)."""
+  import dataclasses
+
+  from jax_varlen_attn.backends.triton import Config
+  from tests.problems import static_spec
+
+  def one_loop(spec):
+    return Config.get_default(spec).constexprs(spec)["ONE_KEY_LOOP"]
+
+  decode = static_spec(16, 38, max_seqlen_k=600)  # the serving model's batch-16 step
+  assert one_loop(decode) is True
+  assert one_loop(dataclasses.replace(decode, kv_dtype="float8_e4m3fn")) is False
+  assert one_loop(static_spec(4, 256, q_per_seq=4096)) is False
+
+
 @pytest.mark.parametrize("dtype", TestTriton.dtypes[:2])
 @pytest.mark.parametrize("layout", ["NHD", "strided"])
 def test_prefill_256_row_tiles_on_8_warps(dtype, layout):
