@@ -236,7 +236,7 @@ def tail_constexprs(spec: AttentionSpec, config: "Config") -> dict:
   on = (slots > 0 and config.num_splits == 1 and config.block_m <= tile_rules.MIN_ROWS
         and spec.batch < TAIL_MAX_BATCH and spec.max_seqlen_k >= TAIL_MIN_KEYS and programs >= slots)
   return dict(TAIL_PIECES=TAIL_PIECES if on else 1, TAIL_SLOTS=slots if on else 0,
-              BATCH_CHUNK=min(next_pow2(spec.batch), TAIL_CHUNK) if on else 1)
+              BATCH_CHUNK=min(next_pow2(spec.batch + 1), TAIL_CHUNK) if on else 1)
 
 
 def tail_slots(spec: AttentionSpec) -> int:

@@ -35,6 +35,8 @@ Address specializations (all `tl.constexpr`, from the static KVCacheLayout):
   ROWS_AFTER_LOOP      the epilogue computes its rows' store addresses anew after the key loop
                        instead of keeping the prologue's live through it (fewer registers a
                        program on fp8 caches)
+  ONE_KEY_LOOP         the unmasked middle range and the masked range after it are one masked
+                       loop (one pipeline fill a program; fp16 / bf16 decode tiles)
 The K / V offsets of a layout (k_offset, v_offset) are runtime arguments added once to the base
 pointers (the kernel body says why), so a strided cache compiles to the contiguous cache's code but
 for constants (tests/triton_compile_check.py checks the instruction counts match).
@@ -615,9 +617,9 @@ def varlen_attention_kernel(
     # Split-KV: the sink joins split 0's partial only, so the combine counts it once.
     m_i, l_i = _sink_start(sinks_ptr, head, row_ok & (tl.zeros_like(head) + split == 0))
   if ONE_KEY_LOOP:
-    # Decode tiles: the middle range joins the masked one after it, so a sequence whose length is
-    # no multiple of BLOCK_N runs one pipelined loop, not a second one (and its fill) for its last
-    # partial tile.
+    # (fp16 / bf16 decode tiles) the middle range joins the masked one after it, so a sequence
+    # whose length is no multiple of BLOCK_N runs one pipelined loop, not a second one (and its
+    # fill) for its last partial tile.
     full_hi = full_lo
   for phase in tl.static_range(3 - ONE_KEY_LOOP):
     # phase 0: [lo, full_lo) masked; 1: [full_lo, full_hi) unmasked; 2: [full_hi, hi) masked
