@@ -28,6 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from jax_varlen_attn.validation import AttentionArgs, validate  # noqa: E402
 from jax_varlen_attn.backends.triton import Config  # noqa: E402
+from jax_varlen_attn.backends.triton import config as config_rules  # noqa: E402
 from jax_varlen_attn.backends.triton.kernel import varlen_attention_kernel  # noqa: E402
 from jax_varlen_attn.backends.triton.launcher import kernel_arguments  # noqa: E402
 from tests.problems import Problem, make_problem  # noqa: E402
@@ -87,6 +88,20 @@ VARIANTS = [
     ("sinks-fp8-softcap-prefill", dict(sinks=True, kv_dtype="float8_e4m3fn", softcap=5.0, head_dim=128,
                                        causal=True, seqlens_q=(300, 40), seqlens_k=(300, 90)), Config()),
 ]
+# Tiles under the grid's last-round plan (kernel._tail_plan), as a long-sequence decode batch of 255
+# sequences builds them (one 4096-key sequence sets the static reach: the key loop's trip count
+# bounds what the compiler keeps live). The plan counts config.programs_per_sm programs an SM; a
+# build resident at another count puts the grid's real last round elsewhere (benchmarks/NOTES.md,
+# session 23 item 4: triton 3.7.1 built session 22's fp8 plan tile at 96 registers, 5 an SM against
+# the 4 counted).
+_DECODE_BATCH = dict(head_dim=128, num_heads=16, num_kv_heads=8, block_size=16, seqlens_q=(1,) * 255,
+                     seqlens_k=(4096,) + tuple(20 + (7 * i) % 31 for i in range(254)))
+RESIDENCY_VARIANTS = [
+    ("tail-plan-fp8-e4m3-decode", dict(kv_dtype="float8_e4m3fn", **_DECODE_BATCH), Config()),
+    ("tail-plan-fp16-decode", dict(_DECODE_BATCH), Config()),
+]
+# sm_90 (H100 / H200): registers and shared memory of one SM, shared memory the driver keeps per block.
+SM90_REGISTERS, SM90_SHARED_MEMORY, BLOCK_RESERVED_SHARED = 65536, 233472, 1024
 QUICK = {"split-kv-decode", "prefill-256x64-w8", "nhd-page-stride-constexpr-causal", "strided-constexpr",
          "stacked-strided", "non-paged", "d80", "bf16-d128-prefill",
          "fp8-e4m3-decode", "sinks-decode-split-kv"}
@@ -120,6 +135,7 @@ def compile_variant(name, overrides, config):
   spec, arrays = validate(AttentionArgs(*[kwargs.get(k, defaults.get(k)) for k in keys], **extra))
   config = config.resolved(spec)
   inputs, outputs, grid, consts, _ = kernel_arguments(spec, arrays, config)
+  plan = dict(tail_pieces=consts.get("TAIL_PIECES"), programs_per_sm=config_rules.programs_per_sm(spec))
   sig = signature_of(inputs, outputs)
   for k in consts:
     sig[k] = "constexpr"
@@ -133,7 +149,32 @@ def compile_variant(name, overrides, config):
   regs, stack = resource_usage(compiled.asm.get("cubin", b""))
   return dict(name=name, instructions=sass_instructions(compiled.asm.get("cubin", b"")), block_m=config.block_m, block_n=config.block_n, warps=config.num_warps,
               stages=config.num_stages, shared=getattr(meta, "shared", None), regs=regs,
-              stack=stack, cubin=len(compiled.asm.get("cubin", b"")))
+              stack=stack, cubin=len(compiled.asm.get("cubin", b"")), **plan)
+
+
+def resident_programs(regs: int, shared: int, warps: int) -> int:
+  """Programs of one build an sm_90 SM holds at once: registers (allocated 8 a thread at a time),
+  shared memory, and the warp limit, whichever binds first."""
+  threads = 32 * warps
+  by_registers = SM90_REGISTERS // (-(-regs // 8) * 8 * threads)
+  by_shared = SM90_SHARED_MEMORY // (shared + BLOCK_RESERVED_SHARED)
+  return min(by_registers, by_shared, 2048 // threads)
+
+
+def check_plan_residency() -> int:
+  """Failures among RESIDENCY_VARIANTS: the plan off, or a residency unlike programs_per_sm's."""
+  failures = 0
+  for name, overrides, config in RESIDENCY_VARIANTS:
+    r = compile_variant(name, overrides, config)
+    resident = None if r["regs"] is None else resident_programs(r["regs"], r["shared"], r["warps"])
+    print(f"ok   {name:28s} M{r['block_m']:<4d}N{r['block_n']:<4d}w{r['warps']} s{r['stages']} "
+          f"regs={r['regs']} smem={r['shared']} -> {resident} an SM (programs_per_sm "
+          f"{r['programs_per_sm']}, TAIL_PIECES {r['tail_pieces']})", flush=True)
+    if r["tail_pieces"] <= 1 or (resident is not None and resident != r["programs_per_sm"]):
+      failures += 1
+      print(f"FAIL {name}: the plan's tile is resident {resident} an SM, config.programs_per_sm "
+            f"counts {r['programs_per_sm']} (TAIL_PIECES {r['tail_pieces']})", flush=True)
+  return failures
 
 
 def _cuobjdump(cubin: bytes, flag: str):
@@ -197,6 +238,8 @@ def main(argv=None):
     failures += 1
     print(f"FAIL {same[1]} has {counts[same[1]]} SASS instructions, {same[0]} {counts[same[0]]}: "
           "the strided build should differ only in constants", flush=True)
+  if not args.quick:
+    failures += check_plan_residency()
   print(f"{failures} failures")
   return 1 if failures else 0
 
