@@ -218,7 +218,8 @@ class Config:
 
 def programs_per_sm(spec: AttentionSpec) -> int:
   """Decode-tile programs resident on an SM at once, as the sm_90 builds' registers allow: fp8
-  caches 126 registers a thread (4), fp16 / bf16 up to 210 (2) (NOTES.md "Tile rules")."""
+  caches 104-128 registers a thread (4), fp16 / bf16 214-222 (2) (triton 3.6-3.9; NOTES.md "Tile
+  rules"). tests/triton_compile_check.py fails when the tail plan's tiles build otherwise."""
   return 4 if spec.kv_fp8 else 2
 
 
