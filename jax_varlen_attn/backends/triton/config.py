@@ -29,8 +29,9 @@ V_AT_LOAD_MAX_TILES = 12
 # under TAIL_MAX_BATCH sequences with a longest sequence of at least TAIL_MIN_KEYS keys (an item
 # alone takes far longer than the plan's fixed cost: a memset and the helpers' exits) run decode
 # tiles in at least one whole round of programs. A program reads cu_seqlens_q in vectors of at most
-# TAIL_CHUNK entries: a 512-entry vector cost 11-12% on triton 3.7.1 where the tail did not split
-# (decode_256x4096 fp8), 256 at most 1.5% (benchmarks/NOTES.md, "Tile rules").
+# TAIL_CHUNK entries: one 256- or 512-entry vector built the fp8 tile at 96 registers on triton
+# 3.7.1 (5 programs an SM, not programs_per_sm's 4; 11-12% lost where the tail did not split), the
+# chunked read at 128 (benchmarks/NOTES.md, "Tile rules").
 TAIL_PIECES = 8
 TAIL_MAX_BATCH = 1024
 TAIL_CHUNK = 256
