@@ -114,14 +114,10 @@ class PagedAttention(nnx.Module):
     return q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
 
   def project_and_write(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: PagedBatch,
-                        layer: Optional[jax.Array] = None, splits: int = 1):
+                        layer: Optional[jax.Array] = None):
     """`project` and `write_kv` in one (fused_qkv only): x [T, hidden] -> (q [T, H, D], k_cache,
-    v_cache) through `rope_write_kv`, one kernel on the Triton backend; same values as `project`.
-    splits > 1 (no bias): the projection as split-K partials that `rope_write_kv` sums."""
-    if splits > 1 and self.qkv_proj.bias is None:
-      qkv = partials(x.astype(self.dtype), self.qkv_proj.kernel[...].astype(self.dtype), splits)
-    else:
-      qkv = self.qkv_proj(x).astype(self.dtype)
+    v_cache) through `rope_write_kv`, one kernel on the Triton backend; same values as `project`."""
+    qkv = self.qkv_proj(x).astype(self.dtype)
     norms = {} if self.q_norm is None else dict(q_norm_scale=self.q_norm.scale[...],
                                                   k_norm_scale=self.k_norm.scale[...])
     return rope_write_kv(qkv, k_cache, v_cache, batch.slot_mapping, batch.positions, num_heads=self.num_heads,
@@ -148,7 +144,7 @@ class PagedAttention(nnx.Module):
     """
     naive = self.backend == "naive"
     if self.fused_rope_write and not naive:  # one launch from the projection to attention's inputs
-      q, k_cache, v_cache = self.project_and_write(x, k_cache, v_cache, batch, layer, splits)
+      q, k_cache, v_cache = self.project_and_write(x, k_cache, v_cache, batch, layer)
     else:
       q, k, v = self.project(x, batch.positions)
       k_cache, v_cache = write_kv(k, v, k_cache, v_cache, batch.slot_mapping, layer=layer,

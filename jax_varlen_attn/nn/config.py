@@ -47,10 +47,9 @@ class ModelConfig:
   # place of XLA's three on a GPU; the same jnp ops elsewhere). Unrolled layers (scan_layers=False)
   # also carry the MLP's output into the next layer's norm (measured faster: NOTES.md)
   fuse_add_norm: bool = True
-  # with fuse_add_norm, fused projections and unrolled layers, steps of at most split_k_max_rows
-  # tokens run q|k|v (without bias), o_proj, gate|up and down as `split_k` unsummed f32 partials
-  # (`nn.partials`) that the kernels after them sum (rope_write_kv, add_rms_norm, silu_mul): no
-  # reduction kernels of XLA's. 1: plain matmuls
+  # with fuse_add_norm and unrolled layers, steps of at most split_k_max_rows tokens run o_proj,
+  # gate|up and down as `split_k` unsummed f32 partials (`nn.partials`) that the kernels after
+  # them sum (add_rms_norm, silu_mul): no reduction kernels of XLA's. 1: plain matmuls
   split_k: int = 1
   split_k_max_rows: int = 16
   init_std: float = 0.02  # weights ~ N(0, init_std^2) (Qwen's initializer_range); norms start at 1

@@ -15,9 +15,9 @@ lie (what a serving loop wants; benchmarks/NOTES.md, "the serving decode loop").
 `ModelConfig.fuse_add_norm=True` (the default): each residual add and the RMSNorm after it are one
 `add_rms_norm` call (one Triton kernel on a GPU), and the unrolled loop carries each block's MLP
 output into the next block's norm (`DecoderBlock.carry`), so the stream's adds all run inside norms.
-With `ModelConfig.split_k > 1` as well, steps of at most `split_k_max_rows` tokens run q|k|v, o_proj,
-gate|up and down as unsummed split-K partials (`jax_varlen_attn.nn.partials`) that `rope_write_kv`,
-`add_rms_norm` and `silu_mul` sum as they read them.
+With `ModelConfig.split_k > 1` as well, steps of at most `split_k_max_rows` tokens run o_proj, gate|up
+and down as unsummed split-K partials (`jax_varlen_attn.nn.partials`) that `add_rms_norm` and
+`silu_mul` sum as they read them.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ reduction kernels of their own.
 A matmul of a few rows (a decode step) cannot fill the GPU over its output columns alone, so XLA
 splits its K dimension and adds a kernel that sums the f32 partials. Where the next op is ours
 (`silu_mul`, `jax_varlen_attn.nn.add_rms_norm`), that op can sum them as it reads its input, and a
-layer launches fewer kernels (benchmarks/NOTES.md, "split-K partials"). `rope_write_kv` takes
-q|k|v's partials too.
+layer launches fewer kernels (benchmarks/NOTES.md, "split-K partials").
 """
 
 from __future__ import annotations

@@ -82,9 +82,7 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
 
   Args (T tokens, H q heads, Hk kv heads, D head_dim):
     qkv: [T, (H + 2 Hk) * D] in the cache's dtype (float16, bfloat16 or float32): q heads, then k
-      heads, then v heads (`PagedAttention(fused_qkv=True)`'s projection); or float32 split-K
-      partials [S, T, (H + 2 Hk) * D] of it (`jax_varlen_attn.nn.partials`), summed and rounded to
-      the cache's dtype first (as the projection would round its output).
+      heads, then v heads (`PagedAttention(fused_qkv=True)`'s projection).
     k_cache, v_cache: separate K and V caches as `kv_layout` describes them (NHD / HND or a
       `KVCacheLayout`; not fp8 and not the fused forms: use `write_kv` for those).
     slot_mapping: i32[T], as `write_kv`'s (-1 or a slot outside the cache: not stored).
@@ -96,7 +94,7 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
       jnp form).
 
   Returns:
-    q [T, H, D] in the cache's dtype, and the updated caches (the input buffers, in place under donation).
+    q [T, H, D] in qkv's dtype, and the updated caches (the input buffers, in place under donation).
   """
   if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
     raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -115,25 +113,19 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
   if jnp.dtype(k_cache.dtype) in FP8_DTYPES:
     raise TypeError(f"rope_write_kv does not quantize: k_cache is {jnp.dtype(k_cache.dtype).name}; "
                     "compute q / k / v and call write_kv with k_scale / v_scale")
-  qkv = array_arg("qkv", qkv)
-  if qkv.ndim == 3 and jnp.dtype(qkv.dtype) != jnp.float32:
-    raise TypeError(f"qkv as split-K partials [S, T, width] must be float32, got {jnp.dtype(qkv.dtype).name}")
-  if qkv.ndim not in (2, 3):
-    raise ValueError(f"qkv must have rank 2 ([T, width]) or 3 (partials [S, T, width]), got shape "
-                     f"{tuple(qkv.shape)}")
-  dense = qkv if qkv.ndim == 2 else jnp.sum(qkv, axis=0).astype(k_cache.dtype)
+  qkv = array_arg("qkv", qkv, rank=2)
   if not is_array(positions):
     raise TypeError(f"positions must be an array, got {type(positions).__name__}")
   positions = array_arg("positions", positions, rank=1, dtypes=(jnp.dtype(jnp.int32),),
-                        dtype_desc=f"int32 [T={dense.shape[0]}]")
-  if positions.shape[0] != dense.shape[0]:
-    raise ValueError(f"positions must have one entry per token (T={dense.shape[0]}, the token axis of qkv), "
-                     f"got shape {tuple(positions.shape)}")
+                        dtype_desc=f"int32 [T={qkv.shape[0]}]")
+  if positions.shape[0] != qkv.shape[0]:
+    raise ValueError(f"positions must have one entry per token (T={qkv.shape[0]}, axis 0 of qkv), got "
+                     f"shape {tuple(positions.shape)}")
   hk, d = cache_layout.num_kv_heads, cache_layout.head_dim
   if num_heads % hk:
     raise ValueError(f"num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads ({hk})")
   width = (num_heads + 2 * hk) * d
-  if qkv.shape[-1] != width:
+  if qkv.shape[1] != width:
     raise ValueError(f"qkv must be [T, (num_heads + 2 * num_kv_heads) * head_dim] = [T, {width}] for "
                      f"num_heads={num_heads} and the cache's num_kv_heads={hk}, head_dim={d}; got "
                      f"{tuple(qkv.shape)}")
@@ -142,7 +134,7 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
       s = array_arg(name, s, rank=1)
       if s.shape[0] != d:
         raise ValueError(f"{name} must be [head_dim={d}], got {tuple(s.shape)}")
-  _, k, v = split_qkv(dense, num_heads, hk, d)
+  _, k, v = split_qkv(qkv, num_heads, hk, d)
   layout, args = cache._validate(k, v, k_cache, v_cache, slot_mapping, kv_layout, layer)
   _, _, k_cache, v_cache, slot_mapping, layer, _ = args
   name = cache._select(backend)
@@ -153,14 +145,12 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _run(backend_name: str, layout: KVCacheLayout, num_heads: int, rope_theta: float, eps: float, qkv,
          k_cache, v_cache, slot_mapping, positions, q_norm_scale, k_norm_scale, layer):
-  if backend_name == "triton" and qkv.shape[-2]:
+  if backend_name == "triton" and qkv.shape[0]:
     from jax_varlen_attn.backends.triton import rope_write_kernel  # imports triton: only when asked
 
     cos, sin = rope_tables(positions, layout.head_dim, rope_theta)
     return rope_write_kernel.rope_write_kv(layout, qkv, cos, sin, q_norm_scale, k_norm_scale, eps,
                                            num_heads, k_cache, v_cache, slot_mapping, layer)
-  if qkv.ndim == 3:  # split-K partials: their sum, rounded as the projection rounds
-    qkv = jnp.sum(qkv, axis=0).astype(k_cache.dtype)
   return rope_write_kv_xla(layout, num_heads, rope_theta, eps, qkv, k_cache, v_cache, slot_mapping, positions,
                            q_norm_scale, k_norm_scale, layer)
 

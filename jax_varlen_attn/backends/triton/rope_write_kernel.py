@@ -16,8 +16,6 @@ the `write_kv` launch with one launch: -7% of a decode step's GPU time at batch 
 (benchmarks/NOTES.md, "rope_write_kv").
 The math and its roundings are those of `jax_varlen_attn.nn.qkv.rope_write_kv_xla`: f32 throughout,
 the normed head rounded to the compute dtype before RoPE (as `nnx.RMSNorm` then `apply_rope` do).
-qkv may be f32 split-K partials [PARTS, T, width], summed here and rounded to the cache's dtype (so
-the projection needs no sum kernel).
 """
 
 from __future__ import annotations
@@ -60,20 +58,8 @@ def _norm_scale(norm_ptr, offs_h, cols, HALF: tl.constexpr, HALF_PAD: tl.constex
 
 
 @triton.jit
-def _load_half(ptr, mask, part_stride, PARTS: tl.constexpr, BLOCK_T: tl.constexpr, HALF_PAD: tl.constexpr):
-  """[BLOCK_T, HALF_PAD] at ptr: the partials' f32 sum if PARTS > 0, else as stored."""
-  if PARTS > 0:
-    total = tl.zeros([BLOCK_T, HALF_PAD], tl.float32)
-    for p in tl.static_range(PARTS):
-      total += tl.load(ptr + p * part_stride, mask=mask, other=0.0)
-    return total
-  return tl.load(ptr, mask=mask, other=0.0)
-
-
-@triton.jit
 def rope_write_kv_kernel(
     qkv_ptr,  # [num_tokens, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]: q heads | k heads | v heads
-    #           (PARTS > 0: f32 [PARTS, num_tokens, ...] split-K partials of it)
     cos_ptr, sin_ptr,  # f32[num_tokens, HEAD_DIM // 2]: cos / sin of position * theta ** (-2i / HEAD_DIM)
     q_norm_ptr, k_norm_ptr,  # [HEAD_DIM] RMSNorm scales (QK_NORM)
     slot_mapping_ptr,  # i32[num_tokens]
@@ -87,7 +73,7 @@ def rope_write_kv_kernel(
     PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr,
     TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, K_OFFSET: tl.constexpr,
     V_OFFSET: tl.constexpr, IS_CONTIGUOUS: tl.constexpr, IS_STACKED: tl.constexpr,
-    NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr, PARTS: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr,
 ):
   HALF: tl.constexpr = HEAD_DIM // 2
   ROW: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
@@ -99,17 +85,14 @@ def rope_write_kv_kernel(
   cols = offs_h < HALF
   mask = in_batch[:, None] & cols[None, :]
   row = qkv_ptr + offs_t.to(tl.int64)[:, None] * ROW + offs_h[None, :]  # [BLOCK_T, HALF_PAD]
-  # Between partials (PARTS > 0), int64; num_tokens may be a constant (XLA's route folds it in).
-  part_stride = (tl.zeros([BLOCK_T], tl.int64) + num_tokens)[:, None] * ROW
   rot = offs_t.to(tl.int64)[:, None] * HALF + offs_h[None, :]  # [BLOCK_T, HALF_PAD] in cos / sin
   cos = tl.load(cos_ptr + rot, mask=mask, other=0.0)
   sin = tl.load(sin_ptr + rot, mask=mask, other=0.0)
   # Every load is issued before the first store (a store may alias a later load for all Triton
   # knows, so it would wait): a handful of round trips to memory is the whole cost of this kernel.
   if head < NUM_HEADS:
-    # (Each half rounded to the dtype first: what the projection's output holds.)
-    x1 = _load_half(row + head * HEAD_DIM, mask, part_stride, PARTS, BLOCK_T, HALF_PAD).to(dtype).to(tl.float32)
-    x2 = _load_half(row + head * HEAD_DIM + HALF, mask, part_stride, PARTS, BLOCK_T, HALF_PAD).to(dtype).to(tl.float32)
+    x1 = tl.load(row + head * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(row + head * HEAD_DIM + HALF, mask=mask, other=0.0).to(tl.float32)
     w1, w2 = _norm_scale(q_norm_ptr, offs_h, cols, HALF, HALF_PAD, QK_NORM)
     o1, o2 = _norm_rope(x1, x2, w1, w2, cos, sin, QK_NORM, EPS, HEAD_DIM, dtype)
     q_row = q_out_ptr + (offs_t.to(tl.int64)[:, None] * NUM_HEADS + head) * HEAD_DIM + offs_h[None, :]
@@ -121,11 +104,11 @@ def rope_write_kv_kernel(
                          NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_CONTIGUOUS, IS_STACKED,
                          NUM_LAYERS, LAYER_STRIDE)
     k_src = row + head * HEAD_DIM
-    x1 = _load_half(k_src, mask, part_stride, PARTS, BLOCK_T, HALF_PAD).to(dtype).to(tl.float32)
-    x2 = _load_half(k_src + HALF, mask, part_stride, PARTS, BLOCK_T, HALF_PAD).to(dtype).to(tl.float32)
+    x1 = tl.load(k_src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(k_src + HALF, mask=mask, other=0.0).to(tl.float32)
     v_src = row + (NUM_KV_HEADS + head) * HEAD_DIM
-    v1 = _load_half(v_src, mask, part_stride, PARTS, BLOCK_T, HALF_PAD).to(dtype)
-    v2 = _load_half(v_src + HALF, mask, part_stride, PARTS, BLOCK_T, HALF_PAD).to(dtype)
+    v1 = tl.load(v_src, mask=mask, other=0.0)
+    v2 = tl.load(v_src + HALF, mask=mask, other=0.0)
     w1, w2 = _norm_scale(k_norm_ptr, offs_h, cols, HALF, HALF_PAD, QK_NORM)
     k1, k2 = _norm_rope(x1, x2, w1, w2, cos, sin, QK_NORM, EPS, HEAD_DIM, dtype)
     store = ok[:, None] & cols[None, :]
@@ -144,10 +127,9 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
   validated (`jax_varlen_attn.nn.qkv.rope_write_kv`); cos / sin f32[T, D / 2] the rotation
   (`jax_varlen_attn.nn.qkv.rope_tables`, computed by XLA: in the kernel, libdevice's sinf / cosf
   with their local-memory range reduction took half of a 3.3 us call; in the serving step the
-  tables add no kernel); q_norm / k_norm None: no norm. qkv may be f32 partials [S, T, width].
+  tables add no kernel); q_norm / k_norm None: no norm.
   """
-  parts = qkv.shape[0] if qkv.ndim == 3 else 0
-  num_tokens = qkv.shape[-2]
+  num_tokens = qkv.shape[0]
   num_kv_heads, head_dim = layout.num_kv_heads, layout.head_dim
   block_t = tokens_per_program(num_tokens)
   half_pad = max(16, next_pow2(head_dim // 2))
@@ -156,7 +138,7 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
   num_warps = max(1, min(4, block_t * half_pad // 256))
   consts = dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
                 HEAD_DIM=head_dim, HALF_PAD=half_pad, BLOCK_T=block_t, QK_NORM=qk_norm, EPS=float(eps),
-                PARTS=parts, **layout_constexprs(layout))
+                **layout_constexprs(layout))
   unused = jnp.zeros((1,), jnp.float32)  # norm scale pointers without QK_NORM: never read
   inputs = dict(qkv_ptr=qkv, cos_ptr=cos, sin_ptr=sin,
                 q_norm_ptr=q_norm if qk_norm else unused, k_norm_ptr=k_norm if qk_norm else unused,
@@ -165,7 +147,7 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
                 k_cache_ptr=k_cache, v_cache_ptr=v_cache, num_tokens=num_tokens)
   outputs = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
              jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
-             jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), k_cache.dtype)]
+             jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype)]
   grid = (-(-num_tokens // block_t), num_heads + num_kv_heads)
   k_cache, v_cache, q = launch(rope_write_kv_kernel, inputs, outputs, grid, num_warps, 1, consts,
                                input_output_aliases={"k_cache_ptr": 0, "v_cache_ptr": 1},
