@@ -447,9 +447,6 @@ def parse_args(argv):
                  help="q / k norms, RoPE and write_kv as separate ops (ModelConfig.fuse_rope_write=False)")
   p.add_argument("--no-fuse-add-norm", action="store_true",
                  help="residual adds and RMSNorms as XLA's ops (ModelConfig.fuse_add_norm=False)")
-  p.add_argument("--split-k", type=int, default=None,
-                 help="ModelConfig.split_k: steps of <= split_k_max_rows tokens run o_proj, gate|up and "
-                      "down as this many unsummed split-K partials summed by add_rms_norm / silu_mul")
   p.add_argument("--out", default="serving")
   p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, short prompts")
   args = p.parse_args(argv)
@@ -493,8 +490,6 @@ def main(argv=None) -> int:
     overrides["fuse_rope_write"] = False
   if args.no_fuse_add_norm:
     overrides["fuse_add_norm"] = False
-  if args.split_k is not None:
-    overrides["split_k"] = args.split_k
   base: ModelConfig = preset(args.preset, **overrides)
   args.vocab = base.vocab_size
   batches = [int(b) for b in args.batches.split(",")]

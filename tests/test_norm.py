@@ -87,10 +87,7 @@ def test_one_compile_across_row_contents_and_none_residual_is_its_own(backend):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(x=[[1.0] * 8] * 2), TypeError, "x must be an array"),
-    (dict(x=jnp.ones((1, 2, 3, 8))), ValueError, r"x must have rank 2 \(\[T, hidden\]\) or 3"),
-    (dict(x=jnp.ones((2, 2, 8), jnp.float16)), TypeError, "partials .* must be float32"),
-    (dict(x=jnp.ones((2, 2, 8)), residual=None), ValueError, "partials .* needs the residual"),
-    (dict(x=jnp.ones((2, 3, 8))), ValueError, "residual must have x's shape"),
+    (dict(x=jnp.ones((2, 3, 8))), ValueError, "x must have rank 2"),
     (dict(x=jnp.ones((2, 8), jnp.int32)), TypeError, "x must be float16, bfloat16 or float32"),
     (dict(residual=jnp.ones((3, 8))), ValueError, "residual must have x's shape"),
     (dict(residual=jnp.ones((2, 8), jnp.float16)), TypeError, "residual must have x's dtype"),
@@ -104,24 +101,3 @@ def test_bad_input_raises_naming_the_argument(kwargs, error, match):
   args.update(kwargs)
   with pytest.raises(error, match=match):
     add_rms_norm(args.pop("x"), args.pop("residual"), args.pop("scale"), **args)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
-def test_split_k_partials_are_summed_then_rounded(backend, dtype):
-  """x as f32 partials [S, T, hidden]: x = their sum rounded to residual's dtype, then as above."""
-  if backend == "triton" and dtype == "bfloat16" and not HAS_GPU:
-    pytest.skip("Triton's interpreter rounds bfloat16 by truncation (its numpy emulation)")
-  rng = np.random.default_rng(11)
-  parts = (rng.standard_normal((3, 5, 200)) * 2).astype(np.float32)
-  residual = (rng.standard_normal((5, 200)) * 2).astype(NP[dtype])
-  scale = (1 + 0.3 * rng.standard_normal(200)).astype(np.float32)
-  y, s = add_rms_norm(jnp.asarray(parts), jnp.asarray(residual), jnp.asarray(scale), eps=EPS, backend=backend)
-  x = parts.astype(np.float64).sum(0).astype(NP[dtype])  # the matmul's rounded output
-  y_ref, s_ref = oracle(x, residual, scale, EPS)
-  assert y.shape == s.shape == (5, 200) and y.dtype == s.dtype == jnp.dtype(dtype)
-  # The f32 sum of 3 partials may round differently from the float64 sum in the last f32 bit:
-  # compare the sum within one unit of the dtype, not bit for bit.
-  np.testing.assert_allclose(np.asarray(s, np.float64), s_ref.astype(np.float64), rtol=TOL[dtype] / 2,
-                             atol=TOL[dtype] / 2)
-  np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=TOL[dtype], atol=TOL[dtype])

@@ -23,7 +23,6 @@ from flax import nnx
 
 from jax_varlen_attn.api import flash_attn_varlen_func
 from jax_varlen_attn.cache import write_kv
-from jax_varlen_attn.nn.partials import partials
 from jax_varlen_attn.nn.qkv import apply_rope, rope_write_kv
 from jax_varlen_attn.reference import naive_paged_attention
 
@@ -124,18 +123,13 @@ class PagedAttention(nnx.Module):
                          rope_theta=self.rope_theta, eps=self.norm_eps, layer=layer, backend=self.backend,
                          **norms)
 
-  def output(self, o: jax.Array, splits: int = 1) -> jax.Array:
-    """o [T, H, D] (attention output) -> [T, hidden]; splits > 1: f32 split-K partials [splits, T,
-    hidden] of it (`jax_varlen_attn.nn.partials`)."""
-    o = o.reshape(o.shape[0], self.num_heads * self.head_dim)
-    if splits > 1:
-      return partials(o, self.o_proj.kernel[...].astype(o.dtype), splits)
-    return self.o_proj(o)
+  def output(self, o: jax.Array) -> jax.Array:
+    """o [T, H, D] (attention output) -> [T, hidden]."""
+    return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
 
   def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: PagedBatch,
-               layer: Optional[jax.Array] = None, splits: int = 1):
-    """x [T, hidden] -> (y [T, hidden], k_cache, v_cache); splits > 1: y as f32 split-K partials
-    [splits, T, hidden] (`output`).
+               layer: Optional[jax.Array] = None):
+    """x [T, hidden] -> (y [T, hidden], k_cache, v_cache).
 
     The caches are NHD, [num_blocks, block_size, Hk, D], or layer-stacked [L, num_blocks, block_size,
     Hk, D] with `layer` an int32 scalar (traced is fine). This step's keys and values are written at
@@ -153,4 +147,4 @@ class PagedAttention(nnx.Module):
                                                                    backend=self.backend)
     o = attend(q, k_cache, v_cache, cu_seqlens_q=batch.cu_seqlens_q, seqused_k=batch.seqused_k,
                block_table=batch.block_table, causal=True, layer=layer)
-    return self.output(o, splits), k_cache, v_cache
+    return self.output(o), k_cache, v_cache

@@ -47,27 +47,18 @@ class ModelConfig:
   # place of XLA's three on a GPU; the same jnp ops elsewhere). Unrolled layers (scan_layers=False)
   # also carry the MLP's output into the next layer's norm (measured faster: NOTES.md)
   fuse_add_norm: bool = True
-  # with fuse_add_norm and unrolled layers, steps of at most split_k_max_rows tokens run o_proj,
-  # gate|up and down as `split_k` unsummed f32 partials (`nn.partials`) that the kernels after
-  # them sum (add_rms_norm, silu_mul): no reduction kernels of XLA's. 1: plain matmuls
-  split_k: int = 1
-  split_k_max_rows: int = 16
   init_std: float = 0.02  # weights ~ N(0, init_std^2) (Qwen's initializer_range); norms start at 1
   backend: str = "auto"  # the attention backend (flash_attn_varlen_func's `backend=`, or "naive")
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                  "intermediate_size", "split_k", "split_k_max_rows"):
+                  "intermediate_size"):
       value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"ModelConfig.{field} must be a positive int, got {value!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads}) (GQA)")
-    if self.split_k > 1 and (self.hidden_size % self.split_k or self.intermediate_size % self.split_k
-                             or (self.num_heads * self.head_dim) % self.split_k):
-      raise ValueError(f"ModelConfig.split_k ({self.split_k}) must divide hidden_size, intermediate_size "
-                       f"and num_heads * head_dim (the K of o_proj, gate|up and down)")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
     if not self.rope_theta > 0:

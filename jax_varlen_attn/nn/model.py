@@ -15,9 +15,6 @@ lie (what a serving loop wants; benchmarks/NOTES.md, "the serving decode loop").
 `ModelConfig.fuse_add_norm=True` (the default): each residual add and the RMSNorm after it are one
 `add_rms_norm` call (one Triton kernel on a GPU), and the unrolled loop carries each block's MLP
 output into the next block's norm (`DecoderBlock.carry`), so the stream's adds all run inside norms.
-With `ModelConfig.split_k > 1` as well, steps of at most `split_k_max_rows` tokens run o_proj, gate|up
-and down as unsummed split-K partials (`jax_varlen_attn.nn.partials`) that `add_rms_norm` and
-`silu_mul` sum as they read them.
 """
 
 from __future__ import annotations
@@ -31,16 +28,11 @@ from flax import nnx
 from jax_varlen_attn.nn.attention import PagedAttention, PagedBatch
 from jax_varlen_attn.nn.config import ModelConfig
 from jax_varlen_attn.nn.norm import add_rms_norm
-from jax_varlen_attn.nn.partials import partials, silu_mul
 
 
 class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)), no biases. `fused`: gate and up as one [hidden, 2 * intermediate]
-  projection (`gate_up_proj`, columns gate | up): one matmul instead of two.
-
-  `mlp(x, splits=S)` (fused only, S > 1): gate|up as S split-K partials summed by `silu_mul`, and the
-  output as down's f32 partials [S, T, hidden] for `add_rms_norm` to sum (`backend`: silu_mul's).
-  """
+  projection (`gate_up_proj`, columns gate | up): one matmul instead of two."""
 
   def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, param_dtype, init_std: float = 0.02,
                fused: bool = False, rngs: nnx.Rngs):
@@ -54,12 +46,7 @@ class SwiGLU(nnx.Module):
     self.down_proj = nnx.Linear(intermediate_size, hidden_size, **lin)
     self.fused = fused
 
-  def __call__(self, x, splits: int = 1, backend: str = "auto"):
-    if splits > 1 and self.fused:
-      dt = self.down_proj.dtype
-      h = silu_mul(partials(x.astype(dt), self.gate_up_proj.kernel[...].astype(dt), splits), dt,
-                   backend=backend)
-      return partials(h, self.down_proj.kernel[...].astype(dt), splits)
+  def __call__(self, x):
     if self.fused:
       gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
     else:
@@ -67,17 +54,11 @@ class SwiGLU(nnx.Module):
     return self.down_proj(jax.nn.silu(gate) * up)
 
 
-def kernel_backend(attention_backend: str) -> str:
-  """The backend of a model's own kernels (add_rms_norm, silu_mul) where its attention runs on
-  `attention_backend` ("naive": jnp)."""
-  return "xla" if attention_backend == "naive" else attention_backend
-
-
 def add_norm(norm: nnx.RMSNorm, h, residual, attention_backend: str):
   """`add_rms_norm` with an `nnx.RMSNorm`'s scale and epsilon: returns (norm(h + residual), the sum),
-  on the backend of a model whose attention runs on `attention_backend`. h may be f32 split-K
-  partials [S, T, hidden]."""
-  return add_rms_norm(h, residual, norm.scale[...], eps=norm.epsilon, backend=kernel_backend(attention_backend))
+  on the backend of a model whose attention runs on `attention_backend` ("naive": jnp)."""
+  backend = "xla" if attention_backend == "naive" else attention_backend
+  return add_rms_norm(h, residual, norm.scale[...], eps=norm.epsilon, backend=backend)
 
 
 class DecoderBlock(nnx.Module):
@@ -99,7 +80,6 @@ class DecoderBlock(nnx.Module):
     self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, init_std=c.init_std, fused=c.fuse_projections,
                       rngs=rngs, **dt)
     self.fuse_add_norm = c.fuse_add_norm
-    self.split_k, self.split_k_max_rows = c.split_k, c.split_k_max_rows
 
   def __call__(self, x, k_cache, v_cache, batch: PagedBatch, layer=None):
     if not self.fuse_add_norm:
@@ -108,27 +88,22 @@ class DecoderBlock(nnx.Module):
       x = x + self.mlp(self.post_attn_norm(x))
       return x, k_cache, v_cache
     x, pending, k_cache, v_cache = self.carry(x, None, k_cache, v_cache, batch, layer)
-    if pending.ndim == 3:  # split-K partials
-      pending = jnp.sum(pending, axis=0).astype(x.dtype)
     return x + pending, k_cache, v_cache
 
   def carry(self, x, pending, k_cache, v_cache, batch: PagedBatch, layer=None):
     """The block over a residual stream held as x + pending, its adds inside `add_rms_norm`.
 
-    x: [T, hidden]; pending: the previous block's MLP output not yet added to x ([T, hidden], or its
-    f32 split-K partials [S, T, hidden]), or None. Returns (x, mlp_out, k_cache, v_cache), the
-    stream after the block being x + mlp_out: the next block's (or the final) norm adds it, so a
-    layer launches no add of its own. Steps of at most `split_k_max_rows` tokens with split_k > 1
-    return mlp_out as partials, and o_proj's output reaches its norm as partials.
+    x: [T, hidden]; pending: the previous block's MLP output not yet added to x ([T, hidden]), or
+    None. Returns (x, mlp_out, k_cache, v_cache), the stream after the block being x + mlp_out: the
+    next block's (or the final) norm adds it, so a layer launches no add of its own.
     """
     if pending is None:
       y, x = add_norm(self.input_norm, x, None, self.attn.backend)
     else:
       y, x = add_norm(self.input_norm, pending, x, self.attn.backend)
-    splits = self.split_k if x.shape[0] <= self.split_k_max_rows and self.mlp.fused else 1
-    h, k_cache, v_cache = self.attn(y, k_cache, v_cache, batch, layer, splits=splits)
+    h, k_cache, v_cache = self.attn(y, k_cache, v_cache, batch, layer)
     y, x = add_norm(self.post_attn_norm, h, x, self.attn.backend)
-    return x, self.mlp(y, splits, kernel_backend(self.attn.backend)), k_cache, v_cache
+    return x, self.mlp(y), k_cache, v_cache
 
 
 class DecoderLM(nnx.Module):
@@ -214,8 +189,7 @@ class DecoderLM(nnx.Module):
       for i, layer in enumerate(self.layers):
         x, pending, k_cache, v_cache = layer.carry(x, pending, k_cache, v_cache, batch, jnp.int32(i))
       if logits_indices is not None:
-        x = x[logits_indices]
-        pending = pending[:, logits_indices] if pending.ndim == 3 else pending[logits_indices]
+        x, pending = x[logits_indices], pending[logits_indices]
       y, _ = add_norm(self.final_norm, pending, x, c.backend)
       return self.head(y), k_cache, v_cache
     else:

@@ -1,15 +1,11 @@
 """A residual add and the RMSNorm that follows it, as one call (the pre-norm block's seam).
 
     y, residual = add_rms_norm(h, residual, scale, eps=1e-6)    # residual += h; y = RMSNorm(residual)
-    y, residual = add_rms_norm(parts, residual, scale)         # h as f32 split-K partials [S, T, hidden]
 
 A pre-norm decoder runs `x = x + sublayer(...)` and then normalizes x for the next sublayer. XLA emits
 that as three kernels (the add, the sum of squares, the scaling); on the Triton backend this is one
 (`backends/triton/norm_kernel.py`), which a decode step of a few rows, bound by its launches, feels.
 Elsewhere it is the jnp form `add_rms_norm_xla`, which defines the semantics.
-
-h may also come as a projection's unsummed split-K partials (`jax_varlen_attn.nn.linear.partials`):
-the kernel sums them, so the projection needs no reduction kernel of its own.
 """
 
 from __future__ import annotations
@@ -38,13 +34,10 @@ def add_rms_norm(x, residual, scale, *, eps: float = 1e-6, backend: str = "auto"
   Semantics (`add_rms_norm_xla`): s = x + residual, rounded to x's dtype (as `x + residual` in jnp);
   y = s * (rsqrt(mean(s^2) + eps) * scale), computed in f32 and rounded to x's dtype, which is
   `flax.nnx.RMSNorm(s)` (and `jax_varlen_attn.nn.rms_norm`). residual None: s = x (a plain RMSNorm,
-  e.g. the first layer's, whose input is the embedding). x as partials [S, T, hidden]: x is first
-  their f32 sum rounded to residual's dtype (what a matmul with f32 accumulation returns), and
-  "x's dtype" above is residual's.
+  e.g. the first layer's, whose input is the embedding).
 
   Args (T rows):
-    x: [T, hidden], float16 / bfloat16 / float32; or float32 [S, T, hidden] split-K partials (then
-      residual is required: it gives the dtype).
+    x: [T, hidden], float16 / bfloat16 / float32.
     residual: [T, hidden] in x's dtype, or None.
     scale: [hidden] RMSNorm scale (any float dtype; used in f32).
     eps: RMSNorm's epsilon (>= 0).
@@ -55,25 +48,17 @@ def add_rms_norm(x, residual, scale, *, eps: float = 1e-6, backend: str = "auto"
   Returns:
     (y [T, hidden], s [T, hidden]), both in x's dtype.
   """
-  x = array_arg("x", x, dtypes=FLOAT_DTYPES, dtype_desc=_DTYPES_DESC)
-  if x.ndim == 3:  # split-K partials
-    if jnp.dtype(x.dtype) != jnp.float32:
-      raise TypeError(f"x as split-K partials [S, T, hidden] must be float32, got {jnp.dtype(x.dtype).name}")
-    if residual is None:
-      raise ValueError("x as split-K partials [S, T, hidden] needs the residual (it gives the dtype)")
-  elif x.ndim != 2:
-    raise ValueError(f"x must have rank 2 ([T, hidden]) or 3 (partials [S, T, hidden]), got shape "
-                     f"{tuple(x.shape)}")
+  x = array_arg("x", x, rank=2, dtypes=FLOAT_DTYPES, dtype_desc=_DTYPES_DESC)
   if residual is not None:
-    residual = array_arg("residual", residual, rank=2, dtypes=FLOAT_DTYPES, dtype_desc=_DTYPES_DESC)
-    if tuple(residual.shape) != tuple(x.shape[-2:]):
-      raise ValueError(f"residual must have x's shape {tuple(x.shape[-2:])}, got {tuple(residual.shape)}")
-    if x.ndim == 2 and jnp.dtype(residual.dtype) != jnp.dtype(x.dtype):
+    residual = array_arg("residual", residual, rank=2)
+    if tuple(residual.shape) != tuple(x.shape):
+      raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if jnp.dtype(residual.dtype) != jnp.dtype(x.dtype):
       raise TypeError(f"residual must have x's dtype {jnp.dtype(x.dtype).name}, got "
                       f"{jnp.dtype(residual.dtype).name}")
   scale = array_arg("scale", scale, rank=1)
-  if scale.shape[0] != x.shape[-1]:
-    raise ValueError(f"scale must be [hidden={x.shape[-1]}] (the last axis of x), got {tuple(scale.shape)}")
+  if scale.shape[0] != x.shape[1]:
+    raise ValueError(f"scale must be [hidden={x.shape[1]}] (axis 1 of x), got {tuple(scale.shape)}")
   if not jnp.issubdtype(scale.dtype, jnp.floating):
     raise TypeError(f"scale must be a float array, got {jnp.dtype(scale.dtype).name}")
   if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
@@ -83,18 +68,15 @@ def add_rms_norm(x, residual, scale, *, eps: float = 1e-6, backend: str = "auto"
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _run(backend_name: str, eps: float, x, residual, scale):
-  if backend_name == "triton" and x.shape[-2]:
+  if backend_name == "triton" and x.shape[0]:
     from jax_varlen_attn.backends.triton import norm_kernel  # imports triton: only when asked
 
-    if x.shape[-1] <= norm_kernel.MAX_HIDDEN:
+    if x.shape[1] <= norm_kernel.MAX_HIDDEN:
       return norm_kernel.add_rms_norm(x, residual, scale, eps)
   return add_rms_norm_xla(x, residual, scale, eps)
 
 
 def add_rms_norm_xla(x, residual, scale, eps: float):
-  """The jnp form (the semantics): s = x + residual (or x), y = rms_norm(s); returns (y, s). x as
-  f32 partials [S, T, hidden]: their sum rounded to residual's dtype."""
-  if x.ndim == 3:
-    x = jnp.sum(x, axis=0).astype(residual.dtype)
+  """The jnp form (the semantics): s = x + residual (or x), y = rms_norm(s); returns (y, s)."""
   s = x if residual is None else x + residual
   return rms_norm(s, scale, eps), s

@@ -6,8 +6,7 @@ in one launch.
 
 One program per row; the row is one tile. XLA emits this as three kernels (the add, the sum of
 squares, the scaling): a decode step of a few rows is bound by its launches, not its bytes. The
-math and its roundings are those of `jax_varlen_attn.nn.norm.add_rms_norm_xla`. x may be f32
-split-K partials [PARTS, rows, HIDDEN], summed here (so the matmul before needs no sum kernel).
+math and its roundings are those of `jax_varlen_attn.nn.norm.add_rms_norm_xla`.
 """
 
 from __future__ import annotations
@@ -28,26 +27,18 @@ MAX_HIDDEN = 16384
 
 @triton.jit
 def add_rms_norm_kernel(
-    x_ptr,  # [num_rows, HIDDEN]; PARTS > 0: f32 [PARTS, num_rows, HIDDEN] partials of it
+    x_ptr,  # [num_rows, HIDDEN]
     residual_ptr,  # [num_rows, HIDDEN] (HAS_RESIDUAL; else a placeholder, never read)
     scale_ptr,  # [HIDDEN]: RMSNorm's scale
     y_ptr,  # output [num_rows, HIDDEN]: RMSNorm(x + residual)
     sum_ptr,  # output [num_rows, HIDDEN]: x + residual (HAS_RESIDUAL; else a placeholder, never written)
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EPS: tl.constexpr,
-    PARTS: tl.constexpr,
 ):
   dtype = y_ptr.dtype.element_ty
   cols = tl.arange(0, BLOCK)
   in_row = cols < HIDDEN
   offs = tl.program_id(0).to(tl.int64) * HIDDEN + cols
-  if PARTS > 0:  # x = the partials' f32 sum, rounded as a matmul rounds its output
-    part_stride = tl.num_programs(0).to(tl.int64) * HIDDEN
-    total = tl.zeros([BLOCK], tl.float32)
-    for p in tl.static_range(PARTS):
-      total += tl.load(x_ptr + p * part_stride + offs, mask=in_row, other=0.0)
-    x = total.to(dtype)
-  else:
-    x = tl.load(x_ptr + offs, mask=in_row, other=0.0)
+  x = tl.load(x_ptr + offs, mask=in_row, other=0.0)
   w = tl.load(scale_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
   if HAS_RESIDUAL:
     r = tl.load(residual_ptr + offs, mask=in_row, other=0.0)
@@ -61,25 +52,22 @@ def add_rms_norm_kernel(
 def add_rms_norm(x, residual, scale, eps: float):
   """The Triton launch: returns (y, x + residual), or (y, x) where residual is None.
 
-  x [T, hidden] and residual (same shape and dtype), or x f32 partials [S, T, hidden] and residual
-  [T, hidden], validated by `jax_varlen_attn.nn.add_rms_norm`; hidden <= MAX_HIDDEN (the caller
-  takes the jnp form past it).
+  x [T, hidden] and residual (same shape and dtype) validated by `jax_varlen_attn.nn.add_rms_norm`;
+  hidden <= MAX_HIDDEN (the caller takes the jnp form past it).
   """
-  parts = x.shape[0] if x.ndim == 3 else 0
-  num_rows, hidden = x.shape[-2:]
-  dtype = residual.dtype if parts else x.dtype
+  num_rows, hidden = x.shape
   block = max(16, next_pow2(hidden))
   # 16 elements a thread: a 2048-wide row on 4 warps; never more than 8 warps (one row's tile).
   num_warps = max(1, min(8, block // 512))
   has_residual = residual is not None
-  unused = jnp.zeros((1,), dtype)
+  unused = jnp.zeros((1,), x.dtype)
   inputs = dict(x_ptr=x, residual_ptr=residual if has_residual else unused, scale_ptr=scale)
-  outputs = [jax.ShapeDtypeStruct((num_rows, hidden), dtype),
-             jax.ShapeDtypeStruct((num_rows, hidden) if has_residual else (1,), dtype)]
+  outputs = [jax.ShapeDtypeStruct(x.shape, x.dtype),
+             jax.ShapeDtypeStruct(x.shape if has_residual else (1,), x.dtype)]
   # XLA's Triton call at every size (unless $JAX_VARLEN_ATTN_LAUNCH says): the call stays inside
   # XLA's command buffers, which jax-triton's legacy call splits (measured slower: NOTES.md).
   route = None if os.environ.get(LAUNCH_ENV) else "xla"
   y, total = launch(add_rms_norm_kernel, inputs, outputs, (num_rows,), num_warps, 1,
-                    dict(HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=has_residual, EPS=float(eps), PARTS=parts),
+                    dict(HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=has_residual, EPS=float(eps)),
                     route=route)
   return y, (total if has_residual else x)
