@@ -388,7 +388,7 @@ def main(argv=None) -> int:
   per_sm = dict(zip(kv_dtypes, (int(x) for x in args.programs_per_sm.split(","))))
   block_n = dict(zip(kv_dtypes, (int(x) for x in args.block_n.split(","))))
   stages = dict(zip(kv_dtypes, (int(x) for x in args.stages.split(","))))
-  sms = 132 if not on_gpu else jax.devices()[0].core_count
+  sms = getattr(jax.devices()[0], "core_count", 132) if on_gpu else 132
   ceiling = None
   if on_gpu:
     import device_time
