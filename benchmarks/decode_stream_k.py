@@ -380,7 +380,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   on_gpu = any(dev.platform == "gpu" for dev in jax.devices())
-  if args.tiny:  # 16-key tiles: items of several tiles, cut by the shares of 5 to 50 programs
+  if args.tiny:  # 16-key tiles: items of several tiles, cut by the shares of 7 and 50 programs
     args.cases, args.sets, args.block_n = "tiny", 1, "16,16"
   elif not on_gpu:
     p.error("no GPU: use --tiny under TRITON_INTERPRET=1")
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
       q, k, v, lens, table, kd, vd = sets[0]
       kv_bytes = int(np.asarray(lens).sum()) * 2 * k.shape[2] * k.shape[3] * jnp.dtype(kv).itemsize
       ref = reference(*sets[0], fp8)
-      counts = (5, 7, 13, 50) if args.tiny else (sms * per_sm[kv],)
+      counts = (7, 50) if args.tiny else (sms * per_sm[kv],)
 
       def ours(q, k, v, lens, table, kd, vd, programs, kv=kv):
         return stream_k_decode(q, k, v, lens, table, kd, vd, programs=programs, block_n=block_n[kv],

@@ -387,3 +387,16 @@ def test_decode_stream_mosaic_fp8_is_the_tma_stream_alone():
   with pytest.raises(ValueError, match="mma=False"):
     m.stream(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((512, 512), jnp.float8_e4m3fn),
              jnp.zeros((512, 512), jnp.float8_e4m3fn), batch=2, kv_heads=4, keys=256, block_kv=128, stages=2)
+
+
+def test_decode_stream_k_tiny_matches_the_reference_with_items_cut_into_pieces():
+  """The stream-K experiment under Triton's interpreter: 7 and 50 programs cut most items of the
+  tiny batch (16-key tiles) into pieces that the last one combines; every output against the
+  reference (the script fails on any record not ok)."""
+  env = dict(os.environ, TRITON_INTERPRET="1", JVA_COMMIT="test")
+  proc = subprocess.run([sys.executable, str(BENCH / "decode_stream_k.py"), "--tiny", "--kv-dtype", "float8_e4m3fn"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("tiny ")]
+  assert [line.split()[2] for line in lines] == ["stream-k", "stream-k", "jva-triton"]
+  assert all(line.split()[-1] == "ok" for line in lines)
