@@ -13,7 +13,7 @@ its LSE, as split-KV writes); the last piece to finish combines them.
 What it covers: decode only (one query per sequence), a paged NHD cache, fp16 / bf16 or fp8
 (e4m3 / e5m2 with per-(sequence, kv head) descales, V read as 16-bit pairs as the library's fp8
 decode tile does), no window / softcap / ALiBi / sinks / LSE output. The online-softmax step and
-the tile addressing are the library's (`kernel._attend_tile`, `_tile_offsets`, `_lane_offsets`).
+the tile addressing are the library's (`kernel._attend_tile`, `_tile_offsets`, `_lane_offsets`, `_merge_piece`).
 Not used by the library: a measurement.
 
   python benchmarks/decode_stream_k.py --cases 198x2336,seed4,256x4096 --kv-dtype float8_e4m3fn,float16
@@ -44,8 +44,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from jax_varlen_attn.backends.triton.call import launch  # noqa: E402
-from jax_varlen_attn.backends.triton.kernel import (LN2, _attend_tile, _lane_offsets, _opaque_zero,  # noqa: E402
-                                                     _tile_offsets)
+from jax_varlen_attn.backends.triton.kernel import (LN2, _attend_tile, _lane_offsets, _merge_piece,  # noqa: E402
+                                                     _opaque_zero, _tile_offsets)
 from jax_varlen_attn.spec import next_pow2  # noqa: E402
 
 PAGE = 16
@@ -243,17 +243,8 @@ def stream_k_decode_kernel(
         wsum = tl.zeros([BLOCK_M], tl.float32)
         comb = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
         for p in range(lo, hi + 1):
-          at = tl.where(p == lo, P + lo, p)
-          p_lse = tl.load(part_lse_ptr + at * BLOCK_M + rows, cache_modifier=".cg")
-          part = tl.load(part_ptr + (at * BLOCK_M + rows)[:, None] * HEAD_DIM_PAD + offs_d[None, :],
-                         cache_modifier=".cg")
-          m_new = tl.maximum(m, p_lse)
-          m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-          alpha = tl.exp(m - m_ref)
-          weight = tl.exp(p_lse - m_ref)
-          wsum = wsum * alpha + weight
-          comb = comb * alpha[:, None] + weight[:, None] * part
-          m = m_new
+          m, wsum, comb = _merge_piece(m, wsum, comb, part_ptr, part_lse_ptr, tl.where(p == lo, P + lo, p),
+                                       BLOCK_M, HEAD_DIM_PAD)
         comb = comb / tl.where(wsum > 0.0, wsum, 1.0)[:, None]
         o_off = ((item // NUM_KV_HEADS) * NUM_HEADS + (item % NUM_KV_HEADS) * GROUP + rows) * HEAD_DIM
         tl.store(out_ptr + o_off[:, None] + offs_d[None, :], comb.to(out_ptr.dtype.element_ty), mask=io_mask)

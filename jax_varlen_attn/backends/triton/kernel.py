@@ -171,26 +171,30 @@ def _tail_plan(cu_seqlens_q_ptr, batch, seq, seq_start, q_end, first, kv_head, h
 
 
 @triton.jit
+def _merge_piece(m, total, acc, part_ptr, part_lse_ptr, at, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+  """One piece's partial (slot `at`: normalized output f32[BLOCK_M, HEAD_DIM_PAD], LSE f32[BLOCK_M],
+  -inf where it saw no key) merged into the running (row max m, weight total, weighted sum acc)."""
+  rows = tl.arange(0, BLOCK_M)
+  lse = tl.load(part_lse_ptr + at * BLOCK_M + rows, cache_modifier=".cg")
+  part = tl.load(part_ptr + (at * BLOCK_M + rows)[:, None] * HEAD_DIM_PAD + tl.arange(0, HEAD_DIM_PAD)[None, :],
+                 cache_modifier=".cg")
+  m_new = tl.maximum(m, lse)
+  m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+  alpha = tl.exp(m - m_ref)
+  weight = tl.exp(lse - m_ref)
+  return m_new, total * alpha + weight, acc * alpha[:, None] + weight[:, None] * part
+
+
+@triton.jit
 def _combine_pieces(part_ptr, part_lse_ptr, slot, pieces, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
   """(out f32[BLOCK_M, HEAD_DIM_PAD], lse f32[BLOCK_M] natural log, +inf for a row no piece saw) of
   one tail item from its pieces' partials (each normalized, LSE -inf where it saw no key), as
   `launcher.combine_splits` merges split-KV partials. Read past L1 (.cg): other programs wrote them."""
-  rows = tl.arange(0, BLOCK_M)
-  cols = tl.arange(0, HEAD_DIM_PAD)
   m = tl.full([BLOCK_M], float("-inf"), tl.float32)
   total = tl.zeros([BLOCK_M], tl.float32)
   acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
   for p in range(0, pieces):
-    at = slot * pieces + p
-    lse = tl.load(part_lse_ptr + at * BLOCK_M + rows, cache_modifier=".cg")
-    part = tl.load(part_ptr + (at * BLOCK_M + rows)[:, None] * HEAD_DIM_PAD + cols[None, :], cache_modifier=".cg")
-    m_new = tl.maximum(m, lse)
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_ref)
-    weight = tl.exp(lse - m_ref)
-    total = total * alpha + weight
-    acc = acc * alpha[:, None] + weight[:, None] * part
-    m = m_new
+    m, total, acc = _merge_piece(m, total, acc, part_ptr, part_lse_ptr, slot * pieces + p, BLOCK_M, HEAD_DIM_PAD)
   seen = total > 0.0
   out = acc / tl.where(seen, total, 1.0)[:, None]
   return out, tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("inf"))
