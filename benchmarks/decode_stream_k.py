@@ -44,8 +44,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from jax_varlen_attn.backends.triton.call import launch  # noqa: E402
-from jax_varlen_attn.backends.triton.kernel import (LN2, _attend_tile, _lane_offsets, _merge_piece,  # noqa: E402
-                                                     _opaque_zero, _tile_offsets)
+from jax_varlen_attn.backends.triton.kernel import (LN2, _attend_tile, _fresh_state, _lane_offsets,  # noqa: E402
+                                                     _merge_piece, _opaque_zero, _tile_offsets)
 from jax_varlen_attn.spec import next_pow2  # noqa: E402
 
 PAGE = 16
@@ -143,13 +143,7 @@ def stream_k_decode_kernel(
   v_base = v_ptr
   if V_PAIRS:
     v_base = v_ptr.to(tl.pointer_type(tl.int16))
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD // 2], tl.float32)
-    acc_odd = tl.zeros([BLOCK_M, HEAD_DIM_PAD // 2], tl.float32)
-  else:
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    acc_odd = tl.zeros([1], tl.float32)
-  m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-  l_i = tl.zeros([BLOCK_M], tl.float32)
+  acc, acc_odd, m_i, l_i = _fresh_state(BLOCK_M, HEAD_DIM_PAD, V_PAIRS)
   zero_rows = tl.zeros([BLOCK_M], tl.int32)
   slopes = tl.zeros([BLOCK_M], tl.float32)
   ahead = _tile_offsets(table_ptr, seq, 0, j * BLOCK_N, len_k, True, True, False, NUM_KV_HEADS, HEAD_DIM,
@@ -204,10 +198,7 @@ def stream_k_decode_kernel(
       b_lo = tl.where(keep_b, p_a, b_lo)
       b_hi = tl.where(keep_b, p_z, b_hi)
       b_item = tl.where(keep_b, seq * NUM_KV_HEADS + kv_head, b_item)
-      acc = tl.zeros_like(acc)
-      acc_odd = tl.zeros_like(acc_odd)
-      m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-      l_i = tl.zeros([BLOCK_M], tl.float32)
+      acc, acc_odd, m_i, l_i = _fresh_state(BLOCK_M, HEAD_DIM_PAD, V_PAIRS)
     # The next flat tile: the next tile of this item, or the first of the next (kv head, then
     # sequence); its q, descales and pages are read now, a tile before the loop needs them.
     if item_end:

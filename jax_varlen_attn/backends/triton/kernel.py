@@ -421,6 +421,20 @@ def _attend_tile(acc, acc_odd, m_i, l_i, q, k_base, v_base, tile_off, fixed_off,
 
 
 @triton.jit
+def _fresh_state(BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, V_PAIRS: tl.constexpr):
+  """(acc, acc_odd, m_i, l_i) of `_attend_tile` before a row's first key: zeros, and m = -inf. V_PAIRS:
+  acc / acc_odd f32[BLOCK_M, HEAD_DIM_PAD / 2] (even / odd dims); else acc f32[BLOCK_M, HEAD_DIM_PAD]
+  and acc_odd a placeholder _attend_tile passes through."""
+  if V_PAIRS:
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD // 2], tl.float32)
+    acc_odd = tl.zeros([BLOCK_M, HEAD_DIM_PAD // 2], tl.float32)
+  else:
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    acc_odd = tl.zeros([1], tl.float32)
+  return acc, acc_odd, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
+
+
+@triton.jit
 def _opaque_zero(x):
   """i32 zeros shaped like x that the compiler cannot see are zero, nor compute before x exists."""
   return tl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
@@ -610,13 +624,7 @@ def varlen_attention_kernel(
                             HEAD_STRIDE)  # [BLOCK_N]
   if V_PAIRS:
     v_base = v_base.to(tl.pointer_type(tl.int16))
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD // 2], tl.float32)
-    acc_odd = tl.zeros([BLOCK_M, HEAD_DIM_PAD // 2], tl.float32)
-  else:
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    acc_odd = tl.zeros([1], tl.float32)  # unused: _attend_tile passes it through
-  m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-  l_i = tl.zeros([BLOCK_M], tl.float32)
+  acc, acc_odd, m_i, l_i = _fresh_state(BLOCK_M, HEAD_DIM_PAD, V_PAIRS)
   if USE_SINKS:
     # Split-KV: the sink joins split 0's partial only, so the combine counts it once.
     m_i, l_i = _sink_start(sinks_ptr, head, row_ok & (tl.zeros_like(head) + split == 0))
