@@ -10,17 +10,18 @@ whose software pipeline runs on from one (sequence, kv head) item into the next,
 its start once. An item cut by a share's edge is finished in pieces (each a normalized partial and
 its LSE, as split-KV writes); the last piece to finish combines them.
 
-What it covers: decode only (one query per sequence), a paged NHD cache, fp16 / bf16 or fp8
+What it covers: decode only (one query per sequence), a paged NHD cache, fp16 or fp8
 (e4m3 / e5m2 with per-(sequence, kv head) descales, V read as 16-bit pairs as the library's fp8
 decode tile does), no window / softcap / ALiBi / sinks / LSE output. The online-softmax step and
 the tile addressing are the library's (`kernel._attend_tile`, `_tile_offsets`, `_lane_offsets`, `_merge_piece`).
 Not used by the library: a measurement.
 
-  python benchmarks/decode_stream_k.py --cases 198x2336,seed4,256x4096 --kv-dtype float8_e4m3fn,float16
+  python benchmarks/decode_stream_k.py --cases seed4,198x2336,16x600 --sets 2
 
-prints, per case, this kernel's device time and our Triton kernel's (flash_attn_varlen_func) on the
-same cache, each against float64, each as % of the read ceiling measured in the same run. CPU:
-`TRITON_INTERPRET=1 python benchmarks/decode_stream_k.py --tiny` checks it against float64 only.
+prints, per case and kv dtype, this kernel's device time and our Triton kernel's
+(flash_attn_varlen_func) on the same cache, each checked against `reference` (the semantics in f32
+on the GPU) and given as % of the read ceiling measured in the same run. CPU:
+`TRITON_INTERPRET=1 python benchmarks/decode_stream_k.py --tiny` checks correctness only.
 """
 
 from __future__ import annotations
