@@ -413,7 +413,10 @@ def parse_args(argv):
   p.add_argument("--preset", default="qwen3_1_7b_like")
   p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
   p.add_argument("--batches", default="1,16,64")
-  p.add_argument("--backends", default="auto,naive")
+  p.add_argument("--backends", default="auto,naive",
+                 help="attention backends, one model each; a name may end in +prefetch or +prefetch=MB "
+                      "(ModelConfig.prefetch_weights, prefetch_max_bytes: our small kernels ask L2 for the "
+                      "next matmul's weight), e.g. auto,auto+prefetch")
   p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many, checking "
                  "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call)")
   p.add_argument("--steps-per-call", type=int, default=32)
@@ -510,7 +513,7 @@ def main(argv=None) -> int:
   tokens = {}
   names = args.backends.split(",")
   for backend in names:
-    model = DecoderLM(dataclasses.replace(base, backend=backend), rngs=nnx.Rngs(0))
+    model = DecoderLM(model_config(base, backend), rngs=nnx.Rngs(0))
     for batch in batches:
       for mode in args.modes:
         rec, _ = run_batch(model, batch, mode, args, ceiling)
@@ -546,6 +549,18 @@ def main(argv=None) -> int:
   print(f"wrote {path}")
   print_table(doc, names)
   return 0
+
+
+def model_config(base: ModelConfig, name: str) -> ModelConfig:
+  """`base` for a --backends entry: "auto", "naive", ..., optionally "+prefetch" or "+prefetch=MB"."""
+  backend, _, option = name.partition("+")
+  if not option:
+    return dataclasses.replace(base, backend=backend)
+  key, _, mb = option.partition("=")
+  if key != "prefetch":
+    raise ValueError(f"--backends: {name!r}: the only option is +prefetch or +prefetch=MB")
+  limit = None if not mb else int(float(mb) * 2**20)
+  return dataclasses.replace(base, backend=backend, prefetch_weights=True, prefetch_max_bytes=limit)
 
 
 def ratios(records, names, batches, modes, tokens) -> List[dict]:
