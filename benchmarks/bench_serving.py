@@ -552,15 +552,25 @@ def main(argv=None) -> int:
 
 
 def model_config(base: ModelConfig, name: str) -> ModelConfig:
-  """`base` for a --backends entry: "auto", "naive", ..., optionally "+prefetch" or "+prefetch=MB"."""
-  backend, _, option = name.partition("+")
-  if not option:
-    return dataclasses.replace(base, backend=backend)
-  key, _, mb = option.partition("=")
-  if key != "prefetch":
-    raise ValueError(f"--backends: {name!r}: the only option is +prefetch or +prefetch=MB")
-  limit = None if not mb else int(float(mb) * 2**20)
-  return dataclasses.replace(base, backend=backend, prefetch_weights=True, prefetch_max_bytes=limit)
+  """`base` for a --backends entry: "auto", "naive", ..., optionally "+prefetch" or "+prefetch=MB",
+  then "+bulk" (experiment: the prefetch as bulk copies, `backends/triton/prefetch.py`'s MODE, set
+  here for the model built next)."""
+  backend, *options = name.split("+")
+  config = dataclasses.replace(base, backend=backend)
+  mode = "lines"
+  for option in options:
+    key, _, mb = option.partition("=")
+    if key == "prefetch":
+      limit = None if not mb else int(float(mb) * 2**20)
+      config = dataclasses.replace(config, prefetch_weights=True, prefetch_max_bytes=limit)
+    elif option == "bulk":
+      mode = "bulk"
+    else:
+      raise ValueError(f"--backends: {name!r}: options are +prefetch, +prefetch=MB and +bulk")
+  if config.prefetch_weights and backend != "naive":
+    from jax_varlen_attn.backends.triton import prefetch
+    prefetch.MODE = mode
+  return config
 
 
 def ratios(records, names, batches, modes, tokens) -> List[dict]:

@@ -107,7 +107,7 @@ def main() -> int:
             # placeholder) + y, the sum (or a placeholder)
             ("add_rms_norm", *norm_case(True), 4 + 2, None),
             ("rms_norm", *norm_case(False), 4 + 2, None),
-            ("add_rms_norm-prefetch", *norm_case(True, prefetch=True), 4 + 2, "cp.async.bulk.prefetch.L2")]
+            ("add_rms_norm-prefetch", *norm_case(True, prefetch=True), 4 + 2, "prefetch.global.L2")]
   for name, fn, args, buffers, needs in checks:
     try:
       text = exported_text(fn, *args)

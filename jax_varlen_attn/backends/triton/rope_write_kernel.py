@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from jax_varlen_attn.backends.triton.call import launch, route_for
-from jax_varlen_attn.backends.triton.prefetch import prefetch_bytes, prefetch_l2
+from jax_varlen_attn.backends.triton import prefetch as pf
+from jax_varlen_attn.backends.triton.prefetch import prefetch_l2
 from jax_varlen_attn.backends.triton.write_kernel import cache_rows, layout_constexprs, tokens_per_program
 from jax_varlen_attn.layout import KVCacheLayout
 from jax_varlen_attn.spec import next_pow2
@@ -76,8 +77,10 @@ def rope_write_kv_kernel(
     TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, K_OFFSET: tl.constexpr,
     V_OFFSET: tl.constexpr, IS_CONTIGUOUS: tl.constexpr, IS_STACKED: tl.constexpr,
     NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr, PREFETCH_BYTES: tl.constexpr, LANES: tl.constexpr,
+    BULK: tl.constexpr,
 ):
-  prefetch_l2(prefetch_ptr, PREFETCH_BYTES, LANES)  # first: the copies start early
+  # First: the requests start early. Token blocks past num_tokens (prefetch.grid_programs) are masked.
+  prefetch_l2(prefetch_ptr, PREFETCH_BYTES, LANES, BULK)
   HALF: tl.constexpr = HEAD_DIM // 2
   ROW: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
   dtype = q_out_ptr.dtype.element_ty
@@ -140,8 +143,9 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
   qk_norm = q_norm is not None
   # One warp per 16 tokens' 64-wide halves: the tile is small, the launch count is what matters.
   num_warps = max(1, min(4, block_t * half_pad // 256))
-  nbytes = prefetch_bytes(prefetch, prefetch_limit)
+  nbytes = pf.prefetch_bytes(prefetch, prefetch_limit)
   consts = dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, PREFETCH_BYTES=nbytes, LANES=32 * num_warps,
+                BULK=pf.bulk(),
                 HEAD_DIM=head_dim, HALF_PAD=half_pad, BLOCK_T=block_t, QK_NORM=qk_norm, EPS=float(eps),
                 **layout_constexprs(layout))
   unused = jnp.zeros((1,), jnp.float32)  # norm scale pointers without QK_NORM: never read
@@ -154,7 +158,8 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
   outputs = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
              jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
              jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype)]
-  grid = (-(-num_tokens // block_t), num_heads + num_kv_heads)
+  heads = num_heads + num_kv_heads
+  grid = (-(-pf.grid_programs(-(-num_tokens // block_t) * heads, nbytes) // heads), heads)
   k_cache, v_cache, q = launch(rope_write_kv_kernel, inputs, outputs, grid, num_warps, 1, consts,
                                input_output_aliases={"k_cache_ptr": 0, "v_cache_ptr": 1},
                                route=route_for(num_tokens))
