@@ -413,10 +413,7 @@ def parse_args(argv):
   p.add_argument("--preset", default="qwen3_1_7b_like")
   p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
   p.add_argument("--batches", default="1,16,64")
-  p.add_argument("--backends", default="auto,naive",
-                 help="attention backends, one model each; a name may end in +prefetch or +prefetch=MB "
-                      "(ModelConfig.prefetch_weights, prefetch_max_bytes: our small kernels ask L2 for the "
-                      "next matmul's weight), e.g. auto,auto+prefetch")
+  p.add_argument("--backends", default="auto,naive")
   p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many, checking "
                  "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call)")
   p.add_argument("--steps-per-call", type=int, default=32)
@@ -513,7 +510,7 @@ def main(argv=None) -> int:
   tokens = {}
   names = args.backends.split(",")
   for backend in names:
-    model = DecoderLM(model_config(base, backend), rngs=nnx.Rngs(0))
+    model = DecoderLM(dataclasses.replace(base, backend=backend), rngs=nnx.Rngs(0))
     for batch in batches:
       for mode in args.modes:
         rec, _ = run_batch(model, batch, mode, args, ceiling)
@@ -549,28 +546,6 @@ def main(argv=None) -> int:
   print(f"wrote {path}")
   print_table(doc, names)
   return 0
-
-
-def model_config(base: ModelConfig, name: str) -> ModelConfig:
-  """`base` for a --backends entry: "auto", "naive", ..., optionally "+prefetch" or "+prefetch=MB",
-  then "+bulk" (experiment: the prefetch as bulk copies, `backends/triton/prefetch.py`'s MODE, set
-  here for the model built next)."""
-  backend, *options = name.split("+")
-  config = dataclasses.replace(base, backend=backend)
-  mode = "lines"
-  for option in options:
-    key, _, mb = option.partition("=")
-    if key == "prefetch":
-      limit = None if not mb else int(float(mb) * 2**20)
-      config = dataclasses.replace(config, prefetch_weights=True, prefetch_max_bytes=limit)
-    elif option == "bulk":
-      mode = "bulk"
-    else:
-      raise ValueError(f"--backends: {name!r}: options are +prefetch, +prefetch=MB and +bulk")
-  if config.prefetch_weights and backend != "naive":
-    from jax_varlen_attn.backends.triton import prefetch
-    prefetch.MODE = mode
-  return config
 
 
 def ratios(records, names, batches, modes, tokens) -> List[dict]:

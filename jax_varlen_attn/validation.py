@@ -74,16 +74,6 @@ def array_arg(name: str, x, *, rank: Optional[int] = None, dtypes=None, dtype_de
   return x
 
 
-def check_prefetch(prefetch, prefetch_limit):
-  """(prefetch as an array or None, prefetch_limit) validated: any array; None or an int >= 0."""
-  if prefetch is not None:
-    prefetch = array_arg("prefetch", prefetch)
-  if prefetch_limit is not None and (not isinstance(prefetch_limit, int) or isinstance(prefetch_limit, bool)
-                                     or prefetch_limit < 0):
-    raise ValueError(f"prefetch_limit must be None or an int >= 0, got {prefetch_limit!r}")
-  return prefetch, prefetch_limit
-
-
 def int32_arg(name: str, x, rank: int, shape_desc: str):
   if x is None:
     raise ValueError(f"{name} is required: int32 {shape_desc}")

@@ -80,17 +80,16 @@ def write_case(cache_dtype=jnp.float16):
   return f, (new, slots, cache, cache + 1)
 
 
-def norm_case(with_residual: bool, prefetch: bool = False):
-  """add_rms_norm's kernel (which takes the "xla" route at every size) over 40 rows of 2048;
-  `prefetch`: asking L2 for a [2048, 4096] weight."""
+def norm_case(with_residual: bool):
+  """add_rms_norm's kernel (which takes the "xla" route at every size) over 40 rows of 2048."""
   from jax_varlen_attn.backends.triton import norm_kernel
 
   x = jnp.ones((40, 2048), jnp.bfloat16)
 
-  def f(x, r, w, weight):
-    return norm_kernel.add_rms_norm(x, r if with_residual else None, w, 1e-6, weight if prefetch else None)
+  def f(x, r, w):
+    return norm_kernel.add_rms_norm(x, r if with_residual else None, w, 1e-6)
 
-  return f, (x, x, jnp.ones((2048,), jnp.bfloat16), jnp.ones((2048, 4096), jnp.bfloat16))
+  return f, (x, x, jnp.ones((2048,), jnp.bfloat16))
 
 
 def main() -> int:
@@ -103,11 +102,9 @@ def main() -> int:
             ("attention-fp8", *attention_case("nhd", jnp.float8_e4m3fn), 13 + 5, "f8E4M3FN"),
             ("write_kv", *write_case(), 8 + 2, "output_operand_aliases"),
             ("write_kv-fp8", *write_case(jnp.float8_e5m2), 8 + 2, "f8E5M2"),
-            # add_rms_norm: x, residual (or a placeholder), scale, the weight to prefetch (or a
-            # placeholder) + y, the sum (or a placeholder)
-            ("add_rms_norm", *norm_case(True), 4 + 2, None),
-            ("rms_norm", *norm_case(False), 4 + 2, None),
-            ("add_rms_norm-prefetch", *norm_case(True, prefetch=True), 4 + 2, "prefetch.global.L2")]
+            # add_rms_norm: x, residual (or a placeholder), scale + y, the sum (or a placeholder)
+            ("add_rms_norm", *norm_case(True), 3 + 2, None),
+            ("rms_norm", *norm_case(False), 3 + 2, None)]
   for name, fn, args, buffers, needs in checks:
     try:
       text = exported_text(fn, *args)

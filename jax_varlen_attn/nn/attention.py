@@ -65,16 +65,13 @@ class PagedAttention(nnx.Module):
       "naive": `jax_varlen_attn.reference.naive_paged_attention` (the serving benchmark's baseline;
       the cache is then written with the XLA scatter).
     init_std: projections start as N(0, init_std^2) (biases at 0, norm scales at 1).
-    prefetch_o_proj: `rope_write_kv` asks L2 for o_proj's weight (at most prefetch_max_bytes of it;
-      `jax_varlen_attn.nn.add_rms_norm`'s `prefetch`), so its reads start before attention runs.
   """
 
   def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float = 1_000_000.0, qk_norm: bool = False, norm_eps: float = 1e-6,
                use_bias: bool = False, fused_qkv: bool = False, fused_rope_write: bool = True,
                dtype=jnp.float32, param_dtype=jnp.float32,
-               backend: str = "auto", init_std: float = 0.02, prefetch_o_proj: bool = False,
-               prefetch_max_bytes: Optional[int] = None, rngs: nnx.Rngs):
+               backend: str = "auto", init_std: float = 0.02, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -82,7 +79,6 @@ class PagedAttention(nnx.Module):
     self.norm_eps = float(norm_eps)
     self.backend = backend
     self.dtype = jnp.dtype(dtype)
-    self.prefetch_o_proj, self.prefetch_max_bytes = prefetch_o_proj, prefetch_max_bytes
     lin = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.normal(init_std),
                rngs=rngs)
     if fused_qkv:
@@ -123,10 +119,9 @@ class PagedAttention(nnx.Module):
     qkv = self.qkv_proj(x).astype(self.dtype)
     norms = {} if self.q_norm is None else dict(q_norm_scale=self.q_norm.scale[...],
                                                   k_norm_scale=self.k_norm.scale[...])
-    prefetch = self.o_proj.kernel[...] if self.prefetch_o_proj else None
     return rope_write_kv(qkv, k_cache, v_cache, batch.slot_mapping, batch.positions, num_heads=self.num_heads,
                          rope_theta=self.rope_theta, eps=self.norm_eps, layer=layer, backend=self.backend,
-                         prefetch=prefetch, prefetch_limit=self.prefetch_max_bytes, **norms)
+                         **norms)
 
   def output(self, o: jax.Array) -> jax.Array:
     """o [T, H, D] (attention output) -> [T, hidden]."""

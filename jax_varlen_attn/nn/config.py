@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
-
 import jax.numpy as jnp
 
 
@@ -49,11 +47,6 @@ class ModelConfig:
   # place of XLA's three on a GPU; the same jnp ops elsewhere). Unrolled layers (scan_layers=False)
   # also carry the MLP's output into the next layer's norm (measured faster: NOTES.md)
   fuse_add_norm: bool = True
-  # unrolled layers (scan_layers=False): each of our small kernels before a matmul (the norms,
-  # rope_write_kv) asks L2 for that matmul's weight, at most prefetch_max_bytes of it (None: all),
-  # so its HBM reads overlap the small kernels and the launch gaps (NOTES.md "weight prefetch")
-  prefetch_weights: bool = False
-  prefetch_max_bytes: Optional[int] = None
   init_std: float = 0.02  # weights ~ N(0, init_std^2) (Qwen's initializer_range); norms start at 1
   backend: str = "auto"  # the attention backend (flash_attn_varlen_func's `backend=`, or "naive")
 
@@ -70,11 +63,6 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
     if not self.rope_theta > 0:
       raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
-    if self.prefetch_max_bytes is not None and (not isinstance(self.prefetch_max_bytes, int)
-                                                or isinstance(self.prefetch_max_bytes, bool)
-                                                or self.prefetch_max_bytes < 0):
-      raise ValueError(f"ModelConfig.prefetch_max_bytes must be None or an int >= 0, got "
-                       f"{self.prefetch_max_bytes!r}")
     for field in ("dtype", "param_dtype"):
       jnp.dtype(getattr(self, field))  # raises TypeError on a name that is no dtype
 

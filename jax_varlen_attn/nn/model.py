@@ -54,13 +54,11 @@ class SwiGLU(nnx.Module):
     return self.down_proj(jax.nn.silu(gate) * up)
 
 
-def add_norm(norm: nnx.RMSNorm, h, residual, attention_backend: str, prefetch=None, prefetch_limit=None):
+def add_norm(norm: nnx.RMSNorm, h, residual, attention_backend: str):
   """`add_rms_norm` with an `nnx.RMSNorm`'s scale and epsilon: returns (norm(h + residual), the sum),
-  on the backend of a model whose attention runs on `attention_backend` ("naive": jnp); prefetch /
-  prefetch_limit: `add_rms_norm`'s (the next matmul's weight)."""
+  on the backend of a model whose attention runs on `attention_backend` ("naive": jnp)."""
   backend = "xla" if attention_backend == "naive" else attention_backend
-  return add_rms_norm(h, residual, norm.scale[...], eps=norm.epsilon, backend=backend, prefetch=prefetch,
-                      prefetch_limit=prefetch_limit)
+  return add_rms_norm(h, residual, norm.scale[...], eps=norm.epsilon, backend=backend)
 
 
 class DecoderBlock(nnx.Module):
@@ -77,29 +75,11 @@ class DecoderBlock(nnx.Module):
                                rope_theta=c.rope_theta, qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
                                use_bias=c.attention_bias, fused_qkv=c.fuse_projections,
                                fused_rope_write=c.fuse_rope_write, backend=c.backend,
-                               init_std=c.init_std, prefetch_o_proj=self._prefetches(c),
-                               prefetch_max_bytes=c.prefetch_max_bytes, rngs=rngs, **dt)
+                               init_std=c.init_std, rngs=rngs, **dt)
     self.post_attn_norm = nnx.RMSNorm(c.hidden_size, epsilon=c.rms_norm_eps, rngs=rngs, **dt)
     self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, init_std=c.init_std, fused=c.fuse_projections,
                       rngs=rngs, **dt)
     self.fuse_add_norm = c.fuse_add_norm
-    self.prefetch, self.prefetch_max_bytes = self._prefetches(c), c.prefetch_max_bytes
-
-  @staticmethod
-  def _prefetches(c: ModelConfig) -> bool:
-    """Weights prefetched where each layer owns its arrays (a stacked layer's are sliced copies)."""
-    return c.prefetch_weights and not c.scan_layers
-
-  def _weight(self, linear_names) -> Optional[jax.Array]:
-    """The first of `linear_names` this block has, as the array to prefetch (None: prefetch off)."""
-    if not self.prefetch:
-      return None
-    for path in linear_names:
-      owner, name = path.split(".")
-      linear = getattr(getattr(self, owner), name, None)
-      if linear is not None:
-        return linear.kernel[...]
-    return None
 
   def __call__(self, x, k_cache, v_cache, batch: PagedBatch, layer=None):
     if not self.fuse_add_norm:
@@ -117,15 +97,12 @@ class DecoderBlock(nnx.Module):
     None. Returns (x, mlp_out, k_cache, v_cache), the stream after the block being x + mlp_out: the
     next block's (or the final) norm adds it, so a layer launches no add of its own.
     """
-    # Each norm asks L2 for the weight of the matmul after it (prefetch_weights).
-    ahead = dict(prefetch=self._weight(("attn.qkv_proj", "attn.q_proj")), prefetch_limit=self.prefetch_max_bytes)
     if pending is None:
-      y, x = add_norm(self.input_norm, x, None, self.attn.backend, **ahead)
+      y, x = add_norm(self.input_norm, x, None, self.attn.backend)
     else:
-      y, x = add_norm(self.input_norm, pending, x, self.attn.backend, **ahead)
+      y, x = add_norm(self.input_norm, pending, x, self.attn.backend)
     h, k_cache, v_cache = self.attn(y, k_cache, v_cache, batch, layer)
-    ahead = dict(prefetch=self._weight(("mlp.gate_up_proj", "mlp.gate_proj")), prefetch_limit=self.prefetch_max_bytes)
-    y, x = add_norm(self.post_attn_norm, h, x, self.attn.backend, **ahead)
+    y, x = add_norm(self.post_attn_norm, h, x, self.attn.backend)
     return x, self.mlp(y), k_cache, v_cache
 
 

@@ -11,20 +11,18 @@ Elsewhere it is the jnp form `add_rms_norm_xla`, which defines the semantics.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from jax_varlen_attn import cache
 from jax_varlen_attn.nn.qkv import rms_norm
-from jax_varlen_attn.validation import FLOAT_DTYPES, array_arg, check_prefetch
+from jax_varlen_attn.validation import FLOAT_DTYPES, array_arg
 
 _DTYPES_DESC = "float16, bfloat16 or float32"
 
 
-def add_rms_norm(x, residual, scale, *, eps: float = 1e-6, backend: str = "auto", prefetch=None,
-                 prefetch_limit: Optional[int] = None):
+def add_rms_norm(x, residual, scale, *, eps: float = 1e-6, backend: str = "auto"):
   """Adds x to the residual stream and RMSNorms the sum; returns (y, new_residual).
 
   Example (a decode step's 4 rows of hidden 2048)::
@@ -46,11 +44,6 @@ def add_rms_norm(x, residual, scale, *, eps: float = 1e-6, backend: str = "auto"
     backend: "auto" (the Triton kernel on a CUDA GPU where triton runs, else jnp), "triton"
       (raises where it cannot run; Triton's interpreter on a CPU with TRITON_INTERPRET=1), "xla" or
       "pallas" (the jnp form).
-    prefetch: optional array, typically the weight of the matmul that follows: the Triton kernel
-      asks L2 for its first `prefetch_limit` bytes (None: all of it) on sm_90+, so the matmul's
-      reads start while this small kernel and the launch gap run. A hint: results never depend on
-      it; ignored by the jnp form, under Triton's interpreter and before sm_90.
-    prefetch_limit: int >= 0 or None.
 
   Returns:
     (y [T, hidden], s [T, hidden]), both in x's dtype.
@@ -70,17 +63,16 @@ def add_rms_norm(x, residual, scale, *, eps: float = 1e-6, backend: str = "auto"
     raise TypeError(f"scale must be a float array, got {jnp.dtype(scale.dtype).name}")
   if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
     raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-  prefetch, prefetch_limit = check_prefetch(prefetch, prefetch_limit)
-  return _run(cache._select(backend), float(eps), prefetch_limit, x, residual, scale, prefetch)
+  return _run(cache._select(backend), float(eps), x, residual, scale)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _run(backend_name: str, eps: float, prefetch_limit, x, residual, scale, prefetch):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run(backend_name: str, eps: float, x, residual, scale):
   if backend_name == "triton" and x.shape[0]:
     from jax_varlen_attn.backends.triton import norm_kernel  # imports triton: only when asked
 
     if x.shape[1] <= norm_kernel.MAX_HIDDEN:
-      return norm_kernel.add_rms_norm(x, residual, scale, eps, prefetch, prefetch_limit)
+      return norm_kernel.add_rms_norm(x, residual, scale, eps)
   return add_rms_norm_xla(x, residual, scale, eps)
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jax_varlen_attn import cache
 from jax_varlen_attn.layout import KVCacheLayout
-from jax_varlen_attn.validation import FP8_DTYPES, array_arg, check_prefetch, is_array
+from jax_varlen_attn.validation import FP8_DTYPES, array_arg, is_array
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -64,8 +64,7 @@ def split_qkv(qkv: jax.Array, num_heads: int, num_kv_heads: int, head_dim: int):
 
 def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: int, rope_theta: float,
                   q_norm_scale=None, k_norm_scale=None, eps: float = 1e-6,
-                  kv_layout: Union[str, KVCacheLayout] = "NHD", layer=None, backend: str = "auto",
-                  prefetch=None, prefetch_limit: Optional[int] = None):
+                  kv_layout: Union[str, KVCacheLayout] = "NHD", layer=None, backend: str = "auto"):
   """Splits a fused projection into heads, RMSNorms q and k per head, rotates them (RoPE), stores K
   and V into the paged cache in place; returns (q, k_cache, v_cache).
 
@@ -93,9 +92,6 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
       epsilon.
     layer: a stacked cache's layer, as `write_kv`'s. backend: as `write_kv`'s ("pallas" takes the
       jnp form).
-    prefetch, prefetch_limit: an array (typically the output projection's weight) whose first
-      prefetch_limit bytes (None: all) the Triton kernel asks into L2, as `add_rms_norm`'s: a hint,
-      never a change in the results.
 
   Returns:
     q [T, H, D] in qkv's dtype, and the updated caches (the input buffers, in place under donation).
@@ -141,22 +137,20 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
   _, k, v = split_qkv(qkv, num_heads, hk, d)
   layout, args = cache._validate(k, v, k_cache, v_cache, slot_mapping, kv_layout, layer)
   _, _, k_cache, v_cache, slot_mapping, layer, _ = args
-  prefetch, prefetch_limit = check_prefetch(prefetch, prefetch_limit)
   name = cache._select(backend)
-  return _run(name, layout, num_heads, float(rope_theta), float(eps), prefetch_limit, jnp.asarray(qkv), k_cache,
-              v_cache, slot_mapping, jnp.asarray(positions), q_norm_scale, k_norm_scale, layer, prefetch)
+  return _run(name, layout, num_heads, float(rope_theta), float(eps), jnp.asarray(qkv), k_cache, v_cache,
+              slot_mapping, jnp.asarray(positions), q_norm_scale, k_norm_scale, layer)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _run(backend_name: str, layout: KVCacheLayout, num_heads: int, rope_theta: float, eps: float, prefetch_limit,
-         qkv, k_cache, v_cache, slot_mapping, positions, q_norm_scale, k_norm_scale, layer, prefetch):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _run(backend_name: str, layout: KVCacheLayout, num_heads: int, rope_theta: float, eps: float, qkv,
+         k_cache, v_cache, slot_mapping, positions, q_norm_scale, k_norm_scale, layer):
   if backend_name == "triton" and qkv.shape[0]:
     from jax_varlen_attn.backends.triton import rope_write_kernel  # imports triton: only when asked
 
     cos, sin = rope_tables(positions, layout.head_dim, rope_theta)
     return rope_write_kernel.rope_write_kv(layout, qkv, cos, sin, q_norm_scale, k_norm_scale, eps,
-                                           num_heads, k_cache, v_cache, slot_mapping, layer, prefetch,
-                                           prefetch_limit)
+                                           num_heads, k_cache, v_cache, slot_mapping, layer)
   return rope_write_kv_xla(layout, num_heads, rope_theta, eps, qkv, k_cache, v_cache, slot_mapping, positions,
                            q_norm_scale, k_norm_scale, layer)
 

@@ -19,8 +19,6 @@ import triton
 import triton.language as tl
 
 from jax_varlen_attn.backends.triton.call import LAUNCH_ENV, launch
-from jax_varlen_attn.backends.triton import prefetch as pf
-from jax_varlen_attn.backends.triton.prefetch import prefetch_l2
 from jax_varlen_attn.spec import next_pow2
 
 # Widest row one program holds as one tile (f32: 64 registers a thread on 8 warps).
@@ -32,15 +30,10 @@ def add_rms_norm_kernel(
     x_ptr,  # [num_rows, HIDDEN]
     residual_ptr,  # [num_rows, HIDDEN] (HAS_RESIDUAL; else a placeholder, never read)
     scale_ptr,  # [HIDDEN]: RMSNorm's scale
-    prefetch_ptr,  # any array: its first PREFETCH_BYTES bytes are asked into L2 (prefetch.py)
     y_ptr,  # output [num_rows, HIDDEN]: RMSNorm(x + residual)
     sum_ptr,  # output [num_rows, HIDDEN]: x + residual (HAS_RESIDUAL; else a placeholder, never written)
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EPS: tl.constexpr,
-    ROWS: tl.constexpr, PREFETCH_BYTES: tl.constexpr, LANES: tl.constexpr, BULK: tl.constexpr,
 ):
-  prefetch_l2(prefetch_ptr, PREFETCH_BYTES, LANES, BULK)  # first: the requests start early
-  if tl.program_id(0) >= ROWS:  # a program of the grid's prefetch-only tail (prefetch.grid_programs)
-    return
   dtype = y_ptr.dtype.element_ty
   cols = tl.arange(0, BLOCK)
   in_row = cols < HIDDEN
@@ -56,12 +49,11 @@ def add_rms_norm_kernel(
   tl.store(y_ptr + offs, (xf * (tl.rsqrt(mean_sq + EPS) * w)).to(dtype), mask=in_row)
 
 
-def add_rms_norm(x, residual, scale, eps: float, prefetch=None, prefetch_limit=None):
+def add_rms_norm(x, residual, scale, eps: float):
   """The Triton launch: returns (y, x + residual), or (y, x) where residual is None.
 
   x [T, hidden] and residual (same shape and dtype) validated by `jax_varlen_attn.nn.add_rms_norm`;
-  hidden <= MAX_HIDDEN (the caller takes the jnp form past it). prefetch: an array (the next
-  matmul's weight) whose first `prefetch_limit` bytes (None: all) the kernel asks into L2.
+  hidden <= MAX_HIDDEN (the caller takes the jnp form past it).
   """
   num_rows, hidden = x.shape
   block = max(16, next_pow2(hidden))
@@ -69,16 +61,13 @@ def add_rms_norm(x, residual, scale, eps: float, prefetch=None, prefetch_limit=N
   num_warps = max(1, min(8, block // 512))
   has_residual = residual is not None
   unused = jnp.zeros((1,), x.dtype)
-  nbytes = pf.prefetch_bytes(prefetch, prefetch_limit)
-  inputs = dict(x_ptr=x, residual_ptr=residual if has_residual else unused, scale_ptr=scale,
-                prefetch_ptr=prefetch if nbytes else unused)
+  inputs = dict(x_ptr=x, residual_ptr=residual if has_residual else unused, scale_ptr=scale)
   outputs = [jax.ShapeDtypeStruct(x.shape, x.dtype),
              jax.ShapeDtypeStruct(x.shape if has_residual else (1,), x.dtype)]
   # XLA's Triton call at every size (unless $JAX_VARLEN_ATTN_LAUNCH says): the call stays inside
   # XLA's command buffers, which jax-triton's legacy call splits (measured slower: NOTES.md).
   route = None if os.environ.get(LAUNCH_ENV) else "xla"
-  y, total = launch(add_rms_norm_kernel, inputs, outputs, (pf.grid_programs(num_rows, nbytes),), num_warps, 1,
-                    dict(HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=has_residual, EPS=float(eps),
-                         ROWS=num_rows, PREFETCH_BYTES=nbytes, LANES=32 * num_warps, BULK=pf.bulk()),
+  y, total = launch(add_rms_norm_kernel, inputs, outputs, (num_rows,), num_warps, 1,
+                    dict(HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=has_residual, EPS=float(eps)),
                     route=route)
   return y, (total if has_residual else x)

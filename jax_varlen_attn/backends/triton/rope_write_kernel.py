@@ -26,8 +26,6 @@ import triton
 import triton.language as tl
 
 from jax_varlen_attn.backends.triton.call import launch, route_for
-from jax_varlen_attn.backends.triton import prefetch as pf
-from jax_varlen_attn.backends.triton.prefetch import prefetch_l2
 from jax_varlen_attn.backends.triton.write_kernel import cache_rows, layout_constexprs, tokens_per_program
 from jax_varlen_attn.layout import KVCacheLayout
 from jax_varlen_attn.spec import next_pow2
@@ -67,7 +65,6 @@ def rope_write_kv_kernel(
     slot_mapping_ptr,  # i32[num_tokens]
     layer_ptr,  # i32[1] (IS_STACKED)
     k_cache_ptr, v_cache_ptr,  # inputs aliased to k_out_ptr / v_out_ptr (the same memory)
-    prefetch_ptr,  # any array: its first PREFETCH_BYTES bytes are asked into L2 (prefetch.py)
     num_tokens,
     k_out_ptr, v_out_ptr,  # outputs: the caches, written where the slots say (aliased outputs first:
     q_out_ptr,  # output: [num_tokens, NUM_HEADS, HEAD_DIM]       call.launch says why)
@@ -76,11 +73,8 @@ def rope_write_kv_kernel(
     PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr,
     TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, K_OFFSET: tl.constexpr,
     V_OFFSET: tl.constexpr, IS_CONTIGUOUS: tl.constexpr, IS_STACKED: tl.constexpr,
-    NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr, PREFETCH_BYTES: tl.constexpr, LANES: tl.constexpr,
-    BULK: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr,
 ):
-  # First: the requests start early. Token blocks past num_tokens (prefetch.grid_programs) are masked.
-  prefetch_l2(prefetch_ptr, PREFETCH_BYTES, LANES, BULK)
   HALF: tl.constexpr = HEAD_DIM // 2
   ROW: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
   dtype = q_out_ptr.dtype.element_ty
@@ -126,15 +120,14 @@ def rope_write_kv_kernel(
 
 
 def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: float, num_heads: int,
-                  k_cache, v_cache, slot_mapping, layer, prefetch=None, prefetch_limit=None):
+                  k_cache, v_cache, slot_mapping, layer):
   """The Triton launch: returns (q [T, H, D], k_cache, v_cache), the caches updated in place.
 
   `layout` is resolved (separate K and V buffers; stacked iff `layer` is given) and the arrays are
   validated (`jax_varlen_attn.nn.qkv.rope_write_kv`); cos / sin f32[T, D / 2] the rotation
   (`jax_varlen_attn.nn.qkv.rope_tables`, computed by XLA: in the kernel, libdevice's sinf / cosf
   with their local-memory range reduction took half of a 3.3 us call; in the serving step the
-  tables add no kernel); q_norm / k_norm None: no norm. prefetch: an array whose first
-  `prefetch_limit` bytes (None: all) the kernel asks into L2 (`prefetch.py`).
+  tables add no kernel); q_norm / k_norm None: no norm.
   """
   num_tokens = qkv.shape[0]
   num_kv_heads, head_dim = layout.num_kv_heads, layout.head_dim
@@ -143,9 +136,7 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
   qk_norm = q_norm is not None
   # One warp per 16 tokens' 64-wide halves: the tile is small, the launch count is what matters.
   num_warps = max(1, min(4, block_t * half_pad // 256))
-  nbytes = pf.prefetch_bytes(prefetch, prefetch_limit)
-  consts = dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, PREFETCH_BYTES=nbytes, LANES=32 * num_warps,
-                BULK=pf.bulk(),
+  consts = dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
                 HEAD_DIM=head_dim, HALF_PAD=half_pad, BLOCK_T=block_t, QK_NORM=qk_norm, EPS=float(eps),
                 **layout_constexprs(layout))
   unused = jnp.zeros((1,), jnp.float32)  # norm scale pointers without QK_NORM: never read
@@ -153,13 +144,11 @@ def rope_write_kv(layout: KVCacheLayout, qkv, cos, sin, q_norm, k_norm, eps: flo
                 q_norm_ptr=q_norm if qk_norm else unused, k_norm_ptr=k_norm if qk_norm else unused,
                 slot_mapping_ptr=slot_mapping,
                 layer_ptr=(jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,))),
-                k_cache_ptr=k_cache, v_cache_ptr=v_cache, prefetch_ptr=prefetch if nbytes else unused,
-                num_tokens=num_tokens)
+                k_cache_ptr=k_cache, v_cache_ptr=v_cache, num_tokens=num_tokens)
   outputs = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
              jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
              jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype)]
-  heads = num_heads + num_kv_heads
-  grid = (-(-pf.grid_programs(-(-num_tokens // block_t) * heads, nbytes) // heads), heads)
+  grid = (-(-num_tokens // block_t), num_heads + num_kv_heads)
   k_cache, v_cache, q = launch(rope_write_kv_kernel, inputs, outputs, grid, num_warps, 1, consts,
                                input_output_aliases={"k_cache_ptr": 0, "v_cache_ptr": 1},
                                route=route_for(num_tokens))
