@@ -18,7 +18,7 @@ Not used by the library: a measurement.
 
   python benchmarks/decode_stream_k.py --cases seed4,198x2336,16x600 --sets 2
 
-prints, per case and kv dtype, this kernel's device time and our Triton kernel's
+(timed in session 25: slower than our kernel, e4m3 at half speed; benchmarks/NOTES.md) prints, per case and kv dtype, this kernel's device time and our Triton kernel's
 (flash_attn_varlen_func) on the same cache, each checked against `reference` (the semantics in f32
 on the GPU) and given as % of the read ceiling measured in the same run. CPU:
 `TRITON_INTERPRET=1 python benchmarks/decode_stream_k.py --tiny` checks correctness only.
@@ -347,7 +347,7 @@ def write(args, records, ceiling):
   out = args.out or f"{gpu.lower().replace(' ', '_').replace('nvidia_', '')}_{date}_decode_stream_k"
   out_dir = Path(os.environ.get("OUT") or HERE / "results")
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / f"{out}.json").write_text(json.dumps(doc, indent=1))
+  (out_dir / f"{out.removesuffix('.json')}.json").write_text(json.dumps(doc, indent=1))
 
 
 def main(argv=None) -> int:
