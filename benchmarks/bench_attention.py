@@ -303,7 +303,8 @@ def free_device(env: Env):
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--cases", default="all", help="comma list of " + ",".join(shapes.CASE_NAMES) +
-                 " or decode_<B>x<K> (B one-query sequences over K keys each)")
+                 " or decode_<B>x<K> (B one-query sequences over K keys each; decode_<B>x<K>r<R>: lengths"
+                 " spread over K +- R, same total)")
   p.add_argument("--impls", default=None, help="comma list of " + ",".join(ALL_IMPLS) +
                  " (default: all; --tiny: jva-xla,xla-naive)")
   p.add_argument("--layouts", default="contiguous,strided", help="comma list of " + ",".join(ALL_LAYOUTS))

@@ -42,6 +42,10 @@ CASE_NAMES = ("seed1_prefill512", "seed2_small_mixed", "seed3_mixed55", "seed4_l
 # Beside the named cases, any `decode_<B>x<K>` (B sequences of one query over K keys each, distinct
 # pages; e.g. decode_64x600, the serving model's batch-64 step) is a case too: `parse_case`.
 UNIFORM_DECODE = re.compile(r"decode_([1-9][0-9]*)x([1-9][0-9]*)")
+# And `decode_<B>x<K>r<R>`: the same bytes with lengths spread evenly over [K - R, K + R], in a
+# fixed shuffled order (do decode programs that start and end out of step hide each other's
+# start-up? benchmarks/NOTES.md session 25).
+SPREAD_DECODE = re.compile(r"decode_([1-9][0-9]*)x([1-9][0-9]*)r([0-9]+)")
 # And any `prefill_<B>x<L>`: B causal sequences of L queries over their L keys, distinct pages.
 UNIFORM_PREFILL = re.compile(r"prefill_([1-9][0-9]*)x([1-9][0-9]*)")
 # Cases whose floor is arithmetic (quoted in TFLOP/s, % of the matmul ceiling); the rest are bound
@@ -199,6 +203,17 @@ def _uniform(name, sq, sk, batch, distinct=True, **kw) -> Case:
   return Case(name, cu, (sk,) * batch, distinct_pages=distinct, **kw)
 
 
+def _spread(name, batch, mean, radius) -> Case:
+  """B one-query sequences, lengths K - R ... K + R evenly (total B x K up to rounding), shuffled
+  by a fixed seed."""
+  if not 0 <= radius < mean:
+    raise ValueError(f"{name}: the spread R must be in [0, K), got R={radius}, K={mean}")
+  ramp = np.rint(mean + radius * np.linspace(-1.0, 1.0, batch)).astype(np.int64)
+  lens = np.random.default_rng(0).permutation(ramp)
+  cu = tuple(int(x) for x in np.arange(batch + 1))
+  return Case(name, cu, tuple(int(k) for k in lens), distinct_pages=True)
+
+
 def get_cases(tiny: bool = False, seed_path: Optional[Path] = None) -> Dict[str, Case]:
   """All named cases, in CASE_NAMES order. tiny: same names, shapes small enough for a CPU run."""
   if tiny:
@@ -221,7 +236,7 @@ def get_cases(tiny: bool = False, seed_path: Optional[Path] = None) -> Dict[str,
 def is_case(name: str) -> bool:
   """A named case or a `decode_<B>x<K>` one."""
   return (name in CASE_NAMES or UNIFORM_DECODE.fullmatch(name) is not None
-          or UNIFORM_PREFILL.fullmatch(name) is not None)
+          or SPREAD_DECODE.fullmatch(name) is not None or UNIFORM_PREFILL.fullmatch(name) is not None)
 
 
 def cases_for(names, tiny: bool = False) -> Dict[str, Case]:
@@ -232,14 +247,18 @@ def cases_for(names, tiny: bool = False) -> Dict[str, Case]:
   for name in names:
     m = UNIFORM_DECODE.fullmatch(name)
     pm = UNIFORM_PREFILL.fullmatch(name)
+    sm = SPREAD_DECODE.fullmatch(name)
     if name in named:
       out[name] = named[name]
+    elif sm:
+      out[name] = _spread(name, *(int(g) for g in sm.groups()))
     elif m:
       out[name] = _uniform(name, 1, int(m.group(2)), int(m.group(1)))
     elif pm:
       out[name] = _uniform(name, int(pm.group(2)), int(pm.group(2)), int(pm.group(1)))
     else:
-      raise ValueError(f"unknown case {name!r}: one of {CASE_NAMES}, decode_<B>x<K> or prefill_<B>x<L>")
+      raise ValueError(f"unknown case {name!r}: one of {CASE_NAMES}, decode_<B>x<K>, decode_<B>x<K>r<R> "
+                       "or prefill_<B>x<L>")
   return out
 
 

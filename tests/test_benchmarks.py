@@ -400,3 +400,18 @@ def test_decode_stream_k_tiny_matches_the_reference_with_items_cut_into_pieces()
   lines = [line for line in proc.stdout.splitlines() if line.startswith("tiny ")]
   assert [line.split()[2] for line in lines] == ["stream-k", "stream-k", "jva-triton"]
   assert all(line.split()[-1] == "ok" for line in lines)
+
+
+def test_spread_decode_case_keeps_the_total_and_spreads_lengths_in_a_fixed_order():
+  import numpy as np
+  import shapes
+
+  name = "decode_198x2336r1168"
+  lens = np.array(shapes.cases_for([name])[name].seqused_k)
+  assert shapes.is_case(name) and len(lens) == 198
+  assert lens.sum() == 198 * 2336 and lens.min() == 1168 and lens.max() == 3504
+  assert not np.all(np.diff(lens) >= 0)  # shuffled, not a sorted ramp
+  assert np.array_equal(lens, shapes.cases_for([name])[name].seqused_k)  # the same every run
+  assert set(shapes.cases_for(["decode_8x100r0"])["decode_8x100r0"].seqused_k) == {100}
+  with pytest.raises(ValueError, match="spread"):
+    shapes.cases_for(["decode_8x100r100"])
