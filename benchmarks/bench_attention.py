@@ -61,8 +61,8 @@ for p in (str(REPO), str(HERE)):
 
 import shapes  # noqa: E402  (benchmarks/shapes.py)
 # The pieces, by job (re-exported here: bench_loop, kernel_times and tune_triton use them as ba.*).
-from bench_env import (Budget, Env, apply_ceilings, git_commit, log, measure_ceilings,  # noqa: E402,F401
-                       merge_ceilings, setup_env, time_chained, time_jax)
+from bench_env import (Budget, Env, apply_ceilings, config_constant, git_commit, log,  # noqa: E402,F401
+                       measure_ceilings, merge_ceilings, setup_env, time_chained, time_jax)
 from bench_inputs import (ALL_IMPLS, ALL_LAYOUTS, CaseData, LayoutData, base_record,  # noqa: E402,F401
                           build_layout, check, finish_timing, kv_tag, kv_variant, run_jax_unit)
 from bench_peers import DENSE_PEERS, dense_ok, dense_unit, flaggems_unit, naive_unit, paged_unit  # noqa: E402
@@ -198,19 +198,9 @@ def _config_constant(variant: str):
   if not variant.startswith(CONFIG_CONSTANT):
     yield
     return
-  import jax
-  from jax_varlen_attn.backends.triton import config
   name, value = variant[len(CONFIG_CONSTANT):].split("=")
-  if not hasattr(config, name):
-    raise ValueError(f"variant {variant!r}: config.py has no {name}")
-  keep = getattr(config, name)
-  setattr(config, name, int(value))
-  jax.clear_caches()
-  try:
+  with config_constant(name, int(value)):
     yield
-  finally:
-    setattr(config, name, keep)
-    jax.clear_caches()
 
 
 @contextlib.contextmanager

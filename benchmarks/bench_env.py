@@ -17,6 +17,7 @@ os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton_cache")  # the GPU machin
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -195,6 +196,24 @@ def setup_env(args) -> Env:
   for impl, why in env.why_not.items():
     log(f"skip {impl}: {why}")
   return env
+
+
+@contextlib.contextmanager
+def config_constant(name: str, value: int):
+  """A rule-constant sweep point, here rather than in the kernel: the Triton backend's config.py
+  constant `name` is `value` while it lasts (every jitted trace made under it rebuilt)."""
+  import jax
+  from jax_varlen_attn.backends.triton import config
+  if not hasattr(config, name):
+    raise ValueError(f"config.py has no {name}")
+  keep = getattr(config, name)
+  setattr(config, name, value)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    setattr(config, name, keep)
+    jax.clear_caches()
 
 
 def git_commit() -> Tuple[str, Optional[bool]]:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -68,6 +69,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import device_time  # noqa: E402
+from bench_env import config_constant  # noqa: E402
 from jax_varlen_attn import decode  # noqa: E402
 from jax_varlen_attn.nn import DecoderLM, ModelConfig, preset  # noqa: E402
 from jax_varlen_attn.serving import ChunkOutput, Engine, serving_step  # noqa: E402
@@ -413,7 +415,10 @@ def parse_args(argv):
   p.add_argument("--preset", default="qwen3_1_7b_like")
   p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
   p.add_argument("--batches", default="1,16,64")
-  p.add_argument("--backends", default="auto,naive")
+  p.add_argument("--backends", default="auto,naive",
+                 help="attention backends, one model each; a name may end in @NAME=V: the Triton backend's "
+                      "config.py constant NAME is V while that model runs (an A/B of a rule, e.g. "
+                      "auto,auto@SMALL_GRID_PIECES=0)")
   p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many, checking "
                  "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call)")
   p.add_argument("--steps-per-call", type=int, default=32)
@@ -509,35 +514,9 @@ def main(argv=None) -> int:
         f"{args.prompt_len}, +{args.gen} tokens; read ceiling {ceiling['read_gbps']} GB/s", flush=True)
   tokens = {}
   names = args.backends.split(",")
-  for backend in names:
-    model = DecoderLM(dataclasses.replace(base, backend=backend), rngs=nnx.Rngs(0))
-    for batch in batches:
-      for mode in args.modes:
-        rec, _ = run_batch(model, batch, mode, args, ceiling)
-        tokens[(backend, batch, mode)] = rec.pop("_tokens")
-        rec["backend"] = backend
-        if is_multi(mode) and (backend, batch, "step") in tokens:
-          same = [x == y for a, b in zip(tokens[(backend, batch, "step")], tokens[(backend, batch, mode)])
-                  for x, y in zip(a, b)]
-          rec["same_tokens_as_step"] = round(float(np.mean(same)), 3)
-        doc["records"].append(rec)
-        print(f"  {backend:6s} batch {batch:3d} {mode:7s}: {rec['decode_step_ms']:8.3f} ms/step "
-              f"{rec['tokens_per_s']:9.1f} tok/s  bound {rec['bound_ms']:.3f} ms ({rec['pct_of_bound']}%)",
-              flush=True)
-      if args.profile and backend == names[0]:
-        mix = run_profile(model, batch, args)
-        doc["profile"].append(mix or dict(batch=batch, note="no GPU stream in the trace"))
-        if mix is not None:
-          cats = ", ".join(f"{c} {us:.1f}" for c, us in mix["us_per_step"].items())
-          print(f"  profile batch {batch}: {cats}, gaps {mix['while_loop_gaps_us_per_step']:.1f} us/step",
-                flush=True)
-    if args.mixed and backend == names[0]:
-      for mode in args.modes:
-        rec = dict(backend=backend, **run_mixed(model, mode, args))
-        doc["mixed"].append(rec)
-        print(f"  mixed {mode:5s}: ttft p50/p99 {rec['ttft_ms_p50']}/{rec['ttft_ms_p99']} ms, itl p50/p99 "
-              f"{rec['itl_ms_p50']}/{rec['itl_ms_p99']} ms, {rec['tokens_per_s']} tok/s", flush=True)
-    del model
+  for name in names:
+    with model_rule(name):
+      run_backend(name, base, batches, args, ceiling, tokens, doc, names)
   doc["ratios"] = ratios(doc["records"], names, batches, args.modes, tokens)
   out_dir = Path(os.environ.get("OUT") or REPO / "benchmarks" / "results")
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -546,6 +525,50 @@ def main(argv=None) -> int:
   print(f"wrote {path}")
   print_table(doc, names)
   return 0
+
+
+def run_backend(backend: str, base: ModelConfig, batches, args, ceiling, tokens, doc, names):
+  """The decode records (and profile / mixed workload, first backend) of one --backends entry."""
+  model = DecoderLM(dataclasses.replace(base, backend=backend.partition("@")[0]), rngs=nnx.Rngs(0))
+  for batch in batches:
+    for mode in args.modes:
+      rec, _ = run_batch(model, batch, mode, args, ceiling)
+      tokens[(backend, batch, mode)] = rec.pop("_tokens")
+      rec["backend"] = backend
+      if is_multi(mode) and (backend, batch, "step") in tokens:
+        same = [x == y for a, b in zip(tokens[(backend, batch, "step")], tokens[(backend, batch, mode)])
+                for x, y in zip(a, b)]
+        rec["same_tokens_as_step"] = round(float(np.mean(same)), 3)
+      doc["records"].append(rec)
+      print(f"  {backend:6s} batch {batch:3d} {mode:7s}: {rec['decode_step_ms']:8.3f} ms/step "
+            f"{rec['tokens_per_s']:9.1f} tok/s  bound {rec['bound_ms']:.3f} ms ({rec['pct_of_bound']}%)",
+            flush=True)
+    if args.profile and backend == names[0]:
+      mix = run_profile(model, batch, args)
+      doc["profile"].append(mix or dict(batch=batch, note="no GPU stream in the trace"))
+      if mix is not None:
+        cats = ", ".join(f"{c} {us:.1f}" for c, us in mix["us_per_step"].items())
+        print(f"  profile batch {batch}: {cats}, gaps {mix['while_loop_gaps_us_per_step']:.1f} us/step",
+              flush=True)
+  if args.mixed and backend == names[0]:
+    for mode in args.modes:
+      rec = dict(backend=backend, **run_mixed(model, mode, args))
+      doc["mixed"].append(rec)
+      print(f"  mixed {mode:5s}: ttft p50/p99 {rec['ttft_ms_p50']}/{rec['ttft_ms_p99']} ms, itl p50/p99 "
+            f"{rec['itl_ms_p50']}/{rec['itl_ms_p99']} ms, {rec['tokens_per_s']} tok/s", flush=True)
+  del model
+
+
+@contextlib.contextmanager
+def model_rule(name: str):
+  """A --backends entry's "@NAME=V": the Triton backend's config.py constant NAME is V meanwhile."""
+  _, _, rule = name.partition("@")
+  if not rule:
+    yield
+    return
+  const, _, value = rule.partition("=")
+  with config_constant(const, int(value)):
+    yield
 
 
 def ratios(records, names, batches, modes, tokens) -> List[dict]:
