@@ -36,12 +36,6 @@ TAIL_PIECES = 8
 TAIL_MAX_BATCH = 1024
 TAIL_CHUNK = 256
 TAIL_MIN_KEYS = 1024
-# Decode grids under one round of resident programs (a serving step of a few sequences) run every
-# item as tail-plan pieces combined in the kernel, in place of split-KV and its combine kernel
-# (NOTES.md session 25). Not fp8: its V form follows the split count and was not measured so.
-SMALL_GRID_PIECES = True
-# ... from this longest sequence on: two pieces of 128-key tiles; shorter items have nothing to split.
-SMALL_GRID_MIN_KEYS = 256
 # fp16 / bf16 decode tiles visit their keys in one masked loop (kernel ONE_KEY_LOOP), not an
 # unmasked loop and a second pipeline for the last partial tile: faster on short sequences
 # (decode_16x600 -6%, 64x600 -2%), within 0.5% on long ones; fp8 tiles lost 0.5-8% (NOTES.md).
@@ -165,7 +159,7 @@ class Config:
     """
     programs = spec.query_programs(block_m // spec.group_size) * spec.num_kv_heads
     sms = device.num_sms()
-    if programs >= sms or small_grid_pieces(spec, block_m):
+    if programs >= sms:
       return 1
     by_fill = -(-4 * sms // programs)
     by_length = spec.max_seqlen_k // (MIN_TILES_PER_SPLIT * block_n)
@@ -236,27 +230,15 @@ def tail_constexprs(spec: AttentionSpec, config: "Config") -> dict:
   On where a round of resident decode programs (TAIL_SLOTS = SMs x programs an SM) leaves the
   last items of a long-sequence batch alone on an idle GPU: decode tiles without split-KV, a
   static grid of at least one round, fewer than TAIL_MAX_BATCH sequences, at least TAIL_MIN_KEYS
-  keys; or on a grid smaller than one round, where every item is in the tail (`small_grid_pieces`).
-  Whether a call's tail is split is the kernel's (its lengths are data). Not under Triton's
+  keys. Whether a call's tail is split is the kernel's (its lengths are data). Not under Triton's
   interpreter unless a test asks (`tail_slots`): its programs run one at a time.
   """
   slots = tail_slots(spec)
   programs = spec.query_programs(config.block_m // spec.group_size) * spec.num_kv_heads
-  whole_round = spec.max_seqlen_k >= TAIL_MIN_KEYS and programs >= slots
   on = (slots > 0 and config.num_splits == 1 and config.block_m <= tile_rules.MIN_ROWS
-        and spec.batch < TAIL_MAX_BATCH and (whole_round or small_grid_pieces(spec, config.block_m)))
+        and spec.batch < TAIL_MAX_BATCH and spec.max_seqlen_k >= TAIL_MIN_KEYS and programs >= slots)
   return dict(TAIL_PIECES=TAIL_PIECES if on else 1, TAIL_SLOTS=slots if on else 0,
               BATCH_CHUNK=min(next_pow2(spec.batch + 1), TAIL_CHUNK) if on else 1)
-
-
-def small_grid_pieces(spec: AttentionSpec, block_m: int) -> bool:
-  """Whether a decode grid smaller than one round runs every item as tail-plan pieces instead of
-  split-KV (SMALL_GRID_PIECES): the kernel's plan then finds all items in its tail, each split into
-  min(TAIL_PIECES, TAIL_SLOTS // items) pieces."""
-  slots = tail_slots(spec)
-  programs = spec.query_programs(block_m // spec.group_size) * spec.num_kv_heads
-  return (SMALL_GRID_PIECES and slots > 0 and not spec.kv_fp8 and block_m <= tile_rules.MIN_ROWS
-          and programs < slots and spec.batch < TAIL_MAX_BATCH and spec.max_seqlen_k >= SMALL_GRID_MIN_KEYS)
 
 
 def tail_slots(spec: AttentionSpec) -> int:
