@@ -571,6 +571,17 @@ def model_rule(name: str):
     yield
 
 
+def first_difference(a: List[List[int]], b: List[List[int]]) -> float:
+  """Median over sequences of the first generated position where two runs' tokens differ (the
+  length where none does): a flip at the first few tokens, then everything after it differing, is
+  how two sums in another order meet a random-weight model's near-tied logits."""
+  firsts = []
+  for ta, tb in zip(a, b):
+    n = min(len(ta), len(tb))
+    firsts.append(next((i for i in range(n) if ta[i] != tb[i]), n))
+  return float(np.median(firsts)) if firsts else 0.0
+
+
 def ratios(records, names, batches, modes, tokens) -> List[dict]:
   """Per batch (and mode): backend a vs b tokens/s and greedy-token agreement; multi vs step per backend."""
   by = {(r["backend"], r["batch"], r["mode"]): r for r in records}
@@ -585,7 +596,8 @@ def ratios(records, names, batches, modes, tokens) -> List[dict]:
                       for x, y in zip(ta, tb)])
       out.append(dict(batch=batch, mode=mode, speedup=round(ra["tokens_per_s"] / rb["tokens_per_s"], 3),
                       **{f"{a}_tokens_per_s": ra["tokens_per_s"], f"{b}_tokens_per_s": rb["tokens_per_s"]},
-                      same_greedy_tokens=round(float(same), 3)))
+                      same_greedy_tokens=round(float(same), 3),
+                      first_difference=first_difference(tokens[(a, batch, mode)], tokens[(b, batch, mode)])))
   if set(modes) == {"step", "multi"}:
     for backend in names:
       for batch in batches:
@@ -603,7 +615,7 @@ def print_table(doc, names):
   for row in doc["ratios"]:
     if "speedup" in row:
       print(f"batch {row['batch']} {row['mode']}: {names[0]} / {names[1]} speedup {row['speedup']:.3f}, "
-            f"same-tokens {row['same_greedy_tokens']:.3f}")
+            f"same-tokens {row['same_greedy_tokens']:.3f} (first difference at token {row['first_difference']:g})")
     else:
       print(f"batch {row['batch']} {row['backend']}: multi / step {row['multi_over_step']:.3f}")
 

@@ -116,6 +116,9 @@ def test_bench_serving_tiny_compares_backends_and_modes(tmp_path):
   assert [(r["batch"], r["mode"]) for r in doc["ratios"] if "speedup" in r] == [
       (1, "step"), (4, "step"), (1, "multi"), (4, "multi")]
   assert len([r for r in doc["ratios"] if "multi_over_step" in r]) == 4
+  for r in doc["ratios"]:
+    if "speedup" in r:  # the first differing token: a position in [0, tokens generated]
+      assert 0 <= r["first_difference"] <= doc["records"][0]["generated"]
   assert [m["mode"] for m in doc["mixed"]] == ["step", "multi"]
   for m in doc["mixed"]:
     assert m["tokens"] > 0 and m["tokens_per_s"] > 0 and m["ttft_ms_p50"] <= m["ttft_ms_p99"]
@@ -400,6 +403,14 @@ def test_decode_stream_k_tiny_matches_the_reference_with_items_cut_into_pieces()
   lines = [line for line in proc.stdout.splitlines() if line.startswith("tiny ")]
   assert [line.split()[2] for line in lines] == ["stream-k", "stream-k", "jva-triton"]
   assert all(line.split()[-1] == "ok" for line in lines)
+
+
+def test_first_difference_is_the_median_first_differing_position():
+  import bench_serving
+
+  assert bench_serving.first_difference([[1, 2, 3], [4, 5, 6], [7, 8]], [[1, 9, 3], [4, 5, 6], [0, 8]]) == 1.0
+  assert bench_serving.first_difference([[1, 2, 3]], [[1, 2, 3]]) == 3.0
+  assert bench_serving.first_difference([[5, 1], [5, 2, 7], [6]], [[5, 1], [5, 3, 7], [5]]) == 1.0
 
 
 def test_spread_decode_case_keeps_the_total_and_spreads_lengths_in_a_fixed_order():
