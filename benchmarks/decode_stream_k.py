@@ -18,10 +18,13 @@ Not used by the library: a measurement.
 
   python benchmarks/decode_stream_k.py --cases seed4,198x2336,16x600 --sets 2
 
-(timed in session 25: slower than our kernel, e4m3 at half speed; benchmarks/NOTES.md) prints, per case and kv dtype, this kernel's device time and our Triton kernel's
+prints, per case and kv dtype, this kernel's device time and our Triton kernel's
 (flash_attn_varlen_func) on the same cache, each checked against `reference` (the semantics in f32
 on the GPU) and given as % of the read ceiling measured in the same run. CPU:
 `TRITON_INTERPRET=1 python benchmarks/decode_stream_k.py --tiny` checks correctness only.
+
+Timed in session 25 (benchmarks/NOTES.md): slower than our kernel, fp16 by 1.5%, e4m3 at half
+speed (Triton 3.6 left its V loads unpipelined).
 """
 
 from __future__ import annotations
