@@ -418,7 +418,7 @@ def parse_args(argv):
   p.add_argument("--backends", default="auto,naive",
                  help="attention backends, one model each; a name may end in @NAME=V: the Triton backend's "
                       "config.py constant NAME is V while that model runs (an A/B of a rule, e.g. "
-                      "auto,auto@SMALL_GRID_PIECES=0)")
+                      "auto,auto@MIN_TILES_PER_SPLIT=2)")
   p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many, checking "
                  "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call)")
   p.add_argument("--steps-per-call", type=int, default=32)

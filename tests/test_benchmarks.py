@@ -426,3 +426,19 @@ def test_spread_decode_case_keeps_the_total_and_spreads_lengths_in_a_fixed_order
   assert set(shapes.cases_for(["decode_8x100r0"])["decode_8x100r0"].seqused_k) == {100}
   with pytest.raises(ValueError, match="spread"):
     shapes.cases_for(["decode_8x100r100"])
+
+
+def test_model_rule_sets_a_config_constant_for_one_backend_entry_and_restores_it():
+  import bench_serving
+
+  from jax_varlen_attn.backends.triton import config
+
+  keep = config.MIN_TILES_PER_SPLIT
+  with bench_serving.model_rule("auto@MIN_TILES_PER_SPLIT=2"):
+    assert config.MIN_TILES_PER_SPLIT == 2
+  assert config.MIN_TILES_PER_SPLIT == keep
+  with bench_serving.model_rule("auto"):
+    assert config.MIN_TILES_PER_SPLIT == keep
+  with pytest.raises(ValueError, match="NO_SUCH_RULE"):
+    with bench_serving.model_rule("auto@NO_SUCH_RULE=1"):
+      pass
