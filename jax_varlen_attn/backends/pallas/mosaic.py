@@ -26,6 +26,9 @@ What differs from the dense kernel, and why:
   reads its q rows by TMA into an unswizzled staging tile (any first row) and copies them into the
   swizzled one through registers, and writes its output back through the same staging tile: whole
   tiles in one TMA store, a sequence's last partial tile in power-of-two pieces (`_store_rows`).
+  Where the warpgroup's first row is on an 8-row boundary (every tile of a sequence that starts on
+  one) q goes straight into the swizzled tile, and a whole output tile leaves from it, skipping the
+  staging tile's register round trips.
   The programs after the last sequence's zero the padding rows. That is `direct_rows`; where the
   staging tiles do not fit in shared memory (head_dim 256) or q is shorter than one program, q and
   the output go through XLA's padded copies instead (`padded_rows`, `compact_rows`), which measured
@@ -234,6 +237,7 @@ def compact_rows(padded: jax.Array, cu_seqlens_q: jax.Array, total_q: int, rows_
 # ---- the kernel -----------------------------------------------------------------------------------
 
 SMEM_BYTES = 227 * 1024  # shared memory a Hopper CTA may opt into
+PROFILE_EVENTS = 16  # named regions a warpgroup may enter with `profile_dir` (it enters <= 5)
 
 
 def direct_rows(tiles: MosaicTiles, head_dim: int, itemsize: int) -> bool:
@@ -272,6 +276,16 @@ def _store_rows(src, out_ref, row, head, n, rows: int, interpret: bool):
     size //= 2
 
 
+def _branch(cond, if_true, if_false):
+  """Run if_true where the traced cond holds and if_false elsewhere; cond None: if_false only."""
+  import jax.experimental.pallas as pl
+  if cond is None:
+    if_false()
+  else:
+    pl.when(cond)(if_true)
+    pl.when(~cond)(if_false)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Params:
   num_heads: int
@@ -293,6 +307,7 @@ class _Params:
   total_q: int
   num_programs: int
   direct: bool  # q read and out written in place (`direct_rows`); else the padded copies
+  return_lse: bool
   interpret: bool  # under Mosaic GPU's interpreter on the CPU (`attention`)
 
 
@@ -320,15 +335,17 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
   prog = p.num_programs - 1 - lax.axis_index("q_seq")
   head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
-  seq = table_ref[prog, 0]
-  q_lo = table_ref[prog, 1]
-  q_start = cu_q_ref[seq]
-  q_len = cu_q_ref[seq + 1] - q_start
-  kv_len = seqk_ref[seq]
-  layer = layer_ref[0]
-  r_last = jnp.minimum(q_lo + COMPUTE_WGS * bq, q_len) - 1
-  lo, _, _, hi = key_ranges(q_lo, r_last, q_len, kv_len, p.window_left, p.window_right, bkv)
-  live = q_lo < q_len
+  # Named regions (here and below) are what `attention(..., profile_dir=...)` times.
+  with jax.named_scope("setup"):
+    seq = table_ref[prog, 0]
+    q_lo = table_ref[prog, 1]
+    q_start = cu_q_ref[seq]
+    q_len = cu_q_ref[seq + 1] - q_start
+    kv_len = seqk_ref[seq]
+    layer = layer_ref[0]
+    r_last = jnp.minimum(q_lo + COMPUTE_WGS * bq, q_len) - 1
+    lo, _, _, hi = key_ranges(q_lo, r_last, q_len, kv_len, p.window_left, p.window_right, bkv)
+    live = q_lo < q_len
 
   def wgmma_layout(x, reduced: bool = False):
     """x in the registers' WGMMA layout (rows of it: reduced); the interpreter has no layouts."""
@@ -357,16 +374,29 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
     # warpgroup's own unmasked middle is clipped into them (rows past q_len have none of their own).
     full_lo = jnp.clip(full_lo, lo, hi)
     full_hi = jnp.clip(full_hi, full_lo, hi)
-    if p.direct:  # any first row: TMA into the unswizzled staging tile, then into qo_smem
-      stage = stage_smem2[0].at[wg]
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start + r0, bq), head], stage, q_bars.at[wg])
-      plgpu.barrier_wait(q_bars.at[wg])
-      qo_smem[...] = (stage[...] if p.interpret
-                      else plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False))
-      plgpu.commit_smem()
-    else:
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(prog * R + wg * bq, bq), head], qo_smem, q_bars.at[wg])
-      plgpu.barrier_wait(q_bars.at[wg])
+    with jax.named_scope("q"):
+      if p.direct:
+        stage = stage_smem2[0].at[wg]
+        q_row = q_start + r0  # the warpgroup's first row of q / out
+        # A TMA box into (or out of) the swizzled tile must start on one of its 8-row tiles, in an
+        # array of whole tiles (None: q / out have a partial one, so never).
+        aligned = (lax.rem(q_row, 8) == 0) if p.total_q % 8 == 0 else None
+
+        def q_direct():
+          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row, bq), head], qo_smem, q_bars.at[wg])
+          plgpu.barrier_wait(q_bars.at[wg])
+
+        def q_staged():  # any first row: TMA into the unswizzled staging tile, then into qo_smem
+          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row, bq), head], stage, q_bars.at[wg])
+          plgpu.barrier_wait(q_bars.at[wg])
+          qo_smem[...] = (stage[...] if p.interpret
+                          else plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False))
+          plgpu.commit_smem()
+
+        _branch(aligned, q_direct, q_staged)
+      else:
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(prog * R + wg * bq, bq), head], qo_smem, q_bars.at[wg])
+        plgpu.barrier_wait(q_bars.at[wg])
 
     # Each row's online softmax starts from its head's sink (m = s_aux, l = 1; none for -inf) or
     # from nothing (m = -inf, l = 0).
@@ -379,6 +409,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
     acc = wgmma_layout(jnp.full((bq, d), 0, jnp.float32))
 
     @pl.when(hi > lo)
+    @jax.named_scope("first_k")
     def _():
       plgpu.barrier_wait(k_bars.at[0])
 
@@ -460,28 +491,41 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, m_new, l_i
 
-    carry = (acc, m_i, l_i)
-    carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
-    carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
-    acc, m_i, l_i = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
-    pl.when(wg == 0)(schedule_barrier)
+    with jax.named_scope("loop"):
+      carry = (acc, m_i, l_i)
+      carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
+      carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
+      acc, m_i, l_i = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
+      pl.when(wg == 0)(schedule_barrier)
 
-    seen = l_i > 0
-    inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
-    o = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-    lse_smem[...] = jnp.where(seen, m_i * LN2 + jnp.log(jnp.where(seen, l_i, 1.0)), jnp.inf)
-    row = prog * R + wg * bq  # the padded rows (LSE always; out unless direct)
-    if p.direct:
-      stage[...] = o
-      plgpu.commit_smem()
-      _store_rows(stage, out_ref, q_start + r0, head, jnp.clip(q_len - r0, 0, bq), bq,
-                  p.interpret)
-    else:
-      qo_smem[...] = o
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(row, bq), head])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[head, pl.ds(row, bq)])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the CTA only needs its smem read
+    with jax.named_scope("out"):
+      seen = l_i > 0
+      inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+      o = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      row = prog * R + wg * bq  # the padded rows (the LSE's; out's unless direct)
+      if p.return_lse:  # into shared memory first: the output's commit_smem covers it
+        lse_smem[...] = jnp.where(seen, m_i * LN2 + jnp.log(jnp.where(seen, l_i, 1.0)), jnp.inf)
+      if p.direct:
+        n = jnp.clip(q_len - r0, 0, bq)  # rows of this warpgroup inside its sequence
+
+        def out_direct():  # q is spent: its swizzled tile stages the output, one TMA store
+          qo_smem[...] = o
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(q_row, bq), head])
+
+        def out_staged():
+          stage[...] = o
+          plgpu.commit_smem()
+          _store_rows(stage, out_ref, q_row, head, n, bq, p.interpret)
+
+        _branch(None if aligned is None else aligned & (n == bq), out_direct, out_staged)
+      else:
+        qo_smem[...] = o
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(row, bq), head])
+      if p.return_lse:
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[head, pl.ds(row, bq)])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the CTA only needs its smem read
 
   if p.direct:
     # Rows past cu_q[-1] are zero (the contract); the programs after the last sequence's own (there
@@ -499,6 +543,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the CTA only needs its smem read
 
   @pl.when(live & (wg == COMPUTE_WGS))
+  @jax.named_scope("load")
   def _load():
     plgpu.set_max_registers(40, action="decrease")
     kv_head = head // p.group
@@ -544,7 +589,7 @@ def _interpret_params():
 
 
 def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[MosaicTiles] = None,
-              interpret: bool = False):
+              interpret: bool = False, profile_dir: Optional[str] = None):
   """Varlen paged attention with the Mosaic GPU kernel (CUDA, sm_90a).
 
   Args:
@@ -556,6 +601,9 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
       warpgroups, barriers and TMA copies). The two matmuls are then f32 `dot_general`s on the
       shared-memory tiles instead of wgmma (the interpreter takes no transposed operand and no
       `run_state`), and registers carry no layouts.
+    profile_dir: write Mosaic GPU's trace of each call (per CTA and warpgroup, the clock at the
+      start and end of the kernel's named regions: setup, q, first_k, loop, out, load) there as
+      `<ns>-trace.json` (`benchmarks/mosaic_profile.py` summarizes it). GPU only.
 
   Returns:
     (out [T, H, D] in q's dtype, lse f32[H, T] or None).
@@ -580,7 +628,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
               window_left=spec.window_left, window_right=spec.window_right, softcap=spec.softcap,
               has_alibi=spec.has_alibi, has_sinks=spec.has_sinks, dtype=spec.dtype,
               tiles=tiles, view=view, batch=spec.batch, total_q=T, num_programs=num_programs,
-              direct=direct, interpret=interpret)
+              direct=direct, return_lse=spec.return_lse, interpret=interpret)
   table = program_table(arrays.cu_seqlens_q, num_programs, R)
   q_in = (arrays.q if direct
           else jnp.take(arrays.q, padded_rows(table, arrays.cu_seqlens_q, T, R), axis=0))
@@ -618,7 +666,9 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
                 jax.ShapeDtypeStruct((H, num_programs * R), jnp.float32)),
       grid=(H, num_programs), grid_names=("heads", "q_seq"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, **(dict(profile_space=PROFILE_EVENTS, profile_dir=profile_dir)
+                               if profile_dir else {})),
       **({"interpret": _interpret_params()} if interpret else {}),
   )(table, arrays.cu_seqlens_q.astype(jnp.int32), arrays.seqlens_k.astype(jnp.int32),
     arrays.kv_index.astype(jnp.int32), layer, alibi, sinks, q_in, k2d, v2d)
