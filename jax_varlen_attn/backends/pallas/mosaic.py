@@ -374,6 +374,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
     # warpgroup's own unmasked middle is clipped into them (rows past q_len have none of their own).
     full_lo = jnp.clip(full_lo, lo, hi)
     full_hi = jnp.clip(full_hi, full_lo, hi)
+    row = pl.multiple_of(prog * R + wg * bq, bq)  # the padded rows (the LSE's; q / out's unless direct)
     with jax.named_scope("q"):
       if p.direct:
         stage = stage_smem2[0].at[wg]
@@ -382,8 +383,9 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
         # array of whole tiles (None: q / out have a partial one, so never).
         aligned = (lax.rem(q_row, 8) == 0) if p.total_q % 8 == 0 else None
 
-        def q_direct():
-          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row, bq), head], qo_smem, q_bars.at[wg])
+        def q_direct():  # Mosaic must be told the row is on a tile (it refuses otherwise)
+          row8 = pl.multiple_of(q_row, 8)
+          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row8, bq), head], qo_smem, q_bars.at[wg])
           plgpu.barrier_wait(q_bars.at[wg])
 
         def q_staged():  # any first row: TMA into the unswizzled staging tile, then into qo_smem
@@ -395,7 +397,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
 
         _branch(aligned, q_direct, q_staged)
       else:
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(prog * R + wg * bq, bq), head], qo_smem, q_bars.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row, bq), head], qo_smem, q_bars.at[wg])
         plgpu.barrier_wait(q_bars.at[wg])
 
     # Each row's online softmax starts from its head's sink (m = s_aux, l = 1; none for -inf) or
@@ -502,7 +504,6 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       seen = l_i > 0
       inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
       o = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-      row = prog * R + wg * bq  # the padded rows (the LSE's; out's unless direct)
       if p.return_lse:  # into shared memory first: the output's commit_smem covers it
         lse_smem[...] = jnp.where(seen, m_i * LN2 + jnp.log(jnp.where(seen, l_i, 1.0)), jnp.inf)
       if p.direct:
@@ -511,7 +512,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
         def out_direct():  # q is spent: its swizzled tile stages the output, one TMA store
           qo_smem[...] = o
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(q_row, bq), head])
+          plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(pl.multiple_of(q_row, 8), bq), head])
 
         def out_staged():
           stage[...] = o
