@@ -26,9 +26,8 @@ What differs from the dense kernel, and why:
   reads its q rows by TMA into an unswizzled staging tile (any first row) and copies them into the
   swizzled one through registers, and writes its output back through the same staging tile: whole
   tiles in one TMA store, a sequence's last partial tile in power-of-two pieces (`_store_rows`).
-  Where the warpgroup's first row is on an 8-row boundary (every tile of a sequence that starts on
-  one) q goes straight into the swizzled tile, and a whole output tile leaves from it, skipping the
-  staging tile's register round trips.
+  (Skipping the staging tile where a row starts an 8-row tile measured no faster on an H200:
+  benchmarks/NOTES.md, session 26.)
   The programs after the last sequence's zero the padding rows. That is `direct_rows`; where the
   staging tiles do not fit in shared memory (head_dim 256) or q is shorter than one program, q and
   the output go through XLA's padded copies instead (`padded_rows`, `compact_rows`), which measured
@@ -276,16 +275,6 @@ def _store_rows(src, out_ref, row, head, n, rows: int, interpret: bool):
     size //= 2
 
 
-def _branch(cond, if_true, if_false):
-  """Run if_true where the traced cond holds and if_false elsewhere; cond None: if_false only."""
-  import jax.experimental.pallas as pl
-  if cond is None:
-    if_false()
-  else:
-    pl.when(cond)(if_true)
-    pl.when(~cond)(if_false)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Params:
   num_heads: int
@@ -374,28 +363,19 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
     # warpgroup's own unmasked middle is clipped into them (rows past q_len have none of their own).
     full_lo = jnp.clip(full_lo, lo, hi)
     full_hi = jnp.clip(full_hi, full_lo, hi)
-    row = pl.multiple_of(prog * R + wg * bq, bq)  # the padded rows (the LSE's; q / out's unless direct)
+    # The padded rows: the LSE's, q's and out's unless direct. pl.multiple_of: JAX 0.11.2's Mosaic
+    # layout inference fails the kernel unless it sees each TMA row is on an 8-row tile.
+    row = pl.multiple_of(prog * R + wg * bq, bq)
     with jax.named_scope("q"):
       if p.direct:
         stage = stage_smem2[0].at[wg]
         q_row = q_start + r0  # the warpgroup's first row of q / out
-        # A TMA box into (or out of) the swizzled tile must start on one of its 8-row tiles, in an
-        # array of whole tiles (None: q / out have a partial one, so never).
-        aligned = (lax.rem(q_row, 8) == 0) if p.total_q % 8 == 0 else None
-
-        def q_direct():  # Mosaic must be told the row is on a tile (it refuses otherwise)
-          row8 = pl.multiple_of(q_row, 8)
-          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row8, bq), head], qo_smem, q_bars.at[wg])
-          plgpu.barrier_wait(q_bars.at[wg])
-
-        def q_staged():  # any first row: TMA into the unswizzled staging tile, then into qo_smem
-          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row, bq), head], stage, q_bars.at[wg])
-          plgpu.barrier_wait(q_bars.at[wg])
-          qo_smem[...] = (stage[...] if p.interpret
-                          else plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False))
-          plgpu.commit_smem()
-
-        _branch(aligned, q_direct, q_staged)
+        # Any first row: TMA into the unswizzled staging tile, then into qo_smem.
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row, bq), head], stage, q_bars.at[wg])
+        plgpu.barrier_wait(q_bars.at[wg])
+        qo_smem[...] = (stage[...] if p.interpret
+                        else plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False))
+        plgpu.commit_smem()
       else:
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row, bq), head], qo_smem, q_bars.at[wg])
         plgpu.barrier_wait(q_bars.at[wg])
@@ -507,19 +487,9 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       if p.return_lse:  # into shared memory first: the output's commit_smem covers it
         lse_smem[...] = jnp.where(seen, m_i * LN2 + jnp.log(jnp.where(seen, l_i, 1.0)), jnp.inf)
       if p.direct:
-        n = jnp.clip(q_len - r0, 0, bq)  # rows of this warpgroup inside its sequence
-
-        def out_direct():  # q is spent: its swizzled tile stages the output, one TMA store
-          qo_smem[...] = o
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(pl.multiple_of(q_row, 8), bq), head])
-
-        def out_staged():
-          stage[...] = o
-          plgpu.commit_smem()
-          _store_rows(stage, out_ref, q_row, head, n, bq, p.interpret)
-
-        _branch(None if aligned is None else aligned & (n == bq), out_direct, out_staged)
+        stage[...] = o
+        plgpu.commit_smem()
+        _store_rows(stage, out_ref, q_row, head, jnp.clip(q_len - r0, 0, bq), bq, p.interpret)
       else:
         qo_smem[...] = o
         plgpu.commit_smem()
