@@ -107,7 +107,7 @@ def main(argv=None) -> int:
       ms = 1e3 * wall / calls
       rows.append(dict(impl=name, case=args.case, calls=calls, ms_per_call=ms, sm_mhz=mhz,
                        watts=watts, power_capped_share=capped, samples=len(smp),
-                       kcycles_per_call=ms * mhz / 1e3, joules_per_call=ms * watts / 1e3))
+                       kcycles_per_call=ms * mhz, joules_per_call=ms * watts / 1e3))
       print(f"{name:<15} {ms:>9.4f} {mhz:>6.0f} {watts:>6.0f} {capped:>8.0%} {len(smp):>7}")
   if args.json:
     import json
