@@ -11,9 +11,10 @@ and warpgroup, the SM clock at each named region's start and end) and prints, pe
   key tiles; out: normalizing and storing the output; load: the loader's whole stream);
 - the CTA's span (its first event to its last, cycles) and how it splits into prologue (setup to
   the loop), loop and epilogue;
-- the SM clock (estimated from CTAs that follow each other on an SM: cycles of the first over the
-  globaltimer ns between their starts, the 90th percentile) and the mean gap between a CTA's end
-  and the next CTA's start on its SM, in ns.
+- the SM clock (--sm-ghz, else estimated from CTAs that follow each other on an SM: cycles of the
+  first over the globaltimer ns between their starts, the 90th percentile, which reads low when
+  every pair has a gap) and the median gap between a CTA's end and the next CTA's start on its
+  SM, in ns (inflated by the profiler's own barrier and trace write at each CTA's end).
 
 The profiler adds a few instructions a region and a barrier at each CTA's end, so time the kernel
 with bench_attention, not here; this says where a CTA's cycles go. Needs a Hopper GPU.
@@ -66,8 +67,9 @@ def _problem(case, page: int, seed: int = 0):
   return validate(args)
 
 
-def summarize(trace: dict) -> dict:
-  """Per-region mean cycles, CTA spans and the SM's CTA-to-CTA gaps from a Mosaic GPU trace."""
+def summarize(trace: dict, sm_ghz: float = 0.0) -> dict:
+  """Per-region mean cycles, CTA spans and the SM's CTA-to-CTA gaps from a Mosaic GPU trace
+  (sm_ghz: the SM clock to convert cycles with; 0: estimated from the trace)."""
   by_trace: Dict[int, list] = defaultdict(list)
   for ev in trace["traceEvents"]:
     by_trace[ev["tid"]].append(ev)
@@ -116,7 +118,7 @@ def summarize(trace: dict) -> dict:
       if dt > 0:
         ratios.append(a["span"] / dt)
         pairs.append((a["span"], dt))
-  ghz = float(np.percentile(ratios, 90)) if ratios else float("nan")
+  ghz = sm_ghz or (float(np.percentile(ratios, 90)) if ratios else float("nan"))
   gaps = [dt - span / ghz for span, dt in pairs] if ratios else []
   mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
   return dict(
@@ -131,6 +133,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--cases", default="prefill_8x1024,prefill_4x4096")
   ap.add_argument("--page", type=int, default=16)
+  ap.add_argument("--sm-ghz", type=float, default=0.0,
+                  help="the SM clock under this load (nvidia-smi; benchmarks/power_sample.py)")
   ap.add_argument("--json", help="write the summaries here")
   args = ap.parse_args(argv)
   import jax
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
         print(f"{name}: no trace written")
         continue
       with open(files[-1]) as f:
-        results[name] = summarize(json.load(f))
+        results[name] = summarize(json.load(f), args.sm_ghz)
   print(f"{'case':<16} {'ctas':>5} {'span':>7} {'prolog':>7} {'loop':>7} {'epilog':>7} "
         f"{'GHz':>5} {'gap ns':>7}  (cycles unless named)")
   for name, r in results.items():

@@ -442,3 +442,48 @@ def test_model_rule_sets_a_config_constant_for_one_backend_entry_and_restores_it
   with pytest.raises(ValueError, match="NO_SUCH_RULE"):
     with bench_serving.model_rule("auto@NO_SUCH_RULE=1"):
       pass
+
+
+def test_mosaic_profile_splits_ctas_into_regions_and_measures_the_gaps_between_them():
+  """A synthetic Mosaic GPU trace: two CTAs back to back on SM 1 at 2 GHz (the second starting
+  1 us after the first ends) and one alone on SM 2; the summary's regions, CTA split, clock and
+  gap come out as built."""
+  import mosaic_profile
+
+  compute = [("setup", 0, 100), ("q", 100, 400), ("first_k", 400, 500), ("loop", 500, 3500),
+             ("out", 3500, 4000)]
+  loader = [("setup", 0, 100), ("load", 100, 3600)]
+  events = []
+  for block, sm, start_ns in ((0, 1, 1000.0), (1, 1, 4000.0), (2, 2, 1000.0)):
+    for wg, regions in enumerate((compute, compute, loader)):
+      for name, a, b in regions:  # ts: (CTA start in ns + cycles since the first event) / 1e3
+        for ph, t in (("B", a), ("E", b)):
+          events.append(dict(name=name, ph=ph, ts=(start_ns + t) / 1e3, pid=1 + sm,
+                             tid=1 + wg + 3 * block))
+  r = mosaic_profile.summarize({"traceEvents": events})
+  assert r["ctas"] == 3
+  assert r["regions_cycles"]["compute:q"] == 300 and r["regions_cycles"]["loader:load"] == 3500
+  assert (r["cta_span_cycles"], r["prologue_cycles"], r["loop_cycles"], r["epilogue_cycles"]) == (
+      4000, 500, 3000, 500)
+  # 4000 cycles in the 3000 ns between the two starts on SM 1: the estimate's upper bound on the
+  # clock (it reads 1.33 GHz here, not the 2 GHz built in, since the pair has a gap) and no gap.
+  assert abs(r["sm_clock_ghz_est"] - 4000 / 3000) < 1e-9 and abs(r["gap_ns_median"]) < 1e-6
+  # Given the clock, the gap is what was built: 3000 ns - 4000 cycles / 2 GHz.
+  assert abs(mosaic_profile.summarize({"traceEvents": events}, 2.0)["gap_ns_median"] - 1000) < 1e-6
+
+
+def test_power_sample_keeps_the_middle_of_a_stretch_and_reads_the_power_cap_bit(tmp_path):
+  import time
+
+  import power_sample
+
+  t0 = time.mktime(time.strptime("2026/12/02 09:00:00", "%Y/%m/%d %H:%M:%S"))
+  rows = ["2026/12/02 09:00:00.100, 1980 MHz, 300.00 W, 0x0000000000000000",
+          "2026/12/02 09:00:01.250, 1755 MHz, 689.50 W, 0x0000000000000004",
+          "2026/12/02 09:00:01.270, [N/A], 689.50 W, 0x0000000000000004",
+          "2026/12/02 09:00:02.900, 1980 MHz, 80.00 W, 0x0000000000000001"]
+  path = tmp_path / "smi.csv"
+  path.write_text("\n".join(rows) + "\n")
+  got = power_sample._samples(str(path), t0, t0 + 3.0)  # keeps [t0 + 0.5, t0 + 2.5]
+  assert len(got) == 1
+  assert abs(got[0][0] - (t0 + 1.25)) < 1e-6 and got[0][1:3] == (1755.0, 689.5) and got[0][3] & 0x4
