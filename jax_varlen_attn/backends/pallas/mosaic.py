@@ -26,8 +26,6 @@ What differs from the dense kernel, and why:
   reads its q rows by TMA into an unswizzled staging tile (any first row) and copies them into the
   swizzled one through registers, and writes its output back through the same staging tile: whole
   tiles in one TMA store, a sequence's last partial tile in power-of-two pieces (`_store_rows`).
-  (Skipping the staging tile where a row starts an 8-row tile measured no faster on an H200:
-  benchmarks/NOTES.md, session 26.)
   The programs after the last sequence's zero the padding rows. That is `direct_rows`; where the
   staging tiles do not fit in shared memory (head_dim 256) or q is shorter than one program, q and
   the output go through XLA's padded copies instead (`padded_rows`, `compact_rows`), which measured
