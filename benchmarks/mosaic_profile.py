@@ -149,8 +149,7 @@ def main(argv=None) -> int:
     spec, arrays = _problem(case, args.page)
     with tempfile.TemporaryDirectory() as d:
       fn = jax.jit(lambda a: mosaic.attention(spec, a, profile_dir=d)[0])
-      for _ in range(2):  # the second call's trace: compiled and warm
-        jax.block_until_ready(fn(arrays))
+      jax.block_until_ready(fn(arrays))  # JAX writes the first call's trace (later ones: a warning)
       jax.effects_barrier()
       files = sorted(glob.glob(os.path.join(d, "*-trace.json")))
       if not files:

@@ -571,8 +571,9 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
       shared-memory tiles instead of wgmma (the interpreter takes no transposed operand and no
       `run_state`), and registers carry no layouts.
     profile_dir: write Mosaic GPU's trace of each call (per CTA and warpgroup, the clock at the
-      start and end of the kernel's named regions: setup, q, first_k, loop, out, load) there as
-      `<ns>-trace.json` (`benchmarks/mosaic_profile.py` summarizes it). GPU only.
+      start and end of the kernel's named regions: setup, q, first_k, loop, out, load) there, a
+      `*-trace.json` file per kernel (JAX keeps the first call's; `benchmarks/mosaic_profile.py`
+      summarizes it). GPU only.
 
   Returns:
     (out [T, H, D] in q's dtype, lse f32[H, T] or None).
