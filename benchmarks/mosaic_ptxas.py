@@ -9,6 +9,13 @@ prints the report's lines that matter. Exit status 3 when ptxas says it serializ
 (C7513: a non-wgmma instruction wrote a wgmma's input registers inside its pipeline stage; the
 tensor cores then wait on every wgmma, benchmarks/NOTES.md session 15 item 1), 0 otherwise.
 Needs a Hopper GPU and JAX's CUDA plugin.
+
+    python3 benchmarks/mosaic_ptxas.py --sass              # the SASS's loops, instruction classes
+
+--sass instead dumps the kernel's SASS (MOSAIC_GPU_DUMP_SASS=1) and prints each loop (a backward
+branch and the instructions from its target to it) with its instructions by class: the compute
+warpgroups' key-tile loops are the largest, and their non-HGMMA instructions are the per-tile work
+that, under the power cap, sets the kernel's speed (benchmarks/NOTES.md, session 26 item 4).
 """
 
 from __future__ import annotations
@@ -20,6 +27,89 @@ import subprocess
 import sys
 
 _KEEP = re.compile(r"C75\d\d|spill|Used \d+ registers|error", re.IGNORECASE)
+# An instruction line of nvdisasm's listing: /*0a90*/ [@P0 | @!UP1] OPCODE.MODIFIERS operands ;
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)([^;]*);")
+# Instruction classes, by opcode (first match wins; the rest is "other").
+_CLASSES = (
+    ("tensor", ("HGMMA", "WARPGROUP")),
+    ("fp32", ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FCHK")),
+    ("mufu", ("MUFU",)),
+    ("convert", ("F2FP", "F2F", "F2I", "I2F")),
+    ("shuffle", ("SHFL",)),
+    ("move", ("MOV", "UMOV", "R2UR", "S2R", "S2UR", "CS2R", "PRMT")),
+    ("shared/global", ("LDS", "STS", "LDSM", "STSM", "LDG", "STG", "LD", "ST", "UTMA", "UBLKCP",
+                       "LDGSTS", "UTMALDG", "UTMASTG")),
+    ("sync", ("BAR", "SYNCS", "MEMBAR", "FENCE", "WARPSYNC", "DEPBAR", "NANOSLEEP", "ERRBAR")),
+    ("integer", ("IMAD", "IADD3", "LOP3", "ISETP", "SHF", "LEA", "SEL", "IABS", "UIADD3", "ULOP3",
+                 "UISETP", "USHF", "ULEA", "UIMAD", "USEL", "VIADD", "IMNMX")),
+    ("control", ("BRA", "BSSY", "BSYNC", "EXIT", "CALL", "RET", "YIELD", "NOP", "PLOP3", "VOTE",
+                 "ELECT", "UPLOP3")),
+)
+
+
+def sass_classes(opcodes) -> dict:
+  """Counts of instruction classes (`_CLASSES`) over a list of (opcode, modifiers)."""
+  counts = {name: 0 for name, _ in _CLASSES}
+  counts["other"] = 0
+  for op, _ in opcodes:
+    for name, ops in _CLASSES:
+      if op in ops:
+        counts[name] += 1
+        break
+    else:
+      counts["other"] += 1
+  return counts
+
+
+def sass_loops(text: str) -> list:
+  """The loops of a SASS listing: for each backward BRA, the instructions from its target up to it.
+
+  Returns dicts (start, end: byte addresses; count; classes: `sass_classes`; ops: opcode counts),
+  largest first.
+  """
+  insts = []  # (address, opcode, modifiers, operands)
+  labels, pending = {}, []  # label -> the address of the instruction after it
+  for line in text.splitlines():
+    label = re.match(r"\s*(\.L\w+):", line)
+    if label:
+      pending.append(label.group(1))
+    m = _SASS.search(line)
+    if m:
+      addr = int(m.group(1), 16)
+      labels.update((name, addr) for name in pending)
+      pending = []
+      insts.append((addr, m.group(2), m.group(3), m.group(4)))
+  loops = []
+  for addr, op, _, operands in insts:
+    if op != "BRA":
+      continue
+    hexa = re.search(r"0x([0-9a-f]+)\s*$", operands.strip())
+    named = re.search(r"\((\.L\w+)\)", operands)
+    start = int(hexa.group(1), 16) if hexa else labels.get(named.group(1)) if named else None
+    if start is None or start > addr:
+      continue
+    body = [(o, mods) for a, o, mods, _ in insts if start <= a <= addr]
+    ops = {}
+    for o, mods in body:
+      key = o + (mods.split(".")[1:2] and "." + mods.split(".")[1] or "") if o == "MUFU" else o
+      ops[key] = ops.get(key, 0) + 1
+    loops.append(dict(start=start, end=addr, count=len(body), classes=sass_classes(body), ops=ops))
+  return sorted(loops, key=lambda l: -l["count"])
+
+
+def _print_loops(text: str, top: int = 6) -> int:
+  loops = sass_loops(text)
+  if not loops:
+    print("(no SASS loops found: is this a GPU with JAX's CUDA plugin, and MOSAIC_GPU_DUMP_SASS "
+          "honoured by this jaxlib?)")
+    return 1
+  names = [name for name, _ in _CLASSES] + ["other"]
+  print(f"{'loop (bytes)':<16} {'insts':>5} " + " ".join(f"{n[:8]:>8}" for n in names))
+  for l in loops[:top]:
+    print(f"{l['start']:#06x}-{l['end']:#06x} {l['count']:>5} " +
+          " ".join(f"{l['classes'][n]:>8}" for n in names))
+    print("   " + ", ".join(f"{k} {v}" for k, v in sorted(l["ops"].items(), key=lambda kv: -kv[1])[:14]))
+  return 0
 
 
 def _call(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, page: int) -> None:
@@ -49,6 +139,8 @@ def main(argv=None) -> int:
   p.add_argument("--kv-heads", type=int, default=8)
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--page", type=int, default=16)
+  p.add_argument("--sass", action="store_true",
+                 help="print the SASS's loops by instruction class instead of ptxas's report")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.seqlen % args.page:
@@ -60,10 +152,16 @@ def main(argv=None) -> int:
   if args.child:
     _call(args.batch, args.seqlen, args.heads, args.kv_heads, args.head_dim, args.page)
     return 0
-  env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1")
-  cmd = [sys.executable, os.path.abspath(__file__), "--child"] + (argv if argv is not None
-                                                                   else sys.argv[1:])
+  env = dict(os.environ, **({"MOSAIC_GPU_DUMP_SASS": "1"} if args.sass
+                             else {"MOSAIC_GPU_DUMP_PTXAS": "1"}))
+  cmd = [sys.executable, os.path.abspath(__file__), "--child"] + [
+      a for a in (argv if argv is not None else sys.argv[1:]) if a != "--sass"]
   run = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace")
+  if args.sass:
+    if run.returncode:
+      print(f"the call failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
+      return run.returncode
+    return _print_loops(run.stdout + run.stderr)
   report = sorted({line.strip()[:200] for line in (run.stdout + run.stderr).splitlines()
                    if _KEEP.search(line)})
   print("\n".join(report) or "(no ptxas report: is this a GPU with JAX's CUDA plugin?)")

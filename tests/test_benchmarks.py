@@ -487,3 +487,33 @@ def test_power_sample_keeps_the_middle_of_a_stretch_and_reads_the_power_cap_bit(
   got = power_sample._samples(str(path), t0, t0 + 3.0)  # keeps [t0 + 0.5, t0 + 2.5]
   assert len(got) == 1
   assert abs(got[0][0] - (t0 + 1.25)) < 1e-6 and got[0][1:3] == (1755.0, 689.5) and got[0][3] & 0x4
+
+
+def test_mosaic_sass_loops_count_each_backward_branch_body_by_class():
+  """nvdisasm's listing with hex targets and with labels: each backward BRA is a loop whose
+  instructions from its target to the branch are counted by class; forward branches are not."""
+  import mosaic_ptxas
+
+  text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+  .L_x_1:
+        /*0010*/                   HGMMA.64x128x16.F32 R24, gdesc[UR4], RZ, !UPT ;
+        /*0020*/                   FMNMX R2, R24, R25, !PT ;
+        /*0030*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0040*/                   FFMA R4, R24, R5, -R6 ;
+        /*0050*/                   MUFU.EX2 R4, R4 ;
+        /*0060*/                   F2FP.F16.F32.PACK_AB R7, R4, R4 ;
+        /*0070*/              @!P0 BRA `(.L_x_1) ;
+        /*0080*/                   BRA 0xa0 ;
+        /*0090*/                   SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ, [UR4], RZ ;
+        /*00a0*/                   IADD3 R8, R8, 0x1, RZ ;
+        /*00b0*/                   BRA 0x90 ;
+        /*00c0*/                   EXIT ;
+"""
+  loops = mosaic_ptxas.sass_loops(text)
+  assert [(l["start"], l["end"], l["count"]) for l in loops] == [(0x10, 0x70, 7), (0x90, 0xb0, 3)]
+  first = loops[0]["classes"]
+  assert (first["tensor"], first["fp32"], first["mufu"], first["convert"], first["shuffle"],
+          first["control"]) == (1, 2, 1, 1, 1, 1)
+  assert loops[0]["ops"]["MUFU.EX2"] == 1
+  assert loops[1]["classes"]["sync"] == 1 and loops[1]["classes"]["integer"] == 1
