@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 WARPGROUPS = 3  # two compute warpgroups and the loader (mosaic.COMPUTE_WGS + 1)
 
 
-def _problem(case, page: int, seed: int = 0):
+def problem(case, page: int, seed: int = 0):
   """(spec, arrays) of a causal fp16 prefill over a paged cache with shuffled distinct pages."""
   import jax.numpy as jnp
 
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap.error("needs a Hopper GPU (Mosaic GPU's profiler runs in the kernel)")
   results = {}
   for name, case in shapes.cases_for(args.cases.split(",")).items():
-    spec, arrays = _problem(case, args.page)
+    spec, arrays = problem(case, args.page)
     with tempfile.TemporaryDirectory() as d:
       fn = jax.jit(lambda a: mosaic.attention(spec, a, profile_dir=d)[0])
       jax.block_until_ready(fn(arrays))  # JAX writes the first call's trace (later ones: a warning)

@@ -47,17 +47,14 @@ _CLASSES = (
 )
 
 
+_CLASS_OF = {op: name for name, ops in _CLASSES for op in ops}
+
+
 def sass_classes(opcodes) -> dict:
-  """Counts of instruction classes (`_CLASSES`) over a list of (opcode, modifiers)."""
-  counts = {name: 0 for name, _ in _CLASSES}
-  counts["other"] = 0
+  """Counts of instruction classes (`_CLASSES`, else "other") over a list of (opcode, modifiers)."""
+  counts = dict.fromkeys([name for name, _ in _CLASSES] + ["other"], 0)
   for op, _ in opcodes:
-    for name, ops in _CLASSES:
-      if op in ops:
-        counts[name] += 1
-        break
-    else:
-      counts["other"] += 1
+    counts[_CLASS_OF.get(op, "other")] += 1
   return counts
 
 
@@ -90,8 +87,8 @@ def sass_loops(text: str) -> list:
       continue
     body = [(o, mods) for a, o, mods, _ in insts if start <= a <= addr]
     ops = {}
-    for o, mods in body:
-      key = o + (mods.split(".")[1:2] and "." + mods.split(".")[1] or "") if o == "MUFU" else o
+    for o, mods in body:  # MUFU by its function (EX2, RCP, ...); the rest by opcode
+      key = o + "." + mods.split(".")[1] if o == "MUFU" and mods else o
       ops[key] = ops.get(key, 0) + 1
     loops.append(dict(start=start, end=addr, count=len(body), classes=sass_classes(body), ops=ops))
   return sorted(loops, key=lambda l: -l["count"])

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
   from jax_varlen_attn.backends.pallas import mosaic
 
   case = shapes.cases_for([args.case])[args.case]
-  spec, arrays = mosaic_profile._problem(case, 16)
+  spec, arrays = mosaic_profile.problem(case, 16)
   ours = jax.jit(lambda a: mosaic.attention(spec, a)[0])
   lens = np.diff(np.asarray(case.cu_seqlens_q))
   if len(set(lens)) != 1:
