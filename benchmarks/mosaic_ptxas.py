@@ -7,10 +7,12 @@ Runs one causal prefill call through `PallasConfig(kernel="mosaic")` on the GPU,
 with MOSAIC_GPU_DUMP_PTXAS=1 (Mosaic then prints ptxas's verbose report while it compiles), and
 prints the report's lines that matter. Exit status 3 when ptxas says it serialized wgmmas
 (C7513: a non-wgmma instruction wrote a wgmma's input registers inside its pipeline stage; the
-tensor cores then wait on every wgmma, benchmarks/NOTES.md session 15 item 1), 0 otherwise.
+tensor cores then wait on every wgmma, benchmarks/NOTES.md session 15 item 1), 4 when it spilled
+registers (session 27 item 3), 0 otherwise.
 Needs a Hopper GPU and JAX's CUDA plugin.
 
     python3 benchmarks/mosaic_ptxas.py --sass              # the SASS's loops, instruction classes
+    python3 benchmarks/mosaic_ptxas.py --sass --save k.sass  # ... and the whole listing kept
 
 --sass instead dumps the kernel's SASS (MOSAIC_GPU_DUMP_SASS=1) and prints each loop (a backward
 branch and the instructions from its target to it) with its instructions by class: the compute
@@ -97,8 +99,12 @@ def sass_loops(text: str) -> list:
 def _print_loops(text: str, top: int = 6) -> int:
   loops = sass_loops(text)
   if not loops:
-    print("(no SASS loops found: is this a GPU with JAX's CUDA plugin, and MOSAIC_GPU_DUMP_SASS "
-          "honoured by this jaxlib?)")
+    if "nvdisasm invocation failed" in text:
+      print("(Mosaic GPU could not run nvdisasm, which it spawns to dump SASS: put a CUDA toolkit "
+            "holding nvdisasm on PATH; the H200 machine of 2026-12-02 had none there)")
+    else:
+      print("(no SASS loops found: is this a GPU with JAX's CUDA plugin, and MOSAIC_GPU_DUMP_SASS "
+            "honoured by this jaxlib?)")
     return 1
   names = [name for name, _ in _CLASSES] + ["other"]
   print(f"{'loop (bytes)':<16} {'insts':>5} " + " ".join(f"{n[:8]:>8}" for n in names))
@@ -138,6 +144,7 @@ def main(argv=None) -> int:
   p.add_argument("--page", type=int, default=16)
   p.add_argument("--sass", action="store_true",
                  help="print the SASS's loops by instruction class instead of ptxas's report")
+  p.add_argument("--save", help="with --sass: also write the whole listing to this file")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.seqlen % args.page:
@@ -153,11 +160,17 @@ def main(argv=None) -> int:
                              else {"MOSAIC_GPU_DUMP_PTXAS": "1"}))
   cmd = [sys.executable, os.path.abspath(__file__), "--child"] + [
       a for a in (argv if argv is not None else sys.argv[1:]) if a != "--sass"]
+  if args.save:  # the child takes no --save
+    i = cmd.index("--save")
+    del cmd[i:i + 2]
   run = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace")
   if args.sass:
     if run.returncode:
       print(f"the call failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
       return run.returncode
+    if args.save:
+      with open(args.save, "w") as f:
+        f.write(run.stdout + run.stderr)
     return _print_loops(run.stdout + run.stderr)
   report = sorted({line.strip()[:200] for line in (run.stdout + run.stderr).splitlines()
                    if _KEEP.search(line)})
@@ -168,7 +181,17 @@ def main(argv=None) -> int:
   if any("C7513" in line for line in report):
     print("ptxas serialized the kernel's wgmmas (C7513)")
     return 3
+  if spilled(report):
+    print("ptxas spilled registers (two spilling variants of this kernel failed at run time: "
+          "benchmarks/NOTES.md, session 27 item 3)")
+    return 4
   return 0
+
+
+def spilled(report_lines) -> bool:
+  """Whether ptxas's report says any function spilled (non-zero spill stores or loads)."""
+  return any(int(n) > 0 for line in report_lines
+             for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", line))
 
 
 if __name__ == "__main__":

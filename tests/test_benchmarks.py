@@ -517,3 +517,53 @@ def test_mosaic_sass_loops_count_each_backward_branch_body_by_class():
           first["control"]) == (1, 2, 1, 1, 1, 1)
   assert loops[0]["ops"]["MUFU.EX2"] == 1
   assert loops[1]["classes"]["sync"] == 1 and loops[1]["classes"]["integer"] == 1
+
+
+def test_mosaic_ptxas_reads_spills_from_the_report():
+  import mosaic_ptxas
+
+  clean = ["0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"]
+  assert not mosaic_ptxas.spilled(clean)
+  assert mosaic_ptxas.spilled(clean + ["48 bytes stack frame, 48 bytes spill stores, 0 bytes spill loads"])
+  assert mosaic_ptxas.spilled(["16 bytes stack frame, 0 bytes spill stores, 52 bytes spill loads"])
+
+
+def test_inst_mix_reads_ncu_raw_csv_and_counts_per_hgmma():
+  """ncu's raw page (a log line, the header, the units row, one row per kernel; instanced metrics
+  as "KEY: value; ..."): the largest kernel is picked and its opcodes counted per HGMMA."""
+  import inst_mix
+
+  text = "\n".join([
+      "==PROF== Connected to process 1",
+      '"ID","Kernel Name","gpu__time_duration.sum","launch__grid_size","sass__inst_executed_per_opcode"',
+      '"","","ns","",""',
+      '"0","small","1,000","4 (0: 4)","HGMMA: 1; FFMA: 9"',
+      '"1","big","12,345","2,112 (0: 2,112)","HGMMA: 100; FFMA: 250; MUFU: 400; IMAD: 50"'])
+  kernels = inst_mix.parse_raw(text)
+  assert [k["Kernel Name"] for k in kernels] == ["small", "big"]
+  big = inst_mix.largest(kernels)
+  assert big["Kernel Name"] == "big" and inst_mix.number(big["gpu__time_duration.sum"]) == 12345
+  s = inst_mix.summary({"ours": big, "peer": kernels[0]})
+  assert s["ours"]["opcodes"] == {"MUFU": 400, "FFMA": 250, "HGMMA": 100, "IMAD": 50}
+  assert s["ours"]["per_hgmma"]["MUFU"] == 4.0 and s["ours"]["all_per_hgmma"] == 8.0
+  assert s["ours"]["metrics"]["launch__grid_size"] == 2112 and s["peer"]["all"] == 10
+  assert inst_mix.parse_raw("no csv here") == []
+
+
+def test_mosaic_ab_kernel_list_rotations_and_a_variant_module(tmp_path):
+  import mosaic_ab
+
+  assert mosaic_ab.parse_kernels("tree, b=x.py") == [("tree", None), ("b", "x.py")]
+  for bad in ("", "tree=x.py", "b", "a=x.py,a=y.py", "cudnn-dense=x.py"):
+    with pytest.raises(ValueError):
+      mosaic_ab.parse_kernels(bad)
+  assert mosaic_ab.rotations(["a", "b", "c"], 4) == [["a", "b", "c"], ["b", "c", "a"],
+                                                     ["c", "a", "b"], ["a", "b", "c"]]
+  # A copy of the kernel module loads beside the package's own (its dataclasses included).
+  from jax_varlen_attn.backends.pallas import mosaic
+  copy = tmp_path / "mosaic_copy.py"
+  copy.write_text(Path(mosaic.__file__).read_text().replace("block_kv: int = 128",
+                                                            "block_kv: int = 64"))
+  variant = mosaic_ab.load_kernel("copy", str(copy))
+  assert variant is not mosaic and variant.MosaicTiles().block_kv == 64
+  assert mosaic.MosaicTiles().block_kv == 128
