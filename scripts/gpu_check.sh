@@ -7,6 +7,9 @@
 # jax-triton 0.4.1 + triton 3.7.1 instead (../shared/tools/triton-parts.sh installs them in /tmp/site37):
 #   JVA_SITE=/tmp/site37 bash scripts/gpu_check.sh
 # JVA_JOBS=N runs the files as N parallel pytest processes (a file's summary line each).
+# A test still running after JVA_TEST_TIMEOUT seconds (default 120) gets every thread's Python stack
+# dumped into the log (pytest's faulthandler_timeout; it does not stop the test): a hung kernel then
+# names itself (benchmarks/NOTES.md, session 27 item 4).
 set -o pipefail
 if [ -n "${JVA_SITE:-}" ]; then
   export PYTHONPATH=$JVA_SITE:$PWD
@@ -26,13 +29,13 @@ files=("$@")
 existing=()
 for f in "${files[@]}"; do [ -f "$f" ] && existing+=("$f"); done
 if [ "${JVA_JOBS:-1}" -le 1 ]; then
-  python3 -m pytest "${existing[@]}" -q -p no:cacheprovider -rfE 2>&1 | tee "$log" | tail -40
+  python3 -m pytest "${existing[@]}" -q -p no:cacheprovider -rfE -o faulthandler_timeout=${JVA_TEST_TIMEOUT:-120} 2>&1 | tee "$log" | tail -40
   exit
 fi
 # JVA_JOBS=N: one pytest process per file, N at a time (kernel builds are CPU-bound; the GPU has room).
 : > "$log"
 printf '%s\n' "${existing[@]}" | xargs -P "$JVA_JOBS" -I{} sh -c \
-  'python3 -m pytest "$1" -q -p no:cacheprovider -rfE > "/tmp/$(basename "$1").log" 2>&1; echo "$1 rc=$?"' _ {}
+  'python3 -m pytest "$1" -q -p no:cacheprovider -rfE -o faulthandler_timeout=${JVA_TEST_TIMEOUT:-120} > "/tmp/$(basename "$1").log" 2>&1; echo "$1 rc=$?"' _ {}
 status=0
 for f in "${existing[@]}"; do
   l=/tmp/$(basename "$f").log
