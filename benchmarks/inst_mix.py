@@ -68,8 +68,6 @@ def largest(kernels: list) -> dict:
 
 def _child(case_name: str, impl: str) -> None:
   import jax
-  import jax.numpy as jnp
-  import numpy as np
   import torch
 
   import mosaic_profile
@@ -82,14 +80,8 @@ def _child(case_name: str, impl: str) -> None:
     f = jax.jit(lambda a: mosaic.attention(spec, a)[0])
     call = lambda: f(arrays)
   else:
-    lens = np.diff(np.asarray(case.cu_seqlens_q))
-    if len(set(lens)) != 1:
-      raise SystemExit("cuDNN's dense form needs sequences of one length")
-    rng = np.random.default_rng(1)
-    dense = [jnp.asarray(rng.standard_normal((len(lens), int(lens[0]), h, 128)), jnp.float16)
-             for h in (16, 8, 8)]
-    g = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                            implementation="cudnn"))
+    dense = mosaic_profile.dense_problem(case)
+    g = jax.jit(mosaic_profile.cudnn_causal)
     call = lambda: g(*dense)
   for _ in range(2):
     jax.block_until_ready(call())

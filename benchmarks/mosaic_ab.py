@@ -80,7 +80,6 @@ def main(argv=None) -> int:
   except ValueError as e:
     ap.error(str(e))
   import jax
-  import jax.numpy as jnp
 
   import device_time
   import mosaic_profile
@@ -106,15 +105,12 @@ def main(argv=None) -> int:
       fns[name] = jax.jit(lambda sets_, mod=mod: [mod.attention(spec, a)[0]
                                                   for _ in range(args.reps) for a in sets_])
       records.append(dict(case=cname, kernel=name, max_abs_diff_vs_first=diff, finite=finite))
-    lens = np.diff(np.asarray(case.cu_seqlens_q))
-    if len(set(lens)) == 1:
-      rng = np.random.default_rng(1)
-      dense = [tuple(jnp.asarray(rng.standard_normal((len(lens), int(lens[0]), h, 128)),
-                                 jnp.float16) for h in (16, 8, 8)) for _ in arrays]
-      cudnn = jax.jit(lambda ds: [jax.nn.dot_product_attention(*d, is_causal=True,
-                                                              implementation="cudnn")
-                                  for _ in range(args.reps) for d in ds])
-      fns[CUDNN] = cudnn
+    try:  # cuDNN beside, on dense arrays of the same sizes (one per input set)
+      dense = [mosaic_profile.dense_problem(case, seed=1 + i) for i in range(len(arrays))]
+      fns[CUDNN] = jax.jit(lambda ds: [mosaic_profile.cudnn_causal(*d)
+                                       for _ in range(args.reps) for d in ds])
+    except ValueError as e:
+      print(f"{cname}: no cuDNN beside ({e})")
     inputs = {name: (dense if name == CUDNN else arrays) for name in fns}
     for name, fn in fns.items():
       jax.block_until_ready(fn(inputs[name]))  # compile

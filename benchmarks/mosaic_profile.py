@@ -67,6 +67,25 @@ def problem(case, page: int, seed: int = 0):
   return validate(args)
 
 
+def dense_problem(case, seed: int = 1):
+  """(q, k, v) as cuDNN's dense [B, S, H, D] fp16 arrays of `problem`'s sizes (16 q / 8 kv heads,
+  head dim 128); ValueError unless the case's sequences share one length."""
+  import jax.numpy as jnp
+
+  lens = np.diff(np.asarray(case.cu_seqlens_q))
+  if len(set(lens.tolist())) != 1:
+    raise ValueError(f"cuDNN's dense form needs sequences of one length, not {sorted(set(lens.tolist()))}")
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal((len(lens), int(lens[0]), h, 128)), jnp.float16)
+               for h in (16, 8, 8))
+
+
+def cudnn_causal(q, k, v):
+  """cuDNN's causal attention (`jax.nn.dot_product_attention(implementation="cudnn")`)."""
+  import jax
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
 def summarize(trace: dict, sm_ghz: float = 0.0) -> dict:
   """Per-region mean cycles, CTA spans and the SM's CTA-to-CTA gaps from a Mosaic GPU trace
   (sm_ghz: the SM clock to convert cycles with; 0: estimated from the trace)."""

@@ -69,7 +69,6 @@ def main(argv=None) -> int:
   ap.add_argument("--json", help="write the rows here (with the GPU, jax version and JVA_COMMIT)")
   args = ap.parse_args(argv)
   import jax
-  import jax.numpy as jnp
 
   import mosaic_profile
   import shapes
@@ -78,14 +77,11 @@ def main(argv=None) -> int:
   case = shapes.cases_for([args.case])[args.case]
   spec, arrays = mosaic_profile.problem(case, 16)
   ours = jax.jit(lambda a: mosaic.attention(spec, a)[0])
-  lens = np.diff(np.asarray(case.cu_seqlens_q))
-  if len(set(lens)) != 1:
-    ap.error("cuDNN's dense form needs sequences of one length")
-  b, s = len(lens), int(lens[0])
-  rng = np.random.default_rng(1)
-  dense = [jnp.asarray(rng.standard_normal((b, s, h, 128)), jnp.float16) for h in (16, 8, 8)]
-  cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                              implementation="cudnn"))
+  try:
+    dense = mosaic_profile.dense_problem(case)
+  except ValueError as e:
+    ap.error(str(e))
+  cudnn = jax.jit(mosaic_profile.cudnn_causal)
   runs = {"ours (Mosaic)": lambda: ours(arrays), "cuDNN dense": lambda: cudnn(*dense)}
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "smi.csv")

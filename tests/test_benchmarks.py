@@ -567,3 +567,16 @@ def test_mosaic_ab_kernel_list_rotations_and_a_variant_module(tmp_path):
   variant = mosaic_ab.load_kernel("copy", str(copy))
   assert variant is not mosaic and variant.MosaicTiles().block_kv == 64
   assert mosaic.MosaicTiles().block_kv == 128
+
+
+def test_cudnn_dense_inputs_match_the_paged_problem_and_refuse_ragged_lengths():
+  import mosaic_profile
+  import shapes
+
+  case = shapes.cases_for(["prefill_2x64"])["prefill_2x64"]
+  q, k, v = mosaic_profile.dense_problem(case)
+  assert q.shape == (2, 64, 16, 128) and k.shape == v.shape == (2, 64, 8, 128)
+  assert str(q.dtype) == "float16" and not (q == k[:, :, :1]).all()
+  ragged = shapes.cases_for(["seed3_mixed55"])["seed3_mixed55"]  # sequences of 1, 16 and 61 tokens
+  with pytest.raises(ValueError, match="one length"):
+    mosaic_profile.dense_problem(ragged)
