@@ -29,11 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("SpeedOfLight", "InstructionStats", "WarpStateStats", "SchedulerStats",
             "ComputeWorkloadAnalysis", "LaunchStats")
 IMPLS = ("ours", "cudnn")
-# Scalar metrics printed side by side (raw names; those a given ncu lacks are skipped).
-SHOWN = ("gpu__time_duration.sum", "sm__cycles_elapsed.avg", "smsp__inst_executed.sum",
+# Scalar metrics kept, side by side (raw names; those a given ncu lacks are skipped): these, the stall
+# ratios and the per-pipe instruction rates (`_kept`).
+SHOWN = ("gpu__time_duration.sum", "sm__cycles_active.avg", "smsp__inst_executed.sum",
          "smsp__issue_active.avg.pct_of_peak_sustained_active",
-         "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
-         "launch__registers_per_thread", "launch__grid_size", "launch__block_size")
+         "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+         "launch__registers_per_thread", "launch__grid_size", "launch__shared_mem_per_block")
 _PAIR = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*[:=]\s*([0-9][0-9.,eE+]*)")
 
 
@@ -90,25 +91,25 @@ def _child(case_name: str, impl: str) -> None:
   torch.cuda.cudart().cudaProfilerStop()
 
 
+def _kept(metric: str) -> bool:
+  return (metric in SHOWN
+          or metric.startswith("smsp__average_warps_issue_stalled") and metric.endswith("ratio")
+          or metric.startswith("sm__inst_executed_pipe_")
+          and metric.endswith(".avg.pct_of_peak_sustained_active"))
+
+
 def summary(picked: dict, top: int = 40) -> dict:
   """{impl: {kernel, metrics (SHOWN + stall ratios), opcodes (warp instructions), per_hgmma}}."""
   out = {}
   for name, k in picked.items():
     ops = instances(k.get("sass__inst_executed_per_opcode", ""))
     hgmma = ops.get("HGMMA") or float("nan")
-    stalls = [m for m in k if m.startswith("smsp__average_warps_issue_stalled") and m.endswith("ratio")]
-    metrics = {m: number(k[m]) for m in list(SHOWN) + stalls
-               if m in k and number(k[m]) == number(k[m])}
-    for m in ("launch__grid_size", "launch__registers_per_thread", "launch__shared_mem_per_block"):
-      if m in k:  # "N (0: N)"
-        metrics[m] = number(k[m].split()[0])
-    for m in k:
-      if m.startswith("sm__inst_executed_pipe_") and m.endswith(".avg.pct_of_peak_sustained_active"):
-        metrics[m] = number(k[m])
-      if m in ("sm__cycles_active.avg", "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"):
-        metrics[m] = number(k[m])
+    # A launch value reads "N (0: N)": its first figure.
+    metrics = {m: number(v.split(" (")[0]) for m, v in k.items() if _kept(m)}
+    metrics = {m: v for m, v in metrics.items() if v == v}
     keys = sorted(ops, key=lambda o: -ops[o])[:top]
-    out[name] = dict(kernel=k.get("Kernel Name", ""), metrics=metrics,
+    out[name] = dict(kernel=k.get("Kernel Name", ""), gpu=k.get("device__attribute_display_name", ""),
+                     metrics=metrics,
                      opcodes={o: ops[o] for o in keys},
                      per_hgmma={o: round(ops[o] / hgmma, 3) for o in keys},
                      all=sum(ops.values()), all_per_hgmma=round(sum(ops.values()) / hgmma, 3))
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default="/tmp", help="where the raw ncu CSVs go")
   ap.add_argument("--from-csv", action="store_true",
                   help="summarize the CSVs already in --out (no GPU, no ncu)")
-  ap.add_argument("--json", help="write the summary here (with the GPU and $JVA_COMMIT)")
+  ap.add_argument("--json", help="write the summary here (with ncu's GPU name and $JVA_COMMIT)")
   ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
   ap.add_argument("--top", type=int, default=24, help="opcodes shown")
   args = ap.parse_args(argv)
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
     import json
     import time
     with open(args.json, "w") as f:
-      json.dump(dict(commit=os.environ.get("JVA_COMMIT", ""), gpu=os.environ.get("JVA_GPU", ""),
+      json.dump(dict(commit=os.environ.get("JVA_COMMIT", ""), gpu=s[IMPLS[0]]["gpu"],
                      date=time.strftime("%Y-%m-%d"), case=args.case,
                      method="ncu, one warm launch each, --clock-control none, caches flushed; "
                             "sections " + ", ".join(SECTIONS), impls=s), f, indent=1)

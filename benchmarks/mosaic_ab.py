@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -81,6 +80,7 @@ def main(argv=None) -> int:
     ap.error(str(e))
   import jax
 
+  import bench_env
   import device_time
   import mosaic_profile
   import shapes
@@ -133,10 +133,9 @@ def main(argv=None) -> int:
       rec.update(ms_device=med, ms_device_rounds=ts, tflops_device=flops / med / 1e9,
                  vs_cudnn_dense_device=med / base, flops=flops)
   if args.json:
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
     with open(args.json, "w") as f:
-      json.dump(dict(commit=os.environ.get("JVA_COMMIT", ""), gpu=gpu, jax=jax.__version__,
+      json.dump(dict(commit=bench_env.git_commit()[0], gpu=jax.devices()[0].device_kind,
+                     jax=jax.__version__,
                      date=time.strftime("%Y-%m-%d"), kernels=dict(kernels), rounds=args.rounds,
                      method="device busy time a call (device_time.measure), rounds rotated",
                      records=records), f, indent=1)

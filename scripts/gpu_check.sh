@@ -20,6 +20,7 @@ else
 fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 log=${OUT:-/tmp}/pytest_gpu.log
+export PYTEST_FLAGS="-q -p no:cacheprovider -rfE -o faulthandler_timeout=${JVA_TEST_TIMEOUT:-120}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax, jax_triton, triton; print('jax', jax.__version__, 'jax_triton', jax_triton.__version__, 'triton', triton.__version__, jax.devices())"
 files=("$@")
@@ -29,13 +30,13 @@ files=("$@")
 existing=()
 for f in "${files[@]}"; do [ -f "$f" ] && existing+=("$f"); done
 if [ "${JVA_JOBS:-1}" -le 1 ]; then
-  python3 -m pytest "${existing[@]}" -q -p no:cacheprovider -rfE -o faulthandler_timeout=${JVA_TEST_TIMEOUT:-120} 2>&1 | tee "$log" | tail -40
+  python3 -m pytest "${existing[@]}" $PYTEST_FLAGS 2>&1 | tee "$log" | tail -40
   exit
 fi
 # JVA_JOBS=N: one pytest process per file, N at a time (kernel builds are CPU-bound; the GPU has room).
 : > "$log"
 printf '%s\n' "${existing[@]}" | xargs -P "$JVA_JOBS" -I{} sh -c \
-  'python3 -m pytest "$1" -q -p no:cacheprovider -rfE -o faulthandler_timeout=${JVA_TEST_TIMEOUT:-120} > "/tmp/$(basename "$1").log" 2>&1; echo "$1 rc=$?"' _ {}
+  'python3 -m pytest "$1" $PYTEST_FLAGS > "/tmp/$(basename "$1").log" 2>&1; echo "$1 rc=$?"' _ {}
 status=0
 for f in "${existing[@]}"; do
   l=/tmp/$(basename "$f").log
