@@ -13,6 +13,13 @@ NaN / inf), then the variants and cuDNN dense (`jax.nn.dot_product_attention(imp
 "cudnn")` on [B, S, H, D] arrays of the same sizes) are timed by device time (`device_time.measure`)
 in `--rounds` rounds, the order rotated each round. Prints median device ms, TFLOP/s and the ratio
 to cuDNN's median. Needs a Hopper GPU.
+
+Screen a variant with `mosaic_ptxas.py` first: every variant that spilled registers ran its first
+call and then died with CUDA_ERROR_LAUNCH_FAILED at the first timed call here, and ran with
+XLA's command buffers (CUDA graphs) off (benchmarks/NOTES.md, session 28 item 2). With
+XLA_FLAGS=--xla_gpu_enable_command_buffer= such a variant can be timed against the others (the
+JSON records XLA_FLAGS), but cuDNN's device time read wrong in that mode (above the GPU's peak):
+compare the variants with each other only.
 """
 
 from __future__ import annotations
@@ -135,7 +142,7 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(commit=bench_env.git_commit()[0], gpu=jax.devices()[0].device_kind,
-                     jax=jax.__version__,
+                     jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
                      date=time.strftime("%Y-%m-%d"), kernels=dict(kernels), rounds=args.rounds,
                      method="device busy time a call (device_time.measure), rounds rotated",
                      records=records), f, indent=1)

@@ -306,6 +306,33 @@ def test_gpu_one_compile_and_no_cache_copy():
   assert not big, f"instructions as large as the cache: {big[:5]}"
 
 
+@gpu
+def test_gpu_runs_replayed_in_a_command_buffer():
+  """Six calls in one executable, run three times: XLA captures a run of that many kernels into a
+  CUDA graph (a command buffer) and replays it, as it does in a model's jitted step. Kernel variants
+  that spilled registers ran once and then died there with CUDA_ERROR_LAUNCH_FAILED
+  (benchmarks/NOTES.md, session 28 item 2); each call must match the oracle on every run."""
+  kwargs, oracle = make_problem(SUITE.problem(causal=True, return_lse=False, **IN_PLACE))
+  q = jnp.asarray(kwargs.pop("q"))
+  arrays = {k: jnp.asarray(v) for k, v in kwargs.items() if isinstance(v, np.ndarray)}
+  static = {k: v for k, v in kwargs.items() if k not in arrays}
+  factors = np.array([1.0, 0.5, 1.5, 0.75, 1.25, 2.0], np.float32)  # distinct inputs: no CSE
+
+  @jax.jit
+  def six(q, factors, arrays):
+    return [flash_attn_varlen_func((q * factors[i]).astype(q.dtype), **arrays, **static,
+                                   backend="pallas", config=MOSAIC)
+            for i in range(len(factors))]
+
+  refs = [reference_attention(**{**oracle, "q": np.asarray((q * f).astype(q.dtype), np.float64)})[0]
+          for f in factors]
+  n = int(oracle["cu_seqlens_q"][-1])
+  for _ in range(3):
+    outs = jax.block_until_ready(six(q, jnp.asarray(factors), arrays))
+    for out, ref in zip(outs, refs):
+      assert rel_err(np.asarray(out.astype(jnp.float32))[:n], ref[:n]) < TOLERANCE["float16"]
+
+
 def test_interpret_mode_runs_the_same_semantics_off_the_gpu():
   """kernel="mosaic" off a GPU runs the Pallas kernel in interpret mode: the oracle still holds."""
   if HAS_GPU:
