@@ -2,6 +2,7 @@
 
     python3 benchmarks/mosaic_ptxas.py                     # prefill 4 x 4096, 16 / 8 heads, D 128
     python3 benchmarks/mosaic_ptxas.py --seqlen 1024 --batch 8 --head-dim 64
+    python3 benchmarks/mosaic_ptxas.py --kernel ab/mosaic_variant.py   # a copy of mosaic.py instead
 
 Runs one causal prefill call through `PallasConfig(kernel="mosaic")` on the GPU, in a child process
 with MOSAIC_GPU_DUMP_PTXAS=1 (Mosaic then prints ptxas's verbose report while it compiles), and
@@ -115,22 +116,36 @@ def _print_loops(text: str, top: int = 6) -> int:
   return 0
 
 
-def _call(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, page: int) -> None:
-  """One prefill call (uniform lengths, distinct pages) with the Mosaic kernel."""
+def _call(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, page: int,
+          kernel=None) -> None:
+  """One prefill call (uniform lengths, distinct pages) with the Mosaic kernel: the package's,
+  through `flash_attn_varlen_func`, or (kernel: a path) that copy of `mosaic.py`'s `attention`."""
+  import inspect
+
+  import jax
   import jax.numpy as jnp
 
   from jax_varlen_attn import PallasConfig, flash_attn_varlen_func
+  from jax_varlen_attn.validation import AttentionArgs, validate
 
   total = batch * seqlen
   pages = total // page
   q = jnp.full((total, heads, head_dim), 0.01, jnp.float16)
   cache = jnp.full((pages, page, kv_heads, head_dim), 0.01, jnp.float16)
   cu = jnp.arange(batch + 1, dtype=jnp.int32) * seqlen
-  out = flash_attn_varlen_func(
-      q, cache, cache, cu_seqlens_q=cu, max_seqlen_q=seqlen,
-      seqused_k=jnp.full((batch,), seqlen, jnp.int32), max_seqlen_k=seqlen,
-      block_table=jnp.arange(pages, dtype=jnp.int32).reshape(batch, seqlen // page), causal=True,
-      backend="pallas", config=PallasConfig(kernel="mosaic"))
+  kwargs = dict(q=q, k=cache, v=cache, cu_seqlens_q=cu, max_seqlen_q=seqlen,
+                seqused_k=jnp.full((batch,), seqlen, jnp.int32), max_seqlen_k=seqlen,
+                block_table=jnp.arange(pages, dtype=jnp.int32).reshape(batch, seqlen // page),
+                causal=True)
+  if kernel is None:
+    out = flash_attn_varlen_func(**kwargs, backend="pallas", config=PallasConfig(kernel="mosaic"))
+  else:
+    from mosaic_ab import load_kernel
+    bound = inspect.signature(flash_attn_varlen_func).bind(**kwargs)
+    bound.apply_defaults()
+    spec, arrays = validate(AttentionArgs(**{k: v for k, v in bound.arguments.items()
+                                             if k not in ("backend", "config")}))
+    out = jax.jit(lambda a: load_kernel("variant", kernel).attention(spec, a)[0])(arrays)
   out.block_until_ready()
 
 
@@ -142,6 +157,7 @@ def main(argv=None) -> int:
   p.add_argument("--kv-heads", type=int, default=8)
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--page", type=int, default=16)
+  p.add_argument("--kernel", help="a copy of backends/pallas/mosaic.py to compile instead")
   p.add_argument("--sass", action="store_true",
                  help="print the SASS's loops by instruction class instead of ptxas's report")
   p.add_argument("--save", help="with --sass: also write the whole listing to this file")
@@ -154,7 +170,8 @@ def main(argv=None) -> int:
     p.error(f"needs a CUDA GPU (JAX's backend here: {jax.default_backend()}); off the GPU the "
             "pallas backend interprets its Triton-lowered kernel, and ptxas never runs")
   if args.child:
-    _call(args.batch, args.seqlen, args.heads, args.kv_heads, args.head_dim, args.page)
+    _call(args.batch, args.seqlen, args.heads, args.kv_heads, args.head_dim, args.page,
+          args.kernel)
     return 0
   env = dict(os.environ, **({"MOSAIC_GPU_DUMP_SASS": "1"} if args.sass
                              else {"MOSAIC_GPU_DUMP_PTXAS": "1"}))
