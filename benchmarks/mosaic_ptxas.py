@@ -120,8 +120,6 @@ def _call(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, pag
           kernel=None) -> None:
   """One prefill call (uniform lengths, distinct pages) with the Mosaic kernel: the package's,
   through `flash_attn_varlen_func`, or (kernel: a path) that copy of `mosaic.py`'s `attention`."""
-  import inspect
-
   import jax
   import jax.numpy as jnp
 
@@ -141,10 +139,7 @@ def _call(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, pag
     out = flash_attn_varlen_func(**kwargs, backend="pallas", config=PallasConfig(kernel="mosaic"))
   else:
     from mosaic_ab import load_kernel
-    bound = inspect.signature(flash_attn_varlen_func).bind(**kwargs)
-    bound.apply_defaults()
-    spec, arrays = validate(AttentionArgs(**{k: v for k, v in bound.arguments.items()
-                                             if k not in ("backend", "config")}))
+    spec, arrays = validate(AttentionArgs(**kwargs))
     out = jax.jit(lambda a: load_kernel("variant", kernel).attention(spec, a)[0])(arrays)
   out.block_until_ready()
 
