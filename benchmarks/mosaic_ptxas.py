@@ -4,7 +4,7 @@
     python3 benchmarks/mosaic_ptxas.py --seqlen 1024 --batch 8 --head-dim 64
     python3 benchmarks/mosaic_ptxas.py --kernel ab/mosaic_variant.py   # a copy of mosaic.py instead
 
-Runs one causal prefill call through `PallasConfig(kernel="mosaic")` on the GPU, in a child process
+Runs one causal prefill call through the Mosaic kernel (`mosaic.attention`) on the GPU, in a child process
 with MOSAIC_GPU_DUMP_PTXAS=1 (Mosaic then prints ptxas's verbose report while it compiles), and
 prints the report's lines that matter. Exit status 3 when ptxas says it serialized wgmmas
 (C7513: a non-wgmma instruction wrote a wgmma's input registers inside its pipeline stage; the
@@ -118,30 +118,24 @@ def _print_loops(text: str, top: int = 6) -> int:
 
 def _call(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, page: int,
           kernel=None) -> None:
-  """One prefill call (uniform lengths, distinct pages) with the Mosaic kernel: the package's,
-  through `flash_attn_varlen_func`, or (kernel: a path) that copy of `mosaic.py`'s `attention`."""
+  """One prefill call (uniform lengths, distinct pages) with the Mosaic kernel's `attention`: the
+  package's, or (kernel: a path) that copy of `mosaic.py` (`mosaic_ab.load_kernel`)."""
   import jax
   import jax.numpy as jnp
 
-  from jax_varlen_attn import PallasConfig, flash_attn_varlen_func
   from jax_varlen_attn.validation import AttentionArgs, validate
+  from mosaic_ab import load_kernel
 
   total = batch * seqlen
   pages = total // page
-  q = jnp.full((total, heads, head_dim), 0.01, jnp.float16)
   cache = jnp.full((pages, page, kv_heads, head_dim), 0.01, jnp.float16)
-  cu = jnp.arange(batch + 1, dtype=jnp.int32) * seqlen
-  kwargs = dict(q=q, k=cache, v=cache, cu_seqlens_q=cu, max_seqlen_q=seqlen,
-                seqused_k=jnp.full((batch,), seqlen, jnp.int32), max_seqlen_k=seqlen,
-                block_table=jnp.arange(pages, dtype=jnp.int32).reshape(batch, seqlen // page),
-                causal=True)
-  if kernel is None:
-    out = flash_attn_varlen_func(**kwargs, backend="pallas", config=PallasConfig(kernel="mosaic"))
-  else:
-    from mosaic_ab import load_kernel
-    spec, arrays = validate(AttentionArgs(**kwargs))
-    out = jax.jit(lambda a: load_kernel("variant", kernel).attention(spec, a)[0])(arrays)
-  out.block_until_ready()
+  spec, arrays = validate(AttentionArgs(
+      q=jnp.full((total, heads, head_dim), 0.01, jnp.float16), k=cache, v=cache,
+      cu_seqlens_q=jnp.arange(batch + 1, dtype=jnp.int32) * seqlen, max_seqlen_q=seqlen,
+      seqused_k=jnp.full((batch,), seqlen, jnp.int32), max_seqlen_k=seqlen,
+      block_table=jnp.arange(pages, dtype=jnp.int32).reshape(batch, seqlen // page), causal=True))
+  mod = load_kernel("variant", kernel)
+  jax.jit(lambda a: mod.attention(spec, a)[0])(arrays).block_until_ready()
 
 
 def main(argv=None) -> int:
