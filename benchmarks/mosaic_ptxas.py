@@ -4,9 +4,9 @@
     python3 benchmarks/mosaic_ptxas.py --seqlen 1024 --batch 8 --head-dim 64
     python3 benchmarks/mosaic_ptxas.py --kernel ab/mosaic_variant.py   # a copy of mosaic.py instead
 
-Runs one causal prefill call through the Mosaic kernel (`mosaic.attention`) on the GPU, in a child process
-with MOSAIC_GPU_DUMP_PTXAS=1 (Mosaic then prints ptxas's verbose report while it compiles), and
-prints the report's lines that matter. Exit status 3 when ptxas says it serialized wgmmas
+Runs one causal prefill call through the Mosaic kernel (`mosaic.attention`) on the GPU, in a child
+process with MOSAIC_GPU_DUMP_PTXAS=1 (Mosaic then prints ptxas's verbose report while it compiles),
+and prints the report's lines that matter. Exit status 3 when ptxas says it serialized wgmmas
 (C7513: a non-wgmma instruction wrote a wgmma's input registers inside its pipeline stage; the
 tensor cores then wait on every wgmma, benchmarks/NOTES.md session 15 item 1), 4 when it spilled
 registers (session 27 item 3), 0 otherwise.
