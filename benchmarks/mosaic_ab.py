@@ -7,19 +7,20 @@ An experiment's harness (bench_attention times what lands; this times what might
 `--kernels` entry is `tree` (the package's `backends/pallas/mosaic.py`) or `name=path`, a copy of
 that module with one change, loaded as a module of its own, so every variant runs in the same
 process on the same inputs. Per case (causal fp16, 16 q / 8 kv heads, head dim 128, pages of 16
-shuffled, `mosaic_profile.problem`; two input sets a call so consecutive kernels read different
-caches): each variant's output is checked against the first kernel's (max |difference|, and no
-NaN / inf), then the variants and cuDNN dense (`jax.nn.dot_product_attention(implementation=
-"cudnn")` on [B, S, H, D] arrays of the same sizes) are timed by device time (`device_time.measure`)
-in `--rounds` rounds, the order rotated each round. Prints median device ms, TFLOP/s and the ratio
+shuffled, `mosaic_profile.problem`; `--sets` input sets, one call each, so consecutive kernels
+read different caches and no two calls are alike: XLA merged equal cuDNN calls, which read
+prefill_8x1024 at 0.035 ms against 0.094 ms for distinct calls in session 29): each variant's
+output is checked against the first kernel's (max |difference|, and no NaN / inf), then the
+variants and cuDNN dense (`jax.nn.dot_product_attention(implementation="cudnn")` on
+[B, S, H, D] arrays of the same sizes) are timed by device time (`device_time.measure`) in
+`--rounds` rounds, the order rotated each round. Prints median device ms, TFLOP/s and the ratio
 to cuDNN's median. Needs a Hopper GPU.
 
-Screen a variant with `mosaic_ptxas.py` first: every variant that spilled registers ran its first
-call and then died with CUDA_ERROR_LAUNCH_FAILED at the first timed call here, and ran with
-XLA's command buffers (CUDA graphs) off (benchmarks/NOTES.md, session 28 item 2). With
-XLA_FLAGS=--xla_gpu_enable_command_buffer= such a variant can be timed against the others (the
-JSON records XLA_FLAGS), but cuDNN's device time read wrong in that mode (above the GPU's peak):
-compare the variants with each other only.
+Its earlier form (two input sets, four passes a timed call) died with CUDA_ERROR_LAUNCH_FAILED at
+its first timed call of main's own kernel with XLA's command buffers on (session 29), where the
+same calls in other sequences ran (benchmarks/NOTES.md, session 29 item 1). With
+XLA_FLAGS=--xla_gpu_enable_command_buffer= it ran (the JSON records XLA_FLAGS); device time is the
+kernels' busy time either way.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
   ap.add_argument("--kernels", default="tree")
   ap.add_argument("--cases", default="prefill_8x1024,prefill_4x4096,prefill_2x8192")
   ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--reps", type=int, default=4, help="passes over the two input sets a timed call")
+  ap.add_argument("--sets", type=int, default=8,
+                  help="input sets, one call each, in a timed call (no two alike: XLA merges equal calls)")
   ap.add_argument("--json")
   args = ap.parse_args(argv)
   try:
@@ -97,10 +99,10 @@ def main(argv=None) -> int:
   mods = {name: load_kernel(name, path) for name, path in kernels}
   records = []
   for cname, case in shapes.cases_for(args.cases.split(",")).items():
-    sets = [mosaic_profile.problem(case, 16, seed=s) for s in (0, 1)]
+    sets = [mosaic_profile.problem(case, 16, seed=s) for s in range(args.sets)]
     spec = sets[0][0]
     arrays = [a for _, a in sets]
-    calls = args.reps * len(arrays)
+    calls = len(arrays)
     fns, ref = {}, None
     for name, mod in mods.items():
       one = jax.jit(lambda a, mod=mod: mod.attention(spec, a)[0])
@@ -109,13 +111,11 @@ def main(argv=None) -> int:
       ref = out if ref is None else ref
       diff = float(np.abs(out - ref).max())
       print(f"{cname} {name}: max |out - {kernels[0][0]}| {diff:.3g}, finite {finite}", flush=True)
-      fns[name] = jax.jit(lambda sets_, mod=mod: [mod.attention(spec, a)[0]
-                                                  for _ in range(args.reps) for a in sets_])
+      fns[name] = jax.jit(lambda sets_, mod=mod: [mod.attention(spec, a)[0] for a in sets_])
       records.append(dict(case=cname, kernel=name, max_abs_diff_vs_first=diff, finite=finite))
     try:  # cuDNN beside, on dense arrays of the same sizes (one per input set)
       dense = [mosaic_profile.dense_problem(case, seed=1 + i) for i in range(len(arrays))]
-      fns[CUDNN] = jax.jit(lambda ds: [mosaic_profile.cudnn_causal(*d)
-                                       for _ in range(args.reps) for d in ds])
+      fns[CUDNN] = jax.jit(lambda ds: [mosaic_profile.cudnn_causal(*d) for d in ds])
     except ValueError as e:
       print(f"{cname}: no cuDNN beside ({e})")
     inputs = {name: (dense if name == CUDNN else arrays) for name in fns}

@@ -9,7 +9,7 @@ process with MOSAIC_GPU_DUMP_PTXAS=1 (Mosaic then prints ptxas's verbose report 
 and prints the report's lines that matter. Exit status 3 when ptxas says it serialized wgmmas
 (C7513: a non-wgmma instruction wrote a wgmma's input registers inside its pipeline stage; the
 tensor cores then wait on every wgmma, benchmarks/NOTES.md session 15 item 1), 4 when it spilled
-registers (session 27 item 3), 0 otherwise.
+registers (the kernel on main does, a few bytes: session 29 item 4), 0 otherwise.
 Needs a Hopper GPU and JAX's CUDA plugin.
 
     python3 benchmarks/mosaic_ptxas.py --sass              # the SASS's loops, instruction classes
@@ -188,8 +188,8 @@ def main(argv=None) -> int:
     print("ptxas serialized the kernel's wgmmas (C7513)")
     return 3
   if spilled(report):
-    print("ptxas spilled registers (two spilling variants of this kernel failed at run time: "
-          "benchmarks/NOTES.md, session 27 item 3)")
+    print("ptxas spilled registers (spill traffic costs local-memory reads in the key loop; the "
+          "persistent kernel spills 28 / 72 B and runs: benchmarks/NOTES.md, session 29 item 1)")
     return 4
   return 0
 

@@ -71,6 +71,35 @@ def test_programs_cover_every_row_once_and_padded_rows_round_trip(seqlens):
   assert (back[cu[-1]:] == 0).all()
 
 
+@pytest.mark.parametrize("window", [(-1, 0), (40, 0)])
+def test_heaviest_first_orders_programs_by_their_key_tiles(window):
+  """A permutation of the programs, key tiles never increasing along it (counted here from the
+  mask), programs without rows last; the table is built without an XLA while loop (the default
+  binary search ran as some twenty tiny kernels a call on the GPU)."""
+  R, bkv, seqlens, kv_extra = 128, 64, (5, 0, 300, 1, 129), (0, 7, 64, 500, 3)
+  cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+  lens_k = np.asarray(seqlens) + np.asarray(kv_extra)
+  num_programs = -(-int(cu[-1]) // R) + len(seqlens)
+  table = mosaic.program_table(jnp.asarray(cu), num_programs, R)
+  order = np.asarray(mosaic.heaviest_first(table, jnp.asarray(cu), jnp.asarray(lens_k, jnp.int32),
+                                           R, *window, bkv))
+  assert sorted(order.tolist()) == list(range(num_programs))
+  table = np.asarray(table)
+
+  def tiles(prog):
+    b, q_lo = table[prog]
+    rows = range(q_lo, min(q_lo + R, seqlens[b]))
+    cols = {c // bkv for r in rows for c in range(lens_k[b])
+            if _allowed(r, c, seqlens[b], lens_k[b], *window)}
+    return len(cols) if rows else -1
+
+  weights = [tiles(prog) for prog in order]
+  assert weights == sorted(weights, reverse=True), weights
+  hlo = jax.jit(mosaic.program_table, static_argnums=(1, 2)).lower(
+      jnp.asarray(cu), num_programs, R).as_text()
+  assert "while" not in hlo
+
+
 def _allowed(r, c, q_len, kv_len, wl, wr):
   """The contract's mask, written out: bottom-right aligned band, keys inside the sequence."""
   off = kv_len - q_len
@@ -309,9 +338,9 @@ def test_gpu_one_compile_and_no_cache_copy():
 @gpu
 def test_gpu_runs_replayed_in_a_command_buffer():
   """Six calls in one executable, run three times: XLA captures a run of that many kernels into a
-  CUDA graph (a command buffer) and replays it, as it does in a model's jitted step. Kernel variants
-  that spilled registers ran once and then died there with CUDA_ERROR_LAUNCH_FAILED
-  (benchmarks/NOTES.md, session 28 item 2); each call must match the oracle on every run."""
+  CUDA graph (a command buffer) and replays it, as it does in a model's jitted step (a benchmark
+  harness once died there: benchmarks/NOTES.md, session 29 item 1); each call must match the
+  oracle on every run."""
   kwargs, oracle = make_problem(SUITE.problem(causal=True, return_lse=False, **IN_PLACE))
   q = jnp.asarray(kwargs.pop("q"))
   arrays = {k: jnp.asarray(v) for k, v in kwargs.items() if isinstance(v, np.ndarray)}
@@ -354,6 +383,8 @@ class _MosaicInterpreted(_Mosaic):
   """The kernel's own program (the warpgroups, barriers, TMA page copies, masks, in-place rows and
   partial stores), simulated on the CPU; only its two wgmmas are plain f32 dots there."""
 
+  ctas = None  # the persistent grid's CTAs (None: mosaic.INTERPRET_CTAS)
+
   def run(self, kwargs, **extra):
     import inspect
     from jax_varlen_attn.validation import AttentionArgs, validate
@@ -361,7 +392,7 @@ class _MosaicInterpreted(_Mosaic):
     bound.apply_defaults()
     named = {k: v for k, v in bound.arguments.items() if k not in ("backend", "config")}
     spec, arrays = validate(AttentionArgs(**named))
-    out, lse = jax.jit(lambda a: mosaic.attention(spec, a, interpret=True))(arrays)
+    out, lse = jax.jit(lambda a: mosaic.attention(spec, a, interpret=True, ctas=self.ctas))(arrays)
     return (out, lse) if spec.return_lse else out
 
 
@@ -401,6 +432,34 @@ def test_mosaic_kernel_interpreted_matches_the_oracle(case):
 
 
 SUITE_INTERPRETED = _MosaicInterpreted()
+
+
+class _OneCTA(_MosaicInterpreted):
+  ctas = 1
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU the Mosaic kernel itself runs (test_gpu_*)")
+@pytest.mark.parametrize("case", ["in_place_causal", "padded_window"])
+def test_mosaic_kernel_interpreted_one_cta_runs_every_item(case):
+  """One persistent CTA: every work item (padding programs included) in one K / V stream, each
+  item's q landing while the one before runs (in place) or after it left (padded copies)."""
+  why = _interpreter_missing()
+  if why:
+    pytest.skip(why)
+  suite = _OneCTA()
+  suite.check(suite.problem(**{"num_heads": 1, "num_kv_heads": 1, **INTERPRETED[case]}))
+
+
+@pytest.mark.parametrize("ctas", [0, -2, 2.0, True])
+def test_ctas_must_be_a_positive_int(ctas):
+  spec = _spec(layout="NHD", head_dim=64, total_q=300, max_seqlen_q=300)
+  kv = jax.ShapeDtypeStruct((12, 16, 2, 64), jnp.float16)
+  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+  arrays = AttentionArrays(q=jax.ShapeDtypeStruct((300, 4, 64), jnp.float16), k=kv, v=kv,
+                           cu_seqlens_q=i32(4), seqlens_k=i32(3), kv_index=i32(3, 6), alibi=None,
+                           layer=None)
+  with pytest.raises(ValueError, match="ctas"):
+    mosaic.attention(spec, arrays, ctas=ctas)
 
 
 # ---- which kernel runs by default (CPU, with the GPU facts patched) -------------------------------

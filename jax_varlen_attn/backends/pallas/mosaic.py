@@ -29,8 +29,13 @@ What differs from the dense kernel, and why:
   The programs after the last sequence's zero the padding rows. That is `direct_rows`; where the
   staging tiles do not fit in shared memory (head_dim 256) or q is shorter than one program, q and
   the output go through XLA's padded copies instead (`padded_rows`, `compact_rows`), which measured
-  slower (benchmarks/NOTES.md, "the Mosaic kernel in place"). Programs launch heaviest first (a
-  sequence's last query rows see the most keys).
+  slower (benchmarks/NOTES.md, "the Mosaic kernel in place").
+- Persistent CTAs, q a work item ahead. One CTA per SM runs work items (a program's 2 x block_q
+  rows of one q head) back to back, heaviest first (a sequence's last query rows see the most
+  keys), in rounds that alternate direction so the CTAs' loads even out. The loader warpgroup
+  streams the K / V tiles of a CTA's items through the ring as one stream and loads the next
+  item's q into the staging tiles while the current item runs, so an item's start waits for
+  neither its q nor its first tiles (a CTA per program paid both, and its exit, every time).
 - Masks. Keys run over the band the CTA needs (causal bottom-right, sliding window, the sequence's
   length), split per warpgroup into masked edges and an unmasked middle (`key_ranges`), so the
   middle pays no mask.
@@ -199,8 +204,26 @@ def program_table(cu_seqlens_q: jax.Array, num_programs: int, rows_per_program: 
   batch = cu.shape[0] - 1
   starts = _program_starts(cu, rows_per_program)
   p = jnp.arange(num_programs, dtype=jnp.int32)
-  seq = jnp.clip(jnp.searchsorted(starts, p, side="right").astype(jnp.int32) - 1, 0, batch - 1)
+  # compare_all: one fused compare-and-count (programs x batch is small); the default binary
+  # search is an XLA while loop, some twenty tiny kernels a call on the GPU.
+  seq = jnp.searchsorted(starts, p, side="right", method="compare_all").astype(jnp.int32)
+  seq = jnp.clip(seq - 1, 0, batch - 1)
   return jnp.stack([seq, (p - starts[seq]) * rows_per_program], axis=1)
+
+
+def heaviest_first(table: jax.Array, cu_seqlens_q: jax.Array, seqlens_k: jax.Array,
+                   rows_per_program: int, window_left: int, window_right: int,
+                   block_kv: int) -> jax.Array:
+  """i32[num_programs]: the programs of `program_table` by their key tiles, most first (programs
+  without rows last), so the persistent CTAs take the longest items first and finish together."""
+  cu = cu_seqlens_q.astype(jnp.int32)
+  seq, q_lo = table[:, 0], table[:, 1]
+  q_len = cu[seq + 1] - cu[seq]
+  kv_len = seqlens_k.astype(jnp.int32)[seq]
+  lo, _, _, hi = key_ranges(q_lo, jnp.minimum(q_lo + rows_per_program, q_len) - 1, q_len, kv_len,
+                            window_left, window_right, block_kv)
+  weight = jnp.where(q_lo < q_len, hi - lo, -1)
+  return jnp.argsort(-weight, stable=True).astype(jnp.int32)
 
 
 def padded_rows(table: jax.Array, cu_seqlens_q: jax.Array, total_q: int,
@@ -234,7 +257,7 @@ def compact_rows(padded: jax.Array, cu_seqlens_q: jax.Array, total_q: int, rows_
 # ---- the kernel -----------------------------------------------------------------------------------
 
 SMEM_BYTES = 227 * 1024  # shared memory a Hopper CTA may opt into
-PROFILE_EVENTS = 16  # named regions a warpgroup may enter with `profile_dir` (it enters <= 5)
+PROFILE_EVENTS = 16  # named regions a warpgroup may enter an item with `profile_dir` (it enters <= 5)
 
 
 def direct_rows(tiles: MosaicTiles, head_dim: int, itemsize: int) -> bool:
@@ -293,6 +316,7 @@ class _Params:
   batch: int
   total_q: int
   num_programs: int
+  num_ctas: int  # persistent CTAs, each running work items back to back (`_kernel`'s `work`)
   direct: bool  # q read and out written in place (`direct_rows`); else the padded copies
   return_lse: bool
   interpret: bool  # under Mosaic GPU's interpreter on the CPU (`attention`)
@@ -314,25 +338,62 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
   rows_per_copy = min(p.block_size, bkv)
   copies = bkv // rows_per_copy  # TMA copies (pages) per K or V tile
   dtype = jnp.dtype(p.dtype)
-  (qo_smem2, k_smem, v_smem, lse_smem2, *stage_smem2), (k_bars, v_bars, q_bars), consumed, sched = scoped
+  ((qo_smem2, k_smem, v_smem, lse_smem2, *stage_smem2), (k_bars, v_bars, q_bars), consumed, sched,
+   q_free) = scoped
   k_consumed, v_consumed = consumed
+  # Where the loader puts q (`q_bars`): in place, the staging tiles, one item ahead; else the
+  # swizzled q tiles themselves.
+  q_dst2 = stage_smem2[0] if p.direct else qo_smem2
   R = COMPUTE_WGS * bq
-
-  # Heaviest first: a sequence's last programs see the most keys (causal), so they launch first.
-  prog = p.num_programs - 1 - lax.axis_index("q_seq")
-  head = lax.axis_index("heads")
+  cta = lax.axis_index("cta")
   wg = lax.axis_index("wg")
-  # Named regions (here and below) are what `attention(..., profile_dir=...)` times.
-  with jax.named_scope("setup"):
+  layer = layer_ref[0]
+  num_items = p.num_heads * p.num_programs
+  rounds = -(-num_items // p.num_ctas)
+  # Rows past cu_q[-1] are zero (the contract); in place, the programs after the last sequence's
+  # own (there are enough: AttentionSpec.query_programs) write them, R rows each.
+  q_end = cu_q_ref[p.batch]
+  first_tail = q_end // R + p.batch
+
+  def work(r):
+    """This CTA's work item of round r: (valid, program, q head). Items run heaviest program first
+    (table column 2, `heaviest_first`), a program's q heads side by side; round r
+    takes items [r C, (r + 1) C) of the C CTAs, in reverse on odd rounds (the loads even out)."""
+    pos = jnp.where(lax.rem(r, 2) == 0, cta, p.num_ctas - 1 - cta)
+    item = r * p.num_ctas + pos
+    k = jnp.clip(item // p.num_heads, 0, p.num_programs - 1)
+    return item < num_items, table_ref[k, 2], lax.rem(item, p.num_heads)
+
+  def bounds(prog):
+    """(seq, q_lo, q_start, q_len, kv_len, lo, hi, live) of a program: its sequence, first row,
+    the key tiles [lo, hi) its rows need, whether it has rows (where not, hi = lo)."""
     seq = table_ref[prog, 0]
     q_lo = table_ref[prog, 1]
     q_start = cu_q_ref[seq]
     q_len = cu_q_ref[seq + 1] - q_start
     kv_len = seqk_ref[seq]
-    layer = layer_ref[0]
-    r_last = jnp.minimum(q_lo + COMPUTE_WGS * bq, q_len) - 1
+    r_last = jnp.minimum(q_lo + R, q_len) - 1
     lo, _, _, hi = key_ranges(q_lo, r_last, q_len, kv_len, p.window_left, p.window_right, bkv)
     live = q_lo < q_len
+    return seq, q_lo, q_start, q_len, kv_len, lo, jnp.where(live, hi, lo), live
+
+  def padded_row(prog, w):
+    # pl.multiple_of: JAX 0.11.2's Mosaic layout inference fails the kernel unless it sees each
+    # TMA row of the padded arrays is on an 8-row tile.
+    return pl.multiple_of(prog * R + w * bq, bq)
+
+  def tail_row(prog, w):
+    """In place, warpgroup w's first padding row of a program past the last sequence's."""
+    return q_end + (prog - first_tail) * R + w * bq
+
+  def q_row(prog, w):
+    """Warpgroup w's first row of q (and out) for `prog`: in place, its sequence's row, or for a
+    program without rows its padding row clipped into q; else the padded row."""
+    if not p.direct:
+      return padded_row(prog, w)
+    _, q_lo, q_start, _, _, _, _, live = bounds(prog)
+    return jnp.where(live, q_start + q_lo + w * bq,
+                     jnp.clip(tail_row(prog, w), 0, p.total_q - bq))
 
   def wgmma_layout(x, reduced: bool = False):
     """x in the registers' WGMMA layout (rows of it: reduced); the interpreter has no layouts."""
@@ -349,34 +410,25 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
     plgpu.barrier_arrive(sched)
     plgpu.barrier_wait(sched)
 
-  @pl.when(live & (wg < COMPUTE_WGS))
-  def _compute():
-    plgpu.set_max_registers(232, action="increase")
+  # A CTA's items run back to back. Their K / V tiles are one stream through the ring (the n-th
+  # tile the CTA reads sits in slot n % stages), so the loader fetches an item's first tiles while
+  # the compute warpgroups finish the one before. q lands in q_dst2 once the compute warpgroups
+  # free it (`q_free`): in place, an item ahead (the next item's q moves from the staging tile into
+  # the swizzled one before this item's output leaves through the staging tile); else after the
+  # previous item's output left the q tile.
+
+  def attend(prog, head, seq, q_lo, q_start, q_len, kv_len, lo, hi, n0, take_q):
+    """One compute warpgroup's rows of a program with rows: its K / V tiles are the stream's n0,
+    n0 + 1, ...; its output (and LSE) stored; take_q() moves the next item's q in on the way."""
     qo_smem = qo_smem2.at[wg]
     lse_smem = lse_smem2.at[wg]
     r0 = q_lo + wg * bq
     r1 = jnp.maximum(jnp.minimum(r0 + bq, q_len) - 1, r0)
     _, full_lo, full_hi, _ = key_ranges(r0, r1, q_len, kv_len, p.window_left, p.window_right, bkv)
-    # Both warpgroups walk the CTA's tiles [lo, hi) (every tile's barriers expect both); a
+    # Both warpgroups walk the program's tiles [lo, hi) (every tile's barriers expect both); a
     # warpgroup's own unmasked middle is clipped into them (rows past q_len have none of their own).
     full_lo = jnp.clip(full_lo, lo, hi)
     full_hi = jnp.clip(full_hi, full_lo, hi)
-    # The padded rows: the LSE's, q's and out's unless direct. pl.multiple_of: JAX 0.11.2's Mosaic
-    # layout inference fails the kernel unless it sees each TMA row is on an 8-row tile.
-    row = pl.multiple_of(prog * R + wg * bq, bq)
-    with jax.named_scope("q"):
-      if p.direct:
-        stage = stage_smem2[0].at[wg]
-        q_row = q_start + r0  # the warpgroup's first row of q / out
-        # Any first row: TMA into the unswizzled staging tile, then into qo_smem.
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row, bq), head], stage, q_bars.at[wg])
-        plgpu.barrier_wait(q_bars.at[wg])
-        qo_smem[...] = (stage[...] if p.interpret
-                        else plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False))
-        plgpu.commit_smem()
-      else:
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row, bq), head], qo_smem, q_bars.at[wg])
-        plgpu.barrier_wait(q_bars.at[wg])
 
     # Each row's online softmax starts from its head's sink (m = s_aux, l = 1; none for -inf) or
     # from nothing (m = -inf, l = 0).
@@ -388,17 +440,20 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
     slope = alibi_ref[seq, head] * LOG2E if p.has_alibi else None
     acc = wgmma_layout(jnp.full((bq, d), 0, jnp.float32))
 
+    def slot_of(j):
+      return lax.rem(n0 + j - lo, stages)
+
     @pl.when(hi > lo)
     @jax.named_scope("first_k")
     def _():
-      plgpu.barrier_wait(k_bars.at[0])
+      plgpu.barrier_wait(k_bars.at[slot_of(lo)])
 
     pl.when(wg == 1)(schedule_barrier)
     qk_scale = p.scale * LOG2E
 
     def step(j, carry, masked: bool):
       acc, m_i, l_i = carry
-      slot = lax.rem(j - lo, stages)
+      slot = slot_of(j)
 
       def compute_qk(acc_ref):
         plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -457,7 +512,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       def wait_next_k():
         @pl.when(j + 1 < hi)
         def _():
-          plgpu.barrier_wait(k_bars.at[lax.rem(j + 1 - lo, stages)])
+          plgpu.barrier_wait(k_bars.at[slot_of(j + 1)])
 
       def compute_pv(acc_ref):
         plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -484,71 +539,145 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       o = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
       if p.return_lse:  # into shared memory first: the output's commit_smem covers it
         lse_smem[...] = jnp.where(seen, m_i * LN2 + jnp.log(jnp.where(seen, l_i, 1.0)), jnp.inf)
+      take_q()
       if p.direct:
+        stage = stage_smem2[0].at[wg]
         stage[...] = o
         plgpu.commit_smem()
-        _store_rows(stage, out_ref, q_row, head, jnp.clip(q_len - r0, 0, bq), bq, p.interpret)
+        _store_rows(stage, out_ref, q_start + r0, head, jnp.clip(q_len - r0, 0, bq), bq,
+                    p.interpret)
       else:
         qo_smem[...] = o
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(row, bq), head])
+        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(padded_row(prog, wg), bq), head])
       if p.return_lse:
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[head, pl.ds(row, bq)])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the CTA only needs its smem read
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[head, pl.ds(padded_row(prog, wg), bq)])
 
-  if p.direct:
-    # Rows past cu_q[-1] are zero (the contract); the programs after the last sequence's own (there
-    # are enough: AttentionSpec.query_programs) write them, R rows each.
-    q_end = cu_q_ref[p.batch]
-    first_tail = q_end // R + p.batch
+  @pl.when(wg < COMPUTE_WGS)
+  def _compute():
+    # All the registers the loader leaves (2 x 128 x 240 + 128 x 24 <= 64K); 232 spilled more.
+    plgpu.set_max_registers(240, action="increase")
 
-    @pl.when(~live & (wg < COMPUTE_WGS) & (prog >= first_tail))
-    def _zero_tail():
+    def take_q():
+      """In place: the next item's q rows, staged by the loader, into the swizzled q tile."""
+      plgpu.barrier_wait(q_bars.at[wg])
       stage = stage_smem2[0].at[wg]
-      stage[...] = jnp.zeros((bq, d), dtype)
+      qo_smem2.at[wg][...] = (stage[...] if p.interpret
+                              else plgpu.load(stage, (), layout=plgpu.Layout.WGMMA,
+                                              optimized=False))
       plgpu.commit_smem()
-      row = q_end + (prog - first_tail) * R + wg * bq
-      _store_rows(stage, out_ref, row, head, jnp.clip(p.total_q - row, 0, bq), bq, p.interpret)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the CTA only needs its smem read
 
-  @pl.when(live & (wg == COMPUTE_WGS))
+    if p.direct:
+      with jax.named_scope("q"):
+        take_q()  # the first item's (every CTA has one: C <= items)
+    plgpu.barrier_arrive(q_free)
+
+    def item(r, n0):
+      valid, prog, head = work(r)
+      seq, q_lo, q_start, q_len, kv_len, lo, hi, live = bounds(prog)
+      has_next = work(r + 1)[0]
+      take_next = (lambda: pl.when(has_next)(take_q)) if p.direct else (lambda: None)
+
+      @pl.when(valid)
+      def _():
+        if not p.direct:
+          with jax.named_scope("q"):
+            plgpu.barrier_wait(q_bars.at[wg])
+        pl.when(live)(lambda: attend(prog, head, seq, q_lo, q_start, q_len, kv_len, lo, hi, n0,
+                                     take_next))
+
+        @pl.when(~live)
+        def _():
+          take_next()
+          if p.direct:
+            @pl.when(prog >= first_tail)
+            def _zero_tail():
+              stage = stage_smem2[0].at[wg]
+              stage[...] = jnp.zeros((bq, d), dtype)
+              plgpu.commit_smem()
+              row = tail_row(prog, wg)
+              _store_rows(stage, out_ref, row, head, jnp.clip(p.total_q - row, 0, bq), bq,
+                          p.interpret)
+
+        # The landing tile is the next item's once the TMA engine has read this item's output.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(q_free)
+
+      return n0 + jnp.where(valid, hi - lo, 0)
+
+    lax.fori_loop(0, rounds, item, jnp.int32(0))
+
+  @pl.when(wg == COMPUTE_WGS)
   @jax.named_scope("load")
   def _load():
-    plgpu.set_max_registers(40, action="decrease")
-    kv_head = head // p.group
-    base = layer * view.layer_rows + kv_head * view.head_rows
-    col = kv_head * view.head_cols
+    plgpu.set_max_registers(24, action="decrease")
 
-    def issue(j, slot, src_ref, dst_smem, first_row, bars):
-      for c in range(copies):  # one TMA copy per page of the tile
-        key = j * bkv + c * rows_per_copy
-        page = jnp.clip(bt_ref[seq, jnp.minimum(key // p.block_size, p.max_blocks - 1)], 0,
-                        p.num_pages - 1)
-        row = base + first_row + page * view.page_rows + key % p.block_size
-        plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(row, rows_per_copy), pl.ds(col, d)],
-                                dst_smem.at[slot, pl.ds(c * rows_per_copy, rows_per_copy)],
-                                bars.at[slot])
+    def load_q(prog, head):
+      for w in range(COMPUTE_WGS):
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row(prog, w), bq), head], q_dst2.at[w],
+                                q_bars.at[w])
 
-    for i in range(stages):
-      @pl.when(lo + i < hi)
+    if p.direct:
+      _, prog0, head0 = work(0)
+      load_q(prog0, head0)
+
+    def item(r, n0):
+      valid, prog, head = work(r)
+      seq, _, _, _, _, lo, hi, _ = bounds(prog)
+      count = jnp.where(valid, hi - lo, 0)
+      kv_head = head // p.group
+      base = layer * view.layer_rows + kv_head * view.head_rows
+      col = kv_head * view.head_cols
+
+      def issue(j, slot, src_ref, dst_smem, first_row, bars):
+        for c in range(copies):  # one TMA copy per page of the tile
+          key = j * bkv + c * rows_per_copy
+          page = jnp.clip(bt_ref[seq, jnp.minimum(key // p.block_size, p.max_blocks - 1)], 0,
+                          p.num_pages - 1)
+          row = base + first_row + page * view.page_rows + key % p.block_size
+          plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(row, rows_per_copy), pl.ds(col, d)],
+                                  dst_smem.at[slot, pl.ds(c * rows_per_copy, rows_per_copy)],
+                                  bars.at[slot])
+
+      def tile(i):
+        n = n0 + i  # the tile's place in the CTA's stream; the slot's previous tile is n - stages
+        slot = lax.rem(n, stages)
+
+        @pl.when(n >= stages)
+        def _():
+          plgpu.barrier_wait(k_consumed.at[slot])
+        issue(lo + i, slot, k_ref, k_smem, view.k_rows, k_bars)
+
+        @pl.when(n >= stages)
+        def _():
+          plgpu.barrier_wait(v_consumed.at[slot])
+        issue(lo + i, slot, v_ref, v_smem, view.v_rows, v_bars)
+
+      # The item's first tiles go out before its q (they only wait for the ring), the rest after.
+      first = jnp.minimum(count, stages)
+      pl.loop(0, first)(tile)
+
+      @pl.when(valid)
       def _():
-        issue(lo + i, i, k_ref, k_smem, view.k_rows, k_bars)
-        issue(lo + i, i, v_ref, v_smem, view.v_rows, v_bars)
+        plgpu.barrier_wait(q_free)
+        if p.direct:
+          next_valid, next_prog, next_head = work(r + 1)
+          pl.when(next_valid)(lambda: load_q(next_prog, next_head))
+        else:
+          load_q(prog, head)
 
-    @pl.loop(lo + stages, hi)
-    def _(j):
-      slot = lax.rem(j - lo, stages)
-      plgpu.barrier_wait(k_consumed.at[slot])
-      issue(j, slot, k_ref, k_smem, view.k_rows, k_bars)
-      plgpu.barrier_wait(v_consumed.at[slot])
-      issue(j, slot, v_ref, v_smem, view.v_rows, v_bars)
+      pl.loop(first, count)(tile)
+      return n0 + count
 
-    # Observe the last `stages` tiles' releases too: each barrier's every phase is waited on once
-    # (the hardware would not mind; Mosaic GPU's interpreter checks it).
-    @pl.loop(jnp.maximum(hi - stages, lo), hi)
-    def _(j):
-      plgpu.barrier_wait(k_consumed.at[lax.rem(j - lo, stages)])
-      plgpu.barrier_wait(v_consumed.at[lax.rem(j - lo, stages)])
+    total = lax.fori_loop(0, rounds, item, jnp.int32(0))
+    # Observe the last release of q's tile and of the last `stages` tiles too: each barrier's every
+    # phase is waited on once (the hardware would not mind; Mosaic GPU's interpreter checks it).
+    plgpu.barrier_wait(q_free)
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _(n):
+      plgpu.barrier_wait(k_consumed.at[lax.rem(n, stages)])
+      plgpu.barrier_wait(v_consumed.at[lax.rem(n, stages)])
 
 
 def _interpret_params():
@@ -557,8 +686,14 @@ def _interpret_params():
   return InterpretGPUParams()
 
 
+# CTAs of the interpreter's persistent grid: a few, so the CPU tests run several work items a CTA
+# (rounds in both directions) in little time.
+INTERPRET_CTAS = 3
+
+
 def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[MosaicTiles] = None,
-              interpret: bool = False, profile_dir: Optional[str] = None):
+              interpret: bool = False, profile_dir: Optional[str] = None,
+              ctas: Optional[int] = None):
   """Varlen paged attention with the Mosaic GPU kernel (CUDA, sm_90a).
 
   Args:
@@ -571,9 +706,11 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
       shared-memory tiles instead of wgmma (the interpreter takes no transposed operand and no
       `run_state`), and registers carry no layouts.
     profile_dir: write Mosaic GPU's trace of each call (per CTA and warpgroup, the clock at the
-      start and end of the kernel's named regions: setup, q, first_k, loop, out, load) there, a
+      start and end of the kernel's named regions: q, first_k, loop, out, load) there, a
       `*-trace.json` file per kernel (JAX keeps the first call's; `benchmarks/mosaic_profile.py`
       summarizes it). GPU only.
+    ctas: CTAs of the persistent grid (default: one per SM, `INTERPRET_CTAS` interpreted; at most
+      one per work item).
 
   Returns:
     (out [T, H, D] in q's dtype, lse f32[H, T] or None).
@@ -589,6 +726,10 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
   T, H, D = spec.total_q, spec.num_heads, spec.head_dim
   R = tiles.rows_per_program
   num_programs = spec.query_programs(R)
+  if ctas is not None and (isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1):
+    raise ValueError(f"ctas must be a positive int, got {ctas!r}")
+  from jax_varlen_attn.backends import device
+  ctas = min(ctas or (INTERPRET_CTAS if interpret else device.num_sms()), H * num_programs)
   dtype = jnp.dtype(spec.dtype)
   # In place needs the staging tiles' shared memory, and a q at least one program tall (a TMA box
   # may not be larger than its array).
@@ -598,8 +739,11 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
               window_left=spec.window_left, window_right=spec.window_right, softcap=spec.softcap,
               has_alibi=spec.has_alibi, has_sinks=spec.has_sinks, dtype=spec.dtype,
               tiles=tiles, view=view, batch=spec.batch, total_q=T, num_programs=num_programs,
-              direct=direct, return_lse=spec.return_lse, interpret=interpret)
+              num_ctas=ctas, direct=direct, return_lse=spec.return_lse, interpret=interpret)
   table = program_table(arrays.cu_seqlens_q, num_programs, R)
+  order = heaviest_first(table, arrays.cu_seqlens_q, arrays.seqlens_k, R, spec.window_left,
+                         spec.window_right, tiles.block_kv)
+  table = jnp.concatenate([table, order[:, None]], axis=1)
   q_in = (arrays.q if direct
           else jnp.take(arrays.q, padded_rows(table, arrays.cu_seqlens_q, T, R), axis=0))
   layer = (jnp.zeros((1,), jnp.int32) if arrays.layer is None
@@ -628,16 +772,18 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
     pl.run_scoped(
         lambda *scoped: _kernel(p, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_ref,
                                 sinks_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped),
-        scratch, bars, consumed, plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
+        scratch, bars, consumed, plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
 
   out_pad, lse_pad = plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct((T if direct else num_programs * R, H, D), dtype),
                 jax.ShapeDtypeStruct((H, num_programs * R), jnp.float32)),
-      grid=(H, num_programs), grid_names=("heads", "q_seq"),
+      grid=(ctas,), grid_names=("cta",),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
-          approx_math=True, **(dict(profile_space=PROFILE_EVENTS, profile_dir=profile_dir)
+          approx_math=True, **(dict(profile_space=PROFILE_EVENTS * -(-H * num_programs // ctas),
+                                    profile_dir=profile_dir)
                                if profile_dir else {})),
       **({"interpret": _interpret_params()} if interpret else {}),
   )(table, arrays.cu_seqlens_q.astype(jnp.int32), arrays.seqlens_k.astype(jnp.int32),
