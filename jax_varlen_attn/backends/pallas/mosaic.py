@@ -245,7 +245,10 @@ def compact_rows(padded: jax.Array, cu_seqlens_q: jax.Array, total_q: int, rows_
   cu = cu_seqlens_q.astype(jnp.int32)
   batch = cu.shape[0] - 1
   t = jnp.arange(total_q, dtype=jnp.int32)
-  b = jnp.clip(jnp.searchsorted(cu, t, side="right").astype(jnp.int32) - 1, 0, batch - 1)
+  # compare_all as in `program_table`: tokens x batch compares, never more than the attention's own
+  # tokens x keys, in one fusion instead of a while loop.
+  b = jnp.searchsorted(cu, t, side="right", method="compare_all").astype(jnp.int32)
+  b = jnp.clip(b - 1, 0, batch - 1)
   src = _program_starts(cu, rows_per_program)[b] * rows_per_program + (t - cu[b])
   rows = jnp.take(padded, src, axis=axis, mode="clip")
   live = t < cu[-1]
