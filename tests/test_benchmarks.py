@@ -569,6 +569,19 @@ def test_mosaic_ab_kernel_list_rotations_and_a_variant_module(tmp_path):
   assert mosaic.MosaicTiles().block_kv == 128
 
 
+def test_mosaic_replay_arguments_and_no_gpu():
+  import mosaic_replay
+
+  args = mosaic_replay.parse(["--between", "cudnn", "--second-executable"])
+  assert (args.calls, args.sets, args.between, args.second_executable) == (8, 2, "cudnn", True)
+  for bad in (["--between", "nothing"], ["--calls", "0"], ["--runs", "-1"]):
+    with pytest.raises(SystemExit):
+      mosaic_replay.parse(bad)
+  import jax
+  if jax.default_backend() != "gpu":
+    assert mosaic_replay.main([]) == 2
+
+
 def test_cudnn_dense_inputs_match_the_paged_problem_and_refuse_ragged_lengths():
   import mosaic_profile
   import shapes
