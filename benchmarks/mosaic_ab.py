@@ -80,9 +80,11 @@ def main(argv=None) -> int:
   ap.add_argument("--cases", default="prefill_8x1024,prefill_4x4096,prefill_2x8192")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--sets", type=int, default=8,
-                  help="input sets, one call each, in a timed call (no two alike: XLA merges equal calls)")
+                  help="input sets, one call each, a timed call (XLA merges equal calls)")
   ap.add_argument("--json")
   args = ap.parse_args(argv)
+  if args.sets < 1 or args.rounds < 1:
+    ap.error("--sets and --rounds must be positive")
   try:
     kernels = parse_kernels(args.kernels)
   except ValueError as e:

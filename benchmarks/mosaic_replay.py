@@ -1,4 +1,4 @@
-"""Mosaic prefill calls replayed by XLA: N calls in one jit, run R times, each run against the first.
+"""Mosaic prefill calls replayed by XLA: N calls in one jit, run R times, each against the first.
 
     python3 benchmarks/mosaic_replay.py                         # 8 calls over 2 input sets, 5 runs
     python3 benchmarks/mosaic_replay.py --between cudnn --second-executable
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
   spec, sets = problems[0][0], [a for _, a in problems]
   fn = jax.jit(lambda ss: [mod.attention(spec, ss[i % len(ss)])[0] for i in range(args.calls)])
   tag = (f"{args.case} calls={args.calls} sets={args.sets} between={args.between} "
-         f"second_executable={args.second_executable} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+         f"second_executable={args.second_executable} "
+         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   try:
     if args.second_executable:
       jax.block_until_ready(jax.jit(lambda a: mod.attention(spec, a)[0])(sets[0]))
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
         use = [jax.tree.map(jnp.copy, s) for s in sets]
         alive.append(use)
       elif args.between == "alloc":
-        alive.append(jax.jit(lambda x: x * 2 + 1)(jnp.ones(((r + 1) * 3_000_000,), jnp.float32)))
+        grow = jnp.ones(((r + 1) * 3_000_000,), jnp.float32)
+        alive.append(jax.jit(lambda x: x * 2 + 1)(grow))
       elif args.between == "cudnn":
         dense = [mosaic_profile.dense_problem(case, seed=1 + i) for i in range(2)]
         cudnn = jax.jit(lambda ds: [mosaic_profile.cudnn_causal(*d) for d in ds])
