@@ -193,6 +193,16 @@ def _program_starts(cu: jax.Array, rows_per_program: int) -> jax.Array:
   return cu[:-1] // rows_per_program + jnp.arange(batch, dtype=jnp.int32)
 
 
+def _sequence_of(starts: jax.Array, x: jax.Array, batch: int) -> jax.Array:
+  """i32[len(x)]: for each x, the last b with starts[b] <= x, clipped into [0, batch).
+
+  compare_all: one fused compare-and-count (len(x) x len(starts), never more than the call's
+  tokens x keys); the default binary search is an XLA while loop, some twenty tiny kernels a call
+  on the GPU (benchmarks/NOTES.md, session 29 item 3)."""
+  b = jnp.searchsorted(starts, x, side="right", method="compare_all").astype(jnp.int32)
+  return jnp.clip(b - 1, 0, batch - 1)
+
+
 def program_table(cu_seqlens_q: jax.Array, num_programs: int, rows_per_program: int) -> jax.Array:
   """i32[num_programs, 2]: (sequence, first query row within it) of each program.
 
@@ -204,10 +214,7 @@ def program_table(cu_seqlens_q: jax.Array, num_programs: int, rows_per_program: 
   batch = cu.shape[0] - 1
   starts = _program_starts(cu, rows_per_program)
   p = jnp.arange(num_programs, dtype=jnp.int32)
-  # compare_all: one fused compare-and-count (programs x batch is small); the default binary
-  # search is an XLA while loop, some twenty tiny kernels a call on the GPU.
-  seq = jnp.searchsorted(starts, p, side="right", method="compare_all").astype(jnp.int32)
-  seq = jnp.clip(seq - 1, 0, batch - 1)
+  seq = _sequence_of(starts, p, batch)
   return jnp.stack([seq, (p - starts[seq]) * rows_per_program], axis=1)
 
 
@@ -245,10 +252,7 @@ def compact_rows(padded: jax.Array, cu_seqlens_q: jax.Array, total_q: int, rows_
   cu = cu_seqlens_q.astype(jnp.int32)
   batch = cu.shape[0] - 1
   t = jnp.arange(total_q, dtype=jnp.int32)
-  # compare_all as in `program_table`: tokens x batch compares, never more than the attention's own
-  # tokens x keys, in one fusion instead of a while loop.
-  b = jnp.searchsorted(cu, t, side="right", method="compare_all").astype(jnp.int32)
-  b = jnp.clip(b - 1, 0, batch - 1)
+  b = _sequence_of(cu, t, batch)
   src = _program_starts(cu, rows_per_program)[b] * rows_per_program + (t - cu[b])
   rows = jnp.take(padded, src, axis=axis, mode="clip")
   live = t < cu[-1]
