@@ -77,6 +77,18 @@ def summarize(events: Iterable[dict]) -> dict:
               events=len(ivs), names=names)
 
 
+def per_kernel(events: Iterable[dict], calls: int, top: int = 12) -> List[dict]:
+  """Device work by kernel name (the first 70 characters): microseconds and count a call, the
+  largest first. Summed durations, not a union: concurrent kernels each count in full."""
+  by_name: Dict[str, List[float]] = {}
+  for e in events:
+    by_name.setdefault(str(e.get("name", ""))[:70], []).append(float(e["dur"]))
+  rows = [dict(name=n, us_per_call=round(sum(d) / calls, 3), count_per_call=round(len(d) / calls, 2))
+          for n, d in by_name.items()]
+  rows.sort(key=lambda r: -r["us_per_call"])
+  return rows[:top]
+
+
 def load_trace(directory: str) -> dict:
   paths = sorted(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True))
   if not paths:
@@ -87,12 +99,13 @@ def load_trace(directory: str) -> dict:
     return json.load(f)
 
 
-def measure(jax, fn, args, calls: int, runs: int = 3) -> Optional[dict]:
+def measure(jax, fn, args, calls: int, runs: int = 3, breakdown: bool = False) -> Optional[dict]:
   """Device time per call of `fn(*args)` (which makes `calls` calls), fn already compiled.
 
   Profiles `runs` executions and keeps the one with the least busy time per call (the profiler's
   own start-up can land in the first). Returns dict(busy_ms, span_ms, kernels_per_call, names) or
-  None where the trace holds no GPU stream (a CPU run, or a profiler without CUPTI).
+  None where the trace holds no GPU stream (a CPU run, or a profiler without CUPTI); breakdown:
+  also `per_kernel` of that run (per_kernel's rows).
   """
   best = None
   for _ in range(runs):
@@ -109,8 +122,13 @@ def measure(jax, fn, args, calls: int, runs: int = 3) -> Optional[dict]:
       return None
     if best is None or s["busy_us"] < best["busy_us"]:
       best = s
-  return dict(busy_ms=best["busy_us"] / 1e3 / calls, span_ms=best["span_us"] / 1e3 / calls,
-              kernels_per_call=round(best["events"] / calls, 2), names=best["names"][:8])
+      if breakdown:
+        best["per_kernel"] = per_kernel(events, calls)
+  out = dict(busy_ms=best["busy_us"] / 1e3 / calls, span_ms=best["span_us"] / 1e3 / calls,
+             kernels_per_call=round(best["events"] / calls, 2), names=best["names"][:8])
+  if breakdown:
+    out["per_kernel"] = best["per_kernel"]
+  return out
 
 
 def host_events(trace: dict) -> List[dict]:

@@ -81,6 +81,8 @@ def main(argv=None) -> int:
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--sets", type=int, default=8,
                   help="input sets, one call each, a timed call (XLA merges equal calls)")
+  ap.add_argument("--breakdown", action="store_true",
+                  help="print and record each kernel's device us a call (the last round's run)")
   ap.add_argument("--json")
   args = ap.parse_args(argv)
   if args.sets < 1 or args.rounds < 1:
@@ -124,10 +126,14 @@ def main(argv=None) -> int:
     for name, fn in fns.items():
       jax.block_until_ready(fn(inputs[name]))  # compile
     times = {name: [] for name in fns}
+    kernels_of = {}
     for order in rotations(list(fns), args.rounds):
       for name in order:
-        m = device_time.measure(jax, fns[name], (inputs[name],), calls, runs=2)
+        m = device_time.measure(jax, fns[name], (inputs[name],), calls, runs=2,
+                                breakdown=args.breakdown)
         times[name].append(m["busy_ms"] if m else float("nan"))
+        if m and args.breakdown:
+          kernels_of[name] = dict(kernels_per_call=m["kernels_per_call"], rows=m["per_kernel"])
     flops = case.flops()
     base = float(np.median(times[CUDNN])) if CUDNN in times else float("nan")
     print(f"\n{cname}: device ms a call, {args.rounds} rounds (median, all); TFLOP/s; / cuDNN")
@@ -141,6 +147,12 @@ def main(argv=None) -> int:
         records.append(rec)
       rec.update(ms_device=med, ms_device_rounds=ts, tflops_device=flops / med / 1e9,
                  vs_cudnn_dense_device=med / base, flops=flops)
+      if name in kernels_of:
+        rec["per_kernel"] = kernels_of[name]
+    for name, k in kernels_of.items():
+      print(f"  {name}: {k['kernels_per_call']} kernels a call; us a call by kernel:")
+      for row in k["rows"]:
+        print(f"    {row['us_per_call']:9.3f}  x{row['count_per_call']:<5} {row['name']}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(commit=bench_env.git_commit()[0], gpu=jax.devices()[0].device_kind,

@@ -103,6 +103,17 @@ def test_heaviest_first_orders_programs_by_their_key_tiles(window):
   assert "while" not in hlo
 
 
+@pytest.mark.parametrize("n, high", [(1, 3), (7, 2), (133, 40), (300, 1000)])
+def test_descending_order_is_a_stable_descending_argsort_without_a_sort(n, high):
+  """Against NumPy's stable argsort of -w, with many ties (small `high`) and none; the GPU
+  program holds no sort kernel (XLA's cost 3-5 us a call)."""
+  w = np.random.default_rng(n).integers(-1, high, n).astype(np.int32)
+  got = np.asarray(mosaic.descending_order(jnp.asarray(w)))
+  np.testing.assert_array_equal(got, np.argsort(-w, kind="stable"))
+  hlo = jax.jit(mosaic.descending_order).lower(jnp.asarray(w)).as_text()
+  assert "sort" not in hlo
+
+
 def _allowed(r, c, q_len, kv_len, wl, wr):
   """The contract's mask, written out: bottom-right aligned band, keys inside the sequence."""
   off = kv_len - q_len

@@ -230,7 +230,19 @@ def heaviest_first(table: jax.Array, cu_seqlens_q: jax.Array, seqlens_k: jax.Arr
   lo, _, _, hi = key_ranges(q_lo, jnp.minimum(q_lo + rows_per_program, q_len) - 1, q_len, kv_len,
                             window_left, window_right, block_kv)
   weight = jnp.where(q_lo < q_len, hi - lo, -1)
-  return jnp.argsort(-weight, stable=True).astype(jnp.int32)
+  return descending_order(weight)
+
+
+def descending_order(w: jax.Array) -> jax.Array:
+  """i32[n]: the stable descending argsort of i32[n] w (ties keep their index order).
+
+  Two fused compare-and-count passes (each item's rank, then the item of each rank): XLA's sort
+  kernel cost 3-5 us a call on the GPU, these two ~2.5 (benchmarks/NOTES.md, session 30 item 1).
+  n x n compares each, n being the call's programs (its tokens / 128 + its sequences)."""
+  i = jnp.arange(w.shape[0], dtype=jnp.int32)
+  ahead = (w[None, :] > w[:, None]) | ((w[None, :] == w[:, None]) & (i[None, :] < i[:, None]))
+  rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
+  return jnp.sum(jnp.where(rank[None, :] == i[:, None], i[None, :], 0), axis=1, dtype=jnp.int32)
 
 
 def padded_rows(table: jax.Array, cu_seqlens_q: jax.Array, total_q: int,
