@@ -236,9 +236,8 @@ def heaviest_first(table: jax.Array, cu_seqlens_q: jax.Array, seqlens_k: jax.Arr
 def descending_order(w: jax.Array) -> jax.Array:
   """i32[n]: the stable descending argsort of i32[n] w (ties keep their index order).
 
-  Two fused compare-and-count passes (each item's rank, then the item of each rank): XLA's sort
-  kernel cost 3-5 us a call on the GPU, these two ~2.5 (benchmarks/NOTES.md, session 30 item 1).
-  n x n compares each, n being the call's programs (its tokens / 128 + its sequences)."""
+  Two fused compare-and-count passes (each item's rank, then the item of each rank), n x n
+  compares each: cheaper than XLA's sort kernel at a call's program counts (NOTES.md, session 30)."""
   i = jnp.arange(w.shape[0], dtype=jnp.int32)
   ahead = (w[None, :] > w[:, None]) | ((w[None, :] == w[:, None]) & (i[None, :] < i[:, None]))
   rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
