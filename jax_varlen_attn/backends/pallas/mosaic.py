@@ -18,9 +18,11 @@ one copy per page of a tile (a page is `block_size` rows of one kv head, whereve
 them), so the cache is read in place and never gathered.
 
 What differs from the dense kernel, and why:
-- Ragged q. A program's (sequence, first row) come from `program_table` (computed by XLA from
-  cu_seqlens_q, the rule every backend uses: sequence b owns programs
-  [cu_q[b] // (2 block_q) + b, cu_q[b+1] // (2 block_q) + b + 1)). A TMA box into a tiled,
+- Ragged q. A program's (sequence, first row) come from `program_table` (from cu_seqlens_q, the
+  rule every backend uses: sequence b owns programs
+  [cu_q[b] // (2 block_q) + b, cu_q[b+1] // (2 block_q) + b + 1)); `work_table` adds the
+  heaviest-first order beside it (XLA runs it as three small kernels; `work_table`'s one-launch
+  Triton form is not yet measured on a GPU). A TMA box into a tiled,
   swizzled tile must start at a multiple of 8 rows (Mosaic splits the row index into tile and row
   within it), and a whole-tile store would overwrite the next sequence's rows. So each warpgroup
   reads its q rows by TMA into an unswizzled staging tile (any first row) and copies them into the
@@ -242,6 +244,25 @@ def descending_order(w: jax.Array) -> jax.Array:
   ahead = (w[None, :] > w[:, None]) | ((w[None, :] == w[:, None]) & (i[None, :] < i[:, None]))
   rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
   return jnp.sum(jnp.where(rank[None, :] == i[:, None], i[None, :], 0), axis=1, dtype=jnp.int32)
+
+
+def work_table(cu_seqlens_q: jax.Array, seqlens_k: jax.Array, num_programs: int,
+               rows_per_program: int, window_left: int, window_right: int, block_kv: int,
+               one_launch: bool = False) -> jax.Array:
+  """i32[num_programs, 3]: the kernel's table: row p holds `program_table`'s (sequence, q_lo) of
+  program p and, in column 2, `heaviest_first`'s program of rank p.
+
+  one_launch: build it with the Triton kernel of `backends/triton/work_table_kernel.py` (one
+  launch; XLA runs this jnp form as three small kernels, ~4 us of a call: NOTES.md, session 31);
+  else this jnp form, the kernel's reference (and the path where Triton does not run)."""
+  if one_launch:
+    from jax_varlen_attn.backends.triton import work_table_kernel  # imports triton
+    return work_table_kernel.work_table(cu_seqlens_q, seqlens_k, num_programs, rows_per_program,
+                                        window_left, window_right, block_kv)
+  table = program_table(cu_seqlens_q, num_programs, rows_per_program)
+  order = heaviest_first(table, cu_seqlens_q, seqlens_k, rows_per_program, window_left,
+                         window_right, block_kv)
+  return jnp.concatenate([table, order[:, None]], axis=1)
 
 
 def padded_rows(table: jax.Array, cu_seqlens_q: jax.Array, total_q: int,
@@ -758,10 +779,8 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
               has_alibi=spec.has_alibi, has_sinks=spec.has_sinks, dtype=spec.dtype,
               tiles=tiles, view=view, batch=spec.batch, total_q=T, num_programs=num_programs,
               num_ctas=ctas, direct=direct, return_lse=spec.return_lse, interpret=interpret)
-  table = program_table(arrays.cu_seqlens_q, num_programs, R)
-  order = heaviest_first(table, arrays.cu_seqlens_q, arrays.seqlens_k, R, spec.window_left,
-                         spec.window_right, tiles.block_kv)
-  table = jnp.concatenate([table, order[:, None]], axis=1)
+  table = work_table(arrays.cu_seqlens_q, arrays.seqlens_k, num_programs, R, spec.window_left,
+                     spec.window_right, tiles.block_kv)
   q_in = (arrays.q if direct
           else jnp.take(arrays.q, padded_rows(table, arrays.cu_seqlens_q, T, R), axis=0))
   layer = (jnp.zeros((1,), jnp.int32) if arrays.layer is None
