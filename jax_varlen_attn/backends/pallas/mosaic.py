@@ -21,8 +21,8 @@ What differs from the dense kernel, and why:
 - Ragged q. A program's (sequence, first row) come from `program_table` (from cu_seqlens_q, the
   rule every backend uses: sequence b owns programs
   [cu_q[b] // (2 block_q) + b, cu_q[b+1] // (2 block_q) + b + 1)); `work_table` adds the
-  heaviest-first order beside it (XLA runs it as three small kernels; `work_table`'s one-launch
-  Triton form is not yet measured on a GPU). A TMA box into a tiled,
+  heaviest-first order beside it (XLA runs it as three small kernels, ~4.5 us; `work_table`'s
+  one-launch Triton form measured slower, 4.8 us: NOTES.md, session 31). A TMA box into a tiled,
   swizzled tile must start at a multiple of 8 rows (Mosaic splits the row index into tile and row
   within it), and a whole-tile store would overwrite the next sequence's rows. So each warpgroup
   reads its q rows by TMA into an unswizzled staging tile (any first row) and copies them into the
@@ -253,8 +253,9 @@ def work_table(cu_seqlens_q: jax.Array, seqlens_k: jax.Array, num_programs: int,
   program p and, in column 2, `heaviest_first`'s program of rank p.
 
   one_launch: build it with the Triton kernel of `backends/triton/work_table_kernel.py` (one
-  launch; XLA runs this jnp form as three small kernels, ~4 us of a call: NOTES.md, session 31);
-  else this jnp form, the kernel's reference (and the path where Triton does not run)."""
+  launch, measured slower than XLA's three small kernels for this jnp form: 4.8 vs 4.5 us at
+  4x4096, NOTES.md session 31, so the kernel's caller takes the jnp form); else this jnp form,
+  the kernel's reference."""
   if one_launch:
     from jax_varlen_attn.backends.triton import work_table_kernel  # imports triton
     return work_table_kernel.work_table(cu_seqlens_q, seqlens_k, num_programs, rows_per_program,
@@ -668,13 +669,20 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       base = layer * view.layer_rows + kv_head * view.head_rows
       col = kv_head * view.head_cols
 
-      def issue(j, slot, src_ref, dst_smem, first_row, bars):
-        for c in range(copies):  # one TMA copy per page of the tile
+      def page_rows(j):
+        """The row of each page of key tile j (one TMA copy a page), K's and V's alike: looked up
+        once a tile, not once for K and again for V (-2.6% at 4x4096: NOTES.md, session 31)."""
+        rows = []
+        for c in range(copies):
           key = j * bkv + c * rows_per_copy
           page = jnp.clip(bt_ref[seq, jnp.minimum(key // p.block_size, p.max_blocks - 1)], 0,
                           p.num_pages - 1)
-          row = base + first_row + page * view.page_rows + key % p.block_size
-          plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(row, rows_per_copy), pl.ds(col, d)],
+          rows.append(base + page * view.page_rows + key % p.block_size)
+        return rows
+
+      def issue(rows, slot, src_ref, dst_smem, first_row, bars):
+        for c, row in enumerate(rows):
+          plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(row + first_row, rows_per_copy), pl.ds(col, d)],
                                   dst_smem.at[slot, pl.ds(c * rows_per_copy, rows_per_copy)],
                                   bars.at[slot])
 
@@ -682,15 +690,17 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
         n = n0 + i  # the tile's place in the CTA's stream; the slot's previous tile is n - stages
         slot = lax.rem(n, stages)
 
+        rows = page_rows(lo + i)
+
         @pl.when(n >= stages)
         def _():
           plgpu.barrier_wait(k_consumed.at[slot])
-        issue(lo + i, slot, k_ref, k_smem, view.k_rows, k_bars)
+        issue(rows, slot, k_ref, k_smem, view.k_rows, k_bars)
 
         @pl.when(n >= stages)
         def _():
           plgpu.barrier_wait(v_consumed.at[slot])
-        issue(lo + i, slot, v_ref, v_smem, view.v_rows, v_bars)
+        issue(rows, slot, v_ref, v_smem, view.v_rows, v_bars)
 
       # The item's first tiles go out before its q (they only wait for the ring), the rest after.
       first = jnp.minimum(count, stages)
