@@ -114,31 +114,6 @@ def test_descending_order_is_a_stable_descending_argsort_without_a_sort(n, high)
   assert "sort" not in hlo
 
 
-@pytest.mark.parametrize("seqlens, kv_extra, window, R, bkv", [
-    ((5, 0, 300, 1, 129), (0, 7, 64, 500, 3), (-1, 0), 128, 128),
-    ((5, 0, 300, 1, 129), (0, 7, 64, 500, 3), (40, 0), 128, 64),
-    ((4096,) * 4, (0,) * 4, (-1, 0), 128, 128),
-    ((1000, 3, 0, 2000) * 9, (17, 0, 5, 1) * 9, (100, 3), 64, 128),  # 36 sequences: 2 search steps
-    ((700, 0), (0, 9), (-1, -1), 128, 128),
-])
-def test_work_table_one_launch_equals_the_jnp_form(seqlens, kv_extra, window, R, bkv):
-  """The Triton kernel (Triton's interpreter here; natively in the GPU suite) builds the table
-  and heaviest-first order exactly as program_table + heaviest_first (tested above against the
-  mask), over several of its program blocks and sequence-search steps, ties included."""
-  pytest.importorskip("triton")
-  from jax_varlen_attn import backends
-  if not (backends.triton_interpreting() or HAS_GPU):
-    pytest.skip("Triton runs neither natively nor under its interpreter here")
-  cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
-  lens_k = (np.asarray(seqlens) + np.asarray(kv_extra)).astype(np.int32)
-  num_programs = -(-int(cu[-1]) // R) + len(seqlens)
-  args = (jnp.asarray(cu), jnp.asarray(lens_k), num_programs, R, *window, bkv)
-  want = np.asarray(mosaic.work_table(*args))
-  got = np.asarray(jax.jit(mosaic.work_table, static_argnums=(2, 3, 4, 5, 6, 7))(*args, True))
-  np.testing.assert_array_equal(got, want)
-  assert sorted(got[:, 2].tolist()) == list(range(num_programs))
-
-
 def _allowed(r, c, q_len, kv_len, wl, wr):
   """The contract's mask, written out: bottom-right aligned band, keys inside the sequence."""
   off = kv_len - q_len

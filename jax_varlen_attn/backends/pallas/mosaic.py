@@ -21,8 +21,7 @@ What differs from the dense kernel, and why:
 - Ragged q. A program's (sequence, first row) come from `program_table` (from cu_seqlens_q, the
   rule every backend uses: sequence b owns programs
   [cu_q[b] // (2 block_q) + b, cu_q[b+1] // (2 block_q) + b + 1)); `work_table` adds the
-  heaviest-first order beside it (XLA runs it as three small kernels, ~4.5 us; `work_table`'s
-  one-launch Triton form measured slower, 4.8 us: NOTES.md, session 31). A TMA box into a tiled,
+  heaviest-first order beside it (three small XLA kernels; one Triton launch measured slower). A TMA box into a tiled,
   swizzled tile must start at a multiple of 8 rows (Mosaic splits the row index into tile and row
   within it), and a whole-tile store would overwrite the next sequence's rows. So each warpgroup
   reads its q rows by TMA into an unswizzled staging tile (any first row) and copies them into the
@@ -247,19 +246,10 @@ def descending_order(w: jax.Array) -> jax.Array:
 
 
 def work_table(cu_seqlens_q: jax.Array, seqlens_k: jax.Array, num_programs: int,
-               rows_per_program: int, window_left: int, window_right: int, block_kv: int,
-               one_launch: bool = False) -> jax.Array:
+               rows_per_program: int, window_left: int, window_right: int,
+               block_kv: int) -> jax.Array:
   """i32[num_programs, 3]: the kernel's table: row p holds `program_table`'s (sequence, q_lo) of
-  program p and, in column 2, `heaviest_first`'s program of rank p.
-
-  one_launch: build it with the Triton kernel of `backends/triton/work_table_kernel.py` (one
-  launch, measured slower than XLA's three small kernels for this jnp form: 4.8 vs 4.5 us at
-  4x4096, NOTES.md session 31, so the kernel's caller takes the jnp form); else this jnp form,
-  the kernel's reference."""
-  if one_launch:
-    from jax_varlen_attn.backends.triton import work_table_kernel  # imports triton
-    return work_table_kernel.work_table(cu_seqlens_q, seqlens_k, num_programs, rows_per_program,
-                                        window_left, window_right, block_kv)
+  program p and, in column 2, `heaviest_first`'s program of rank p."""
   table = program_table(cu_seqlens_q, num_programs, rows_per_program)
   order = heaviest_first(table, cu_seqlens_q, seqlens_k, rows_per_program, window_left,
                          window_right, block_kv)
@@ -671,7 +661,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
 
       def page_rows(j):
         """The row of each page of key tile j (one TMA copy a page), K's and V's alike: looked up
-        once a tile, not once for K and again for V (-2.6% at 4x4096: NOTES.md, session 31)."""
+        once a tile for both (measured faster: NOTES.md)."""
         rows = []
         for c in range(copies):
           key = j * bkv + c * rows_per_copy
