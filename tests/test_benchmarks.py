@@ -593,3 +593,17 @@ def test_cudnn_dense_inputs_match_the_paged_problem_and_refuse_ragged_lengths():
   ragged = shapes.cases_for(["seed3_mixed55"])["seed3_mixed55"]  # sequences of 1, 16 and 61 tokens
   with pytest.raises(ValueError, match="one length"):
     mosaic_profile.dense_problem(ragged)
+
+
+def test_mosaic_soak_runs_each_form_in_its_own_process_and_reports_it(tmp_path):
+  """The soak tool's plumbing on the CPU (tiny shapes, the pallas backend in interpret mode): every
+  (form, pad) row comes back from its child process, counted and not stalled."""
+  import mosaic_soak
+  out = tmp_path / "soak.json"
+  assert mosaic_soak.main(["--tiny", "--case", "seed1_prefill512", "--seconds", "0.5",
+                           "--stall-s", "300", "--chain", "2", "--forms", "single,chain",
+                           "--pad-q", "0,8", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["form"], r["pad_q"]) for r in rows] == [("single", 0), ("single", 8), ("chain", 0),
+                                                     ("chain", 8)]
+  assert all(r["stalled"] is False and r["calls"] > 0 for r in rows), rows

@@ -478,13 +478,34 @@ def test_ctas_must_be_a_positive_int(ctas):
 
 # ---- which kernel runs by default (CPU, with the GPU facts patched) -------------------------------
 
-def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
-  from jax_varlen_attn import backends as registry
-  from jax_varlen_attn.backends import device
+def _long_short_one():
   n, batch = mosaic.MIN_QUERIES, -(-mosaic.MIN_TOTAL_QUERIES // mosaic.MIN_QUERIES)
   long = _spec(total_q=batch * n, batch=batch, max_seqlen_q=n, max_seqlen_k=n)
   short = _spec(total_q=2 * batch * (n // 2), batch=2 * batch, max_seqlen_q=n // 2)  # per sequence
   one_prompt = _spec(total_q=n, batch=1, max_seqlen_q=n, max_seqlen_k=n)  # a small call
+  return long, short, one_prompt
+
+
+def test_the_mosaic_kernel_is_not_chosen_by_default_while_it_can_hang(monkeypatch):
+  """BY_DEFAULT off (an intermittent deadlock on an H200): long prefill on a Hopper GPU takes the
+  Triton kernels, and the pallas backend's status says why."""
+  from jax_varlen_attn import backends as registry
+  from jax_varlen_attn.backends import device
+  long, _, _ = _long_short_one()
+  monkeypatch.setattr(device, "is_hopper", lambda: True)
+  monkeypatch.setattr(registry, "_on_cuda_gpu", lambda: True)
+  assert not mosaic.BY_DEFAULT and not mosaic.preferred(long)
+  assert "deadlock" in registry._pallas_status()[1]
+  monkeypatch.setattr(registry, "status", lambda name: (True, "patched"))
+  assert registry.auto_name(long) == "triton"
+
+
+def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
+  """The rule `preferred` keeps for when BY_DEFAULT is on again."""
+  from jax_varlen_attn import backends as registry
+  from jax_varlen_attn.backends import device
+  monkeypatch.setattr(mosaic, "BY_DEFAULT", True)
+  long, short, one_prompt = _long_short_one()
   monkeypatch.setattr(device, "is_hopper", lambda: False)
   assert not mosaic.preferred(long)  # not a Hopper GPU
   monkeypatch.setattr(device, "is_hopper", lambda: True)

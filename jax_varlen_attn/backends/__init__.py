@@ -43,7 +43,9 @@ def _pallas_status() -> Tuple[bool, str]:
   except ImportError as e:
     return False, f"the pallas backend could not be imported ({e})"
   if _on_cuda_gpu():
-    return True, "Pallas lowered through Triton on the GPU"
+    from jax_varlen_attn.backends.pallas import mosaic
+    return True, ("Pallas lowered through Triton on the GPU" + (
+        "" if mosaic.BY_DEFAULT else f"; its Mosaic GPU kernel: {mosaic.KNOWN_HANG}"))
   return True, "Pallas in interpret mode (no GPU here; slow, for checking)"
 
 
@@ -104,7 +106,8 @@ def _load(name: str) -> Backend:
 
 def auto_name(spec=None, kv_sizes=(None, None)) -> str:
   """What backend="auto" means here: on a CUDA GPU, pallas for a call its Mosaic GPU kernel takes
-  and measured faster on (`pallas.mosaic.preferred`: long prefill on a Hopper GPU), else triton
+  and measured faster on (`pallas.mosaic.preferred`: long prefill on a Hopper GPU; off while
+  `mosaic.BY_DEFAULT` is), else triton
   where it can run (the measured fastest for the rest, and write_kv's, which passes no spec);
   xla elsewhere. kv_sizes: the k / v buffers' element counts (the Mosaic kernel's view needs them)."""
   if spec is not None and _on_cuda_gpu() and status("pallas")[0]:
