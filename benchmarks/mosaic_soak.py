@@ -9,12 +9,14 @@ finished for --stall-s seconds. Forms:
 - single: one call per jitted function (no command buffer of ours), blocking every 100 calls;
 - chain: --chain calls inside one jitted function, as bench_attention times (XLA replays the
   executable as a CUDA graph);
-- either with --pad-q rows of q past cu_seqlens_q[-1] (>= 128: no q TMA box out of bounds).
+- either with --pad-q rows of q past cu_seqlens_q[-1] (>= 128: no q TMA box out of bounds),
+- and under each of --flag-sets (XLA_FLAGS for the child, "|"-separated; empty: none), e.g.
+  command buffers off, or PDL off.
 
   python3 benchmarks/mosaic_soak.py --case seed4_distinct --seconds 40 --forms single,chain \\
-      --pad-q 0,128 --json $OUT/soak.json
+      --pad-q 0,128 --flag-sets "|--xla_gpu_enable_command_buffer=" --json $OUT/soak.json
 
-Prints a table (form, pad, calls, seconds, stalled, GPU state at the stall) last. GPU only.
+Prints a table (form, pad, flags, calls, stalled, GPU state at the stall) last. GPU only.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
   p.add_argument("--forms", default="single,chain")
   p.add_argument("--chain", type=int, default=32, help="calls in one jitted function (form chain)")
   p.add_argument("--pad-q", default="0", help="comma list of q rows past cu_seqlens_q[-1]")
+  p.add_argument("--flag-sets", default="", help='"|"-separated XLA_FLAGS, one child each ("": none)')
   p.add_argument("--json", default=None)
   p.add_argument("--tiny", action="store_true", help="CPU plumbing check: the tiny shapes")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -119,26 +122,28 @@ def main(argv=None) -> int:
     args.pad_q = int(args.pad_q)
     return child(args)
   rows = []
-  for form in args.forms.split(","):
-    for pad in (int(x) for x in args.pad_q.split(",")):
-      cmd = [sys.executable, __file__, "--child", "--form", form, "--pad-q", str(pad),
-             "--case", args.case, "--seconds", str(args.seconds), "--stall-s", str(args.stall_s),
-             "--chain", str(args.chain)] + (["--tiny"] if args.tiny else [])
-      budget = args.seconds + args.stall_s + 180  # compile and inputs included
-      try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=budget).stdout
-      except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-      found = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-      rows.append(found[-1] if found else dict(form=form, pad_q=pad, error="no result",
-                                               tail=out[-500:]))
-      print(json.dumps(rows[-1]), flush=True)
+  runs = [(form, int(pad), flags) for flags in args.flag_sets.split("|")
+          for form in args.forms.split(",") for pad in args.pad_q.split(",")]
+  for form, pad, flags in runs:
+    cmd = [sys.executable, __file__, "--child", "--form", form, "--pad-q", str(pad),
+           "--case", args.case, "--seconds", str(args.seconds), "--stall-s", str(args.stall_s),
+           "--chain", str(args.chain)] + (["--tiny"] if args.tiny else [])
+    env = dict(os.environ, XLA_FLAGS=" ".join(x for x in (os.environ.get("XLA_FLAGS", ""), flags) if x))
+    budget = args.seconds + args.stall_s + 180  # compile and inputs included
+    try:
+      out = subprocess.run(cmd, capture_output=True, text=True, timeout=budget, env=env).stdout
+    except subprocess.TimeoutExpired as e:
+      out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    found = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    rows.append(dict(found[-1] if found else dict(form=form, pad_q=pad, error="no result",
+                                                  tail=out[-500:]), flags=flags))
+    print(json.dumps(rows[-1]), flush=True)
   if args.json:
     Path(args.json).write_text(json.dumps(dict(case=args.case, rows=rows), indent=1))
-  print(f"{'form':8s} {'pad_q':>5s} {'calls':>8s} {'stalled':>8s}  gpu at the stall")
+  print(f"{'form':8s} {'pad_q':>5s} {'flags':36s} {'calls':>8s} {'stalled':>8s}  gpu at the stall")
   for r in rows:
-    print(f"{r.get('form', '?'):8s} {r.get('pad_q', '?'):>5} {r.get('calls', '-'):>8} "
-          f"{str(r.get('stalled', r.get('error'))):>8s}  {r.get('gpu', '')}")
+    print(f"{r.get('form', '?'):8s} {r.get('pad_q', '?'):>5} {r['flags'][:36]:36s} "
+          f"{r.get('calls', '-'):>8} {str(r.get('stalled', r.get('error'))):>8s}  {r.get('gpu', '')}")
   return 0
 
 

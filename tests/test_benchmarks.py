@@ -600,10 +600,10 @@ def test_mosaic_soak_runs_each_form_in_its_own_process_and_reports_it(tmp_path):
   (form, pad) row comes back from its child process, counted and not stalled."""
   import mosaic_soak
   out = tmp_path / "soak.json"
+  flag = "--xla_backend_optimization_level=2"
   assert mosaic_soak.main(["--tiny", "--case", "seed1_prefill512", "--seconds", "0.5",
-                           "--stall-s", "300", "--chain", "2", "--forms", "single,chain",
-                           "--pad-q", "0,8", "--json", str(out)]) == 0
+                           "--stall-s", "300", "--chain", "2", "--forms", "chain",
+                           "--pad-q", "8", "--flag-sets", f"|{flag}", "--json", str(out)]) == 0
   rows = json.loads(out.read_text())["rows"]
-  assert [(r["form"], r["pad_q"]) for r in rows] == [("single", 0), ("single", 8), ("chain", 0),
-                                                     ("chain", 8)]
+  assert [(r["form"], r["pad_q"], r["flags"]) for r in rows] == [("chain", 8, ""), ("chain", 8, flag)]
   assert all(r["stalled"] is False and r["calls"] > 0 for r in rows), rows

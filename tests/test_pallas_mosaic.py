@@ -464,6 +464,31 @@ def test_mosaic_kernel_interpreted_one_cta_runs_every_item(case):
   suite.check(suite.problem(**{"num_heads": 1, "num_kv_heads": 1, **INTERPRETED[case]}))
 
 
+class _FourCTAs(_MosaicInterpreted):
+  ctas = 4
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU the Mosaic kernel itself runs (test_gpu_*)")
+def test_mosaic_kernel_interpreted_many_short_items_on_several_ctas():
+  """Decode-like sequences (1-16 queries, 1-2 key tiles, q in place) over 4 CTAs: each CTA ends
+  on items of few or no tiles, which its compute warpgroups can finish before the loader reaches
+  its q wait.
+  The kernel once released q's tile after its last item too, with no q load behind it, so a late
+  loader met two completions of that barrier and waited forever on the GPU (NOTES.md, session
+  32); the interpreter raises on a barrier completing twice unobserved. The race is timing
+  dependent (the old kernel failed 1 of 5 interpreted runs of a larger case), so this guards the
+  protocol on every run rather than proving it."""
+  why = _interpreter_missing()
+  if why:
+    pytest.skip(why)
+  suite = _FourCTAs()
+  # 129 rows, q in place; 128 padding rows keep the last sequences' q boxes inside q (the
+  # interpreter raises on a read past an array, where the GPU's TMA fills zeros).
+  suite.check(suite.problem(num_heads=1, num_kv_heads=1, causal=True, pad_q=128,
+                            seqlens_q=(16, 1, 16, 16, 1, 16, 16, 16, 15, 16),
+                            seqlens_k=(40, 30, 140, 20, 60, 90, 25, 130, 50, 70)))
+
+
 @pytest.mark.parametrize("ctas", [0, -2, 2.0, True])
 def test_ctas_must_be_a_positive_int(ctas):
   spec = _spec(layout="NHD", head_dim=64, total_q=300, max_seqlen_q=300)

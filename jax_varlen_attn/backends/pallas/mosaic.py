@@ -178,13 +178,15 @@ MIN_TOTAL_QUERIES = 8192
 
 # Whether `backend="auto"` and `PallasConfig(kernel=None)` may choose this kernel at all. Off: on an
 # H200 it deadlocked (the GPU held at 100% utilization and ~120 W until killed) in 3 of the 11 Mosaic
-# units of one session's bench_attention runs, each after thousands of good calls, on seed4_distinct
-# and on a stacked prefill_4x4096; the Triton and cuDNN kernels never did in the same runs. Until
-# the cause is found, only `PallasConfig(kernel="mosaic")` runs it (benchmarks/NOTES.md, session 32).
+# units of one session's bench_attention runs, each after thousands of good calls; the Triton and
+# cuDNN kernels never did in the same runs. Mosaic GPU's interpreter then found a cause (q_free
+# released after a CTA's last item, see `_kernel`), fixed since; on again once a GPU soak
+# (benchmarks/mosaic_soak.py) shows no hang (benchmarks/NOTES.md, session 32).
 BY_DEFAULT = False
 
-KNOWN_HANG = ("intermittent deadlock on an H200 (benchmarks/NOTES.md, session 32): not chosen by "
-              "default; PallasConfig(kernel='mosaic') still runs it")
+KNOWN_HANG = ("deadlocked now and then on an H200 before a fix not yet soaked on a GPU "
+              "(benchmarks/NOTES.md, session 32): not chosen by default; "
+              "PallasConfig(kernel='mosaic') still runs it")
 
 
 def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
@@ -460,6 +462,12 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
   # free it (`q_free`): in place, an item ahead (the next item's q moves from the staging tile into
   # the swizzled one before this item's output leaves through the staging tile); else after the
   # previous item's output left the q tile.
+  # Every q_free arrival is one the loader waits for before it lands a q (in place: only where
+  # there is a next item's q to land). A barrier that completes twice before its waiter observes
+  # the first completion leaves that waiter's phase parity one phase behind: it then waits for a
+  # completion that never comes. In place, the last item's arrival had no q load behind it, so a
+  # loader slow to reach its wait could meet two completions and hang the CTA (benchmarks/NOTES.md,
+  # session 32: found by Mosaic GPU's interpreter; the GPU hung now and then).
 
   def attend(prog, head, seq, q_lo, q_start, q_len, kv_len, lo, hi, n0, take_q):
     """One compute warpgroup's rows of a program with rows: its K / V tiles are the stream's n0,
@@ -611,10 +619,18 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
                                               optimized=False))
       plgpu.commit_smem()
 
+    def release_q(r):
+      """The landing tile is free for what the loader lands in its round r: in place, item r + 1's
+      q (no arrival where there is none: nothing would wait for it); else item r's."""
+      if p.direct:
+        pl.when(work(r + 1)[0])(lambda: plgpu.barrier_arrive(q_free))
+      else:
+        plgpu.barrier_arrive(q_free)
+
     if p.direct:
       with jax.named_scope("q"):
         take_q()  # the first item's (every CTA has one: C <= items)
-    plgpu.barrier_arrive(q_free)
+    release_q(0)
 
     def item(r, n0):
       valid, prog, head = work(r)
@@ -645,7 +661,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
 
         # The landing tile is the next item's once the TMA engine has read this item's output.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.barrier_arrive(q_free)
+        release_q(r + 1)
 
       return n0 + jnp.where(valid, hi - lo, 0)
 
@@ -710,22 +726,27 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       first = jnp.minimum(count, stages)
       pl.loop(0, first)(tile)
 
-      @pl.when(valid)
-      def _():
-        plgpu.barrier_wait(q_free)
-        if p.direct:
-          next_valid, next_prog, next_head = work(r + 1)
-          pl.when(next_valid)(lambda: load_q(next_prog, next_head))
-        else:
+      if p.direct:  # the next item's q, if there is one (release_q(r) arrived for it)
+        next_valid, next_prog, next_head = work(r + 1)
+
+        @pl.when(next_valid)
+        def _():
+          plgpu.barrier_wait(q_free)
+          load_q(next_prog, next_head)
+      else:
+        @pl.when(valid)
+        def _():
+          plgpu.barrier_wait(q_free)
           load_q(prog, head)
 
       pl.loop(first, count)(tile)
       return n0 + count
 
     total = lax.fori_loop(0, rounds, item, jnp.int32(0))
-    # Observe the last release of q's tile and of the last `stages` tiles too: each barrier's every
-    # phase is waited on once (the hardware would not mind; Mosaic GPU's interpreter checks it).
-    plgpu.barrier_wait(q_free)
+    # Observe the last `stages` tiles' releases (and, with copies, the last item's release of q's
+    # tile): each barrier's every phase is waited on once, as Mosaic GPU's interpreter checks.
+    if not p.direct:
+      plgpu.barrier_wait(q_free)
 
     @pl.loop(jnp.maximum(total - stages, 0), total)
     def _(n):
