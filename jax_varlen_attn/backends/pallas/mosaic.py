@@ -176,17 +176,13 @@ MIN_QUERIES = 1024
 MIN_TOTAL_QUERIES = 8192
 
 
-# Whether `backend="auto"` and `PallasConfig(kernel=None)` may choose this kernel at all. Off: on an
-# H200 it deadlocked (the GPU held at 100% utilization and ~120 W until killed) in 3 of the 11 Mosaic
-# units of one session's bench_attention runs, each after thousands of good calls; the Triton and
-# cuDNN kernels never did in the same runs. Mosaic GPU's interpreter then found a cause (q_free
-# released after a CTA's last item, see `_kernel`), fixed since; on again once a GPU soak
-# (benchmarks/mosaic_soak.py) shows no hang (benchmarks/NOTES.md, session 32).
+# Whether `backend="auto"` and `PallasConfig(kernel=None)` may choose this kernel at all: off until a
+# GPU soak (benchmarks/mosaic_soak.py) passes on the q_free fix below; before it, it hung an H200
+# now and then (benchmarks/NOTES.md, "the q_free deadlock").
 BY_DEFAULT = False
 
-KNOWN_HANG = ("deadlocked now and then on an H200 before a fix not yet soaked on a GPU "
-              "(benchmarks/NOTES.md, session 32): not chosen by default; "
-              "PallasConfig(kernel='mosaic') still runs it")
+KNOWN_HANG = ("it deadlocked now and then on an H200 before a fix not yet soaked on a GPU "
+              "(benchmarks/NOTES.md): not chosen by default; PallasConfig(kernel='mosaic') runs it")
 
 
 def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
@@ -462,12 +458,8 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
   # free it (`q_free`): in place, an item ahead (the next item's q moves from the staging tile into
   # the swizzled one before this item's output leaves through the staging tile); else after the
   # previous item's output left the q tile.
-  # Every q_free arrival is one the loader waits for before it lands a q (in place: only where
-  # there is a next item's q to land). A barrier that completes twice before its waiter observes
-  # the first completion leaves that waiter's phase parity one phase behind: it then waits for a
-  # completion that never comes. In place, the last item's arrival had no q load behind it, so a
-  # loader slow to reach its wait could meet two completions and hang the CTA (benchmarks/NOTES.md,
-  # session 32: found by Mosaic GPU's interpreter; the GPU hung now and then).
+  # Every q_free arrival has a loader wait behind it (in place: only where a next item's q lands):
+  # a barrier completing twice unobserved leaves its waiter's parity a phase behind, waiting forever.
 
   def attend(prog, head, seq, q_lo, q_start, q_len, kv_len, lo, hi, n0, take_q):
     """One compute warpgroup's rows of a program with rows: its K / V tiles are the stream's n0,
@@ -726,18 +718,14 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
       first = jnp.minimum(count, stages)
       pl.loop(0, first)(tile)
 
-      if p.direct:  # the next item's q, if there is one (release_q(r) arrived for it)
-        next_valid, next_prog, next_head = work(r + 1)
+      # The q this round lands, once release_q(r) frees its tile: in place the next item's (if
+      # any), else this item's.
+      lands, q_prog, q_head = work(r + 1) if p.direct else (valid, prog, head)
 
-        @pl.when(next_valid)
-        def _():
-          plgpu.barrier_wait(q_free)
-          load_q(next_prog, next_head)
-      else:
-        @pl.when(valid)
-        def _():
-          plgpu.barrier_wait(q_free)
-          load_q(prog, head)
+      @pl.when(lands)
+      def _():
+        plgpu.barrier_wait(q_free)
+        load_q(q_prog, q_head)
 
       pl.loop(first, count)(tile)
       return n0 + count
