@@ -11,6 +11,7 @@ covers, with poisoned padding, one compile across lengths, and no copy of the ca
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -406,8 +407,35 @@ class _MosaicInterpreted(_Mosaic):
     bound.apply_defaults()
     named = {k: v for k, v in bound.arguments.items() if k not in ("backend", "config")}
     spec, arrays = validate(AttentionArgs(**named))
-    out, lse = jax.jit(lambda a: mosaic.attention(spec, a, interpret=True, ctas=self.ctas))(arrays)
+    out, lse = _within(INTERPRETED_DEADLINE_S, lambda: jax.block_until_ready(jax.jit(
+        lambda a: mosaic.attention(spec, a, interpret=True, ctas=self.ctas))(arrays)))
     return (out, lse) if spec.return_lse else out
+
+
+# The slowest interpreted case takes ~1.5 min on CI's two cores; a deadlock would take forever.
+INTERPRETED_DEADLINE_S = 900
+
+
+def _within(seconds: float, fn):
+  """fn() in a daemon thread, failing the test after `seconds`: where a warpgroup's thread raises or
+  the barriers deadlock, the interpreter's other threads wait forever, and the suite would hang."""
+  box = {}
+
+  def target():
+    try:
+      box["out"] = fn()
+    except BaseException as e:  # re-raised in the test's thread
+      box["err"] = e
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  if thread.is_alive():
+    pytest.fail(f"the interpreted kernel did not finish in {seconds} s: a warpgroup raised or its "
+                "barriers deadlocked (the other threads then wait forever)")
+  if "err" in box:
+    raise box["err"]
+  return box["out"]
 
 
 # Seconds each on the CPU (the interpreter runs every CTA's three warpgroups as threads), so: one kv
@@ -546,3 +574,14 @@ def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
   assert registry.auto_name(long) == "pallas"
   assert registry.auto_name(short) == "triton"
   assert registry.auto_name() == "triton"  # write_kv's choice: no spec
+
+
+def test_a_stuck_interpreted_kernel_fails_its_test_instead_of_hanging_the_suite():
+  """_within's deadline: a call that never returns (a deadlocked barrier) fails the test in time."""
+  stuck = threading.Event()
+  with pytest.raises(pytest.fail.Exception, match="did not finish in 0.2 s"):
+    _within(0.2, stuck.wait)
+  stuck.set()
+  assert _within(5, lambda: 7) == 7
+  with pytest.raises(KeyError):
+    _within(5, lambda: {}["x"])
