@@ -209,9 +209,8 @@ def _program_starts(cu: jax.Array, rows_per_program: int) -> jax.Array:
 def _sequence_of(starts: jax.Array, x: jax.Array, batch: int) -> jax.Array:
   """i32[len(x)]: for each x, the last b with starts[b] <= x, clipped into [0, batch).
 
-  compare_all: one fused compare-and-count (len(x) x len(starts), never more than the call's
-  tokens x keys); the default binary search is an XLA while loop, some twenty tiny kernels a call
-  on the GPU (benchmarks/NOTES.md, session 29 item 3)."""
+  compare_all: one fused compare-and-count (len(x) x len(starts)), where the default binary search
+  is an XLA while loop of some twenty tiny kernels a call on the GPU (benchmarks/NOTES.md)."""
   b = jnp.searchsorted(starts, x, side="right", method="compare_all").astype(jnp.int32)
   return jnp.clip(b - 1, 0, batch - 1)
 
