@@ -7,8 +7,9 @@ there cannot stop the others), with a watchdog that reports the GPU's state when
 finished for --stall-s seconds. Forms:
 
 - single: one call per jitted function (no command buffer of ours), blocking every 100 calls;
-- chain: --chain calls inside one jitted function, as bench_attention times (XLA replays the
-  executable as a CUDA graph);
+- chain: --chain dependent calls inside one jitted function, each output the next call's q (XLA
+  replays the executable as a CUDA graph; session 33's first soak passed the same q to every call,
+  and XLA merged them into one, so its chain counts were executions x 32);
 - either with --pad-q rows of q past cu_seqlens_q[-1] (>= 128: no q TMA box out of bounds),
 - and under each of --flag-sets (XLA_FLAGS for the child, "|"-separated; empty: none), e.g.
   command buffers off, or PDL off.
@@ -76,7 +77,13 @@ def child(args) -> int:
   config = PallasConfig(kernel="mosaic")
   one = lambda q, k, v: flash_attn_varlen_func(q, k, v, backend="pallas", config=config, **meta)
   chain = args.chain if args.form == "chain" else 1
-  fn = jax.jit(lambda q, k, v: [one(q, k, v) for _ in range(chain)])
+
+  def calls(q, k, v):  # each call's output is the next one's q: XLA cannot merge equal calls
+    for _ in range(chain):
+      q = one(q, k, v)
+    return q
+
+  fn = jax.jit(calls)
   state = dict(calls=0, last=time.time(), phase="compile")
 
   def watchdog():

@@ -539,25 +539,28 @@ def _long_short_one():
   return long, short, one_prompt
 
 
-def test_the_mosaic_kernel_is_not_chosen_by_default_while_it_can_hang(monkeypatch):
-  """BY_DEFAULT off (an intermittent deadlock on an H200): long prefill on a Hopper GPU takes the
+def test_the_switch_off_keeps_the_mosaic_kernel_out_of_defaults(monkeypatch):
+  """BY_DEFAULT off (the switch for a kernel found unsafe): long prefill on a Hopper GPU takes the
   Triton kernels, and the pallas backend's status says why."""
   from jax_varlen_attn import backends as registry
   from jax_varlen_attn.backends import device
   long, _, _ = _long_short_one()
   monkeypatch.setattr(device, "is_hopper", lambda: True)
   monkeypatch.setattr(registry, "_on_cuda_gpu", lambda: True)
-  assert not mosaic.BY_DEFAULT and not mosaic.preferred(long)
-  assert mosaic.KNOWN_HANG in registry._pallas_status()[1]
   monkeypatch.setattr(registry, "status", lambda name: (True, "patched"))
-  assert registry.auto_name(long) == "triton"
+  assert mosaic.BY_DEFAULT and registry.auto_name(long) == "pallas"  # on since its GPU soak
+  monkeypatch.setattr(mosaic, "BY_DEFAULT", False)
+  assert not mosaic.preferred(long) and registry.auto_name(long) == "triton"
+  monkeypatch.undo()
+  monkeypatch.setattr(registry, "_on_cuda_gpu", lambda: True)
+  monkeypatch.setattr(mosaic, "BY_DEFAULT", False)
+  assert mosaic.KNOWN_HANG in registry._pallas_status()[1]
 
 
 def test_long_prefill_on_hopper_prefers_the_mosaic_kernel(monkeypatch):
-  """The rule `preferred` keeps for when BY_DEFAULT is on again."""
+  """Where `preferred` takes the kernel: a Hopper GPU, long prefill, every option it covers."""
   from jax_varlen_attn import backends as registry
   from jax_varlen_attn.backends import device
-  monkeypatch.setattr(mosaic, "BY_DEFAULT", True)
   long, short, one_prompt = _long_short_one()
   monkeypatch.setattr(device, "is_hopper", lambda: False)
   assert not mosaic.preferred(long)  # not a Hopper GPU

@@ -106,8 +106,7 @@ def _load(name: str) -> Backend:
 
 def auto_name(spec=None, kv_sizes=(None, None)) -> str:
   """What backend="auto" means here: on a CUDA GPU, pallas for a call its Mosaic GPU kernel takes
-  and measured faster on (`pallas.mosaic.preferred`: long prefill on a Hopper GPU; off while
-  `mosaic.BY_DEFAULT` is), else triton
+  and measured faster on (`pallas.mosaic.preferred`: long prefill on a Hopper GPU), else triton
   where it can run (the measured fastest for the rest, and write_kv's, which passes no spec);
   xla elsewhere. kv_sizes: the k / v buffers' element counts (the Mosaic kernel's view needs them)."""
   if spec is not None and _on_cuda_gpu() and status("pallas")[0]:

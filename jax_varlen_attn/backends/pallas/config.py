@@ -24,10 +24,8 @@ class Config:
   num_warps, num_stages: Triton launch options (GPU only; interpret mode ignores them).
   kernel: which kernel runs on a CUDA GPU: "triton" (kernel.py through Pallas's Triton lowering)
     or "mosaic" (`mosaic.py`: a Hopper kernel in Mosaic GPU; a call it does not cover raises
-    ValueError saying why; it deadlocked now and then on an H200, `mosaic.BY_DEFAULT`); None:
-    "mosaic" where `mosaic.preferred` says so (off until that deadlock is found: then "triton").
-    Off the GPU
-    both run kernel.py in interpret mode. The block sizes above are kernel.py's.
+    ValueError saying why); None: "mosaic" where `mosaic.preferred` says so, else "triton".
+    Off the GPU both run kernel.py in interpret mode. The block sizes above are kernel.py's.
   """
 
   block_q: Optional[int] = None

@@ -1,8 +1,7 @@
 """A Mosaic GPU (Hopper) kernel for varlen attention over a paged KV cache, for long prefill.
 
-It runs only when asked for (`BY_DEFAULT` is off: it deadlocked now and then on an H200, below);
-`preferred` keeps the rule for where it measured faster (an H100 / H200, a call it covers, long
-prefill) for when it is on again. To ask for it::
+`backend="auto"` and `PallasConfig(kernel=None)` choose it where `preferred` says it measured faster
+(an H100 / H200, a call it covers, long prefill); elsewhere it runs when asked for::
 
     from jax_varlen_attn import flash_attn_varlen_func, PallasConfig
     out = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q,
@@ -176,13 +175,13 @@ MIN_QUERIES = 1024
 MIN_TOTAL_QUERIES = 8192
 
 
-# Whether `backend="auto"` and `PallasConfig(kernel=None)` may choose this kernel at all: off until a
-# GPU soak (benchmarks/mosaic_soak.py) passes on the q_free fix below; before it, it hung an H200
-# now and then (benchmarks/NOTES.md, "the q_free deadlock").
-BY_DEFAULT = False
+# Whether `backend="auto"` and `PallasConfig(kernel=None)` may choose this kernel at all: a switch
+# for a kernel found unsafe. On since the q_free fix below passed its GPU soak (benchmarks/NOTES.md,
+# sessions 32-33: ~1 deadlock in a few thousand calls before it, none in ~300 K after).
+BY_DEFAULT = True
 
-KNOWN_HANG = ("it deadlocked now and then on an H200 before a fix not yet soaked on a GPU "
-              "(benchmarks/NOTES.md): not chosen by default; PallasConfig(kernel='mosaic') runs it")
+KNOWN_HANG = ("it deadlocked now and then on an H200 (benchmarks/NOTES.md, session 32): not "
+              "chosen by default; PallasConfig(kernel='mosaic') runs it")
 
 
 def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
