@@ -49,7 +49,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,7 +68,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import device_time  # noqa: E402
-from bench_env import config_constant  # noqa: E402
+from bench_env import config_constant, git_commit  # noqa: E402
 from jax_varlen_attn import decode  # noqa: E402
 from jax_varlen_attn.nn import DecoderLM, ModelConfig, preset  # noqa: E402
 from jax_varlen_attn.serving import ChunkOutput, Engine, serving_step  # noqa: E402
@@ -90,20 +89,6 @@ def package_versions() -> dict:
     except importlib.metadata.PackageNotFoundError:
       out[name] = None
   return out
-
-
-def git_commit():
-  """$JVA_COMMIT wins: the GPU machine's copy of the tree may carry a stale .git."""
-  if os.environ.get("JVA_COMMIT"):
-    return os.environ["JVA_COMMIT"]
-  try:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                         timeout=10)
-    if out.returncode == 0 and out.stdout.strip():
-      return out.stdout.strip()
-  except Exception:
-    pass
-  return os.environ.get("JVA_COMMIT", "unknown")
 
 
 # ---- the byte bound ---------------------------------------------------------------------------------
@@ -503,8 +488,9 @@ def main(argv=None) -> int:
   args.num_blocks, args.max_model_len = max(batches) * pages + 1, pages * args.block_size
   device = jax.devices()[0]
   ceiling = read_ceiling(args.ceiling_mib)
-  doc = dict(benchmark="serving decode: one step vs many per call", commit=git_commit(),
-             device=device.device_kind, platform=device.platform, jax=jax.__version__,
+  commit, dirty = git_commit()
+  doc = dict(benchmark="serving decode: one step vs many per call", commit=commit,
+             commit_dirty=dirty, device=device.device_kind, platform=device.platform, jax=jax.__version__,
              model=dataclasses.asdict(base), params=base.num_params(), read_ceiling=ceiling,
              steps_per_call=args.steps_per_call, launch=args.launch or "default",
              min_split_tiles=args.min_split_tiles or "default",

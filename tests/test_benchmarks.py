@@ -108,6 +108,7 @@ def test_bench_serving_tiny_compares_backends_and_modes(tmp_path):
   keys = sorted((r["backend"], r["batch"], r["mode"]) for r in doc["records"])
   assert keys == sorted((b, n, m) for b in ("auto", "naive") for n in (1, 4) for m in ("multi", "step"))
   assert doc["read_ceiling"]["read_gbps"] > 0
+  assert doc["commit"] and doc["commit_dirty"] in (True, False, None)  # bench_env.git_commit's pair
   for r in doc["records"]:
     assert r["tokens_per_s"] > 0 and r["decode_steps_timed"] >= 3 and 0 < r["bound_ms"], r
     assert r["weight_bytes"] > 0 and r["kv_bytes_per_step"] > 0
