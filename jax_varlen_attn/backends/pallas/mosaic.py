@@ -175,13 +175,12 @@ MIN_QUERIES = 1024
 MIN_TOTAL_QUERIES = 8192
 
 
-# Whether `backend="auto"` and `PallasConfig(kernel=None)` may choose this kernel at all: a switch
-# for a kernel found unsafe. On since the q_free fix below passed its GPU soak (benchmarks/NOTES.md,
-# sessions 32-33: ~1 deadlock in a few thousand calls before it, none in ~300 K after).
+# Whether `backend="auto"` and `PallasConfig(kernel=None)` may choose this kernel at all: the switch
+# that takes it out of the defaults if it is found unsafe again (the q_free deadlock: NOTES.md).
 BY_DEFAULT = True
 
-KNOWN_HANG = ("it deadlocked now and then on an H200 (benchmarks/NOTES.md, session 32): not "
-              "chosen by default; PallasConfig(kernel='mosaic') runs it")
+KNOWN_HANG = ("switched off as unsafe (mosaic.BY_DEFAULT; it once deadlocked an H200): not chosen "
+              "by default; PallasConfig(kernel='mosaic') runs it")
 
 
 def preferred(spec: AttentionSpec, k_size: Optional[int] = None,
