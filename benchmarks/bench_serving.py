@@ -490,7 +490,8 @@ def main(argv=None) -> int:
   ceiling = read_ceiling(args.ceiling_mib)
   commit, dirty = git_commit()
   doc = dict(benchmark="serving decode: one step vs many per call", commit=commit,
-             commit_dirty=dirty, device=device.device_kind, platform=device.platform, jax=jax.__version__,
+             commit_dirty=dirty, device=device.device_kind, platform=device.platform,
+             jax=jax.__version__,
              model=dataclasses.asdict(base), params=base.num_params(), read_ceiling=ceiling,
              steps_per_call=args.steps_per_call, launch=args.launch or "default",
              min_split_tiles=args.min_split_tiles or "default",

@@ -7,9 +7,8 @@ there cannot stop the others), with a watchdog that reports the GPU's state when
 finished for --stall-s seconds. Forms:
 
 - single: one call per jitted function (no command buffer of ours), blocking every 100 calls;
-- chain: --chain dependent calls inside one jitted function, each output the next call's q (XLA
-  replays the executable as a CUDA graph; session 33's first soak passed the same q to every call,
-  and XLA merged them into one, so its chain counts were executions x 32);
+- chain: --chain dependent calls inside one jitted function, each output the next call's q (equal
+  calls XLA would merge into one), replayed by XLA as a CUDA graph;
 - either with --pad-q rows of q past cu_seqlens_q[-1] (>= 128: no q TMA box out of bounds),
 - and under each of --flag-sets (XLA_FLAGS for the child, "|"-separated; empty: none), e.g.
   command buffers off, or PDL off.
