@@ -46,8 +46,9 @@ UNIFORM_DECODE = re.compile(r"decode_([1-9][0-9]*)x([1-9][0-9]*)")
 # fixed shuffled order (do decode programs that start and end out of step hide each other's
 # start-up? benchmarks/NOTES.md session 25).
 SPREAD_DECODE = re.compile(r"decode_([1-9][0-9]*)x([1-9][0-9]*)r([0-9]+)")
-# And any `prefill_<B>x<L>`: B causal sequences of L queries over their L keys, distinct pages.
-UNIFORM_PREFILL = re.compile(r"prefill_([1-9][0-9]*)x([1-9][0-9]*)")
+# And any `prefill_<B>x<L>`: B causal sequences of L queries over their L keys, distinct pages;
+# `prefill_<B>x<L>p<P>` the same over pages of P tokens (what paging costs a kernel against 16).
+UNIFORM_PREFILL = re.compile(r"prefill_([1-9][0-9]*)x([1-9][0-9]*)(?:p([1-9][0-9]*))?")
 # Cases whose floor is arithmetic (quoted in TFLOP/s, % of the matmul ceiling); the rest are bound
 # by bytes (TB/s, % of the read ceiling).
 FLOP_BOUND = ("seed1_prefill512", "prefill_4x4096")
@@ -255,7 +256,8 @@ def cases_for(names, tiny: bool = False) -> Dict[str, Case]:
     elif m:
       out[name] = _uniform(name, 1, int(m.group(2)), int(m.group(1)))
     elif pm:
-      out[name] = _uniform(name, int(pm.group(2)), int(pm.group(2)), int(pm.group(1)))
+      page = {"block_size": int(pm.group(3))} if pm.group(3) else {}
+      out[name] = _uniform(name, int(pm.group(2)), int(pm.group(2)), int(pm.group(1)), **page)
     else:
       raise ValueError(f"unknown case {name!r}: one of {CASE_NAMES}, decode_<B>x<K>, decode_<B>x<K>r<R> "
                        "or prefill_<B>x<L>")

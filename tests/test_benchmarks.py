@@ -429,6 +429,17 @@ def test_spread_decode_case_keeps_the_total_and_spreads_lengths_in_a_fixed_order
     shapes.cases_for(["decode_8x100r100"])
 
 
+def test_prefill_case_takes_a_page_size_suffix():
+  import shapes
+
+  paged = shapes.cases_for(["prefill_2x256p64"])["prefill_2x256p64"]
+  plain = shapes.cases_for(["prefill_2x256"])["prefill_2x256"]
+  assert shapes.is_case("prefill_2x256p64") and paged.flop_bound
+  assert (paged.block_size, plain.block_size) == (64, shapes.BLOCK_SIZE)
+  assert paged.pages_per_seq == [4, 4] and plain.pages_per_seq == [16, 16]
+  assert paged.flops() == plain.flops() and paged.kv_bytes() == plain.kv_bytes()
+
+
 def test_model_rule_sets_a_config_constant_for_one_backend_entry_and_restores_it():
   import bench_serving
 
