@@ -166,6 +166,8 @@ def main(argv=None) -> int:
   p.add_argument("--partials", action="store_true",
                  help="XLA's GEMM against its batched, unsummed form only (docstring)")
   p.add_argument("--mosaic", action="store_true", help="XLA against gemv_mosaic.py only (docstring)")
+  p.add_argument("--xla-only", action="store_true",
+                 help="XLA's GEMM alone (to compare XLA_FLAGS, e.g. its exhaustive tiling search)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if args.mosaic and args.tiny:
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
         impls += [("triton-nk", "nk_n%d_k%d_w%d_st%d" % v,
                    lambda a, b, v=v: gemv_nk(a, b, *v), True)
                   for v in (TINY_NK_VARIANTS if args.tiny else NK_VARIANTS) if n % v[0] == 0 and k % v[1] == 0]
-      else:
+      elif not args.xla_only:
         impls += [("triton", "n%d_k%d_s%d_w%d_st%d" % v, lambda a, b, v=v: skinny_matmul(a, b, *v))
                   for v in variants if n % v[0] == 0 and k % (v[2] * v[1]) == 0]
       ws_nk = [w.T.copy() for w in ws] if args.nk or args.mosaic else None

@@ -43,8 +43,6 @@ DECODE_ONE_LOOP = True
 # cu_seqlens_q entries a program's sequence search loads at once (kernel._find_sequence): a warp's
 # lanes, so 200 sequences take 2 rounds of dependent loads instead of 8.
 SEARCH_PROBES = 32
-# Warps of a decode tile (block_m at tl.dot's minimum); prefill tiles take 4, or 8 for 256 rows.
-DECODE_WARPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +137,7 @@ class Config:
         block_n = 128
     # 4 warps, 8 for 256-row tiles (one warpgroup per 128 rows). 8 for 128-row tiles is the usual
     # FlashAttention-2 choice, but 4 measured faster (NOTES.md "Tile rules").
-    default_warps = 8 if block_m >= 256 else DECODE_WARPS if block_m <= tile_rules.MIN_ROWS else 4
-    num_warps = self.num_warps or tuned_entry.get("num_warps") or default_warps
+    num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
     num_stages = (self.num_stages or tuned_entry.get("num_stages")
                   or _default_stages(spec, block_m, block_n, num_splits, programs * num_splits))
     fp8_v = self.fp8_v or _default_fp8_v(spec, block_m, block_n, num_splits, programs * num_splits)
