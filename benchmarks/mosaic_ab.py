@@ -6,15 +6,15 @@
 An experiment's harness (bench_attention times what lands; this times what might): each
 `--kernels` entry is `tree` (the package's `backends/pallas/mosaic.py`) or `name=path`, a copy of
 that module with one change, loaded as a module of its own, so every variant runs in the same
-process on the same inputs. Per case (causal fp16, 16 q / 8 kv heads, head dim 128, pages of 16
-shuffled, `mosaic_profile.problem`; `--sets` input sets, one call each, so consecutive kernels
-read different caches and no two calls are alike: XLA merged equal cuDNN calls, which read
-prefill_8x1024 at 0.035 ms against 0.094 ms for distinct calls in session 29): each variant's
-output is checked against the first kernel's (max |difference|, and no NaN / inf), then the
-variants and cuDNN dense (`jax.nn.dot_product_attention(implementation="cudnn")` on
+process on the same inputs. Per case (causal fp16, 16 q / 8 kv heads, head dim 128, pages of 16, or
+P for a `prefill_<B>x<L>p<P>` case, shuffled, `mosaic_profile.problem`; `--sets` input sets, one
+call each, so consecutive kernels read different caches and no two calls are alike: XLA merged equal
+cuDNN calls, which read prefill_8x1024 at 0.035 ms against 0.094 ms for distinct calls in session
+29): each variant's output is checked against the first kernel's (max |difference|, and no NaN /
+inf), then the variants and cuDNN dense (`jax.nn.dot_product_attention(implementation="cudnn")` on
 [B, S, H, D] arrays of the same sizes) are timed by device time (`device_time.measure`) in
-`--rounds` rounds, the order rotated each round. Prints median device ms, TFLOP/s and the ratio
-to cuDNN's median. Needs a Hopper GPU.
+`--rounds` rounds, the order rotated each round. Prints median device ms, TFLOP/s and the ratio to
+cuDNN's median. Needs a Hopper GPU.
 
 Its earlier form (two input sets, four passes a timed call) died with CUDA_ERROR_LAUNCH_FAILED at
 its first timed call of main's own kernel with XLA's command buffers on (session 29), where the
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
   mods = {name: load_kernel(name, path) for name, path in kernels}
   records = []
   for cname, case in shapes.cases_for(args.cases.split(",")).items():
-    sets = [mosaic_profile.problem(case, 16, seed=s) for s in range(args.sets)]
+    sets = [mosaic_profile.problem(case, case.block_size, seed=s) for s in range(args.sets)]
     spec = sets[0][0]
     arrays = [a for _, a in sets]
     calls = len(arrays)
