@@ -145,7 +145,10 @@ def main(argv=None) -> int:
                                                   tail=out[-500:]), flags=flags))
     print(json.dumps(rows[-1]), flush=True)
   if args.json:
-    Path(args.json).write_text(json.dumps(dict(case=args.case, rows=rows), indent=1))
+    from bench_env import git_commit
+    commit, dirty = git_commit()
+    Path(args.json).write_text(json.dumps(dict(case=args.case, commit=commit, commit_dirty=dirty,
+                                               rows=rows), indent=1))
   print(f"{'form':8s} {'pad_q':>5s} {'flags':36s} {'calls':>8s} {'stalled':>8s}  gpu at the stall")
   for r in rows:
     print(f"{r.get('form', '?'):8s} {r.get('pad_q', '?'):>5} {r['flags'][:36]:36s} "

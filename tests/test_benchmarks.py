@@ -616,6 +616,8 @@ def test_mosaic_soak_runs_each_form_in_its_own_process_and_reports_it(tmp_path):
   assert mosaic_soak.main(["--tiny", "--case", "seed1_prefill512", "--seconds", "0.5",
                            "--stall-s", "300", "--chain", "2", "--forms", "chain",
                            "--pad-q", "8", "--flag-sets", f"|{flag}", "--json", str(out)]) == 0
-  rows = json.loads(out.read_text())["rows"]
+  doc = json.loads(out.read_text())
+  rows = doc["rows"]
+  assert doc["commit"] and "commit_dirty" in doc  # which tree the soak ran
   assert [(r["form"], r["pad_q"], r["flags"]) for r in rows] == [("chain", 8, ""), ("chain", 8, flag)]
   assert all(r["stalled"] is False and r["calls"] > 0 for r in rows), rows
