@@ -34,8 +34,8 @@ What differs from the dense kernel, and why:
 - Persistent CTAs, q a work item ahead. One CTA per SM runs work items (a program's 2 x block_q
   rows of one q head) back to back, heaviest first (a sequence's last query rows see the most
   keys), in rounds that alternate direction so the CTAs' loads even out. The loader warpgroup
-  streams the K / V tiles of a CTA's items through the ring as one stream and loads the next
-  item's q into the staging tiles while the current item runs, so an item's start waits for
+  streams the K / V tiles of a CTA's items through the ring as one stream (its warp 0 K's copies,
+  warp 1 V's) and loads the next item's q into the staging tiles while the current item runs, so an item's start waits for
   neither its q nor its first tiles (a CTA per program paid both, and its exit, every time).
 - Masks. Keys run over the band the CTA needs (causal bottom-right, sliding window, the sequence's
   length), split per warpgroup into masked edges and an unmasked middle (`key_ranges`), so the
@@ -400,7 +400,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
     takes items [r C, (r + 1) C) of the C CTAs, in reverse on odd rounds (the loads even out)."""
     pos = jnp.where(lax.rem(r, 2) == 0, cta, p.num_ctas - 1 - cta)
     item = r * p.num_ctas + pos
-    k = jnp.clip(item // p.num_heads, 0, p.num_programs - 1)
+    k = jnp.clip(lax.div(item, jnp.int32(p.num_heads)), 0, p.num_programs - 1)
     return item < num_items, table_ref[k, 2], lax.rem(item, p.num_heads)
 
   def bounds(prog):
@@ -417,9 +417,8 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
     return seq, q_lo, q_start, q_len, kv_len, lo, jnp.where(live, hi, lo), live
 
   def padded_row(prog, w):
-    # pl.multiple_of: JAX 0.11.2's Mosaic layout inference fails the kernel unless it sees each
-    # TMA row of the padded arrays is on an 8-row tile.
-    return pl.multiple_of(prog * R + w * bq, bq)
+    # No pl.multiple_of: warp-level code (the loader's q copies) has no lowering for it.
+    return prog * R + w * bq
 
   def tail_row(prog, w):
     """In place, warpgroup w's first padding row of a program past the last sequence's."""
@@ -656,7 +655,7 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
 
     lax.fori_loop(0, rounds, item, jnp.int32(0))
 
-  @pl.when(wg == COMPUTE_WGS)
+  @pl.when(wg >= COMPUTE_WGS)
   @jax.named_scope("load")
   def _load():
     plgpu.set_max_registers(24, action="decrease")
@@ -666,77 +665,95 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row(prog, w), bq), head], q_dst2.at[w],
                                 q_bars.at[w])
 
-    if p.direct:
-      _, prog0, head0 = work(0)
-      load_q(prog0, head0)
+    def stream(kv):
+      """The CTA's K tiles and its items' q (kv "k"), or its V tiles ("v"), in its items' order."""
+      do_k, do_v = kv == "k", kv == "v"
+      if do_k and p.direct:  # the first item's q; each item loads the next one's
+        _, prog0, head0 = work(0)
+        load_q(prog0, head0)
 
-    def item(r, n0):
-      valid, prog, head = work(r)
-      seq, _, _, _, _, lo, hi, _ = bounds(prog)
-      count = jnp.where(valid, hi - lo, 0)
-      kv_head = head // p.group
-      base = layer * view.layer_rows + kv_head * view.head_rows
-      col = kv_head * view.head_cols
+      def item(r, n0):
+        valid, prog, head = work(r)
+        seq, _, _, _, _, lo, hi, _ = bounds(prog)
+        count = jnp.where(valid, hi - lo, 0)
+        kv_head = lax.div(head, jnp.int32(p.group))
+        base = layer * view.layer_rows + kv_head * view.head_rows
+        col = kv_head * view.head_cols
 
-      def page_rows(j):
-        """The row of each page of key tile j (one TMA copy a page), K's and V's alike: looked up
-        once a tile for both (measured faster: NOTES.md)."""
-        rows = []
-        for c in range(copies):
-          key = j * bkv + c * rows_per_copy
-          page = jnp.clip(bt_ref[seq, jnp.minimum(key // p.block_size, p.max_blocks - 1)], 0,
-                          p.num_pages - 1)
-          rows.append(base + page * view.page_rows + key % p.block_size)
-        return rows
+        def page_rows(j):
+          """The row of each page of key tile j (one TMA copy a page), K's and V's alike. Integer
+          division as lax.div / rem (all >= 0): warp-level code has no lowering for jnp's `sign`."""
+          rows = []
+          for c in range(copies):
+            key = j * bkv + c * rows_per_copy
+            page = jnp.clip(bt_ref[seq, jnp.minimum(lax.div(key, jnp.int32(p.block_size)),
+                                                    p.max_blocks - 1)], 0, p.num_pages - 1)
+            rows.append(base + page * view.page_rows + lax.rem(key, jnp.int32(p.block_size)))
+          return rows
 
-      def issue(rows, slot, src_ref, dst_smem, first_row, bars):
-        for c, row in enumerate(rows):
-          plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(row + first_row, rows_per_copy), pl.ds(col, d)],
-                                  dst_smem.at[slot, pl.ds(c * rows_per_copy, rows_per_copy)],
-                                  bars.at[slot])
+        def issue(rows, slot, src_ref, dst_smem, first_row, bars):
+          for c, row in enumerate(rows):
+            plgpu.copy_gmem_to_smem(
+                src_ref.at[pl.ds(row + first_row, rows_per_copy), pl.ds(col, d)],
+                dst_smem.at[slot, pl.ds(c * rows_per_copy, rows_per_copy)], bars.at[slot])
 
-      def tile(i):
-        n = n0 + i  # the tile's place in the CTA's stream; the slot's previous tile is n - stages
-        slot = lax.rem(n, stages)
+        def tile(i):
+          n = n0 + i  # the tile's place in the CTA's stream; the slot's previous tile is n - stages
+          slot = lax.rem(n, stages)
+          rows = page_rows(lo + i)
+          if do_k:
+            @pl.when(n >= stages)
+            def _():
+              plgpu.barrier_wait(k_consumed.at[slot])
+            issue(rows, slot, k_ref, k_smem, view.k_rows, k_bars)
+          if do_v:
+            @pl.when(n >= stages)
+            def _():
+              plgpu.barrier_wait(v_consumed.at[slot])
+            issue(rows, slot, v_ref, v_smem, view.v_rows, v_bars)
 
-        rows = page_rows(lo + i)
+        # The item's first tiles go out before its q (they only wait for the ring), the rest after.
+        first = jnp.minimum(count, stages)
+        pl.loop(0, first)(tile)
+        if do_k:
+          # The q this round lands, once release_q(r) frees its tile: in place the next item's (if
+          # any), else this item's.
+          lands, q_prog, q_head = work(r + 1) if p.direct else (valid, prog, head)
 
-        @pl.when(n >= stages)
-        def _():
-          plgpu.barrier_wait(k_consumed.at[slot])
-        issue(rows, slot, k_ref, k_smem, view.k_rows, k_bars)
+          @pl.when(lands)
+          def _():
+            plgpu.barrier_wait(q_free)
+            load_q(q_prog, q_head)
 
-        @pl.when(n >= stages)
-        def _():
-          plgpu.barrier_wait(v_consumed.at[slot])
-        issue(rows, slot, v_ref, v_smem, view.v_rows, v_bars)
+        pl.loop(first, count)(tile)
+        return n0 + count
 
-      # The item's first tiles go out before its q (they only wait for the ring), the rest after.
-      first = jnp.minimum(count, stages)
-      pl.loop(0, first)(tile)
-
-      # The q this round lands, once release_q(r) frees its tile: in place the next item's (if
-      # any), else this item's.
-      lands, q_prog, q_head = work(r + 1) if p.direct else (valid, prog, head)
-
-      @pl.when(lands)
-      def _():
+      total = lax.fori_loop(0, rounds, item, jnp.int32(0))
+      # Observe the last `stages` tiles' releases (and, with copies, the last item's release of q's
+      # tile): each barrier's every phase is waited on once, as Mosaic GPU's interpreter checks.
+      if do_k and not p.direct:
         plgpu.barrier_wait(q_free)
-        load_q(q_prog, q_head)
 
-      pl.loop(first, count)(tile)
-      return n0 + count
+      @pl.loop(jnp.maximum(total - stages, 0), total)
+      def _(n):
+        if do_k:
+          plgpu.barrier_wait(k_consumed.at[lax.rem(n, stages)])
+        if do_v:
+          plgpu.barrier_wait(v_consumed.at[lax.rem(n, stages)])
 
-    total = lax.fori_loop(0, rounds, item, jnp.int32(0))
-    # Observe the last `stages` tiles' releases (and, with copies, the last item's release of q's
-    # tile): each barrier's every phase is waited on once, as Mosaic GPU's interpreter checks.
-    if not p.direct:
-      plgpu.barrier_wait(q_free)
-
-    @pl.loop(jnp.maximum(total - stages, 0), total)
-    def _(n):
-      plgpu.barrier_wait(k_consumed.at[lax.rem(n, stages)])
-      plgpu.barrier_wait(v_consumed.at[lax.rem(n, stages)])
+    # K's copies (and q's) from one thread, V's from another: a tile's page copies (16 at pages of
+    # 16) go out two at a time (measured faster: NOTES.md). On the GPU the loader warpgroup's
+    # warps 0 and 1; the interpreter has no warp-level code, so there they are two loader
+    # threads (`attention`'s num_threads), and its barrier checks see the two streams' waits as they are.
+    if p.interpret:
+      pl.when(wg == COMPUTE_WGS)(lambda: stream("k"))
+      pl.when(wg == COMPUTE_WGS + 1)(lambda: stream("v"))
+    else:
+      @pl.core_map(plgpu.WarpMesh(axis_name="warp"))
+      def _():
+        w = lax.axis_index("warp")
+        pl.when(w == 0)(lambda: stream("k"))
+        pl.when(w == 1)(lambda: stream("v"))
 
 
 def _interpret_params():
@@ -837,7 +854,7 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, tiles: Optional[Mosa
       out_type=(jax.ShapeDtypeStruct((T if direct else num_programs * R, H, D), dtype),
                 jax.ShapeDtypeStruct((H, num_programs * R), jnp.float32)),
       grid=(ctas,), grid_names=("cta",),
-      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+      num_threads=COMPUTE_WGS + (2 if interpret else 1), thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           approx_math=True, **(dict(profile_space=PROFILE_EVENTS * -(-H * num_programs // ctas),
                                     profile_dir=profile_dir)
