@@ -247,7 +247,7 @@ def descending_order(w: jax.Array) -> jax.Array:
   """i32[n]: the stable descending argsort of i32[n] w (ties keep their index order).
 
   Two fused compare-and-count passes (each item's rank, then the item of each rank), n x n
-  compares each: cheaper than XLA's sort kernel at a call's program counts (NOTES.md, session 30)."""
+  compares each: cheaper than XLA's sort kernel at a call's program counts (NOTES.md)."""
   i = jnp.arange(w.shape[0], dtype=jnp.int32)
   ahead = (w[None, :] > w[:, None]) | ((w[None, :] == w[:, None]) & (i[None, :] < i[:, None]))
   rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
