@@ -34,9 +34,10 @@ What differs from the dense kernel, and why:
 - Persistent CTAs, q a work item ahead. One CTA per SM runs work items (a program's 2 x block_q
   rows of one q head) back to back, heaviest first (a sequence's last query rows see the most
   keys), in rounds that alternate direction so the CTAs' loads even out. The loader warpgroup
-  streams the K / V tiles of a CTA's items through the ring as one stream (its warp 0 K's copies,
-  warp 1 V's) and loads the next item's q into the staging tiles while the current item runs, so an item's start waits for
-  neither its q nor its first tiles (a CTA per program paid both, and its exit, every time).
+  streams the K / V tiles of a CTA's items through the ring (its warp 0 K's copies, its warp 1
+  V's) and loads the next item's q into the staging tiles while the current item runs, so an
+  item's start waits for neither its q nor its first tiles (a CTA per program paid both, and its
+  exit, every time).
 - Masks. Keys run over the band the CTA needs (causal bottom-right, sliding window, the sequence's
   length), split per warpgroup into masked edges and an unmasked middle (`key_ranges`), so the
   middle pays no mask.
@@ -743,8 +744,8 @@ def _kernel(p: _Params, table_ref, cu_q_ref, seqk_ref, bt_ref, layer_ref, alibi_
 
     # K's copies (and q's) from one thread, V's from another: a tile's page copies (16 at pages of
     # 16) go out two at a time (measured faster: NOTES.md). On the GPU the loader warpgroup's
-    # warps 0 and 1; the interpreter has no warp-level code, so there they are two loader
-    # threads (`attention`'s num_threads), and its barrier checks see the two streams' waits as they are.
+    # warps 0 and 1; the interpreter has no warp-level code, so there two loader threads
+    # (`attention`'s num_threads), whose barrier waits it checks as the GPU's would run.
     if p.interpret:
       pl.when(wg == COMPUTE_WGS)(lambda: stream("k"))
       pl.when(wg == COMPUTE_WGS + 1)(lambda: stream("v"))
