@@ -331,6 +331,17 @@ def test_bench_gemv_tiny_partials_sum_to_the_product(tmp_path):
   assert len(recs) == 2 * 2 * 4 and all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in recs), recs
 
 
+def test_bench_gemv_tiny_mlp_forms_match_the_oracle(tmp_path):
+  """--mlp: every form of the MLP block computes the float64 down(silu(x g) * (x u))."""
+  env = dict(os.environ, OUT=str(tmp_path), JVA_COMMIT="test", TRITON_INTERPRET="1")
+  proc = subprocess.run([sys.executable, str(BENCH / "bench_gemv.py"), "--tiny", "--mlp", "--rows", "1,4",
+                         "--out", "m"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  recs = json.loads((tmp_path / "m.json").read_text())["records"]
+  assert {r["variant"] for r in recs} == {"fused", "fused_f32", "separate", "interleaved"}
+  assert len(recs) == 2 * 4 and all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in recs), recs
+
+
 @pytest.mark.parametrize("w_nk", [False, True])
 def test_gemv_mosaic_lowers_for_cuda_and_refuses_bad_tiles(w_nk):
   """bench_gemv --mosaic's kernel lowers to Mosaic GPU's CUDA call without a GPU (the weight [K, N]
