@@ -18,6 +18,17 @@ against float64 first. GPU only (sm_90a):
   python benchmarks/decode_stream_mosaic.py --cases 16x640,64x640,1x640 --out h200_<date>_decode_stream
   python benchmarks/decode_stream_mosaic.py --kv-dtype float8_e4m3fn --cases 256x4096,16x640
 
+`--persistent 1,2` (session 35, issues 15 / 16) adds the stream alone (no math, any dtype) from a
+persistent grid: `ctas` = n x the GPU's SMs, each taking items / ctas (sequence, kv head) items
+in one flat pipeline over all their tiles, so an item's first tiles are in flight while the
+previous item's last ones land (`stream_persistent`). Beside it the same stream one CTA an item
+(`stream(mma=False)`): the two differ only by the round boundaries, which is what the Triton
+decode kernel pays on seed4_distinct (~2.4 points of the read ceiling a round, NOTES session 24).
+The cases must split evenly, e.g. 198x2304 (1584 items = 132 x 12):
+
+  python benchmarks/decode_stream_mosaic.py --kv-dtype float8_e4m3fn --cases 198x2304 --no-mma \
+      --tiles 128:2,128:4 --persistent 1,2
+
 `--kv-dtype float8_e4m3fn` times the TMA stream alone (`stream(mma=False)`: the tiles arrive, no math;
 8-bit V cannot be wgmma's B operand as it lies) against our Triton kernel on the same fp8 cache:
 whether a Mosaic decode kernel could reach issue 16's 90% of the read ceiling on fp8 bytes.
@@ -107,6 +118,80 @@ def stream(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, sta
                       grid=(kv_heads, batch), grid_names=("kv", "b"))(q, k2d, v2d)
 
 
+def stream_persistent(k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, stages: int,
+                      ctas: int, check: bool = False):
+  """zeros [ctas, ROWS, D] (k2d's dtype, or f16 for 8-bit caches): the TMA stream alone of every
+  (sequence, kv head) item's K / V tiles, CTA c taking items [c * per, (c + 1) * per), per = items
+  / ctas, as one `emit_pipeline` over its per x keys / block_kv tiles (so the pipeline runs on
+  across item boundaries). k2d / v2d as `stream`'s. No math: the memory side of a persistent
+  decode grid. check (16-bit caches): instead f32 [ctas, block_kv, D], the sum of every K and V
+  tile the CTA received (`persistent_expected`), to show the tiles are the right ones."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  d = k2d.shape[1] // kv_heads
+  items = batch * kv_heads
+  if keys % block_kv:
+    raise ValueError(f"keys={keys} must divide by block_kv={block_kv}")
+  if ctas < 1 or items % ctas:
+    raise ValueError(f"ctas={ctas} must divide the batch's {items} (sequence, kv head) items")
+  per, tiles = items // ctas, keys // block_kv
+  out_dtype = k2d.dtype if jnp.dtype(k2d.dtype).itemsize >= 2 else jnp.float16
+  itemsize = jnp.dtype(k2d.dtype).itemsize
+  swizzle = plgpu.find_swizzle(d * itemsize * 8)
+  tr = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+  if check and itemsize < 2:
+    raise ValueError("check=True needs a 16-bit cache (the tiles are summed in registers)")
+  out_shape = (block_kv, d) if check else (ROWS, d)
+  if check:
+    out_dtype = jnp.float32
+
+  def body(k_gmem, v_gmem, o_gmem):
+    pl.run_scoped(lambda o_smem: cta(k_gmem, v_gmem, o_gmem, o_smem), plgpu.SMEM(out_shape, out_dtype))
+
+  def cta(k_gmem, v_gmem, o_gmem, o_smem):
+    c = lax.axis_index("c")
+
+    def block(t):  # the t-th tile of this CTA: (row block, column block) of k2d / v2d
+      item = c * per + t // tiles
+      return (item // kv_heads) * tiles + t % tiles, item % kv_heads
+
+    spec = plgpu.BlockSpec((block_kv, d), block, transforms=tr)
+    if check:
+      def add(_, k_smem, v_smem, acc):
+        wg = plgpu.Layout.WGMMA
+        return (acc + plgpu.layout_cast(k_smem[...], wg).astype(jnp.float32)
+                + plgpu.layout_cast(v_smem[...], wg).astype(jnp.float32))
+
+      o_smem[...] = plgpu.emit_pipeline(add, grid=(per * tiles,), in_specs=[spec, spec],
+                                        max_concurrent_steps=stages,
+                                        init_carry=plgpu.layout_cast(jnp.zeros(out_shape, jnp.float32),
+                                                                     plgpu.Layout.WGMMA))(k_gmem, v_gmem)
+    else:
+      plgpu.emit_pipeline(lambda _, k_smem, v_smem: None, grid=(per * tiles,), in_specs=[spec, spec],
+                          max_concurrent_steps=stages)(k_gmem, v_gmem)
+      o_smem[...] = jnp.zeros(out_shape, out_dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[c])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, *out_shape), out_dtype),
+                      grid=(ctas,), grid_names=("c",))(k2d, v2d)
+
+
+def persistent_expected(k2d, v2d, batch, kv_heads, keys, block_kv, ctas):
+  """float64 [ctas, block_kv, D] of `stream_persistent(check=True)`: per CTA, the sum of the K and V
+  tiles of its items [c * per, (c + 1) * per) (item = b * kv_heads + kv)."""
+  d = k2d.shape[1] // kv_heads
+  per = batch * kv_heads // ctas
+  k = np.asarray(k2d, np.float64).reshape(batch, keys // block_kv, block_kv, kv_heads, d)
+  v = np.asarray(v2d, np.float64).reshape(batch, keys // block_kv, block_kv, kv_heads, d)
+  both = (k + v).sum(axis=1)  # [batch, block_kv, kv_heads, d]: an item's tiles summed
+  by_item = both.transpose(0, 2, 1, 3).reshape(batch * kv_heads, block_kv, d)
+  return by_item.reshape(ctas, per, block_kv, d).sum(axis=1)
+
+
 def expected(q, k2d, v2d, batch, kv_heads, keys, block_kv):
   """float64 [batch, kv_heads, ROWS, D] of `stream` (P rounded to fp16 as the kernel does)."""
   d = q.shape[1]
@@ -130,6 +215,9 @@ def main(argv=None) -> int:
   p.add_argument("--kv-dtype", default="float16", choices=("float16", "float8_e4m3fn"),
                  help="float8_e4m3fn: the TMA stream alone (no wgmma: fp8 V is not K-major), beside "
                       "our Triton kernel on the same fp8 cache")
+  p.add_argument("--no-mma", action="store_true", help="the stream alone for an fp16 cache too")
+  p.add_argument("--persistent", default="", help="comma list of CTAs an SM: also time stream_persistent "
+                 "(docstring) at each, beside the one-CTA-an-item stream")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if not any(dev.platform == "gpu" for dev in jax.devices()):
@@ -141,10 +229,22 @@ def main(argv=None) -> int:
   kv_heads, group, d = 8, 2, 128
   dtype = jnp.float16
   kv_dtype = jnp.dtype(args.kv_dtype)
-  mma = kv_dtype == dtype
+  mma = kv_dtype == dtype and not args.no_mma
+  from jax_varlen_attn.backends.device import num_sms
+  per_sm = [int(x) for x in args.persistent.split(",") if x]
   rng = np.random.default_rng(0)
+  rng_check = np.random.default_rng(7)
   ceiling = read_ceiling(2048)
   records = []
+  if per_sm:  # the persistent grid's tiles are the right ones (fp16, a small batch), before any timing
+    kc, vc = (jnp.asarray(rng_check.standard_normal((6 * 256, 4 * d)), jnp.float16) for _ in range(2))
+    got = np.asarray(stream_persistent(kc, vc, 6, 4, 256, 128, 2, 12, check=True), np.float64)
+    want = persistent_expected(kc, vc, 6, 4, 256, 128, 12)
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    print(f"stream_persistent check: rel. error {err:.2e}", flush=True)
+    if err > 1e-3:
+      print("stream_persistent reads the wrong tiles: no timing")
+      return 1
   for case in args.cases.split(","):
     batch, keys = (int(x) for x in case.split("x"))
     q = jnp.asarray(rng.standard_normal((ROWS, d)) * 0.3, dtype)
@@ -174,6 +274,22 @@ def main(argv=None) -> int:
         rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"
       records.append(rec)
       print(rec, flush=True)
+      for n in per_sm:
+        ctas = n * num_sms()
+        rec = dict(case=case, impl="mosaic-tma-persistent", kv_dtype=kv_dtype.name, block_kv=block_kv,
+                   stages=stages, ctas=ctas, kv_bytes=kv_bytes)
+        try:
+          one = jax.jit(lambda k, v, bk=block_kv, st=stages, ctas=ctas: stream_persistent(
+              k, v, batch, kv_heads, keys, bk, st, ctas))
+          rec["status"] = "ok" if not np.asarray(one(*sets[0]), np.float64).any() else "WRONG"
+          many = jax.jit(lambda *kvs, one=one: [one(kvs[2 * i], kvs[2 * i + 1]) for i in range(len(kvs) // 2)])
+          dev = device_time.measure(jax, many, tuple(a for s in sets for a in s), len(sets))
+          rec["device_us"] = round(dev["busy_ms"] * 1e3, 2)
+          rec["pct_ceiling"] = round(100 * kv_bytes / (dev["busy_ms"] * 1e-3) / 1e9 / ceiling["read_gbps"], 1)
+        except Exception as e:  # a point that does not build is a record
+          rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"
+        records.append(rec)
+        print(rec, flush=True)
     # Our Triton decode kernel on the same bytes: a paged cache whose pages are in order.
     rec = dict(case=case, impl="jva-triton", kv_dtype=kv_dtype.name, kv_bytes=kv_bytes)
     try:
@@ -211,6 +327,7 @@ def main(argv=None) -> int:
   print(f"{'case':9s} {'impl':16s} {'kv':14s} {'tile':8s} {'us':>8s} {'%ceil':>6s} status")
   for r in records:
     tile = f"{r['block_kv']}:{r['stages']}" if "block_kv" in r else "-"
+    tile += f" x{r['ctas']}" if "ctas" in r else ""
     print(f"{r['case']:9s} {r['impl']:16s} {r['kv_dtype']:14s} {tile:8s} {r.get('device_us', '-'):>8} "
           f"{r.get('pct_ceiling', '-'):>6} {r['status']}")
   return 0 if all(r["status"] != "WRONG" for r in records) else 1

@@ -404,6 +404,33 @@ def test_decode_stream_mosaic_fp8_is_the_tma_stream_alone():
              jnp.zeros((512, 512), jnp.float8_e4m3fn), batch=2, kv_heads=4, keys=256, block_kv=128, stages=2)
 
 
+def test_decode_stream_mosaic_persistent_lowers_and_its_expectation_is_the_cta_sum():
+  """The persistent TMA stream lowers for an fp8 and (check=True) an fp16 cache; its expectation is,
+  per CTA, the sum of its own items' K and V tiles (CTA 5 of 12 over 24 items: items 10 and 11);
+  uneven splits and an 8-bit check are refused."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import decode_stream_mosaic as m
+
+  for dt, check in ((jnp.float8_e4m3fn, False), (jnp.float16, True)):
+    kv = jax.ShapeDtypeStruct((6 * 256, 4 * 128), dt)
+    op = lambda k, v, check=check: m.stream_persistent(k, v, 6, 4, 256, 128, 2, 12, check=check)
+    assert "mosaic_gpu" in jax.jit(op).trace(kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  with pytest.raises(ValueError, match="ctas"):
+    m.stream_persistent(jnp.zeros((6 * 256, 512), jnp.float16), jnp.zeros((6 * 256, 512), jnp.float16),
+                        6, 4, 256, 128, 2, 7)
+  with pytest.raises(ValueError, match="16-bit"):
+    m.stream_persistent(jnp.zeros((6 * 256, 512), jnp.float8_e4m3fn), jnp.zeros((6 * 256, 512), jnp.float8_e4m3fn),
+                        6, 4, 256, 128, 2, 12, check=True)
+  rng = np.random.default_rng(0)
+  k, v = rng.standard_normal((6 * 256, 512)), rng.standard_normal((6 * 256, 512))
+  got = m.persistent_expected(k, v, 6, 4, 256, 128, 12)
+  kk, vv = k.reshape(6, 256, 4, 128), v.reshape(6, 256, 4, 128)
+  want = sum(kk[2, t:t + 128, h] + vv[2, t:t + 128, h] for t in (0, 128) for h in (2, 3))
+  np.testing.assert_allclose(got[5], want, rtol=1e-12, atol=1e-9)
+
+
 def test_decode_stream_k_tiny_matches_the_reference_with_items_cut_into_pieces():
   """The stream-K experiment under Triton's interpreter: 7 and 50 programs cut most items of the
   tiny batch (16-key tiles) into pieces that the last one combines; every output against the
