@@ -183,6 +183,7 @@ def run_batch(model: DecoderLM, batch: int, mode: str, args, ceiling: dict) -> T
   context = first + (steps - 1) / 2
   weights, kv = step_bytes(model.config, batch, context)
   rec = dict(batch=batch, mode=mode, steps_per_call=engine.steps_per_call, check_every=engine.check_every,
+             decode_build=getattr(engine, "decode_build", None),  # decode.loop_for's choice, multi modes
              sampling=args.sampling_text,
              prompt_len=args.prompt_len,
              generated=args.gen, context=[first, args.prompt_len + args.gen - 1], prefill_steps=prefill_steps,
@@ -291,10 +292,11 @@ def profile_call(engine: Engine) -> Optional[dict]:
     return None
   args = engine.decode_args(chunk)
   kw = dict(steps=chunk.steps, mode=chunk.mode, check_every=engine.check_every)
-  hlo = decode.decode_loop.lower(*args, **kw).compile().as_text()
+  loop = decode.loop_for(args[4].tokens.shape[0])
+  hlo = loop.lower(*args, **kw).compile().as_text()
   with tempfile.TemporaryDirectory(prefix="jva-serving-trace-") as d:
     with jax.profiler.trace(d):
-      out = jax.block_until_ready(decode.decode_loop(*args, **kw))
+      out = jax.block_until_ready(loop(*args, **kw))
     try:
       trace = device_time.load_trace(d)
     except FileNotFoundError:
@@ -374,10 +376,15 @@ def _percentiles(values, name: str) -> dict:
           for q in PERCENTILES}
 
 
+def loop_compiles() -> int:
+  """Programs compiled so far by both builds of the decode loop (`decode.loop_for`)."""
+  return decode.decode_loop._cache_size() + decode.decode_loop_cublas._cache_size()
+
+
 def run_mixed(model: DecoderLM, mode: str, args) -> dict:
   requests = mixed_requests(args)
   serve(model, requests, mode, args)  # untimed: compiles the buckets this workload reaches
-  compiles = serving_step._cache_size() + decode.decode_loop._cache_size()
+  compiles = serving_step._cache_size() + loop_compiles()
   run = serve(model, requests, mode, args)
   ttft, itl, tpot = [], [], []
   for seq_id, t in run["times"].items():
@@ -391,7 +398,7 @@ def run_mixed(model: DecoderLM, mode: str, args) -> dict:
               gen=args.mixed_gen, seed=args.mixed_seed, tokens=tokens, wall_s=round(run["wall_s"], 3),
               tokens_per_s=round(tokens / run["wall_s"], 1), **_percentiles(ttft, "ttft"),
               **_percentiles(itl, "itl"), **_percentiles(tpot, "tpot"),
-              new_compiles=serving_step._cache_size() + decode.decode_loop._cache_size() - compiles)
+              new_compiles=serving_step._cache_size() + loop_compiles() - compiles)
 
 
 # ---- main -------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
   of a `DecoderLM` in one jitted call (`jax.lax.while_loop`, which also ends once every sequence
   is done), sampling on device, writing each step's K / V into the donated caches in place, each
   step's cache slot computed on device from the sequence's position and block table.
+  `loop_for(rows)` picks its build for a batch size (cuBLAS matmuls for large batches on Hopper).
 
 Randomness is keyed per token, not per call: the token sampled from the logits at position p of a
 sequence uses fold_in(fold_in(key(seed), seq_id), p). A sequence's draws therefore do not depend on
@@ -342,9 +343,7 @@ def check_steps_between_checks(check_every, steps: int) -> int:
   return int(check_every)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mode", "check_every"),
-                   donate_argnames=("k_cache", "v_cache"))
-def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: DecodeBatch,
+def _decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: DecodeBatch,
                 sampling: SamplingParams, *, steps: int, mode: str = "filter", check_every: int = 1):
   """Up to `steps` decode steps of the model in one call; returns (tokens, counts, k_cache, v_cache).
 
@@ -407,3 +406,22 @@ def decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch: 
                 jnp.full((rows, steps), PAD_TOKEN, jnp.int32), k_cache, v_cache)
   final = jax.lax.while_loop(cond, body, init)
   return final.out, final.counts, final.k_cache, final.v_cache
+
+
+_LOOP_JIT = dict(static_argnames=("graphdef", "steps", "mode", "check_every"), donate_argnames=("k_cache", "v_cache"))
+decode_loop = jax.jit(_decode_loop, **_LOOP_JIT)
+# The same loop compiled with XLA's matmuls on cuBLAS instead of its Triton GEMM fusions.
+CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
+decode_loop_cublas = jax.jit(_decode_loop, compiler_options=CUBLAS_GEMMS, **_LOOP_JIT)
+# From this many sequences a step, on a Hopper GPU, `loop_for` takes the cuBLAS build: 4.8% faster
+# a step at 64 sequences, 6-11% slower at 1 and 16 (H200; benchmarks/NOTES.md session 35 item 4).
+CUBLAS_FROM_ROWS = 64
+
+
+def loop_for(rows: int):
+  """The jitted decode loop for `rows` sequences a step (`DecodeBatch.tokens.shape[0]`):
+  `decode_loop_cublas` from `CUBLAS_FROM_ROWS` rows on a Hopper GPU, else `decode_loop`. Both take
+  `decode_loop`'s arguments and compute the same function; only XLA's choice of matmul kernels
+  differs (rounding may differ in the last bits)."""
+  from jax_varlen_attn.backends import device
+  return decode_loop_cublas if rows >= CUBLAS_FROM_ROWS and device.is_hopper() else decode_loop

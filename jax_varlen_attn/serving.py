@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jax_varlen_attn.decode import (GREEDY, NO_EOS, DecodeBatch, Sampling, SamplingParams,
-                                    check_steps_between_checks, decode_loop,
+                                    check_steps_between_checks, decode_loop_cublas, loop_for,
                                     sample, sampling_arrays, sampling_mode, token_keys)
 from jax_varlen_attn.nn import DecoderLM, PagedBatch, init_cache
 from jax_varlen_attn.spec import next_pow2
@@ -474,8 +474,9 @@ class Engine:
 
   `step()` is the one-step path, `serving_step` (jitted; `serving_step._cache_size()` counts its
   compiles: one per (token bucket, sequence bucket) pair for a given model and cache shape).
-  `decode_chunk()` runs up to `steps_per_call` decode steps in one call (`decode.decode_loop`:
-  one compile per sequence bucket and sampling mode) when `Scheduler.can_decode_many()` and the
+  `decode_chunk()` runs up to `steps_per_call` decode steps in one call (`decode.decode_loop`, or
+  `decode.decode_loop_cublas` for large buckets on Hopper, `decode.loop_for`: one compile per
+  sequence bucket and sampling mode) when `Scheduler.can_decode_many()` and the
   free pages cover the call; `advance()` runs whichever applies. `check_every` (a divisor of
   `steps_per_call`): how many of a call's steps run between its checks for whether any sequence is
   still active (`decode.decode_loop`).
@@ -499,6 +500,7 @@ class Engine:
     self.k_cache, self.v_cache = init_cache(model.config, num_blocks, block_size)
     self.num_steps = 0  # one-step calls
     self.num_chunks = 0  # multi-step decode calls
+    self.decode_build = None  # the decode loop build of the last decode_chunk ("default" / "cublas": decode.loop_for)
 
   @property
   def allocator(self) -> PageAllocator:
@@ -555,8 +557,11 @@ class Engine:
     chunk = self.scheduler.schedule_decode(steps)
     if chunk is None:
       return None
-    tokens, counts, self.k_cache, self.v_cache = decode_loop(
-        *self.decode_args(chunk), steps=chunk.steps, mode=chunk.mode,
+    args = self.decode_args(chunk)
+    loop = loop_for(args[4].tokens.shape[0])
+    self.decode_build = "cublas" if loop is decode_loop_cublas else "default"
+    tokens, counts, self.k_cache, self.v_cache = loop(
+        *args, steps=chunk.steps, mode=chunk.mode,
         check_every=math.gcd(chunk.steps, self.check_every))
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     finished = self.scheduler.update_decode(chunk, tokens, counts)

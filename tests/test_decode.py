@@ -181,6 +181,29 @@ def test_decode_loop_updates_the_donated_cache_in_place(model):
   assert k_cache.is_deleted() and k_new.unsafe_buffer_pointer() == ptr
 
 
+def test_loop_for_takes_the_cublas_build_from_its_row_count_on_hopper_only(model, monkeypatch):
+  """`loop_for`: cuBLAS matmuls (XLA's compiler option) from CUBLAS_FROM_ROWS sequences on a Hopper
+  GPU, the default build otherwise; the cuBLAS build computes the same tokens (on the CPU the option
+  changes nothing) and still updates the donated cache in place."""
+  from jax_varlen_attn.backends import device
+  n = decode.CUBLAS_FROM_ROWS
+  assert decode.decode_loop_cublas is not decode.decode_loop
+  if not device.is_hopper():
+    assert decode.loop_for(n) is decode.loop_for(1) is decode.decode_loop
+  monkeypatch.setattr(device, "is_hopper", lambda: True)
+  assert decode.loop_for(n) is decode.loop_for(4 * n) is decode.decode_loop_cublas
+  assert decode.loop_for(n - 1) is decode.decode_loop
+  monkeypatch.setattr(device, "is_hopper", lambda: False)
+  assert decode.loop_for(4 * n) is decode.decode_loop
+  want = decode.decode_loop(*loop_args(model, 5), steps=STEPS, mode="greedy")[:2]
+  args = loop_args(model, 5)
+  ptr = args[2].unsafe_buffer_pointer()
+  tokens, counts, k_new, _ = decode.decode_loop_cublas(*args, steps=STEPS, mode="greedy")
+  np.testing.assert_array_equal(tokens, want[0])
+  np.testing.assert_array_equal(counts, want[1])
+  assert args[2].is_deleted() and k_new.unsafe_buffer_pointer() == ptr
+
+
 def test_schedule_decode_reserves_the_call_pages_and_waits_for_prefill():
   cfg = serving.SchedulerConfig(num_blocks=8, block_size=4, max_tokens_per_step=32, max_seqs=4,
                                 max_model_len=32, min_token_bucket=4, min_seq_bucket=4)
