@@ -29,6 +29,10 @@ The cases must split evenly, e.g. 198x2304 (1584 items = 132 x 12):
   python benchmarks/decode_stream_mosaic.py --kv-dtype float8_e4m3fn --cases 198x2304 --no-mma \
       --tiles 128:2,128:4 --persistent 1,2
 
+`--math` (with --persistent) adds `decode_persistent`: the same persistent pipeline with the decode
+tile's two wgmmas (no softmax), 8-bit tiles first converted to fp16 in shared memory: whether
+the math and the conversion keep the persistent stream's rate.
+
 `--kv-dtype float8_e4m3fn` times the TMA stream alone (`stream(mma=False)`: the tiles arrive, no math;
 8-bit V cannot be wgmma's B operand as it lies) against our Triton kernel on the same fp8 cache:
 whether a Mosaic decode kernel could reach issue 16's 90% of the read ceiling on fp8 bytes.
@@ -180,6 +184,86 @@ def stream_persistent(k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: 
                       grid=(ctas,), grid_names=("c",))(k2d, v2d)
 
 
+def decode_persistent(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, stages: int,
+                      ctas: int):
+  """q's dtype [ctas, ROWS, D]: per CTA, the sum over the tiles of its items [c * per, (c + 1) * per)
+  of fp16(q K_t^T) V_t: `stream_persistent`'s flat pipeline with `stream`'s two wgmmas a tile (no
+  softmax), one q for every item. 8-bit caches are converted to fp16 in shared memory first (each
+  tile loaded to registers, converted, stored to a 16-bit buffer that the wgmmas read), as an fp8
+  decode kernel on wgmma must: the math side of a persistent fp8 decode grid (issue 16)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  d = q.shape[1]
+  dtype = q.dtype
+  items = batch * kv_heads
+  if keys % block_kv:
+    raise ValueError(f"keys={keys} must divide by block_kv={block_kv}")
+  if ctas < 1 or items % ctas:
+    raise ValueError(f"ctas={ctas} must divide the batch's {items} (sequence, kv head) items")
+  per, tiles = items // ctas, keys // block_kv
+  upcast = jnp.dtype(k2d.dtype).itemsize == 1
+
+  def transforms(item_dtype):
+    itemsize = jnp.dtype(item_dtype).itemsize
+    swizzle = plgpu.find_swizzle(d * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+  scratch = [plgpu.SMEM((ROWS, d), dtype, transforms=transforms(dtype)), plgpu.SMEM((ROWS, d), dtype),
+             plgpu.Barrier()]
+  if upcast:
+    scratch += [plgpu.SMEM((block_kv, d), dtype, transforms=transforms(dtype))] * 2
+
+  def body(q_gmem, k_gmem, v_gmem, o_gmem):
+    pl.run_scoped(lambda *refs: cta(q_gmem, k_gmem, v_gmem, o_gmem, *refs), *scratch)
+
+  def cta(q_gmem, k_gmem, v_gmem, o_gmem, q_smem, o_smem, bar, *wide):
+    c = lax.axis_index("c")
+    plgpu.copy_gmem_to_smem(q_gmem, q_smem, bar)
+    plgpu.barrier_wait(bar)
+
+    def block(t):  # the t-th tile of this CTA: (row block, column block) of k2d / v2d
+      item = c * per + t // tiles
+      return (item // kv_heads) * tiles + t % tiles, item % kv_heads
+
+    def step(_, k_smem, v_smem, acc):
+      if upcast:
+        k16, v16 = wide
+        k16[...] = k_smem[...].astype(dtype)
+        v16[...] = v_smem[...].astype(dtype)
+        plgpu.commit_smem()
+        k_smem, v_smem = k16, v16
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
+        return s_ref[...]
+
+      p16 = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32)).astype(dtype)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem)
+
+      return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+    spec = plgpu.BlockSpec((block_kv, d), block, transforms=transforms(k2d.dtype))
+    acc0 = plgpu.layout_cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+    acc = plgpu.emit_pipeline(step, grid=(per * tiles,), in_specs=[spec, spec], max_concurrent_steps=stages,
+                              init_carry=acc0)(k_gmem, v_gmem)
+    o_smem[...] = acc.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[c])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, ROWS, d), dtype),
+                      grid=(ctas,), grid_names=("c",))(q, k2d, v2d)
+
+
+def decode_persistent_expected(q, k2d, v2d, batch, kv_heads, keys, block_kv, ctas):
+  """float64 [ctas, ROWS, D] of `decode_persistent`: `expected`'s per-item sums, summed per CTA."""
+  by_item = expected(q, k2d, v2d, batch, kv_heads, keys, block_kv).reshape(batch * kv_heads, ROWS, -1)
+  return by_item.reshape(ctas, -1, *by_item.shape[1:]).sum(axis=1)
+
+
 def persistent_expected(k2d, v2d, batch, kv_heads, keys, block_kv, ctas):
   """float64 [ctas, block_kv, D] of `stream_persistent(check=True)`: per CTA, the sum of the K and V
   tiles of its items [c * per, (c + 1) * per) (item = b * kv_heads + kv)."""
@@ -207,6 +291,26 @@ def expected(q, k2d, v2d, batch, kv_heads, keys, block_kv):
   return out
 
 
+def time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas, kv_dtype, kv_bytes,
+                           ceiling, device_time) -> dict:
+  """--math: one record of decode_persistent, checked against float64 before it is timed."""
+  rec = dict(case=case, impl="mosaic-persistent-math", kv_dtype=kv_dtype.name, block_kv=block_kv,
+             stages=stages, ctas=ctas, kv_bytes=kv_bytes)
+  try:
+    one = jax.jit(lambda q, k, v: decode_persistent(q, k, v, batch, kv_heads, keys, block_kv, stages, ctas))
+    got = np.asarray(one(q, *sets[0]), np.float64)
+    ref = decode_persistent_expected(q, *sets[0], batch, kv_heads, keys, block_kv, ctas)
+    rec["rel_err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+    rec["status"] = "ok" if rec["rel_err"] < 1e-2 else "WRONG"
+    many = jax.jit(lambda q, *kvs: [one(q, kvs[2 * i], kvs[2 * i + 1]) for i in range(len(kvs) // 2)])
+    dev = device_time.measure(jax, many, (q, *[a for s in sets for a in s]), len(sets))
+    rec["device_us"] = round(dev["busy_ms"] * 1e3, 2)
+    rec["pct_ceiling"] = round(100 * kv_bytes / (dev["busy_ms"] * 1e-3) / 1e9 / ceiling["read_gbps"], 1)
+  except Exception as e:  # a point that does not build is a record
+    rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"
+  return rec
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--cases", default="16x640,64x640,1x640", help="BxK: B sequences of K keys (K % 128 == 0)")
@@ -218,6 +322,9 @@ def main(argv=None) -> int:
   p.add_argument("--no-mma", action="store_true", help="the stream alone for an fp16 cache too")
   p.add_argument("--persistent", default="", help="comma list of CTAs an SM: also time stream_persistent "
                  "(docstring) at each, beside the one-CTA-an-item stream")
+  p.add_argument("--math", action="store_true", help="with --persistent: also time decode_persistent "
+                 "(the two wgmmas a tile; 8-bit caches converted to fp16 in shared memory), checked "
+                 "against float64")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if not any(dev.platform == "gpu" for dev in jax.devices()):
@@ -290,6 +397,10 @@ def main(argv=None) -> int:
           rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"
         records.append(rec)
         print(rec, flush=True)
+        if args.math:
+          records.append(time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas,
+                                                kv_dtype, kv_bytes, ceiling, device_time))
+          print(records[-1], flush=True)
     # Our Triton decode kernel on the same bytes: a paged cache whose pages are in order.
     rec = dict(case=case, impl="jva-triton", kv_dtype=kv_dtype.name, kv_bytes=kv_bytes)
     try:

@@ -431,6 +431,29 @@ def test_decode_stream_mosaic_persistent_lowers_and_its_expectation_is_the_cta_s
   np.testing.assert_allclose(got[5], want, rtol=1e-12, atol=1e-9)
 
 
+def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
+  """decode_persistent (the persistent stream with a tile's two wgmmas; fp8 tiles converted to fp16
+  in shared memory) lowers for both caches; its expectation is `expected`'s items summed per CTA."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import decode_stream_mosaic as m
+
+  q = jax.ShapeDtypeStruct((m.ROWS, 128), jnp.float16)
+  for dt in (jnp.float8_e4m3fn, jnp.float16):
+    kv = jax.ShapeDtypeStruct((6 * 256, 4 * 128), dt)
+    op = lambda q, k, v: m.decode_persistent(q, k, v, 6, 4, 256, 64, 4, 12)
+    assert "mosaic_gpu" in jax.jit(op).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  with pytest.raises(ValueError, match="ctas"):
+    m.decode_persistent(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((6 * 256, 512), jnp.float16),
+                        jnp.zeros((6 * 256, 512), jnp.float16), 6, 4, 256, 128, 2, 5)
+  rng = np.random.default_rng(2)
+  qq, kk, vv = rng.standard_normal((m.ROWS, 128)), rng.standard_normal((6 * 256, 512)), rng.standard_normal((6 * 256, 512))
+  got = m.decode_persistent_expected(qq, kk, vv, 6, 4, 256, 128, 12)
+  per_item = m.expected(qq, kk, vv, 6, 4, 256, 128)  # [batch, kv_heads, ROWS, D]
+  np.testing.assert_allclose(got[5], per_item[2, 2] + per_item[2, 3], rtol=1e-12, atol=1e-9)
+
+
 def test_decode_stream_k_tiny_matches_the_reference_with_items_cut_into_pieces():
   """The stream-K experiment under Triton's interpreter: 7 and 50 programs cut most items of the
   tiny batch (16-key tiles) into pieces that the last one combines; every output against the
