@@ -33,6 +33,14 @@ The cases must split evenly, e.g. 198x2304 (1584 items = 132 x 12):
 tile's two wgmmas (no softmax), 8-bit tiles first converted to fp16 in shared memory: whether
 the math and the conversion keep the persistent stream's rate.
 
+`--ws` adds `decode_persistent_ws`: the same math, warp-specialized (a memory warpgroup issues the
+copies, one compute warpgroup converts and multiplies), the structure a real fp8 decode kernel
+would take if the single-warpgroup form cannot keep up (NOTES session 35 item 8: it cannot).
+The next call for issue 16:
+
+  python benchmarks/decode_stream_mosaic.py --kv-dtype float8_e4m3fn --cases 198x2304 --no-mma \
+      --tiles 128:2,64:2,64:4 --persistent 1,2 --ws --sets 2
+
 `--kv-dtype float8_e4m3fn` times the TMA stream alone (`stream(mma=False)`: the tiles arrive, no math;
 8-bit V cannot be wgmma's B operand as it lies) against our Triton kernel on the same fp8 cache:
 whether a Mosaic decode kernel could reach issue 16's 90% of the read ceiling on fp8 bytes.
@@ -258,6 +266,91 @@ def decode_persistent(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_k
                       grid=(ctas,), grid_names=("c",))(q, k2d, v2d)
 
 
+def decode_persistent_ws(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, stages: int,
+                         ctas: int):
+  """`decode_persistent`'s function, warp-specialized: a memory warpgroup streams the CTA's tiles by
+  TMA `stages` ahead (`emit_pipeline_warp_specialized`, across its items) while one compute
+  warpgroup converts (8-bit caches) and runs the two wgmmas a tile; each K / V slot is released as
+  soon as its tile has been read. Session 35 item 8 found the single-warpgroup pipeline at 48-72%
+  of the read ceiling on fp8: this asks whether moving the copies to their own warpgroup gives the
+  stream's 92-95% back (FlashAttention-3's producer / consumer split, one consumer)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  d = q.shape[1]
+  dtype = q.dtype
+  items = batch * kv_heads
+  if keys % block_kv:
+    raise ValueError(f"keys={keys} must divide by block_kv={block_kv}")
+  if ctas < 1 or items % ctas:
+    raise ValueError(f"ctas={ctas} must divide the batch's {items} (sequence, kv head) items")
+  per, tiles = items // ctas, keys // block_kv
+  upcast = jnp.dtype(k2d.dtype).itemsize == 1
+
+  def transforms(item_dtype):
+    itemsize = jnp.dtype(item_dtype).itemsize
+    swizzle = plgpu.find_swizzle(d * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+  scratch = [plgpu.SMEM((ROWS, d), dtype, transforms=transforms(dtype)), plgpu.SMEM((ROWS, d), dtype),
+             plgpu.Barrier()]
+  if upcast:
+    scratch += [plgpu.SMEM((block_kv, d), dtype, transforms=transforms(dtype))] * 2
+
+  def body(q_gmem, k_gmem, v_gmem, o_gmem, q_smem, o_smem, bar, *wide):
+    c = lax.axis_index("c")
+
+    def block(t):  # the t-th tile of this CTA: (row block, column block) of k2d / v2d
+      item = c * per + t // tiles
+      return (item // kv_heads) * tiles + t % tiles, item % kv_heads
+
+    def compute_thread(run):
+      plgpu.copy_gmem_to_smem(q_gmem, q_smem, bar)
+      plgpu.barrier_wait(bar)
+      acc = run(plgpu.layout_cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA))
+      o_smem[...] = acc.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[c])
+      plgpu.wait_smem_to_gmem(0)
+
+    def step(_, k_smem, v_smem, k_done, v_done, acc):
+      if upcast:  # each slot goes back to the memory warpgroup once its bytes are converted
+        k16, v16 = wide
+        k16[...] = k_smem[...].astype(dtype)
+        plgpu.barrier_arrive(k_done)
+        v16[...] = v_smem[...].astype(dtype)
+        plgpu.barrier_arrive(v_done)
+        plgpu.commit_smem()
+        k_src, v_src = k16, v16
+      else:
+        k_src, v_src = k_smem, v_smem
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_src, (1, 0)))
+        return s_ref[...]
+
+      p16 = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32)).astype(dtype)
+      if not upcast:
+        plgpu.barrier_arrive(k_done)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_src)
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      if not upcast:
+        plgpu.barrier_arrive(v_done)
+      return acc
+
+    spec = plgpu.BlockSpec((block_kv, d), block, transforms=transforms(k2d.dtype))
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        step, grid=(per * tiles,), memory_registers=40, in_specs=[spec, spec], max_concurrent_steps=stages,
+        wg_axis="wg", num_compute_wgs=1, manual_consumed_barriers=True, compute_context=compute_thread)
+    pipeline(k_gmem, v_gmem)
+
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, ROWS, d), dtype), scratch_types=scratch,
+                      grid=(ctas,), grid_names=("c",), num_threads=2, thread_name="wg")(q, k2d, v2d)
+
+
 def decode_persistent_expected(q, k2d, v2d, batch, kv_heads, keys, block_kv, ctas):
   """float64 [ctas, ROWS, D] of `decode_persistent`: `expected`'s per-item sums, summed per CTA."""
   by_item = expected(q, k2d, v2d, batch, kv_heads, keys, block_kv).reshape(batch * kv_heads, ROWS, -1)
@@ -295,14 +388,16 @@ _EXPECTED = {}  # (case, kv dtype, ctas) -> decode_persistent_expected: minutes 
 
 
 def time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas, kv_dtype, kv_bytes,
-                           ceiling, device_time) -> dict:
-  """--math: one record of decode_persistent, checked against float64 before it is timed (the
+                           ceiling, device_time, ws: bool = False) -> dict:
+  """--math: one record of decode_persistent (ws: decode_persistent_ws), checked against float64
+  before it is timed (the
   expectation computed once per case and CTA count: fp16(q k) v summed over keys does not depend
   on how the keys are tiled)."""
-  rec = dict(case=case, impl="mosaic-persistent-math", kv_dtype=kv_dtype.name, block_kv=block_kv,
-             stages=stages, ctas=ctas, kv_bytes=kv_bytes)
+  rec = dict(case=case, impl="mosaic-persistent-math-ws" if ws else "mosaic-persistent-math",
+             kv_dtype=kv_dtype.name, block_kv=block_kv, stages=stages, ctas=ctas, kv_bytes=kv_bytes)
+  fn = decode_persistent_ws if ws else decode_persistent
   try:
-    one = jax.jit(lambda q, k, v: decode_persistent(q, k, v, batch, kv_heads, keys, block_kv, stages, ctas))
+    one = jax.jit(lambda q, k, v: fn(q, k, v, batch, kv_heads, keys, block_kv, stages, ctas))
     got = np.asarray(one(q, *sets[0]), np.float64)
     key = (case, kv_dtype.name, ctas)
     if key not in _EXPECTED:
@@ -333,6 +428,8 @@ def main(argv=None) -> int:
   p.add_argument("--math", action="store_true", help="with --persistent: also time decode_persistent "
                  "(the two wgmmas a tile; 8-bit caches converted to fp16 in shared memory), checked "
                  "against float64")
+  p.add_argument("--ws", action="store_true", help="with --persistent: also time decode_persistent_ws "
+                 "(the same math, a memory warpgroup streaming beside one compute warpgroup)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if not any(dev.platform == "gpu" for dev in jax.devices()):
@@ -419,9 +516,9 @@ def main(argv=None) -> int:
         records.append(rec)
         print(rec, flush=True)
         save()
-        if args.math:
+        for ws in [False] * args.math + [True] * args.ws:
           records.append(time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas,
-                                                kv_dtype, kv_bytes, ceiling, device_time))
+                                                kv_dtype, kv_bytes, ceiling, device_time, ws=ws))
           print(records[-1], flush=True)
           save()
     # Our Triton decode kernel on the same bytes: a paged cache whose pages are in order.

@@ -432,8 +432,8 @@ def test_decode_stream_mosaic_persistent_lowers_and_its_expectation_is_the_cta_s
 
 
 def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
-  """decode_persistent (the persistent stream with a tile's two wgmmas; fp8 tiles converted to fp16
-  in shared memory) lowers for both caches; its expectation is `expected`'s items summed per CTA."""
+  """decode_persistent and decode_persistent_ws (the persistent stream with a tile's two wgmmas; fp8
+  tiles converted to fp16 in shared memory; the second warp-specialized) lower for both caches; its expectation is `expected`'s items summed per CTA."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -442,8 +442,9 @@ def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
   q = jax.ShapeDtypeStruct((m.ROWS, 128), jnp.float16)
   for dt in (jnp.float8_e4m3fn, jnp.float16):
     kv = jax.ShapeDtypeStruct((6 * 256, 4 * 128), dt)
-    op = lambda q, k, v: m.decode_persistent(q, k, v, 6, 4, 256, 64, 4, 12)
-    assert "mosaic_gpu" in jax.jit(op).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    for fn in (m.decode_persistent, m.decode_persistent_ws):
+      op = lambda q, k, v, fn=fn: fn(q, k, v, 6, 4, 256, 64, 4, 12)
+      assert "mosaic_gpu" in jax.jit(op).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
   with pytest.raises(ValueError, match="ctas"):
     m.decode_persistent(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((6 * 256, 512), jnp.float16),
                         jnp.zeros((6 * 256, 512), jnp.float16), 6, 4, 256, 128, 2, 5)
