@@ -130,6 +130,79 @@ def stream(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, sta
                       grid=(kv_heads, batch), grid_names=("kv", "b"))(q, k2d, v2d)
 
 
+def _transforms(d: int, item_dtype):
+  """A [rows, d] shared-memory tile's TMA transforms: 8-row tiles, the widest swizzle a row allows."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  itemsize = jnp.dtype(item_dtype).itemsize
+  swizzle = plgpu.find_swizzle(d * itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _persistent_split(batch: int, kv_heads: int, keys: int, block_kv: int, ctas: int):
+  """(items a CTA, tiles an item) of a persistent grid, or a ValueError for a split that is not even."""
+  items = batch * kv_heads
+  if keys % block_kv:
+    raise ValueError(f"keys={keys} must divide by block_kv={block_kv}")
+  if ctas < 1 or items % ctas:
+    raise ValueError(f"ctas={ctas} must divide the batch's {items} (sequence, kv head) items")
+  return items // ctas, keys // block_kv
+
+
+def _cta_tiles(per: int, tiles: int, kv_heads: int):
+  """index_map of a persistent CTA's flat pipeline: its t-th tile as (row block, column block) of
+  k2d / v2d, CTA c taking items [c * per, (c + 1) * per), item = sequence * kv_heads + kv head."""
+  c = lax.axis_index("c")
+
+  def block(t):
+    item = c * per + t // tiles
+    return (item // kv_heads) * tiles + t % tiles, item % kv_heads
+  return block
+
+
+def _decode_scratch(d: int, dtype, block_kv: int, upcast: bool) -> list:
+  """q's staged tile, the output's, q's barrier, and (8-bit caches) the fp16 K / V tiles."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  scratch = [plgpu.SMEM((ROWS, d), dtype, transforms=_transforms(d, dtype)), plgpu.SMEM((ROWS, d), dtype),
+             plgpu.Barrier()]
+  if upcast:
+    scratch += [plgpu.SMEM((block_kv, d), dtype, transforms=_transforms(d, dtype))] * 2
+  return scratch
+
+
+def _tile_math(q_smem, k_src, v_src, acc, block_kv: int, dtype, after_qk=None):
+  """acc + fp16(q K^T) V for one K / V tile in shared memory (two wgmmas; after_qk runs once
+  K has been read)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  def qk(s_ref):
+    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_src, (1, 0)))
+    return s_ref[...]
+
+  p16 = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32)).astype(dtype)
+  if after_qk is not None:
+    after_qk()
+
+  def pv(acc_ref):
+    plgpu.wgmma(acc_ref, p16, v_src)
+
+  return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+
+def _store_cta(acc, o_smem, o_gmem, dtype):
+  """The CTA's f32 result, as dtype, through shared memory to o_gmem[c]."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  o_smem[...] = acc.astype(dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[lax.axis_index("c")])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _zero_acc(d: int):
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  return plgpu.layout_cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+
 def stream_persistent(k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, stages: int,
                       ctas: int, check: bool = False):
   """zeros [ctas, ROWS, D] (k2d's dtype, or f16 for 8-bit caches): the TMA stream alone of every
@@ -142,34 +215,18 @@ def stream_persistent(k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: 
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   d = k2d.shape[1] // kv_heads
-  items = batch * kv_heads
-  if keys % block_kv:
-    raise ValueError(f"keys={keys} must divide by block_kv={block_kv}")
-  if ctas < 1 or items % ctas:
-    raise ValueError(f"ctas={ctas} must divide the batch's {items} (sequence, kv head) items")
-  per, tiles = items // ctas, keys // block_kv
-  out_dtype = k2d.dtype if jnp.dtype(k2d.dtype).itemsize >= 2 else jnp.float16
+  per, tiles = _persistent_split(batch, kv_heads, keys, block_kv, ctas)
   itemsize = jnp.dtype(k2d.dtype).itemsize
-  swizzle = plgpu.find_swizzle(d * itemsize * 8)
-  tr = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
   if check and itemsize < 2:
     raise ValueError("check=True needs a 16-bit cache (the tiles are summed in registers)")
   out_shape = (block_kv, d) if check else (ROWS, d)
-  if check:
-    out_dtype = jnp.float32
+  out_dtype = jnp.float32 if check else (k2d.dtype if itemsize >= 2 else jnp.float16)
 
   def body(k_gmem, v_gmem, o_gmem):
     pl.run_scoped(lambda o_smem: cta(k_gmem, v_gmem, o_gmem, o_smem), plgpu.SMEM(out_shape, out_dtype))
 
   def cta(k_gmem, v_gmem, o_gmem, o_smem):
-    c = lax.axis_index("c")
-
-    def block(t):  # the t-th tile of this CTA: (row block, column block) of k2d / v2d
-      item = c * per + t // tiles
-      return (item // kv_heads) * tiles + t % tiles, item % kv_heads
-
-    spec = plgpu.BlockSpec((block_kv, d), block, transforms=tr)
+    spec = plgpu.BlockSpec((block_kv, d), _cta_tiles(per, tiles, kv_heads), transforms=_transforms(d, k2d.dtype))
     if check:
       def add(_, k_smem, v_smem, acc):
         wg = plgpu.Layout.WGMMA
@@ -185,7 +242,7 @@ def stream_persistent(k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: 
                           max_concurrent_steps=stages)(k_gmem, v_gmem)
       o_smem[...] = jnp.zeros(out_shape, out_dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[c])
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[lax.axis_index("c")])
     plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, *out_shape), out_dtype),
@@ -202,37 +259,17 @@ def decode_persistent(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_k
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  d = q.shape[1]
-  dtype = q.dtype
-  items = batch * kv_heads
-  if keys % block_kv:
-    raise ValueError(f"keys={keys} must divide by block_kv={block_kv}")
-  if ctas < 1 or items % ctas:
-    raise ValueError(f"ctas={ctas} must divide the batch's {items} (sequence, kv head) items")
-  per, tiles = items // ctas, keys // block_kv
+  d, dtype = q.shape[1], q.dtype
+  per, tiles = _persistent_split(batch, kv_heads, keys, block_kv, ctas)
   upcast = jnp.dtype(k2d.dtype).itemsize == 1
 
-  def transforms(item_dtype):
-    itemsize = jnp.dtype(item_dtype).itemsize
-    swizzle = plgpu.find_swizzle(d * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-  scratch = [plgpu.SMEM((ROWS, d), dtype, transforms=transforms(dtype)), plgpu.SMEM((ROWS, d), dtype),
-             plgpu.Barrier()]
-  if upcast:
-    scratch += [plgpu.SMEM((block_kv, d), dtype, transforms=transforms(dtype))] * 2
-
   def body(q_gmem, k_gmem, v_gmem, o_gmem):
-    pl.run_scoped(lambda *refs: cta(q_gmem, k_gmem, v_gmem, o_gmem, *refs), *scratch)
+    pl.run_scoped(lambda *refs: cta(q_gmem, k_gmem, v_gmem, o_gmem, *refs),
+                  *_decode_scratch(d, dtype, block_kv, upcast))
 
   def cta(q_gmem, k_gmem, v_gmem, o_gmem, q_smem, o_smem, bar, *wide):
-    c = lax.axis_index("c")
     plgpu.copy_gmem_to_smem(q_gmem, q_smem, bar)
     plgpu.barrier_wait(bar)
-
-    def block(t):  # the t-th tile of this CTA: (row block, column block) of k2d / v2d
-      item = c * per + t // tiles
-      return (item // kv_heads) * tiles + t % tiles, item % kv_heads
 
     def step(_, k_smem, v_smem, acc):
       if upcast:
@@ -241,26 +278,12 @@ def decode_persistent(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_k
         v16[...] = v_smem[...].astype(dtype)
         plgpu.commit_smem()
         k_smem, v_smem = k16, v16
+      return _tile_math(q_smem, k_smem, v_smem, acc, block_kv, dtype)
 
-      def qk(s_ref):
-        plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
-        return s_ref[...]
-
-      p16 = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32)).astype(dtype)
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem)
-
-      return pl.run_state(pv)(plgpu.ACC.init(acc))
-
-    spec = plgpu.BlockSpec((block_kv, d), block, transforms=transforms(k2d.dtype))
-    acc0 = plgpu.layout_cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+    spec = plgpu.BlockSpec((block_kv, d), _cta_tiles(per, tiles, kv_heads), transforms=_transforms(d, k2d.dtype))
     acc = plgpu.emit_pipeline(step, grid=(per * tiles,), in_specs=[spec, spec], max_concurrent_steps=stages,
-                              init_carry=acc0)(k_gmem, v_gmem)
-    o_smem[...] = acc.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[c])
-    plgpu.wait_smem_to_gmem(0)
+                              init_carry=_zero_acc(d))(k_gmem, v_gmem)
+    _store_cta(acc, o_smem, o_gmem, dtype)
 
   return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, ROWS, d), dtype),
                       grid=(ctas,), grid_names=("c",))(q, k2d, v2d)
@@ -274,80 +297,41 @@ def decode_persistent_ws(q, k2d, v2d, batch: int, kv_heads: int, keys: int, bloc
   soon as its tile has been read. Session 35 item 8 found the single-warpgroup pipeline at 48-72%
   of the read ceiling on fp8: this asks whether moving the copies to their own warpgroup gives the
   stream's 92-95% back (FlashAttention-3's producer / consumer split, one consumer)."""
-  import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  d = q.shape[1]
-  dtype = q.dtype
-  items = batch * kv_heads
-  if keys % block_kv:
-    raise ValueError(f"keys={keys} must divide by block_kv={block_kv}")
-  if ctas < 1 or items % ctas:
-    raise ValueError(f"ctas={ctas} must divide the batch's {items} (sequence, kv head) items")
-  per, tiles = items // ctas, keys // block_kv
+  d, dtype = q.shape[1], q.dtype
+  per, tiles = _persistent_split(batch, kv_heads, keys, block_kv, ctas)
   upcast = jnp.dtype(k2d.dtype).itemsize == 1
 
-  def transforms(item_dtype):
-    itemsize = jnp.dtype(item_dtype).itemsize
-    swizzle = plgpu.find_swizzle(d * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-  scratch = [plgpu.SMEM((ROWS, d), dtype, transforms=transforms(dtype)), plgpu.SMEM((ROWS, d), dtype),
-             plgpu.Barrier()]
-  if upcast:
-    scratch += [plgpu.SMEM((block_kv, d), dtype, transforms=transforms(dtype))] * 2
-
   def body(q_gmem, k_gmem, v_gmem, o_gmem, q_smem, o_smem, bar, *wide):
-    c = lax.axis_index("c")
-
-    def block(t):  # the t-th tile of this CTA: (row block, column block) of k2d / v2d
-      item = c * per + t // tiles
-      return (item // kv_heads) * tiles + t % tiles, item % kv_heads
-
     def compute_thread(run):
       plgpu.copy_gmem_to_smem(q_gmem, q_smem, bar)
       plgpu.barrier_wait(bar)
-      acc = run(plgpu.layout_cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA))
-      o_smem[...] = acc.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[c])
-      plgpu.wait_smem_to_gmem(0)
+      _store_cta(run(_zero_acc(d)), o_smem, o_gmem, dtype)
 
     def step(_, k_smem, v_smem, k_done, v_done, acc):
-      if upcast:  # each slot goes back to the memory warpgroup once its bytes are converted
-        k16, v16 = wide
-        k16[...] = k_smem[...].astype(dtype)
-        plgpu.barrier_arrive(k_done)
-        v16[...] = v_smem[...].astype(dtype)
-        plgpu.barrier_arrive(v_done)
-        plgpu.commit_smem()
-        k_src, v_src = k16, v16
-      else:
-        k_src, v_src = k_smem, v_smem
-
-      def qk(s_ref):
-        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_src, (1, 0)))
-        return s_ref[...]
-
-      p16 = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32)).astype(dtype)
       if not upcast:
-        plgpu.barrier_arrive(k_done)
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_src)
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      if not upcast:
+        acc = _tile_math(q_smem, k_smem, v_smem, acc, block_kv, dtype,
+                         after_qk=lambda: plgpu.barrier_arrive(k_done))
         plgpu.barrier_arrive(v_done)
-      return acc
+        return acc
+      # Each slot goes back to the memory warpgroup once its bytes are converted.
+      k16, v16 = wide
+      k16[...] = k_smem[...].astype(dtype)
+      plgpu.barrier_arrive(k_done)
+      v16[...] = v_smem[...].astype(dtype)
+      plgpu.barrier_arrive(v_done)
+      plgpu.commit_smem()
+      return _tile_math(q_smem, k16, v16, acc, block_kv, dtype)
 
-    spec = plgpu.BlockSpec((block_kv, d), block, transforms=transforms(k2d.dtype))
+    spec = plgpu.BlockSpec((block_kv, d), _cta_tiles(per, tiles, kv_heads), transforms=_transforms(d, k2d.dtype))
     pipeline = plgpu.emit_pipeline_warp_specialized(
         step, grid=(per * tiles,), memory_registers=40, in_specs=[spec, spec], max_concurrent_steps=stages,
         wg_axis="wg", num_compute_wgs=1, manual_consumed_barriers=True, compute_context=compute_thread)
     pipeline(k_gmem, v_gmem)
 
-  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, ROWS, d), dtype), scratch_types=scratch,
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, ROWS, d), dtype),
+                      scratch_types=_decode_scratch(d, dtype, block_kv, upcast),
                       grid=(ctas,), grid_names=("c",), num_threads=2, thread_name="wg")(q, k2d, v2d)
 
 
