@@ -368,6 +368,14 @@ def expected(q, k2d, v2d, batch, kv_heads, keys, block_kv):
   return out
 
 
+def _time_into(rec: dict, many, args: tuple, calls: int, kv_bytes: int, ceiling: dict, device_time) -> dict:
+  """Device time of many(*args) (`calls` calls) into rec: device_us a call and % of the read ceiling."""
+  dev = device_time.measure(jax, many, args, calls)
+  rec["device_us"] = round(dev["busy_ms"] * 1e3, 2)
+  rec["pct_ceiling"] = round(100 * kv_bytes / (dev["busy_ms"] * 1e-3) / 1e9 / ceiling["read_gbps"], 1)
+  return dev
+
+
 _EXPECTED = {}  # (case, kv dtype, ctas) -> decode_persistent_expected: minutes of NumPy on a real case
 
 
@@ -390,9 +398,7 @@ def time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stage
     rec["rel_err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
     rec["status"] = "ok" if rec["rel_err"] < 1e-2 else "WRONG"
     many = jax.jit(lambda q, *kvs: [one(q, kvs[2 * i], kvs[2 * i + 1]) for i in range(len(kvs) // 2)])
-    dev = device_time.measure(jax, many, (q, *[a for s in sets for a in s]), len(sets))
-    rec["device_us"] = round(dev["busy_ms"] * 1e3, 2)
-    rec["pct_ceiling"] = round(100 * kv_bytes / (dev["busy_ms"] * 1e-3) / 1e9 / ceiling["read_gbps"], 1)
+    _time_into(rec, many, (q, *[a for s in sets for a in s]), len(sets), kv_bytes, ceiling, device_time)
   except Exception as e:  # a point that does not build is a record
     rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"
   return rec
@@ -475,9 +481,7 @@ def main(argv=None) -> int:
         else:  # nothing computed: the memory side's time only, its output all zeros
           rec["status"] = "ok" if not got.any() else "WRONG"
         many = jax.jit(lambda q, *kvs, one=one: [one(q, kvs[2 * i], kvs[2 * i + 1]) for i in range(len(kvs) // 2)])
-        dev = device_time.measure(jax, many, (q, *[a for s in sets for a in s]), len(sets))
-        rec["device_us"] = round(dev["busy_ms"] * 1e3, 2)
-        rec["pct_ceiling"] = round(100 * kv_bytes / (dev["busy_ms"] * 1e-3) / 1e9 / ceiling["read_gbps"], 1)
+        _time_into(rec, many, (q, *[a for s in sets for a in s]), len(sets), kv_bytes, ceiling, device_time)
       except Exception as e:  # a point that does not build is a record
         rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"
       records.append(rec)
@@ -492,9 +496,7 @@ def main(argv=None) -> int:
               k, v, batch, kv_heads, keys, bk, st, ctas))
           rec["status"] = "ok" if not np.asarray(one(*sets[0]), np.float64).any() else "WRONG"
           many = jax.jit(lambda *kvs, one=one: [one(kvs[2 * i], kvs[2 * i + 1]) for i in range(len(kvs) // 2)])
-          dev = device_time.measure(jax, many, tuple(a for s in sets for a in s), len(sets))
-          rec["device_us"] = round(dev["busy_ms"] * 1e3, 2)
-          rec["pct_ceiling"] = round(100 * kv_bytes / (dev["busy_ms"] * 1e-3) / 1e9 / ceiling["read_gbps"], 1)
+          _time_into(rec, many, tuple(a for s in sets for a in s), len(sets), kv_bytes, ceiling, device_time)
         except Exception as e:  # a point that does not build is a record
           rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"
         records.append(rec)
@@ -521,10 +523,8 @@ def main(argv=None) -> int:
 
       many = jax.jit(lambda *kvs: [attend(kvs[2 * i], kvs[2 * i + 1]) for i in range(len(kvs) // 2)])
       jax.block_until_ready(many(*[a for s in sets for a in s]))
-      dev = device_time.measure(jax, many, tuple(a for s in sets for a in s), len(sets))
-      rec["device_us"] = round(dev["busy_ms"] * 1e3, 2)
+      dev = _time_into(rec, many, tuple(a for s in sets for a in s), len(sets), kv_bytes, ceiling, device_time)
       rec["kernels_per_call"] = dev["kernels_per_call"]
-      rec["pct_ceiling"] = round(100 * kv_bytes / (dev["busy_ms"] * 1e-3) / 1e9 / ceiling["read_gbps"], 1)
       rec["status"] = "ok"
     except Exception as e:
       rec["status"], rec["error"] = "error", f"{type(e).__name__}: {str(e)[:400]}"

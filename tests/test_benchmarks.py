@@ -433,7 +433,8 @@ def test_decode_stream_mosaic_persistent_lowers_and_its_expectation_is_the_cta_s
 
 def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
   """decode_persistent and decode_persistent_ws (the persistent stream with a tile's two wgmmas; fp8
-  tiles converted to fp16 in shared memory; the second warp-specialized) lower for both caches; its expectation is `expected`'s items summed per CTA."""
+  tiles converted to fp16 in shared memory; the second warp-specialized) lower for both caches;
+  their expectation is `expected`'s items summed per CTA."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -449,7 +450,8 @@ def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
     m.decode_persistent(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((6 * 256, 512), jnp.float16),
                         jnp.zeros((6 * 256, 512), jnp.float16), 6, 4, 256, 128, 2, 5)
   rng = np.random.default_rng(2)
-  qq, kk, vv = rng.standard_normal((m.ROWS, 128)), rng.standard_normal((6 * 256, 512)), rng.standard_normal((6 * 256, 512))
+  qq = rng.standard_normal((m.ROWS, 128))
+  kk, vv = rng.standard_normal((6 * 256, 512)), rng.standard_normal((6 * 256, 512))
   got = m.decode_persistent_expected(qq, kk, vv, 6, 4, 256, 128, 12)
   per_item = m.expected(qq, kk, vv, 6, 4, 256, 128)  # [batch, kv_heads, ROWS, D]
   np.testing.assert_allclose(got[5], per_item[2, 2] + per_item[2, 3], rtol=1e-12, atol=1e-9)
