@@ -36,10 +36,13 @@ the math and the conversion keep the persistent stream's rate.
 `--ws` adds `decode_persistent_ws`: the same math, warp-specialized (a memory warpgroup issues the
 copies, one compute warpgroup converts and multiplies), the structure a real fp8 decode kernel
 would take if the single-warpgroup form cannot keep up (NOTES session 35 item 8: it cannot).
-The next call for issue 16:
+`--softmax` gives both an online softmax (running max and sum in f32, p rounded to fp16 for the
+second wgmma), the whole per-tile work of a decode tile but for masks and per-item restarts.
+The next call for issue 16 (each point checked against float64 before it is timed):
 
   python benchmarks/decode_stream_mosaic.py --kv-dtype float8_e4m3fn --cases 198x2304 --no-mma \
       --tiles 128:2,64:2,64:4 --persistent 1,2 --ws --sets 2
+  ... the same with --softmax
 
 `--kv-dtype float8_e4m3fn` times the TMA stream alone (`stream(mma=False)`: the tiles arrive, no math;
 8-bit V cannot be wgmma's B operand as it lies) against our Triton kernel on the same fp8 cache:
@@ -169,9 +172,10 @@ def _decode_scratch(d: int, dtype, block_kv: int, upcast: bool) -> list:
   return scratch
 
 
-def _tile_math(q_smem, k_src, v_src, acc, block_kv: int, dtype, after_qk=None):
-  """acc + fp16(q K^T) V for one K / V tile in shared memory (two wgmmas; after_qk runs once
-  K has been read)."""
+def _tile_math(q_smem, k_src, v_src, carry, block_kv: int, dtype, after_qk=None, softmax: bool = False):
+  """One K / V tile in shared memory: carry + fp16(q K^T) V (two wgmmas), or with softmax the
+  online-softmax step, carry (acc, row max, row sum) -> (acc * alpha + fp16(p) V, max, sum) with
+  p = exp(s - max). after_qk runs once K has been read."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -179,14 +183,25 @@ def _tile_math(q_smem, k_src, v_src, acc, block_kv: int, dtype, after_qk=None):
     plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_src, (1, 0)))
     return s_ref[...]
 
-  p16 = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32)).astype(dtype)
+  s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
   if after_qk is not None:
     after_qk()
+  if softmax:
+    acc, m, l = carry
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    l = l * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+  else:
+    acc, p = carry, s
+  p16 = p.astype(dtype)
 
   def pv(acc_ref):
     plgpu.wgmma(acc_ref, p16, v_src)
 
-  return pl.run_state(pv)(plgpu.ACC.init(acc))
+  acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+  return (acc, m_new, l) if softmax else acc
 
 
 def _store_cta(acc, o_smem, o_gmem, dtype):
@@ -198,9 +213,23 @@ def _store_cta(acc, o_smem, o_gmem, dtype):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _zero_acc(d: int):
+def _zero_acc(d: int, softmax: bool = False):
+  """The carry's start: a zero f32 [ROWS, d] accumulator (softmax: with a -inf row max, zero row sum)."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
-  return plgpu.layout_cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+  acc = plgpu.layout_cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+  if not softmax:
+    return acc
+  rows = plgpu.Layout.WGMMA.reduce(1)
+  return (acc, plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), rows),
+          plgpu.layout_cast(jnp.full((ROWS,), 0, jnp.float32), rows))
+
+
+def _result(carry, softmax: bool):
+  """The f32 [ROWS, d] result of a carry (softmax: acc over its row sum)."""
+  if not softmax:
+    return carry
+  acc, _, l = carry
+  return acc / lax.broadcast_in_dim(l, acc.shape, [0])
 
 
 def stream_persistent(k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, stages: int,
@@ -250,12 +279,14 @@ def stream_persistent(k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: 
 
 
 def decode_persistent(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, stages: int,
-                      ctas: int):
+                      ctas: int, softmax: bool = False):
   """q's dtype [ctas, ROWS, D]: per CTA, the sum over the tiles of its items [c * per, (c + 1) * per)
   of fp16(q K_t^T) V_t: `stream_persistent`'s flat pipeline with `stream`'s two wgmmas a tile (no
   softmax), one q for every item. 8-bit caches are converted to fp16 in shared memory first (each
   tile loaded to registers, converted, stored to a 16-bit buffer that the wgmmas read), as an fp8
-  decode kernel on wgmma must: the math side of a persistent fp8 decode grid (issue 16)."""
+  decode kernel on wgmma must: the math side of a persistent fp8 decode grid (issue 16). softmax:
+  an online softmax over all the CTA's keys instead (`decode_softmax_expected`), the whole per-tile
+  work of a decode tile but masks and per-item restarts."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -278,25 +309,26 @@ def decode_persistent(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_k
         v16[...] = v_smem[...].astype(dtype)
         plgpu.commit_smem()
         k_smem, v_smem = k16, v16
-      return _tile_math(q_smem, k_smem, v_smem, acc, block_kv, dtype)
+      return _tile_math(q_smem, k_smem, v_smem, acc, block_kv, dtype, softmax=softmax)
 
     spec = plgpu.BlockSpec((block_kv, d), _cta_tiles(per, tiles, kv_heads), transforms=_transforms(d, k2d.dtype))
-    acc = plgpu.emit_pipeline(step, grid=(per * tiles,), in_specs=[spec, spec], max_concurrent_steps=stages,
-                              init_carry=_zero_acc(d))(k_gmem, v_gmem)
-    _store_cta(acc, o_smem, o_gmem, dtype)
+    carry = plgpu.emit_pipeline(step, grid=(per * tiles,), in_specs=[spec, spec], max_concurrent_steps=stages,
+                                init_carry=_zero_acc(d, softmax))(k_gmem, v_gmem)
+    _store_cta(_result(carry, softmax), o_smem, o_gmem, dtype)
 
   return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, ROWS, d), dtype),
                       grid=(ctas,), grid_names=("c",))(q, k2d, v2d)
 
 
 def decode_persistent_ws(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, stages: int,
-                         ctas: int):
+                         ctas: int, softmax: bool = False):
   """`decode_persistent`'s function, warp-specialized: a memory warpgroup streams the CTA's tiles by
   TMA `stages` ahead (`emit_pipeline_warp_specialized`, across its items) while one compute
   warpgroup converts (8-bit caches) and runs the two wgmmas a tile; each K / V slot is released as
   soon as its tile has been read. Session 35 item 8 found the single-warpgroup pipeline at 48-72%
   of the read ceiling on fp8: this asks whether moving the copies to their own warpgroup gives the
-  stream's 92-95% back (FlashAttention-3's producer / consumer split, one consumer)."""
+  stream's 92-95% back (FlashAttention-3's producer / consumer split, one consumer). softmax: as
+  `decode_persistent`'s."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   d, dtype = q.shape[1], q.dtype
@@ -307,12 +339,12 @@ def decode_persistent_ws(q, k2d, v2d, batch: int, kv_heads: int, keys: int, bloc
     def compute_thread(run):
       plgpu.copy_gmem_to_smem(q_gmem, q_smem, bar)
       plgpu.barrier_wait(bar)
-      _store_cta(run(_zero_acc(d)), o_smem, o_gmem, dtype)
+      _store_cta(_result(run(_zero_acc(d, softmax)), softmax), o_smem, o_gmem, dtype)
 
     def step(_, k_smem, v_smem, k_done, v_done, acc):
       if not upcast:
         acc = _tile_math(q_smem, k_smem, v_smem, acc, block_kv, dtype,
-                         after_qk=lambda: plgpu.barrier_arrive(k_done))
+                         after_qk=lambda: plgpu.barrier_arrive(k_done), softmax=softmax)
         plgpu.barrier_arrive(v_done)
         return acc
       # Each slot goes back to the memory warpgroup once its bytes are converted.
@@ -322,7 +354,7 @@ def decode_persistent_ws(q, k2d, v2d, batch: int, kv_heads: int, keys: int, bloc
       v16[...] = v_smem[...].astype(dtype)
       plgpu.barrier_arrive(v_done)
       plgpu.commit_smem()
-      return _tile_math(q_smem, k16, v16, acc, block_kv, dtype)
+      return _tile_math(q_smem, k16, v16, acc, block_kv, dtype, softmax=softmax)
 
     spec = plgpu.BlockSpec((block_kv, d), _cta_tiles(per, tiles, kv_heads), transforms=_transforms(d, k2d.dtype))
     pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -339,6 +371,24 @@ def decode_persistent_expected(q, k2d, v2d, batch, kv_heads, keys, block_kv, cta
   """float64 [ctas, ROWS, D] of `decode_persistent`: `expected`'s per-item sums, summed per CTA."""
   by_item = expected(q, k2d, v2d, batch, kv_heads, keys, block_kv).reshape(batch * kv_heads, ROWS, -1)
   return by_item.reshape(ctas, -1, *by_item.shape[1:]).sum(axis=1)
+
+
+def decode_softmax_expected(q, k2d, v2d, batch, kv_heads, keys, ctas):
+  """float64 [ctas, ROWS, D] of `decode_persistent(softmax=True)`: per CTA, softmax(q K^T) V over
+  the keys of all its items (p rounded to fp16 before it meets V, as the kernel does)."""
+  d = k2d.shape[1] // kv_heads
+  per = batch * kv_heads // ctas
+  q64 = np.asarray(q, np.float64)
+  # [items, keys, d] with item = sequence * kv_heads + kv head
+  k = np.asarray(k2d, np.float64).reshape(batch, keys, kv_heads, d).transpose(0, 2, 1, 3).reshape(-1, keys, d)
+  v = np.asarray(v2d, np.float64).reshape(batch, keys, kv_heads, d).transpose(0, 2, 1, 3).reshape(-1, keys, d)
+  out = np.zeros((ctas, q64.shape[0], d))
+  for c in range(ctas):
+    kc, vc = k[c * per:(c + 1) * per].reshape(-1, d), v[c * per:(c + 1) * per].reshape(-1, d)
+    s = q64 @ kc.T
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    out[c] = (p.astype(np.float16).astype(np.float64) @ vc) / p.sum(axis=1, keepdims=True)
+  return out
 
 
 def persistent_expected(k2d, v2d, batch, kv_heads, keys, block_kv, ctas):
@@ -380,20 +430,22 @@ _EXPECTED = {}  # (case, kv dtype, ctas) -> decode_persistent_expected: minutes 
 
 
 def time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas, kv_dtype, kv_bytes,
-                           ceiling, device_time, ws: bool = False) -> dict:
+                           ceiling, device_time, ws: bool = False, softmax: bool = False) -> dict:
   """--math: one record of decode_persistent (ws: decode_persistent_ws), checked against float64
   before it is timed (the
   expectation computed once per case and CTA count: fp16(q k) v summed over keys does not depend
   on how the keys are tiled)."""
   rec = dict(case=case, impl="mosaic-persistent-math-ws" if ws else "mosaic-persistent-math",
-             kv_dtype=kv_dtype.name, block_kv=block_kv, stages=stages, ctas=ctas, kv_bytes=kv_bytes)
+             kv_dtype=kv_dtype.name, block_kv=block_kv, stages=stages, ctas=ctas, kv_bytes=kv_bytes,
+             softmax=softmax)
   fn = decode_persistent_ws if ws else decode_persistent
   try:
-    one = jax.jit(lambda q, k, v: fn(q, k, v, batch, kv_heads, keys, block_kv, stages, ctas))
+    one = jax.jit(lambda q, k, v: fn(q, k, v, batch, kv_heads, keys, block_kv, stages, ctas, softmax=softmax))
     got = np.asarray(one(q, *sets[0]), np.float64)
-    key = (case, kv_dtype.name, ctas)
+    key = (case, kv_dtype.name, ctas, softmax)
     if key not in _EXPECTED:
-      _EXPECTED[key] = decode_persistent_expected(q, *sets[0], batch, kv_heads, keys, block_kv, ctas)
+      _EXPECTED[key] = (decode_softmax_expected(q, *sets[0], batch, kv_heads, keys, ctas) if softmax else
+                        decode_persistent_expected(q, *sets[0], batch, kv_heads, keys, block_kv, ctas))
     ref = _EXPECTED[key]
     rec["rel_err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
     rec["status"] = "ok" if rec["rel_err"] < 1e-2 else "WRONG"
@@ -420,6 +472,8 @@ def main(argv=None) -> int:
                  "against float64")
   p.add_argument("--ws", action="store_true", help="with --persistent: also time decode_persistent_ws "
                  "(the same math, a memory warpgroup streaming beside one compute warpgroup)")
+  p.add_argument("--softmax", action="store_true", help="--math / --ws with an online softmax (the "
+                 "whole per-tile work of a decode tile), checked against decode_softmax_expected")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if not any(dev.platform == "gpu" for dev in jax.devices()):
@@ -504,7 +558,8 @@ def main(argv=None) -> int:
         save()
         for ws in [False] * args.math + [True] * args.ws:
           records.append(time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas,
-                                                kv_dtype, kv_bytes, ceiling, device_time, ws=ws))
+                                                kv_dtype, kv_bytes, ceiling, device_time, ws=ws,
+                                                softmax=args.softmax))
           print(records[-1], flush=True)
           save()
     # Our Triton decode kernel on the same bytes: a paged cache whose pages are in order.

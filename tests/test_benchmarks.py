@@ -434,7 +434,7 @@ def test_decode_stream_mosaic_persistent_lowers_and_its_expectation_is_the_cta_s
 def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
   """decode_persistent and decode_persistent_ws (the persistent stream with a tile's two wgmmas; fp8
   tiles converted to fp16 in shared memory; the second warp-specialized) lower for both caches;
-  their expectation is `expected`'s items summed per CTA."""
+  their expectation is `expected`'s items summed per CTA (with softmax, one softmax over the CTA's keys)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -444,8 +444,9 @@ def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
   for dt in (jnp.float8_e4m3fn, jnp.float16):
     kv = jax.ShapeDtypeStruct((6 * 256, 4 * 128), dt)
     for fn in (m.decode_persistent, m.decode_persistent_ws):
-      op = lambda q, k, v, fn=fn: fn(q, k, v, 6, 4, 256, 64, 4, 12)
-      assert "mosaic_gpu" in jax.jit(op).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+      for softmax in (False, True):
+        op = lambda q, k, v, fn=fn, softmax=softmax: fn(q, k, v, 6, 4, 256, 64, 4, 12, softmax=softmax)
+        assert "mosaic_gpu" in jax.jit(op).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
   with pytest.raises(ValueError, match="ctas"):
     m.decode_persistent(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((6 * 256, 512), jnp.float16),
                         jnp.zeros((6 * 256, 512), jnp.float16), 6, 4, 256, 128, 2, 5)
@@ -455,6 +456,13 @@ def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
   got = m.decode_persistent_expected(qq, kk, vv, 6, 4, 256, 128, 12)
   per_item = m.expected(qq, kk, vv, 6, 4, 256, 128)  # [batch, kv_heads, ROWS, D]
   np.testing.assert_allclose(got[5], per_item[2, 2] + per_item[2, 3], rtol=1e-12, atol=1e-9)
+  # softmax=True: CTA 5's keys are items 10 and 11 (sequence 2, kv heads 2 and 3), one softmax over both
+  k4, v4 = kk.reshape(6, 256, 4, 128), vv.reshape(6, 256, 4, 128)
+  keys_c, vals_c = np.concatenate([k4[2, :, 2], k4[2, :, 3]]), np.concatenate([v4[2, :, 2], v4[2, :, 3]])
+  s = qq @ keys_c.T
+  p = np.exp(s - s.max(axis=1, keepdims=True))
+  want = (p.astype(np.float16).astype(np.float64) @ vals_c) / p.sum(axis=1, keepdims=True)
+  np.testing.assert_allclose(m.decode_softmax_expected(qq, kk, vv, 6, 4, 256, 12)[5], want, rtol=1e-12, atol=1e-12)
 
 
 def test_decode_stream_k_tiny_matches_the_reference_with_items_cut_into_pieces():
