@@ -413,8 +413,8 @@ decode_loop = jax.jit(_decode_loop, **_LOOP_JIT)
 # The same loop compiled with XLA's matmuls on cuBLAS instead of its Triton GEMM fusions.
 CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
 decode_loop_cublas = jax.jit(_decode_loop, compiler_options=CUBLAS_GEMMS, **_LOOP_JIT)
-# From this many sequences a step, on a Hopper GPU, `loop_for` takes the cuBLAS build: 4.8% faster
-# a step at 64 sequences, 6-11% slower at 1 and 16 (H200; benchmarks/NOTES.md session 35 item 4).
+# From this many sequences a step, on a Hopper GPU, `loop_for` takes the cuBLAS build: it measured
+# faster there and slower at 1 and 16 sequences (benchmarks/NOTES.md, "cuBLAS GEMMs in the serving loop").
 CUBLAS_FROM_ROWS = 64
 
 
