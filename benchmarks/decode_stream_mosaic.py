@@ -38,11 +38,14 @@ copies, one compute warpgroup converts and multiplies), the structure a real fp8
 would take if the single-warpgroup form cannot keep up (NOTES session 35 item 8: it cannot).
 `--softmax` gives both an online softmax (running max and sum in f32, p rounded to fp16 for the
 second wgmma), the whole per-tile work of a decode tile but for masks and per-item restarts.
+`--keys-m` adds `decode_persistent_keys_m`: warp-specialized with its softmax, keys as wgmma's M
+(S^T = K q^T with 16 q rows as N; an 8-bit K converted in registers as the A operand; softmax
+over [keys, 16] rather than [64, keys]; O^T = V^T P^T).
 The next call for issue 16 (each point checked against float64 before it is timed):
 
   python benchmarks/decode_stream_mosaic.py --kv-dtype float8_e4m3fn --cases 198x2304 --no-mma \
       --tiles 128:2,64:2,64:4 --persistent 1,2 --ws --sets 2
-  ... the same with --softmax
+  ... the same with --softmax --keys-m
 
 `--kv-dtype float8_e4m3fn` times the TMA stream alone (`stream(mma=False)`: the tiles arrive, no math;
 8-bit V cannot be wgmma's B operand as it lies) against our Triton kernel on the same fp8 cache:
@@ -68,6 +71,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 ROWS = 64  # q rows a warpgroup (wgmma's M); a decode tile has group-size real rows of them
+Q_COLS = 16  # q rows of `decode_persistent_keys_m`, where keys are wgmma's M and q's rows its N
 PAGE = 16  # the Triton call's page size (pages in order)
 
 
@@ -133,11 +137,12 @@ def stream(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int, sta
                       grid=(kv_heads, batch), grid_names=("kv", "b"))(q, k2d, v2d)
 
 
-def _transforms(d: int, item_dtype):
-  """A [rows, d] shared-memory tile's TMA transforms: 8-row tiles, the widest swizzle a row allows."""
+def _transforms(d: int, item_dtype, swizzle: int = 0):
+  """A [rows, d] shared-memory tile's TMA transforms: 8-row tiles, the widest swizzle a row allows
+  (or `swizzle` bytes)."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
   itemsize = jnp.dtype(item_dtype).itemsize
-  swizzle = plgpu.find_swizzle(d * itemsize * 8)
+  swizzle = swizzle or plgpu.find_swizzle(d * itemsize * 8)
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
@@ -367,6 +372,93 @@ def decode_persistent_ws(q, k2d, v2d, batch: int, kv_heads: int, keys: int, bloc
                       grid=(ctas,), grid_names=("c",), num_threads=2, thread_name="wg")(q, k2d, v2d)
 
 
+def decode_persistent_keys_m(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int,
+                             stages: int, ctas: int):
+  """f16 [ctas, D, Q_COLS]: per CTA, (softmax(q K^T) V)^T over the keys of all its items, q f16
+  [Q_COLS, D]: `decode_persistent_ws(softmax=True)` with keys as wgmma's M (NOTES "Still open":
+  the decode tile's GQA rows padded to 16, not 64). Per tile: S^T = K q^T (an 8-bit K converted in
+  registers as the A operand, so its slot is free before the math), the softmax over the keys
+  (axis 0, 8x fewer elements than 64 padded rows), P^T to shared memory, O^T += V^T P^T (V^T the A
+  operand from shared memory: fp16 as TMA brought it, 8-bit converted first). P^T's rows are 32
+  bytes, so V's tile takes the same 32-byte swizzle (wgmma wants both operands' alike)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  d, dtype = q.shape[1], q.dtype
+  if q.shape[0] != Q_COLS:
+    raise ValueError(f"q must have {Q_COLS} rows, got {q.shape[0]}")
+  per, tiles = _persistent_split(batch, kv_heads, keys, block_kv, ctas)
+  upcast = jnp.dtype(k2d.dtype).itemsize == 1
+  narrow = _transforms(Q_COLS, dtype)  # P^T's [block_kv, Q_COLS] tile: 32-byte rows
+  v_wgmma = _transforms(d, dtype, swizzle=32)
+  scratch = [plgpu.SMEM((Q_COLS, d), dtype, transforms=_transforms(d, dtype)), plgpu.SMEM((d, Q_COLS), dtype),
+             plgpu.Barrier(), plgpu.SMEM((block_kv, Q_COLS), dtype, transforms=narrow)]
+  if upcast:
+    scratch.append(plgpu.SMEM((block_kv, d), dtype, transforms=v_wgmma))
+  cols = plgpu.Layout.WGMMA.reduce(0)
+
+  def body(q_gmem, k_gmem, v_gmem, o_gmem, q_smem, o_smem, bar, pt_smem, *wide):
+    def compute_thread(run):
+      plgpu.copy_gmem_to_smem(q_gmem, q_smem, bar)
+      plgpu.barrier_wait(bar)
+      acc, _, l = run((plgpu.layout_cast(jnp.full((d, Q_COLS), 0, jnp.float32), plgpu.Layout.WGMMA),
+                       plgpu.layout_cast(jnp.full((Q_COLS,), -jnp.inf, jnp.float32), cols),
+                       plgpu.layout_cast(jnp.full((Q_COLS,), 0, jnp.float32), cols)))
+      o_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [1])).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[lax.axis_index("c")])
+      plgpu.wait_smem_to_gmem(0)
+
+    def step(_, k_smem, v_smem, k_done, v_done, carry):
+      acc, m, l = carry
+      if upcast:
+        k_op = k_smem[...].astype(dtype)
+        plgpu.barrier_arrive(k_done)
+      else:
+        k_op = k_smem
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, k_op, plgpu.transpose_ref(q_smem, (1, 0)))
+        return s_ref[...]
+
+      st = pl.run_scoped(qk, plgpu.ACC((block_kv, Q_COLS), jnp.float32))
+      if not upcast:
+        plgpu.barrier_arrive(k_done)
+      m_new = jnp.maximum(m, st.max(axis=0))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1]))
+      l = l * alpha + p.sum(axis=0)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+      pt_smem[...] = p.astype(dtype)
+      if upcast:
+        v16, = wide
+        v16[...] = v_smem[...].astype(dtype)
+        plgpu.barrier_arrive(v_done)
+        v_op = v16
+      else:
+        v_op = v_smem
+      plgpu.commit_smem()
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_op, (1, 0)), pt_smem)
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      if not upcast:
+        plgpu.barrier_arrive(v_done)
+      return acc, m_new, l
+
+    block = _cta_tiles(per, tiles, kv_heads)
+    k_spec = plgpu.BlockSpec((block_kv, d), block, transforms=_transforms(d, k2d.dtype))
+    v_spec = plgpu.BlockSpec((block_kv, d), block, transforms=_transforms(d, v2d.dtype) if upcast else v_wgmma)
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        step, grid=(per * tiles,), memory_registers=40, in_specs=[k_spec, v_spec], max_concurrent_steps=stages,
+        wg_axis="wg", num_compute_wgs=1, manual_consumed_barriers=True, compute_context=compute_thread)
+    pipeline(k_gmem, v_gmem)
+
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, d, Q_COLS), dtype), scratch_types=scratch,
+                      grid=(ctas,), grid_names=("c",), num_threads=2, thread_name="wg")(q, k2d, v2d)
+
+
 def decode_persistent_expected(q, k2d, v2d, batch, kv_heads, keys, block_kv, ctas):
   """float64 [ctas, ROWS, D] of `decode_persistent`: `expected`'s per-item sums, summed per CTA."""
   by_item = expected(q, k2d, v2d, batch, kv_heads, keys, block_kv).reshape(batch * kv_heads, ROWS, -1)
@@ -429,20 +521,31 @@ def _time_into(rec: dict, many, args: tuple, calls: int, kv_bytes: int, ceiling:
 _EXPECTED = {}  # (case, kv dtype, ctas) -> decode_persistent_expected: minutes of NumPy on a real case
 
 
+# --math / --ws / --keys-m: form -> (kernel, record impl); keys_m always has its softmax
+MATH_FORMS = {"math": (decode_persistent, "mosaic-persistent-math"),
+              "ws": (decode_persistent_ws, "mosaic-persistent-math-ws"),
+              "keys_m": (decode_persistent_keys_m, "mosaic-persistent-keys-m")}
+
+
 def time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas, kv_dtype, kv_bytes,
-                           ceiling, device_time, ws: bool = False, softmax: bool = False) -> dict:
-  """--math: one record of decode_persistent (ws: decode_persistent_ws), checked against float64
-  before it is timed (the
-  expectation computed once per case and CTA count: fp16(q k) v summed over keys does not depend
-  on how the keys are tiled)."""
-  rec = dict(case=case, impl="mosaic-persistent-math-ws" if ws else "mosaic-persistent-math",
-             kv_dtype=kv_dtype.name, block_kv=block_kv, stages=stages, ctas=ctas, kv_bytes=kv_bytes,
-             softmax=softmax)
-  fn = decode_persistent_ws if ws else decode_persistent
+                           ceiling, device_time, form: str = "math", softmax: bool = False) -> dict:
+  """One record of a MATH_FORMS kernel, checked against float64 before it is timed (the expectation
+  computed once per case, q and CTA count: the sum over keys does not depend on how they are
+  tiled). keys_m takes its own q (Q_COLS rows) and returns the transpose."""
+  fn, impl = MATH_FORMS[form]
+  keys_m = form == "keys_m"
+  softmax = softmax or keys_m
+  if keys_m:  # its own q: Q_COLS rows, fixed per case
+    q = jnp.asarray(np.random.default_rng(11).standard_normal((Q_COLS, q.shape[1])) * 0.3, q.dtype)
+  rec = dict(case=case, impl=impl, kv_dtype=kv_dtype.name, block_kv=block_kv, stages=stages, ctas=ctas,
+             kv_bytes=kv_bytes, softmax=softmax)
   try:
-    one = jax.jit(lambda q, k, v: fn(q, k, v, batch, kv_heads, keys, block_kv, stages, ctas, softmax=softmax))
+    extra = {} if keys_m else dict(softmax=softmax)
+    one = jax.jit(lambda q, k, v: fn(q, k, v, batch, kv_heads, keys, block_kv, stages, ctas, **extra))
     got = np.asarray(one(q, *sets[0]), np.float64)
-    key = (case, kv_dtype.name, ctas, softmax)
+    if keys_m:
+      got = got.transpose(0, 2, 1)
+    key = (case, kv_dtype.name, ctas, softmax, q.shape[0])
     if key not in _EXPECTED:
       _EXPECTED[key] = (decode_softmax_expected(q, *sets[0], batch, kv_heads, keys, ctas) if softmax else
                         decode_persistent_expected(q, *sets[0], batch, kv_heads, keys, block_kv, ctas))
@@ -472,6 +575,8 @@ def main(argv=None) -> int:
                  "against float64")
   p.add_argument("--ws", action="store_true", help="with --persistent: also time decode_persistent_ws "
                  "(the same math, a memory warpgroup streaming beside one compute warpgroup)")
+  p.add_argument("--keys-m", action="store_true", help="with --persistent: also time "
+                 "decode_persistent_keys_m (warp-specialized, keys as wgmma's M, with its softmax)")
   p.add_argument("--softmax", action="store_true", help="--math / --ws with an online softmax (the "
                  "whole per-tile work of a decode tile), checked against decode_softmax_expected")
   p.add_argument("--out", default=None)
@@ -556,9 +661,10 @@ def main(argv=None) -> int:
         records.append(rec)
         print(rec, flush=True)
         save()
-        for ws in [False] * args.math + [True] * args.ws:
+        forms = [f for f, on in (("math", args.math), ("ws", args.ws), ("keys_m", args.keys_m)) if on]
+        for form in forms:
           records.append(time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas,
-                                                kv_dtype, kv_bytes, ceiling, device_time, ws=ws,
+                                                kv_dtype, kv_bytes, ceiling, device_time, form=form,
                                                 softmax=args.softmax))
           print(records[-1], flush=True)
           save()

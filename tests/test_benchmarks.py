@@ -432,8 +432,9 @@ def test_decode_stream_mosaic_persistent_lowers_and_its_expectation_is_the_cta_s
 
 
 def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
-  """decode_persistent and decode_persistent_ws (the persistent stream with a tile's two wgmmas; fp8
-  tiles converted to fp16 in shared memory; the second warp-specialized) lower for both caches;
+  """decode_persistent, decode_persistent_ws and decode_persistent_keys_m (the persistent stream with a
+  tile's two wgmmas; fp8 tiles converted to fp16; the second and third warp-specialized, the third
+  with keys as wgmma's M) lower for both caches;
   their expectation is `expected`'s items summed per CTA (with softmax, one softmax over the CTA's keys)."""
   import jax
   import jax.numpy as jnp
@@ -447,6 +448,14 @@ def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
       for softmax in (False, True):
         op = lambda q, k, v, fn=fn, softmax=softmax: fn(q, k, v, 6, 4, 256, 64, 4, 12, softmax=softmax)
         assert "mosaic_gpu" in jax.jit(op).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  for dt in (jnp.float8_e4m3fn, jnp.float16):  # keys as wgmma's M: 16 q rows, its softmax
+    kv = jax.ShapeDtypeStruct((6 * 256, 4 * 128), dt)
+    op = lambda q, k, v: m.decode_persistent_keys_m(q, k, v, 6, 4, 256, 64, 4, 12)
+    q16 = jax.ShapeDtypeStruct((m.Q_COLS, 128), jnp.float16)
+    assert "mosaic_gpu" in jax.jit(op).trace(q16, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  with pytest.raises(ValueError, match="rows"):
+    m.decode_persistent_keys_m(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((6 * 256, 512), jnp.float16),
+                               jnp.zeros((6 * 256, 512), jnp.float16), 6, 4, 256, 64, 4, 12)
   with pytest.raises(ValueError, match="ctas"):
     m.decode_persistent(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((6 * 256, 512), jnp.float16),
                         jnp.zeros((6 * 256, 512), jnp.float16), 6, 4, 256, 128, 2, 5)
