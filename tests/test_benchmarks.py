@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -702,3 +703,28 @@ def test_mosaic_soak_runs_each_form_in_its_own_process_and_reports_it(tmp_path):
   assert doc["commit"] and "commit_dirty" in doc  # which tree the soak ran
   assert [(r["form"], r["pad_q"], r["flags"]) for r in rows] == [("chain", 8, ""), ("chain", 8, flag)]
   assert all(r["stalled"] is False and r["calls"] > 0 for r in rows), rows
+
+
+def test_gemm_floor_tiny_checks_the_chain_and_writes_a_record_per_batch_and_build(tmp_path):
+  """gemm_floor.py: its layers' chain matches float64 in both builds, and every record is timed."""
+  _run("gemm_floor.py", "--preset", "tiny", "--batches", "1,4", "--steps", "2", "--calls", "1", "--out", "f",
+       out_dir=tmp_path)
+  recs = json.loads((tmp_path / "f.json").read_text())["records"]
+  assert [(r["batch"], r["build"]) for r in recs] == [(1, "xla"), (1, "cublas"), (4, "xla"), (4, "cublas")]
+  assert all(r["status"] == "ok" and r["rel_err"] < 1e-3 and r["step_ms"] > 0 for r in recs), recs
+  assert recs[0]["model_target_ms"] == 1.5 and recs[2]["model_target_ms"] == pytest.approx(2 * recs[2]["model_bound_ms"], abs=2e-4)
+
+
+def test_gemm_floor_reference_is_the_chain_it_times():
+  """The float64 reference catches a chain that drops a matmul (here: the down projection)."""
+  import jax
+  import gemm_floor
+  from jax_varlen_attn.nn import preset
+  cfg = preset("tiny")
+  weights = gemm_floor.make_weights(cfg)
+  x = jax.random.normal(jax.random.key(0), (3, cfg.hidden_size))
+  assert gemm_floor.layers_error(cfg, weights, x) < 1e-4
+  broken = dict(weights, down=[w * 0 for w in weights["down"]])
+  got = np.asarray(jax.jit(lambda w, x: gemm_floor.step(cfg, w, x, head=False))(broken, x), np.float64)
+  want = gemm_floor.step_reference(cfg, weights, x)
+  assert np.abs(got - want).max() / np.abs(want).max() > 0.5
