@@ -92,9 +92,14 @@ def step(cfg: ModelConfig, weights: dict, x, head: bool = True):
   return weights["embed"][token]
 
 
-def step_reference(cfg: ModelConfig, weights: dict, x) -> np.ndarray:
-  """float64 NumPy of `step`'s layers (the matmul chain up to the head's input): [rows, hidden]."""
-  f64 = {name: [np.asarray(w, np.float64) for w in ws] for name, ws in weights.items() if name != "embed"}
+def as_float64(weights: dict) -> dict:
+  """The layers' weights as float64 NumPy (`step_reference`'s input; once a run: 4x their bytes)."""
+  return {name: [np.asarray(w, np.float64) for w in ws] for name, ws in weights.items() if name != "embed"}
+
+
+def step_reference(cfg: ModelConfig, f64: dict, x) -> np.ndarray:
+  """float64 NumPy of `step`'s layers (the matmul chain up to the head's input) over `as_float64`'s
+  weights: [rows, hidden]."""
   x = np.asarray(x, np.float64)
   q_cols = cfg.num_heads * cfg.head_dim
   for layer in range(cfg.num_layers):
@@ -108,12 +113,11 @@ def step_reference(cfg: ModelConfig, weights: dict, x) -> np.ndarray:
   return x
 
 
-def layers_error(cfg: ModelConfig, weights: dict, x, cublas: bool = False) -> float:
-  """Max error of the layers' chain (built as `build` builds it) against float64, relative to the
-  largest |value|: the timed matmuls compute the product, not zeros or garbage."""
+def layers_error(cfg: ModelConfig, weights: dict, x, want: np.ndarray, cublas: bool = False) -> float:
+  """Max error of the layers' chain (built as `build` builds it) against `want` (`step_reference`),
+  relative to the largest |value|: the timed matmuls compute the product, not zeros or garbage."""
   head_in = jax.jit(lambda w, x: step(cfg, w, x, head=False), compiler_options=decode.CUBLAS_GEMMS if cublas else None)
   got = np.asarray(head_in(weights, x), np.float64)
-  want = step_reference(cfg, weights, x)
   return float(np.abs(got - want).max() / np.abs(want).max())
 
 
@@ -162,6 +166,7 @@ def main(argv=None) -> int:
   ceiling = read_ceiling(2048 if on_gpu else 8)
   weights = make_weights(cfg)
   w_bytes = weight_bytes(weights)
+  f64 = as_float64(weights)
   gbps = ceiling["read_gbps"]
   records = []
   for batch in (int(b) for b in args.batches.split(",")):
@@ -169,12 +174,13 @@ def main(argv=None) -> int:
     model_w, model_kv = step_bytes(cfg, batch, args.context)
     model_bound_ms = (model_w + model_kv) / (gbps * 1e9) * 1e3
     target_ms = BATCH1_TARGET_MS if batch == 1 else 2 * model_bound_ms
+    want = step_reference(cfg, f64, x)
     for b in builds:
       rec = dict(batch=batch, build=b, steps_per_call=args.steps, weight_bytes=w_bytes,
                  bound_ms=round(w_bytes / (gbps * 1e9) * 1e3, 4), model_bound_ms=round(model_bound_ms, 4),
                  model_target_ms=round(target_ms, 4))
       try:
-        rec["rel_err"] = layers_error(cfg, weights, x, b == "cublas")
+        rec["rel_err"] = layers_error(cfg, weights, x, want, b == "cublas")
         if rec["rel_err"] > 0.1:  # bf16 products over 4 matmuls a layer; zeros or garbage give ~1
           raise ValueError(f"the chain does not compute its product (rel. error {rec['rel_err']:.3g})")
         rec.update(time_build(build(cfg, args.steps, b == "cublas"), weights, x, args.steps, args.calls))

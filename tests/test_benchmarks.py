@@ -723,8 +723,7 @@ def test_gemm_floor_reference_is_the_chain_it_times():
   cfg = preset("tiny")
   weights = gemm_floor.make_weights(cfg)
   x = jax.random.normal(jax.random.key(0), (3, cfg.hidden_size))
-  assert gemm_floor.layers_error(cfg, weights, x) < 1e-4
+  want = gemm_floor.step_reference(cfg, gemm_floor.as_float64(weights), x)
+  assert gemm_floor.layers_error(cfg, weights, x, want) < 1e-4
   broken = dict(weights, down=[w * 0 for w in weights["down"]])
-  got = np.asarray(jax.jit(lambda w, x: gemm_floor.step(cfg, w, x, head=False))(broken, x), np.float64)
-  want = gemm_floor.step_reference(cfg, weights, x)
-  assert np.abs(got - want).max() / np.abs(want).max() > 0.5
+  assert gemm_floor.layers_error(cfg, broken, x, want) > 0.5
