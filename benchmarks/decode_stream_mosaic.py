@@ -41,9 +41,6 @@ second wgmma), the whole per-tile work of a decode tile but for masks and per-it
 `--keys-m` adds `decode_persistent_keys_m`: warp-specialized with its softmax, keys as wgmma's M
 (S^T = K q^T with 16 q rows as N; an 8-bit K converted in registers as the A operand; softmax
 over [keys, 16] rather than [64, keys]; O^T = V^T P^T).
-`--keys-m2` adds `decode_persistent_keys_m2`: keys-m on two compute warpgroups, each taking half of
-every tile's keys (NOTES session 36 item 1: one compute warpgroup converts fp8 at 40-61% of the
-stream's rate); tiles of 128 keys.
 The next call for issue 16 (each point checked against float64 before it is timed):
 
   python benchmarks/decode_stream_mosaic.py --kv-dtype float8_e4m3fn --cases 198x2304 --no-mma \
@@ -462,117 +459,6 @@ def decode_persistent_keys_m(q, k2d, v2d, batch: int, kv_heads: int, keys: int, 
                       grid=(ctas,), grid_names=("c",), num_threads=2, thread_name="wg")(q, k2d, v2d)
 
 
-def decode_persistent_keys_m2(q, k2d, v2d, batch: int, kv_heads: int, keys: int, block_kv: int,
-                              stages: int, ctas: int):
-  """f32 [ctas, 2, 3, D, Q_COLS]: `decode_persistent_keys_m` with two compute warpgroups, each taking
-  half of every tile's keys (its own K half converted in registers, its own softmax state, P^T and
-  V^T halves, O^T partial), so the fp8 conversion runs on twice the threads (NOTES session 36
-  item 1: one compute warpgroup converts at 40-61% of the stream's rate). Per CTA and warpgroup w
-  the unnormalized O_w^T, its running max m_w and sum l_w (both broadcast over D): the halves are
-  merged by `merge_halves` (a real kernel would merge them in shared memory once an item)."""
-  import jax.experimental.pallas as pl
-  import jax.experimental.pallas.mosaic_gpu as plgpu
-
-  d, dtype = q.shape[1], q.dtype
-  if q.shape[0] != Q_COLS:
-    raise ValueError(f"q must have {Q_COLS} rows, got {q.shape[0]}")
-  if block_kv % 128:
-    raise ValueError(f"block_kv={block_kv}: two warpgroups need halves of whole 64-row wgmmas")
-  per, tiles = _persistent_split(batch, kv_heads, keys, block_kv, ctas)
-  upcast = jnp.dtype(k2d.dtype).itemsize == 1
-  half = block_kv // 2
-  narrow = _transforms(Q_COLS, dtype)
-  v_wgmma = _transforms(d, dtype, swizzle=32)
-  scratch = [plgpu.SMEM((Q_COLS, d), dtype, transforms=_transforms(d, dtype)),
-             plgpu.SMEM((2, d, Q_COLS), jnp.float32), plgpu.Barrier(),
-             plgpu.SMEM((2, half, Q_COLS), dtype, transforms=narrow)]
-  if upcast:
-    scratch.append(plgpu.SMEM((2, half, d), dtype, transforms=v_wgmma))
-  cols = plgpu.Layout.WGMMA.reduce(0)
-
-  def body(q_gmem, k_gmem, v_gmem, o_gmem, q_smem, o_smem, bar, pt_smem, *wide):
-    wg = lax.axis_index("wg")
-
-    def compute_thread(run):
-      @pl.when(wg == 0)
-      def _():
-        plgpu.copy_gmem_to_smem(q_gmem, q_smem, bar)
-      plgpu.barrier_wait(bar)
-      acc, m, l = run((plgpu.layout_cast(jnp.full((d, Q_COLS), 0, jnp.float32), plgpu.Layout.WGMMA),
-                       plgpu.layout_cast(jnp.full((Q_COLS,), -jnp.inf, jnp.float32), cols),
-                       plgpu.layout_cast(jnp.full((Q_COLS,), 0, jnp.float32), cols)))
-      for i, part in enumerate((acc, lax.broadcast_in_dim(m, acc.shape, [1]),
-                                lax.broadcast_in_dim(l, acc.shape, [1]))):
-        o_smem.at[wg][...] = part
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[lax.axis_index("c"), wg, i])
-        plgpu.wait_smem_to_gmem(0)
-
-    def step(_, k_smem, v_smem, k_done, v_done, carry):
-      acc, m, l = carry
-      start = pl.multiple_of(wg * half, half)
-      k_half = k_smem.at[pl.ds(start, half)]
-      if upcast:
-        k_op = k_half[...].astype(dtype)
-        plgpu.barrier_arrive(k_done)
-      else:
-        k_op = k_half
-
-      def qk(s_ref):
-        plgpu.wgmma(s_ref, k_op, plgpu.transpose_ref(q_smem, (1, 0)))
-        return s_ref[...]
-
-      st = pl.run_scoped(qk, plgpu.ACC((half, Q_COLS), jnp.float32))
-      if not upcast:
-        plgpu.barrier_arrive(k_done)
-      m_new = jnp.maximum(m, st.max(axis=0))
-      alpha = jnp.exp(m - m_new)
-      p = jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1]))
-      l = l * alpha + p.sum(axis=0)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-      pt = pt_smem.at[wg]
-      pt[...] = p.astype(dtype)
-      v_half = v_smem.at[pl.ds(start, half)]
-      if upcast:
-        v16 = wide[0].at[wg]
-        v16[...] = v_half[...].astype(dtype)
-        plgpu.barrier_arrive(v_done)
-        v_op = v16
-      else:
-        v_op = v_half
-      plgpu.commit_smem()
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_op, (1, 0)), pt)
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      if not upcast:
-        plgpu.barrier_arrive(v_done)
-      return acc, m_new, l
-
-    block = _cta_tiles(per, tiles, kv_heads)
-    k_spec = plgpu.BlockSpec((block_kv, d), block, transforms=_transforms(d, k2d.dtype))
-    v_spec = plgpu.BlockSpec((block_kv, d), block, transforms=_transforms(d, v2d.dtype) if upcast else v_wgmma)
-    pipeline = plgpu.emit_pipeline_warp_specialized(
-        step, grid=(per * tiles,), memory_registers=40, in_specs=[k_spec, v_spec], max_concurrent_steps=stages,
-        wg_axis="wg", num_compute_wgs=2, manual_consumed_barriers=True, compute_context=compute_thread)
-    pipeline(k_gmem, v_gmem)
-
-  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, 2, 3, d, Q_COLS), jnp.float32),
-                      scratch_types=scratch, grid=(ctas,), grid_names=("c",), num_threads=3,
-                      thread_name="wg")(q, k2d, v2d)
-
-
-def merge_halves(parts) -> np.ndarray:
-  """float64 [ctas, Q_COLS, D]: softmax(q K^T) V per CTA from `decode_persistent_keys_m2`'s two
-  warpgroups' (O_w^T unnormalized, m_w, l_w)."""
-  parts = np.asarray(parts, np.float64)
-  acc, m, l = parts[:, :, 0], parts[:, :, 1], parts[:, :, 2]  # [ctas, 2, D, Q_COLS]
-  top = m.max(axis=1, keepdims=True)
-  w = np.exp(m - top)
-  return ((acc * w).sum(axis=1) / (l * w).sum(axis=1)).transpose(0, 2, 1)
-
-
 def decode_persistent_expected(q, k2d, v2d, batch, kv_heads, keys, block_kv, ctas):
   """float64 [ctas, ROWS, D] of `decode_persistent`: `expected`'s per-item sums, summed per CTA."""
   by_item = expected(q, k2d, v2d, batch, kv_heads, keys, block_kv).reshape(batch * kv_heads, ROWS, -1)
@@ -638,8 +524,7 @@ _EXPECTED = {}  # (case, kv dtype, ctas) -> decode_persistent_expected: minutes 
 # --math / --ws / --keys-m: form -> (kernel, record impl); keys_m always has its softmax
 MATH_FORMS = {"math": (decode_persistent, "mosaic-persistent-math"),
               "ws": (decode_persistent_ws, "mosaic-persistent-math-ws"),
-              "keys_m": (decode_persistent_keys_m, "mosaic-persistent-keys-m"),
-              "keys_m2": (decode_persistent_keys_m2, "mosaic-persistent-keys-m2")}
+              "keys_m": (decode_persistent_keys_m, "mosaic-persistent-keys-m")}
 
 
 def time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas, kv_dtype, kv_bytes,
@@ -648,7 +533,7 @@ def time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stage
   computed once per case, q and CTA count: the sum over keys does not depend on how they are
   tiled). keys_m takes its own q (Q_COLS rows) and returns the transpose."""
   fn, impl = MATH_FORMS[form]
-  keys_m = form in ("keys_m", "keys_m2")
+  keys_m = form == "keys_m"
   softmax = softmax or keys_m
   if keys_m:  # its own q: Q_COLS rows, fixed per case
     q = jnp.asarray(np.random.default_rng(11).standard_normal((Q_COLS, q.shape[1])) * 0.3, q.dtype)
@@ -658,9 +543,7 @@ def time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stage
     extra = {} if keys_m else dict(softmax=softmax)
     one = jax.jit(lambda q, k, v: fn(q, k, v, batch, kv_heads, keys, block_kv, stages, ctas, **extra))
     got = np.asarray(one(q, *sets[0]), np.float64)
-    if form == "keys_m2":
-      got = merge_halves(got)
-    elif keys_m:
+    if keys_m:
       got = got.transpose(0, 2, 1)
     key = (case, kv_dtype.name, ctas, softmax, q.shape[0])
     if key not in _EXPECTED:
@@ -694,8 +577,6 @@ def main(argv=None) -> int:
                  "(the same math, a memory warpgroup streaming beside one compute warpgroup)")
   p.add_argument("--keys-m", action="store_true", help="with --persistent: also time "
                  "decode_persistent_keys_m (warp-specialized, keys as wgmma's M, with its softmax)")
-  p.add_argument("--keys-m2", action="store_true", help="with --persistent: also time "
-                 "decode_persistent_keys_m2 (keys-m on two compute warpgroups; tiles of 128 keys)")
   p.add_argument("--softmax", action="store_true", help="--math / --ws with an online softmax (the "
                  "whole per-tile work of a decode tile), checked against decode_softmax_expected")
   p.add_argument("--out", default=None)
@@ -780,8 +661,7 @@ def main(argv=None) -> int:
         records.append(rec)
         print(rec, flush=True)
         save()
-        forms = [f for f, on in (("math", args.math), ("ws", args.ws), ("keys_m", args.keys_m),
-                                 ("keys_m2", args.keys_m2 and block_kv % 128 == 0)) if on]
+        forms = [f for f, on in (("math", args.math), ("ws", args.ws), ("keys_m", args.keys_m)) if on]
         for form in forms:
           records.append(time_decode_persistent(q, sets, case, batch, kv_heads, keys, block_kv, stages, ctas,
                                                 kv_dtype, kv_bytes, ceiling, device_time, form=form,

@@ -449,15 +449,11 @@ def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
       for softmax in (False, True):
         op = lambda q, k, v, fn=fn, softmax=softmax: fn(q, k, v, 6, 4, 256, 64, 4, 12, softmax=softmax)
         assert "mosaic_gpu" in jax.jit(op).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
-  for dt in (jnp.float8_e4m3fn, jnp.float16):  # keys as wgmma's M: 16 q rows, its softmax; 1 or 2 WGs
+  for dt in (jnp.float8_e4m3fn, jnp.float16):  # keys as wgmma's M: 16 q rows, its softmax
     kv = jax.ShapeDtypeStruct((6 * 256, 4 * 128), dt)
+    op = lambda q, k, v: m.decode_persistent_keys_m(q, k, v, 6, 4, 256, 64, 4, 12)
     q16 = jax.ShapeDtypeStruct((m.Q_COLS, 128), jnp.float16)
-    for op in (lambda q, k, v: m.decode_persistent_keys_m(q, k, v, 6, 4, 256, 64, 4, 12),
-               lambda q, k, v: m.decode_persistent_keys_m2(q, k, v, 6, 4, 256, 128, 2, 12)):
-      assert "mosaic_gpu" in jax.jit(op).trace(q16, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
-  with pytest.raises(ValueError, match="halves"):
-    m.decode_persistent_keys_m2(jnp.zeros((m.Q_COLS, 128), jnp.float16), jnp.zeros((6 * 256, 512), jnp.float16),
-                                jnp.zeros((6 * 256, 512), jnp.float16), 6, 4, 256, 64, 4, 12)
+    assert "mosaic_gpu" in jax.jit(op).trace(q16, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
   with pytest.raises(ValueError, match="rows"):
     m.decode_persistent_keys_m(jnp.zeros((m.ROWS, 128), jnp.float16), jnp.zeros((6 * 256, 512), jnp.float16),
                                jnp.zeros((6 * 256, 512), jnp.float16), 6, 4, 256, 64, 4, 12)
@@ -477,32 +473,6 @@ def test_decode_persistent_lowers_for_fp8_and_fp16_and_sums_its_items_per_cta():
   p = np.exp(s - s.max(axis=1, keepdims=True))
   want = (p.astype(np.float16).astype(np.float64) @ vals_c) / p.sum(axis=1, keepdims=True)
   np.testing.assert_allclose(m.decode_softmax_expected(qq, kk, vv, 6, 4, 256, 12)[5], want, rtol=1e-12, atol=1e-12)
-
-
-def test_merge_halves_is_the_softmax_over_both_warpgroups_keys():
-  """decode_persistent_keys_m2's two (O^T unnormalized, running max, running sum) halves merge into
-  softmax(q K^T) V over all the keys."""
-  import decode_stream_mosaic as m
-
-  rng = np.random.default_rng(3)
-  d, ctas, n = 8, 3, 10
-  q = rng.standard_normal((m.Q_COLS, d))
-  k, v = rng.standard_normal((ctas, 2, n, d)), rng.standard_normal((ctas, 2, n, d))
-  parts = np.zeros((ctas, 2, 3, d, m.Q_COLS))
-  for c in range(ctas):
-    for w in range(2):
-      s = q @ k[c, w].T  # [Q_COLS, n]
-      mw = s.max(axis=1)
-      p = np.exp(s - mw[:, None])
-      parts[c, w, 0] = (p @ v[c, w]).T
-      parts[c, w, 1] = mw[None, :]
-      parts[c, w, 2] = p.sum(axis=1)[None, :]
-  got = m.merge_halves(parts)
-  for c in range(ctas):
-    s = q @ np.concatenate([k[c, 0], k[c, 1]]).T
-    p = np.exp(s - s.max(axis=1, keepdims=True))
-    want = p @ np.concatenate([v[c, 0], v[c, 1]]) / p.sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(got[c], want, rtol=1e-12, atol=1e-12)
 
 
 def test_decode_stream_k_tiny_matches_the_reference_with_items_cut_into_pieces():
