@@ -41,11 +41,12 @@ second wgmma), the whole per-tile work of a decode tile but for masks and per-it
 `--keys-m` adds `decode_persistent_keys_m`: warp-specialized with its softmax, keys as wgmma's M
 (S^T = K q^T with 16 q rows as N; an 8-bit K converted in registers as the A operand; softmax
 over [keys, 16] rather than [64, keys]; O^T = V^T P^T).
-The next call for issue 16 (each point checked against float64 before it is timed):
+Session 36 timed them (each point checked against float64 first; NOTES session 36 item 1): fp16
+tiles keep the persistent stream's rate with the whole math (94-95%), fp8 tiles run at 40-61% in
+every form (the conversion), so issue 16's fp8 decode stays on the Triton tile:
 
   python benchmarks/decode_stream_mosaic.py --kv-dtype float8_e4m3fn --cases 198x2304 --no-mma \
-      --tiles 128:2,64:2,64:4 --persistent 1,2 --ws --sets 2
-  ... the same with --softmax --keys-m
+      --tiles 128:2,64:2,64:4 --persistent 1,2 --ws --softmax --keys-m --sets 2
 
 `--kv-dtype float8_e4m3fn` times the TMA stream alone (`stream(mma=False)`: the tiles arrive, no math;
 8-bit V cannot be wgmma's B operand as it lies) against our Triton kernel on the same fp8 cache:
