@@ -282,7 +282,8 @@ def kernel_mix(trace: dict, hlo: str, steps: int, top: int = 15) -> Optional[dic
               kernels_per_step=round(len(events) / steps, 1),
               us_per_step={c: per(by_cat.get(c, 0.0)) for c in CATEGORIES},
               top_kernels=[dict(name=n, us_per_step=per(sum(d)), count_per_step=round(len(d) / steps, 2))
-                           for n, d in kernels])
+                           for n, d in kernels],
+              gaps_before=device_time.gaps_before(events, steps))
 
 
 def profile_call(engine: Engine) -> Optional[dict]:
@@ -544,6 +545,9 @@ def run_backend(backend: str, base: ModelConfig, batches, args, ceiling, tokens,
         cats = ", ".join(f"{c} {us:.1f}" for c, us in mix["us_per_step"].items())
         print(f"  profile batch {batch}: {cats}, gaps {mix['while_loop_gaps_us_per_step']:.1f} us/step",
               flush=True)
+        waits = "; ".join(f"{g['name'][:40]} {g['gap_us_per_call']:.1f} (x{g['count_per_call']})"
+                          for g in mix["gaps_before"][:6])
+        print(f"  idle before (us/step): {waits}", flush=True)
   if args.mixed and backend == names[0]:
     for mode in args.modes:
       rec = dict(backend=backend, **run_mixed(model, mode, args))

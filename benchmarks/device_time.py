@@ -89,6 +89,23 @@ def per_kernel(events: Iterable[dict], calls: int, top: int = 12) -> List[dict]:
   return rows[:top]
 
 
+def gaps_before(events: Iterable[dict], calls: int, top: int = 12) -> List[dict]:
+  """Where the GPU waited: each idle stretch between a kernel's start and the end of all work before
+  it, charged to that kernel's name (the first 70 characters), in us and count a call, the largest
+  first. (A stretch inside one call's span; the first event's wait is not counted.)"""
+  by_name: Dict[str, List[float]] = {}
+  end = None
+  for e in sorted(events, key=lambda e: float(e["ts"])):
+    start, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+    if end is not None and start > end:
+      by_name.setdefault(str(e.get("name", ""))[:70], []).append(start - end)
+    end = stop if end is None else max(end, stop)
+  rows = [dict(name=n, gap_us_per_call=round(sum(g) / calls, 2), count_per_call=round(len(g) / calls, 2))
+          for n, g in by_name.items()]
+  rows.sort(key=lambda r: -r["gap_us_per_call"])
+  return rows[:top]
+
+
 def load_trace(directory: str) -> dict:
   paths = sorted(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True))
   if not paths:

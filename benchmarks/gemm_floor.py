@@ -20,7 +20,9 @@ Per batch size (rows a step) and build, XLA's default GEMMs and cuBLAS (`decode.
 `decode.loop_for` takes from 64 rows):
 
   ms a step    wall time of one jitted call running `--steps` steps in a lax.fori_loop (best of
-               `--calls` calls), as bench_serving's decode loop runs them
+               `--calls` calls); `--loops fori,while` also in a while_loop whose condition reads
+               each step's output, as the decode loop's does (what a step's end costs when only
+               the device knows whether another step follows)
   busy / span  device time a step from a profiler trace (kernels' busy time; first to last kernel)
   kernels      kernels a step
   bound        weight bytes a step (the layers' matmuls and the head) over the read ceiling
@@ -140,16 +142,33 @@ def layers_error(cfg: ModelConfig, weights: dict, x, want: np.ndarray, cublas: b
   return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def build(cfg: ModelConfig, steps: int, cublas: bool):
-  """A jitted call running `steps` steps: (weights, x) -> x."""
-  def loop(weights, x):
-    return jax.lax.fori_loop(0, steps, lambda _, x: step(cfg, weights, x), x)
-  return jax.jit(loop, compiler_options=decode.CUBLAS_GEMMS if cublas else None)
+LOOPS = ("fori", "while")
+
+
+def build(cfg: ModelConfig, steps: int, cublas: bool, loop: str = "fori"):
+  """A jitted call running `steps` steps: (weights, x) -> (steps run, x). loop "fori": a static trip count;
+  "while": `decode.decode_loop`'s form, a `lax.while_loop` whose condition reads the step's output
+  (here always true, which XLA cannot know), so each step's end is known only on the device."""
+  if loop not in LOOPS:
+    raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+
+  def fori(weights, x):
+    return jnp.int32(steps), jax.lax.fori_loop(0, steps, lambda _, x: step(cfg, weights, x), x)
+
+  def while_(weights, x):
+    def cond(c):
+      i, x = c
+      return (i < steps) & jnp.all(jnp.isfinite(x[:, 0]))
+
+    return jax.lax.while_loop(cond, lambda c: (c[0] + 1, step(cfg, weights, c[1])), (jnp.int32(0), x))
+  return jax.jit(fori if loop == "fori" else while_, compiler_options=decode.CUBLAS_GEMMS if cublas else None)
 
 
 def time_build(fn, weights, x, steps: int, calls: int) -> dict:
   """ms a step (best of `calls` calls, wall) and, on a GPU, device busy / span and kernels a step."""
-  jax.block_until_ready(fn(weights, x))  # compile and warm up
+  ran = int(jax.block_until_ready(fn(weights, x))[0])  # compile and warm up
+  if ran != steps:  # the while loop stopped early: its time would be of fewer steps
+    raise ValueError(f"the loop ran {ran} of {steps} steps")
   walls = []
   for _ in range(calls):
     t0 = time.perf_counter()
@@ -173,12 +192,16 @@ def main(argv=None) -> int:
   p.add_argument("--context", type=float, default=608.0,
                  help="keys a sequence for the model's bound (bench_serving's runs average ~608)")
   p.add_argument("--builds", default="xla,cublas", help="xla (XLA's default GEMMs), cublas")
+  p.add_argument("--loops", default="fori", help=f"comma list of {LOOPS} (build's docstring)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   builds = [b for b in args.builds.split(",") if b]
   unknown = set(builds) - {"xla", "cublas"}
   if unknown:
     p.error(f"--builds: unknown {sorted(unknown)} (xla, cublas)")
+  loops = [x for x in args.loops.split(",") if x]
+  if not loops or set(loops) - set(LOOPS):
+    p.error(f"--loops: a comma list of {LOOPS}")
   cfg = preset(args.preset)
   on_gpu = any(d.platform == "gpu" for d in jax.devices())
   from bench_serving import read_ceiling, step_bytes
@@ -196,15 +219,15 @@ def main(argv=None) -> int:
     model_bound_ms = (model_w + model_kv) / (gbps * 1e9) * 1e3
     target_ms = BATCH1_TARGET_MS if batch == 1 else 2 * model_bound_ms
     want = step_reference(check_config(cfg), f64, x)
-    for b in builds:
-      rec = dict(batch=batch, rows=rows, build=b, steps_per_call=args.steps, weight_bytes=w_bytes,
+    for b, loop in ((b, loop) for b in builds for loop in loops):
+      rec = dict(batch=batch, rows=rows, build=b, loop=loop, steps_per_call=args.steps, weight_bytes=w_bytes,
                  bound_ms=round(w_bytes / (gbps * 1e9) * 1e3, 4), model_bound_ms=round(model_bound_ms, 4),
                  model_target_ms=round(target_ms, 4))
       try:
         rec["rel_err"] = layers_error(check_config(cfg), weights, x, want, b == "cublas")
         if not rec["rel_err"] <= 0.05:  # NaN too  # bf16 products over 4 matmuls a layer; zeros or garbage give ~1
           raise ValueError(f"the chain does not compute its product (rel. error {rec['rel_err']:.3g})")
-        rec.update(time_build(build(cfg, args.steps, b == "cublas"), weights, x, args.steps, args.calls))
+        rec.update(time_build(build(cfg, args.steps, b == "cublas", loop), weights, x, args.steps, args.calls))
         rec["pct_of_bound"] = round(100 * rec["bound_ms"] / rec["step_ms"], 1)
         rec["of_model_target"] = round(rec["step_ms"] / target_ms, 3)
         rec["status"] = "ok"
@@ -221,13 +244,13 @@ def main(argv=None) -> int:
              gpu=gpu, date=date, preset=args.preset, context=args.context, read_ceiling=ceiling,
              jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), records=records)
   (out_dir / f"{out}.json").write_text(json.dumps(doc, indent=1))
-  print(f"{'batch':>5s} {'build':6s} {'ms/step':>8s} {'busy':>7s} {'span':>7s} {'kern':>6s} {'bound':>7s} "
+  print(f"{'batch':>5s} {'build':6s} {'loop':5s} {'ms/step':>8s} {'busy':>7s} {'span':>7s} {'kern':>6s} {'bound':>7s} "
         f"{'%bound':>6s} {'model target':>12s} {'of target':>9s}")
   for r in records:
     if r["status"] != "ok":
-      print(f"{r['batch']:5d} {r['build']:6s} {r['status']}: {r.get('error', '')}")
+      print(f"{r['batch']:5d} {r['build']:6s} {r['loop']:5s} {r['status']}: {r.get('error', '')}")
       continue
-    print(f"{r['batch']:5d} {r['build']:6s} {r['step_ms']:8.4f} {r.get('busy_ms', '-'):>7} {r.get('span_ms', '-'):>7} "
+    print(f"{r['batch']:5d} {r['build']:6s} {r['loop']:5s} {r['step_ms']:8.4f} {r.get('busy_ms', '-'):>7} {r.get('span_ms', '-'):>7} "
           f"{r.get('kernels_per_step', '-'):>6} {r['bound_ms']:7.4f} {r['pct_of_bound']:6.1f} "
           f"{r['model_target_ms']:12.4f} {r['of_model_target']:9.3f}")
   return 0 if all(r["status"] == "ok" for r in records) else 1

@@ -243,6 +243,18 @@ def test_device_time_counts_stream_work_once():
   assert s["events"] == 3 and s["names"] == ["attn", "memcpy"]
 
 
+def test_gaps_before_charges_each_idle_stretch_to_the_kernel_after_it():
+  """Idle time between the end of all earlier work and a kernel's start goes to that kernel; overlap
+  and back-to-back starts are not idle."""
+  sys.path.insert(0, str(BENCH))
+  import device_time
+  ev = lambda name, ts, dur: dict(name=name, ts=ts, dur=dur)  # noqa: E731
+  events = [ev("a", 0, 10), ev("b", 12, 5), ev("c", 14, 10), ev("a", 24, 1), ev("b", 30, 2), ev("b", 40, 1)]
+  rows = {r["name"]: r for r in device_time.gaps_before(events, calls=2)}
+  assert rows["b"]["gap_us_per_call"] == pytest.approx((2 + 5 + 8) / 2) and rows["b"]["count_per_call"] == 1.5
+  assert "c" not in rows and "a" not in rows
+
+
 def test_device_time_is_none_without_a_gpu_stream():
   import jax
   import jax.numpy as jnp
@@ -707,12 +719,14 @@ def test_mosaic_soak_runs_each_form_in_its_own_process_and_reports_it(tmp_path):
 
 def test_gemm_floor_tiny_checks_the_chain_and_writes_a_record_per_batch_and_build(tmp_path):
   """gemm_floor.py: its layers' chain matches float64 in both builds, and every record is timed."""
-  _run("gemm_floor.py", "--preset", "tiny", "--batches", "1,4", "--steps", "2", "--calls", "1", "--out", "f",
-       out_dir=tmp_path)
+  _run("gemm_floor.py", "--preset", "tiny", "--batches", "1,4", "--steps", "2", "--calls", "1", "--loops",
+       "fori,while", "--out", "f", out_dir=tmp_path)
   recs = json.loads((tmp_path / "f.json").read_text())["records"]
-  assert [(r["batch"], r["build"]) for r in recs] == [(1, "xla"), (1, "cublas"), (4, "xla"), (4, "cublas")]
+  assert [(r["batch"], r["build"], r["loop"]) for r in recs] == [
+      (b, build, loop) for b in (1, 4) for build in ("xla", "cublas") for loop in ("fori", "while")]
   assert all(r["status"] == "ok" and r["rel_err"] < 1e-3 and r["step_ms"] > 0 for r in recs), recs
-  assert recs[0]["model_target_ms"] == 1.5 and recs[2]["model_target_ms"] == pytest.approx(2 * recs[2]["model_bound_ms"], abs=2e-4)
+  assert recs[0]["rows"] == 4 and recs[0]["model_target_ms"] == 1.5
+  assert recs[4]["model_target_ms"] == pytest.approx(2 * recs[4]["model_bound_ms"], abs=2e-4)
 
 
 def test_gemm_floor_reference_is_the_chain_it_times():
