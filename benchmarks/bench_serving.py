@@ -146,8 +146,9 @@ def make_engine(model: DecoderLM, args, max_seqs: int, mode: str) -> Engine:
                 max_model_len=args.max_model_len, min_seq_bucket=4, **loop_options(mode, args))
 
 
-def timed_decode(engine: Engine, batch: int, mode: str) -> List[Tuple[float, int]]:
-  """(wall seconds, steps) of every call that decodes all `batch` sequences, untimed ones dropped."""
+def timed_decode(engine: Engine, batch: int, mode: str) -> List[Tuple[float, int, dict]]:
+  """(wall seconds, steps, `Engine.chunk_seconds` (multi modes; else {})) of every call that decodes
+  all `batch` sequences, untimed ones dropped."""
   calls = []
   while engine.has_work:
     t0 = time.perf_counter()
@@ -155,9 +156,9 @@ def timed_decode(engine: Engine, batch: int, mode: str) -> List[Tuple[float, int
     elapsed = time.perf_counter() - t0
     if isinstance(out, ChunkOutput):
       if len(out.chunk.scheduled) == batch:
-        calls.append((elapsed, int(out.counts.max())))
+        calls.append((elapsed, int(out.counts.max()), dict(engine.chunk_seconds)))
     elif len(out.step.scheduled) == batch and all(n == 1 for _, _, n, _ in out.step.scheduled):
-      calls.append((elapsed, 1))
+      calls.append((elapsed, 1, {}))
   return calls[UNTIMED_CHUNKS if is_multi(mode) else UNTIMED_DECODE_STEPS:]
 
 
@@ -176,9 +177,13 @@ def run_batch(model: DecoderLM, batch: int, mode: str, args, ceiling: dict) -> T
   calls = timed_decode(engine, batch, mode)
   if len(calls) < (2 if is_multi(mode) else 3):
     raise ValueError(f"{len(calls)} timed {mode} calls; use more --chunks")
-  per_step = [s / n for s, n in calls]
+  per_step = [s / n for s, n, _ in calls]
   med = statistics.median(per_step)
-  steps = sum(n for _, n in calls)
+  steps = sum(n for _, n, _ in calls)
+  # Where a multi-step call's time went, ms a step (medians over the timed calls): the host before
+  # the jitted call, the call until its tokens are back, the host after it.
+  parts = {k: round(statistics.median(c[k] / n for _, n, c in calls) * 1e3, 4)
+           for k in ("schedule", "call", "update") if all(k in c for _, _, c in calls)}
   first = args.prompt_len + args.gen - steps  # context of the first timed step
   context = first + (steps - 1) / 2
   weights, kv = step_bytes(model.config, batch, context)
@@ -193,6 +198,7 @@ def run_batch(model: DecoderLM, batch: int, mode: str, args, ceiling: dict) -> T
              spread=round(float(np.quantile(per_step, 0.9) / np.quantile(per_step, 0.1) - 1), 3),
              tokens_per_s=round(batch / med, 1), weight_bytes=weights, kv_bytes_per_step=kv,
              bound_ms=round((weights + kv) / (ceiling["read_gbps"] * 1e9) * 1e3, 4))
+  rec.update({f"{k}_ms_per_step": v for k, v in parts.items()})
   rec["pct_of_bound"] = round(100 * rec["bound_ms"] / rec["decode_step_ms"], 1)
   rec["_tokens"] = [list(s.generated) for s in seqs]
   return rec, engine
@@ -536,8 +542,9 @@ def run_backend(backend: str, base: ModelConfig, batches, args, ceiling, tokens,
         rec["same_tokens_as_step"] = round(float(np.mean(same)), 3)
       doc["records"].append(rec)
       print(f"  {backend:6s} batch {batch:3d} {mode:7s}: {rec['decode_step_ms']:8.3f} ms/step "
-            f"{rec['tokens_per_s']:9.1f} tok/s  bound {rec['bound_ms']:.3f} ms ({rec['pct_of_bound']}%)",
-            flush=True)
+            f"{rec['tokens_per_s']:9.1f} tok/s  bound {rec['bound_ms']:.3f} ms ({rec['pct_of_bound']}%)"
+            + ("".join(f", {k} {rec[k + '_ms_per_step']:.4f}" for k in ("schedule", "call", "update")
+                       if k + "_ms_per_step" in rec)), flush=True)
     if args.profile and backend == names[0]:
       mix = run_profile(model, batch, args)
       doc["profile"].append(mix or dict(batch=batch, note="no GPU stream in the trace"))

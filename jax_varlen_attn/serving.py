@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import time
 from typing import Deque, Dict, Iterable, List, Optional, Sequence as Seq, Tuple, Union
 
 import jax
@@ -501,6 +502,10 @@ class Engine:
     self.num_steps = 0  # one-step calls
     self.num_chunks = 0  # multi-step decode calls
     self.decode_build = None  # the decode loop build of the last decode_chunk ("default" / "cublas": decode.loop_for)
+    # Seconds the last decode_chunk spent: scheduling and building its arrays ("schedule"), in the
+    # jitted call until its tokens were on the host ("call": device time plus dispatch), and
+    # recording them ("update"). Where a call's time goes, for benchmarks (bench_serving.py).
+    self.chunk_seconds: Dict[str, float] = {}
 
   @property
   def allocator(self) -> PageAllocator:
@@ -554,18 +559,22 @@ class Engine:
     """Up to `steps` (default `steps_per_call`) decode steps of every running sequence in one jitted
     call; None, running nothing, when that may not run now (`Scheduler.schedule_decode`)."""
     steps = self.steps_per_call if steps is None else _check_steps_per_call(steps)
+    t0 = time.perf_counter()
     chunk = self.scheduler.schedule_decode(steps)
     if chunk is None:
       return None
     args = self.decode_args(chunk)
     loop = loop_for(args[4].tokens.shape[0])
     self.decode_build = "cublas" if loop is decode_loop_cublas else "default"
+    t1 = time.perf_counter()
     tokens, counts, self.k_cache, self.v_cache = loop(
         *args, steps=chunk.steps, mode=chunk.mode,
         check_every=math.gcd(chunk.steps, self.check_every))
     tokens, counts = np.asarray(tokens), np.asarray(counts)
+    t2 = time.perf_counter()
     finished = self.scheduler.update_decode(chunk, tokens, counts)
     self.num_chunks += 1
+    self.chunk_seconds = dict(schedule=t1 - t0, call=t2 - t1, update=time.perf_counter() - t2)
     return ChunkOutput(chunk, tokens, counts, finished)
 
   def advance(self) -> Optional[Union[StepOutput, ChunkOutput]]:

@@ -93,6 +93,8 @@ def test_multi_step_matches_one_step(model, prompts, one_step, check_every):
   assert decode.decode_loop._cache_size() - compiles <= 1  # calls at new lengths / pages: one program
   chunks = [o for o in outputs if isinstance(o, serving.ChunkOutput)]
   assert engine.num_chunks == len(chunks) >= 2 and engine.num_steps == 1  # the prefill, then calls
+  assert set(engine.chunk_seconds) == {"schedule", "call", "update"}  # the last call's time, by part
+  assert all(t >= 0 for t in engine.chunk_seconds.values()) and engine.chunk_seconds["call"] > 0
   # Rows stopped mid-call (eos, max length), rows ran whole calls, and padding rows made nothing.
   counts = np.concatenate([c.counts[:len(c.chunk.scheduled)] for c in chunks])
   assert (counts == STEPS).any() and ((counts > 0) & (counts < STEPS)).any()
