@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_varlen_attn.graph_key import KeyedJit, graph_key
 from jax_varlen_attn.nn import PagedBatch
 
 PAD_TOKEN = -1  # the token output of a finished (or padding) sequence: never a vocabulary id
@@ -384,7 +385,7 @@ def _decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch:
     return (c.step < steps) & jnp.any(c.active)
 
   def step(c: _Carry) -> _Carry:
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graph_key(graphdef).graphdef, state)
     tokens, paged, logit_rows = step_batch(c.tokens, c.positions, c.active, batch.block_table, block_size)
     logits, k_cache, v_cache = model(tokens, c.k_cache, c.v_cache, paged, logits_indices=logit_rows)
     keys = token_keys(sampling, c.positions)
@@ -408,11 +409,13 @@ def _decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch:
   return final.out, final.counts, final.k_cache, final.v_cache
 
 
-_LOOP_JIT = dict(static_argnames=("graphdef", "steps", "mode", "check_every"), donate_argnames=("k_cache", "v_cache"))
-decode_loop = jax.jit(_decode_loop, **_LOOP_JIT)
+# The graphdef travels as its `GraphKey` (hashing an nnx GraphDef on every call cost 2.4 ms of a
+# call's dispatch: graph_key's docstring).
+_LOOP_JIT = dict(static_argnames=("steps", "mode", "check_every"), donate_argnames=("k_cache", "v_cache"))
+decode_loop = KeyedJit(_decode_loop, **_LOOP_JIT)
 # The same loop compiled with XLA's matmuls on cuBLAS instead of its Triton GEMM fusions.
 CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
-decode_loop_cublas = jax.jit(_decode_loop, compiler_options=CUBLAS_GEMMS, **_LOOP_JIT)
+decode_loop_cublas = KeyedJit(_decode_loop, compiler_options=CUBLAS_GEMMS, **_LOOP_JIT)
 # From this many sequences a step, on a Hopper GPU, `loop_for` takes the cuBLAS build: it measured
 # faster there and slower at 1 and 16 sequences (benchmarks/NOTES.md, "cuBLAS GEMMs in the serving loop").
 CUBLAS_FROM_ROWS = 64

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import math
 import time
@@ -38,6 +37,7 @@ from flax import nnx
 from jax_varlen_attn.decode import (GREEDY, NO_EOS, DecodeBatch, Sampling, SamplingParams,
                                     check_steps_between_checks, decode_loop_cublas, loop_for,
                                     sample, sampling_arrays, sampling_mode, token_keys)
+from jax_varlen_attn.graph_key import KeyedJit, graph_key
 from jax_varlen_attn.nn import DecoderLM, PagedBatch, init_cache
 from jax_varlen_attn.spec import next_pow2
 
@@ -420,9 +420,8 @@ class DecodeChunk:
     return self.batch.tokens.shape[0], self.steps
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode",), donate_argnums=(2, 3))
-def serving_step(graphdef, state, k_cache, v_cache, tokens, batch: PagedBatch, sample_rows,
-                 sampling: Optional[SamplingParams] = None, *, mode: str = "filter"):
+def _serving_step(graphdef, state, k_cache, v_cache, tokens, batch: PagedBatch, sample_rows,
+                  sampling: Optional[SamplingParams] = None, *, mode: str = "filter"):
   """One step: the model over the flat batch, a token sampled at `sample_rows` (each sequence's last
   row). Returns (next_tokens i32[S], logits [S, vocab], k_cache, v_cache).
 
@@ -433,13 +432,17 @@ def serving_step(graphdef, state, k_cache, v_cache, tokens, batch: PagedBatch, s
   (model, cache shape, token bucket, sequence bucket, sampling or not, mode), shared by every
   `Engine` and `generate` call.
   """
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graph_key(graphdef).graphdef, state)
   logits, k_cache, v_cache = model(tokens, k_cache, v_cache, batch, logits_indices=sample_rows)
   if sampling is None:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, k_cache, v_cache
   keys = token_keys(sampling, batch.positions[sample_rows])
   next_tokens = sample(logits, keys, sampling.temperature, sampling.top_k, sampling.top_p, mode=mode)
   return next_tokens, logits, k_cache, v_cache
+
+
+# The graphdef travels as its `GraphKey` (graph_key's docstring: hashing it cost most of a call's dispatch).
+serving_step = KeyedJit(_serving_step, static_argnames=("mode",), donate_argnums=(2, 3))
 
 
 @dataclasses.dataclass
@@ -530,10 +533,12 @@ class Engine:
   def device_args(self, step: StepBatch, sampling: Optional[SamplingParams] = None):
     """`serving_step`'s positional arguments for this step (graphdef, state, caches, tokens, batch,
     sample rows, and `sampling`, `step_sampling(step)` by default, where it is not None)."""
-    args = (self.graphdef, self.state, self.k_cache, self.v_cache, jnp.asarray(step.tokens),
-            PagedBatch(*(jnp.asarray(a) for a in step.batch)), jnp.asarray(step.sample_rows))
+    # The host arrays go to the jitted call as they are: it moves them in one C++ dispatch, where a
+    # jnp.asarray each cost ~25 us apiece (benchmarks/NOTES.md, session 36).
+    args = (self.graphdef, self.state, self.k_cache, self.v_cache, step.tokens, PagedBatch(*step.batch),
+            step.sample_rows)
     sampling = self.step_sampling(step) if sampling is None else sampling
-    return args if sampling is None else args + (SamplingParams(*(jnp.asarray(a) for a in sampling)),)
+    return args if sampling is None else args + (SamplingParams(*sampling),)
 
   def step(self) -> Optional[StepOutput]:
     """Schedules, runs and records one step; None when there is no work left."""
@@ -551,9 +556,8 @@ class Engine:
 
   def decode_args(self, chunk: DecodeChunk):
     """`decode.decode_loop`'s positional arguments (graphdef, state, caches, DecodeBatch, SamplingParams)."""
-    return (self.graphdef, self.state, self.k_cache, self.v_cache,
-            DecodeBatch(*(jnp.asarray(a) for a in chunk.batch)),
-            SamplingParams(*(jnp.asarray(a) for a in chunk.sampling)))
+    return (self.graphdef, self.state, self.k_cache, self.v_cache, DecodeBatch(*chunk.batch),
+            SamplingParams(*chunk.sampling))  # host arrays, as device_args passes them
 
   def decode_chunk(self, steps: Optional[int] = None) -> Optional[ChunkOutput]:
     """Up to `steps` (default `steps_per_call`) decode steps of every running sequence in one jitted
