@@ -741,3 +741,12 @@ def test_gemm_floor_reference_is_the_chain_it_times():
   assert gemm_floor.layers_error(cfg, weights, x, want) < 1e-4
   broken = dict(weights, down=[w * 0 for w in weights["down"]])
   assert gemm_floor.layers_error(cfg, broken, x, want) > 0.5
+
+
+def test_loop_args_tiny_times_both_forms_on_the_same_tokens(tmp_path):
+  """loop_args.py: fresh and same argument buffers, every call's tokens equal to the first's."""
+  _run("loop_args.py", "--preset", "tiny", "--batches", "1", "--rounds", "2", "--steps", "4", "--out", "a",
+       out_dir=tmp_path)
+  [rec] = json.loads((tmp_path / "a.json").read_text())["records"]
+  assert rec["batch"] == 1 and rec["rows"] == 4 and rec["steps"] == 4
+  assert rec["fresh_ms_per_call"] > 0 and rec["same_ms_per_call"] > 0

@@ -17,7 +17,7 @@ def test_equal_graphdefs_share_one_key_and_unequal_ones_do_not():
   g2, _ = nnx.split(_model(seed=1))  # another model of the same structure: an equal graphdef
   g3, _ = nnx.split(_model(num_layers=3))
   k1 = graph_key(g1)
-  assert isinstance(k1, GraphKey) and k1.graphdef is g1
+  assert isinstance(k1, GraphKey) and k1.graphdef == g1  # an earlier equal graphdef may hold the key
   assert graph_key(g1) is k1 and graph_key(k1) is k1  # the fast path, and a key passes through
   assert graph_key(g2) is k1  # equal structure: the same key, so the same compile
   assert graph_key(g3) is not k1 and graph_key(g3) != k1
