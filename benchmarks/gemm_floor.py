@@ -250,7 +250,8 @@ def main(argv=None) -> int:
     if r["status"] != "ok":
       print(f"{r['batch']:5d} {r['build']:6s} {r['loop']:5s} {r['status']}: {r.get('error', '')}")
       continue
-    print(f"{r['batch']:5d} {r['build']:6s} {r['loop']:5s} {r['step_ms']:8.4f} {r.get('busy_ms', '-'):>7} {r.get('span_ms', '-'):>7} "
+    print(f"{r['batch']:5d} {r['build']:6s} {r['loop']:5s} {r['step_ms']:8.4f} {r.get('busy_ms', '-'):>7} "
+          f"{r.get('span_ms', '-'):>7} "
           f"{r.get('kernels_per_step', '-'):>6} {r['bound_ms']:7.4f} {r['pct_of_bound']:6.1f} "
           f"{r['model_target_ms']:12.4f} {r['of_model_target']:9.3f}")
   return 0 if all(r["status"] == "ok" for r in records) else 1

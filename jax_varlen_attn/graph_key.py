@@ -2,10 +2,10 @@
 
 A jitted function with a static argument hashes it (and compares it with the cached one) on every
 call. nnx's `GraphDef` does both by walking the whole module structure: 2.4 ms a call for the
-28-layer serving model on a CPU core (benchmarks/NOTES.md, session 36), more than the rest of a
-decode call's dispatch. `graph_key` wraps a graphdef once in a `GraphKey`, whose hash is computed
-once and whose equality is identity; equal graphdefs (another `nnx.split` of the same model) map to
-the same key, so they share one compile.
+28-layer serving model on a CPU core, more than the rest of a decode call's dispatch
+(benchmarks/NOTES.md, "where a decode call's time goes on the host"). `graph_key` wraps a graphdef
+once in a `GraphKey`, whose hash is computed once and whose equality is identity; equal graphdefs
+(another `nnx.split` of the same model) map to the same key, so they share one compile.
 
     key = graph_key(graphdef)       # first sight of this object: one full hash
     model = nnx.merge(key.graphdef, state)

@@ -534,7 +534,8 @@ class Engine:
     """`serving_step`'s positional arguments for this step (graphdef, state, caches, tokens, batch,
     sample rows, and `sampling`, `step_sampling(step)` by default, where it is not None)."""
     # The host arrays go to the jitted call as they are: it moves them in one C++ dispatch, where a
-    # jnp.asarray each cost ~25 us apiece (benchmarks/NOTES.md, session 36).
+    # jnp.asarray each cost ~25 us apiece (benchmarks/NOTES.md, "where a decode call's time goes on
+    # the host").
     args = (self.graphdef, self.state, self.k_cache, self.v_cache, step.tokens, PagedBatch(*step.batch),
             step.sample_rows)
     sampling = self.step_sampling(step) if sampling is None else sampling
