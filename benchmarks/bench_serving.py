@@ -13,9 +13,12 @@ decodes 1 + steps_per_call * (--chunks + 1) tokens (greedy unless --sampling):
                 that decodes all B sequences (schedule on the host, transfer, the step, reading the
                 tokens back); the first two decode steps (compile) are not timed.
   mode "multi": `Engine.decode_chunk`: up to --steps-per-call steps in one jitted while loop
-                (`decode.decode_loop`; "multi/N": checking for finished sequences every N steps). decode_step_ms = median over calls of (wall time of the call
-                incl. its host work: reserving pages, building and sending the batch, reading the
-                tokens back, appending them) / steps it ran; the first call (compile) is not timed.
+                (`decode.decode_loop`; "multi/N": checking for finished sequences every N steps),
+                each call dispatched before the last one's tokens are read (Engine's overlap;
+                "multi-serial[/N]": after). decode_step_ms = median over calls of (wall time of
+                `Engine.advance` returning the call's tokens, incl. its host work: reserving pages,
+                building and sending the batch, dispatching the next call, reading the tokens back,
+                appending them) / steps it ran; the first call (compile) is not timed.
 --sampling T,K,P samples every request (temperature, top-k, top-p) instead of greedy decoding.
 bound_ms = (weight bytes + K/V bytes the step's attention reads at the timed window's mean context)
 / the read ceiling, measured in the same run: a jitted jnp.sum over a --ceiling-mib bf16 array (2 GiB
@@ -131,19 +134,21 @@ def is_multi(mode: str) -> bool:
 
 
 def check_every(mode: str) -> int:
-  """"multi/N" -> N; "multi" and "step" -> 1."""
+  """"multi/N" and "multi-serial/N" -> N; "multi", "multi-serial" and "step" -> 1."""
   return int(mode.split("/")[1]) if "/" in mode else 1
 
 
 def loop_options(mode: str, args) -> dict:
-  """The Engine's steps_per_call and check_every for a mode."""
-  return dict(steps_per_call=args.steps_per_call if is_multi(mode) else 1, check_every=check_every(mode))
+  """The Engine's steps_per_call, check_every and overlap for a mode ("-serial": overlap off)."""
+  return dict(steps_per_call=args.steps_per_call if is_multi(mode) else 1, check_every=check_every(mode),
+              overlap="-serial" not in mode)
 
 
-def make_engine(model: DecoderLM, args, max_seqs: int, mode: str) -> Engine:
+def make_engine(model: DecoderLM, args, max_seqs: int, mode: str, **overrides) -> Engine:
+  options = {**loop_options(mode, args), **overrides}
   return Engine(model, num_blocks=args.num_blocks, block_size=args.block_size,
                 max_tokens_per_step=args.max_tokens_per_step, max_seqs=max(max_seqs, 4),
-                max_model_len=args.max_model_len, min_seq_bucket=4, **loop_options(mode, args))
+                max_model_len=args.max_model_len, min_seq_bucket=4, **options)
 
 
 def timed_decode(engine: Engine, batch: int, mode: str) -> List[Tuple[float, int, dict]]:
@@ -155,7 +160,7 @@ def timed_decode(engine: Engine, batch: int, mode: str) -> List[Tuple[float, int
     out = engine.advance()
     elapsed = time.perf_counter() - t0
     if isinstance(out, ChunkOutput):
-      if len(out.chunk.scheduled) == batch:
+      if len(out.chunk.scheduled) == batch and out.counts.max() > 0:
         calls.append((elapsed, int(out.counts.max()), dict(engine.chunk_seconds)))
     elif len(out.step.scheduled) == batch and all(n == 1 for _, _, n, _ in out.step.scheduled):
       calls.append((elapsed, 1, {}))
@@ -188,6 +193,7 @@ def run_batch(model: DecoderLM, batch: int, mode: str, args, ceiling: dict) -> T
   context = first + (steps - 1) / 2
   weights, kv = step_bytes(model.config, batch, context)
   rec = dict(batch=batch, mode=mode, steps_per_call=engine.steps_per_call, check_every=engine.check_every,
+             overlap=engine.overlap if is_multi(mode) else None,
              decode_build=getattr(engine, "decode_build", None),  # decode.loop_for's choice, multi modes
              sampling=args.sampling_text,
              prompt_len=args.prompt_len,
@@ -317,7 +323,7 @@ def profile_call(engine: Engine) -> Optional[dict]:
 def run_profile(model: DecoderLM, batch: int, args) -> Optional[dict]:
   """Prefills `batch` prompts, runs one (compiling) decode call, then profiles the next one."""
   rng = np.random.default_rng(batch)
-  engine = make_engine(model, args, batch, args.profile_mode)
+  engine = make_engine(model, args, batch, args.profile_mode, overlap=False)  # profile_call schedules itself
   for _ in range(batch):
     engine.add(rng.integers(0, model.config.vocab_size, args.prompt_len).tolist(), args.gen,
                sampling=args.sampling)
@@ -419,7 +425,9 @@ def parse_args(argv):
                       "config.py constant NAME is V while that model runs (an A/B of a rule, e.g. "
                       "auto,auto@MIN_TILES_PER_SPLIT=2)")
   p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many, checking "
-                 "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call)")
+                 "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call); "
+                 "multi-serial[/N]: the same with Engine(overlap=False) (each call dispatched after the "
+                 "last one's tokens are read)")
   p.add_argument("--steps-per-call", type=int, default=32)
   p.add_argument("--chunks", type=int, default=4, help="timed multi-step calls per batch; the decode "
                  "length is 1 + steps_per_call * (chunks + 1) tokens in both modes")
@@ -469,9 +477,10 @@ def parse_args(argv):
     args.sampling = decode.Sampling(temperature=float(t), top_k=int(k), top_p=float(top_p))
   args.modes = args.modes.split(",")
   for mode in args.modes:
-    n = check_every(mode) if re.fullmatch(r"step|multi(/[1-9]\d*)?", mode) else 0
+    n = check_every(mode) if re.fullmatch(r"step|multi(-serial)?(/[1-9]\d*)?", mode) else 0
     if not n or args.steps_per_call % n:
-      raise ValueError(f"--modes: step, multi or multi/N with N dividing --steps-per-call, got {mode!r}")
+      raise ValueError(f"--modes: step, multi[-serial] or multi[-serial]/N with N dividing "
+                       f"--steps-per-call, got {mode!r}")
   multi = [m for m in args.modes if is_multi(m)]
   args.profile_mode = multi[-1] if multi else "multi"
   return args
@@ -612,10 +621,10 @@ def ratios(records, names, batches, modes, tokens) -> List[dict]:
 
 
 def print_table(doc, names):
-  print(f"{'backend':>7s} {'batch':>5s} {'mode':>7s} {'ms/step':>9s} {'bound ms':>9s} {'% bound':>8s} "
+  print(f"{'backend':>7s} {'batch':>5s} {'mode':>12s} {'ms/step':>9s} {'bound ms':>9s} {'% bound':>8s} "
         f"{'tok/s':>10s}")
   for r in doc["records"]:
-    print(f"{r['backend']:>7s} {r['batch']:5d} {r['mode']:>7s} {r['decode_step_ms']:9.3f} "
+    print(f"{r['backend']:>7s} {r['batch']:5d} {r['mode']:>12s} {r['decode_step_ms']:9.3f} "
           f"{r['bound_ms']:9.4f} {r['pct_of_bound']:8.1f} {r['tokens_per_s']:10.1f}")
   for row in doc["ratios"]:
     if "speedup" in row:

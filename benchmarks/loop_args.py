@@ -52,7 +52,8 @@ def prepared_engine(model: DecoderLM, batch: int, prompt_len: int, steps: int, c
   gen = 2 + steps * (calls + 2)
   pages = -(-(prompt_len + gen) // 16)
   engine = Engine(model, num_blocks=batch * pages + 1, block_size=16, max_tokens_per_step=2048,
-                  max_seqs=max(batch, 4), max_model_len=pages * 16, min_seq_bucket=4, steps_per_call=steps)
+                  max_seqs=max(batch, 4), max_model_len=pages * 16, min_seq_bucket=4, steps_per_call=steps,
+                  overlap=False)  # this schedules its own calls
   rng = np.random.default_rng(batch)
   for _ in range(batch):
     engine.add(rng.integers(0, model.config.vocab_size, prompt_len).tolist(), gen)

@@ -9,6 +9,8 @@
   is done), sampling on device, writing each step's K / V into the donated caches in place, each
   step's cache slot computed on device from the sequence's position and block table.
   `loop_for(rows)` picks its build for a batch size (cuBLAS matmuls for large batches on Hopper).
+- `next_batch(batch, tokens, counts, block_table)`: the `DecodeBatch` of the call after it, on device
+  (the engine dispatches that call before reading this one's tokens).
 
 Randomness is keyed per token, not per call: the token sampled from the logits at position p of a
 sequence uses fold_in(fold_in(key(seed), seq_id), p). A sequence's draws therefore do not depend on
@@ -302,26 +304,36 @@ def step_batch(tokens: jax.Array, positions: jax.Array, active: jax.Array, block
   return scatter(0, tokens), batch, jnp.minimum(row, rows - 1)
 
 
-def _check_loop_inputs(batch: DecodeBatch, sampling: SamplingParams) -> None:
-  """Static checks of decode_loop's arrays: ValueError / TypeError naming the field."""
-  rows = jnp.shape(batch.tokens)[0] if jnp.ndim(batch.tokens) == 1 else None
-  if rows is None:
-    raise ValueError(f"batch.tokens must be i32[S], got shape {jnp.shape(batch.tokens)}")
-  fields = [(f"batch.{n}", getattr(batch, n), (rows,), True)
-            for n in ("tokens", "positions", "remaining", "eos")]
-  fields += [(f"sampling.{n}", getattr(sampling, n), (rows,), n in ("top_k", "seed", "seq_id"))
-             for n in SamplingParams._fields]
+def _check_fields(fields) -> None:
+  """(name, value, shape, integer) each: ValueError on a shape, TypeError on a dtype, naming it."""
   for name, value, shape, integer in fields:
     if jnp.shape(value) != shape:
-      raise ValueError(f"{name} must be [{rows}] (one per sequence row), got shape {jnp.shape(value)}")
+      raise ValueError(f"{name} must be {list(shape)} (one per sequence row), got shape {jnp.shape(value)}")
     if not jnp.issubdtype(jnp.result_type(value), jnp.integer if integer else jnp.floating):
       raise TypeError(f"{name} must be {'an integer' if integer else 'a floating'} array, got "
                       f"{jnp.result_type(value)}")
+
+
+def _check_batch(batch: DecodeBatch) -> int:
+  """Static checks of a `DecodeBatch`'s arrays (errors name the field); returns its rows S."""
+  rows = jnp.shape(batch.tokens)[0] if jnp.ndim(batch.tokens) == 1 else None
+  if rows is None:
+    raise ValueError(f"batch.tokens must be i32[S], got shape {jnp.shape(batch.tokens)}")
+  _check_fields([(f"batch.{n}", getattr(batch, n), (rows,), True)
+                 for n in ("tokens", "positions", "remaining", "eos")])
   table = batch.block_table
   integer = jnp.issubdtype(jnp.result_type(table), jnp.integer)
   if jnp.ndim(table) != 2 or jnp.shape(table)[0] != rows or not integer:
     raise ValueError(f"batch.block_table must be i32[{rows}, max_blocks], got {jnp.result_type(table)}"
                      f"{list(jnp.shape(table))}")
+  return rows
+
+
+def _check_loop_inputs(batch: DecodeBatch, sampling: SamplingParams) -> None:
+  """Static checks of decode_loop's arrays: ValueError / TypeError naming the field."""
+  rows = _check_batch(batch)
+  _check_fields([(f"sampling.{n}", getattr(sampling, n), (rows,), n in ("top_k", "seed", "seq_id"))
+                 for n in SamplingParams._fields])
 
 
 class _Carry(NamedTuple):
@@ -407,6 +419,40 @@ def _decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch:
                 jnp.full((rows, steps), PAD_TOKEN, jnp.int32), k_cache, v_cache)
   final = jax.lax.while_loop(cond, body, init)
   return final.out, final.counts, final.k_cache, final.v_cache
+
+
+def _next_batch(batch: DecodeBatch, tokens: jax.Array, counts: jax.Array, block_table: jax.Array) -> DecodeBatch:
+  """The `DecodeBatch` that continues `batch` after a decode call on it returned (tokens, counts).
+
+  Args (S rows): batch: the call's `DecodeBatch`; tokens: i32[S, steps] and counts: i32[S], its
+  outputs; block_table: i32[S, max_blocks], the next call's pages (covering each row's next
+  min(steps, remaining) tokens).
+
+  Row s continues from its last new token (or its old one where it made none) at positions[s] +
+  counts[s], with counts[s] fewer tokens to go, or none where that last token is its eos: a row
+  that stopped stays stopped. All on device, so the next call can be dispatched before this one's
+  tokens reach the host (`serving.Engine(overlap=True)`).
+  """
+  rows = _check_batch(batch)
+  _check_fields([("counts", counts, (rows,), True)])
+  if jnp.ndim(tokens) != 2 or jnp.shape(tokens)[0] != rows:
+    raise ValueError(f"tokens must be i32[{rows}, steps], got shape {jnp.shape(tokens)}")
+  if (jnp.ndim(block_table) != 2 or jnp.shape(block_table)[0] != rows
+      or not jnp.issubdtype(jnp.result_type(block_table), jnp.integer)):
+    raise ValueError(f"block_table must be i32[{rows}, max_blocks], got {jnp.result_type(block_table)}"
+                     f"{list(jnp.shape(block_table))}")
+  counts = counts.astype(jnp.int32)
+  made = counts > 0
+  last = jnp.take_along_axis(tokens.astype(jnp.int32), jnp.maximum(counts - 1, 0)[:, None], axis=1)[:, 0]
+  ended = made & (last == batch.eos)
+  return DecodeBatch(tokens=jnp.where(made, last, batch.tokens).astype(jnp.int32),
+                     positions=(batch.positions + counts).astype(jnp.int32),
+                     block_table=jnp.asarray(block_table, jnp.int32),
+                     remaining=jnp.where(ended, 0, batch.remaining - counts).astype(jnp.int32),
+                     eos=jnp.asarray(batch.eos, jnp.int32))
+
+
+next_batch = jax.jit(_next_batch)
 
 
 # The graphdef travels as its `GraphKey` (hashing an nnx GraphDef on every call cost 2.4 ms of a

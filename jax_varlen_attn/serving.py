@@ -36,7 +36,7 @@ from flax import nnx
 
 from jax_varlen_attn.decode import (GREEDY, NO_EOS, DecodeBatch, Sampling, SamplingParams,
                                     check_steps_between_checks, decode_loop_cublas, loop_for,
-                                    sample, sampling_arrays, sampling_mode, token_keys)
+                                    next_batch, sample, sampling_arrays, sampling_mode, token_keys)
 from jax_varlen_attn.graph_key import KeyedJit, graph_key
 from jax_varlen_attn.nn import DecoderLM, PagedBatch, init_cache
 from jax_varlen_attn.spec import next_pow2
@@ -367,6 +367,41 @@ class Scheduler:
       alloc.reserve(seq_id, n)
     return self._build_decode(list(self.running), steps)
 
+  def schedule_next_decode(self, chunk: "DecodeChunk") -> Optional["DecodeChunk"]:
+    """The decode call to run right after `chunk` (same rows, steps and sampling), scheduled before
+    chunk's tokens are known, or None when it may not run: `can_decode_many` fails, a sequence runs
+    that chunk does not hold, the live sequences now fit a smaller bucket (rescheduling is
+    cheaper), chunk reaches every sequence's max length, or the free pages cannot cover every live sequence's next min(2 * steps, remaining)
+    tokens from the host's state, which is one call behind: chunk's tokens are not recorded yet.
+
+    Reserves those pages. The call's batch holds its block table and eos only (finished rows: no
+    pages, eos `NO_EOS`); its tokens, positions and remaining are chunk's, advanced on the device
+    (`decode.next_batch`), so they are None here.
+    """
+    if not self.can_decode_many():
+      return None
+    rows = chunk.batch.eos.shape[0]
+    index = {id(s): b for b, s in enumerate(chunk.scheduled)}
+    if (any(id(s) not in index for s in self.running)
+        or bucket(len(self.running), self.config.min_seq_bucket, self.config.max_seqs) != rows):
+      return None
+    if all(seq.num_remaining <= chunk.steps for seq in self.running):
+      return None  # chunk ends every sequence (its max length): nothing would be left to run
+    alloc, span = self.allocator, 2 * chunk.steps  # chunk's tokens, then this call's
+    want = {seq.seq_id: seq.num_computed + min(span, seq.num_remaining) for seq in self.running}
+    if sum(alloc.pages_needed(i, n) for i, n in want.items()) > alloc.num_free:
+      return None
+    for seq_id, n in want.items():
+      alloc.reserve(seq_id, n)
+    table = np.zeros_like(chunk.batch.block_table)
+    eos = np.full(rows, NO_EOS, np.int32)
+    for seq in self.running:
+      pages = alloc.pages(seq.seq_id)
+      table[index[id(seq)], :len(pages)] = pages
+      eos[index[id(seq)]] = chunk.batch.eos[index[id(seq)]]
+    batch = DecodeBatch(tokens=None, positions=None, block_table=table, remaining=None, eos=eos)
+    return DecodeChunk(list(chunk.scheduled), batch, chunk.sampling, chunk.mode, chunk.steps, continues=True)
+
   def _build_decode(self, seqs: List[Sequence], steps: int) -> "DecodeChunk":
     cfg = self.config
     rows = bucket(len(seqs), cfg.min_seq_bucket, cfg.max_seqs)
@@ -393,6 +428,10 @@ class Scheduler:
     done = []
     for b, seq in enumerate(chunk.scheduled):
       n = int(counts[b])
+      if seq.finished:  # it stopped in the call before this one (`schedule_next_decode`)
+        if n:
+          raise RuntimeError(f"sequence {seq.seq_id} finished but a later call gave it {n} tokens")
+        continue
       seq.generated.extend(int(t) for t in tokens[b, :n])
       seq.num_computed += n  # every generated token but the last was fed back and written
       if self._finish_if_done(seq):
@@ -406,6 +445,10 @@ class DecodeChunk:
 
   batch: `decode.DecodeBatch` of NumPy arrays padded to the sequence bucket; sampling: NumPy
   `decode.SamplingParams`; mode: the static sampling mode; steps: the call's most steps.
+  continues: True for a call that continues the call before it on the device
+  (`Scheduler.schedule_next_decode`), scheduled before that call's tokens were known: its batch's
+  tokens, positions and remaining are None (`decode.next_batch` makes them from that call's
+  outputs). False: a call built from the host's state.
   """
 
   scheduled: List[Sequence]
@@ -413,11 +456,12 @@ class DecodeChunk:
   sampling: SamplingParams
   mode: str
   steps: int
+  continues: bool = False
 
   @property
   def bucket(self) -> Tuple[int, int]:
     """(sequence bucket, steps): with the mode, the static shapes the jitted loop sees."""
-    return self.batch.tokens.shape[0], self.steps
+    return self.batch.eos.shape[0], self.steps
 
 
 def _serving_step(graphdef, state, k_cache, v_cache, tokens, batch: PagedBatch, sample_rows,
@@ -461,6 +505,17 @@ class ChunkOutput:
   finished: List[Sequence]
 
 
+@dataclasses.dataclass
+class _InFlight:
+  """A decode call dispatched and not read yet: its chunk and the device arrays it runs on / returns."""
+
+  chunk: DecodeChunk
+  batch: DecodeBatch
+  sampling: SamplingParams
+  tokens: jax.Array  # i32[S, steps]
+  counts: jax.Array  # i32[S]
+
+
 def _check_steps_per_call(steps_per_call) -> int:
   if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, (int, np.integer)):
     raise TypeError(f"steps_per_call must be an int, got {steps_per_call!r}")
@@ -484,12 +539,20 @@ class Engine:
   free pages cover the call; `advance()` runs whichever applies. `check_every` (a divisor of
   `steps_per_call`): how many of a call's steps run between its checks for whether any sequence is
   still active (`decode.decode_loop`).
+
+  `overlap` (default True): `decode_chunk` dispatches the next decode call, seeded on the device
+  from this one's outputs (`Scheduler.schedule_next_decode`, `decode.next_batch`), before it reads
+  this call's tokens, so the host's work between calls (reading and recording tokens, scheduling,
+  dispatch: ~3 ms a call) overlaps the GPU's instead of idling it. The tokens are the same either
+  way. The cost: a sequence that stops in a call holds its row through the next call (making
+  nothing), and a prompt that arrives meanwhile is admitted one call later. `step()` and
+  `decode_chunk()` first finish any call in flight; `has_work` counts it.
   """
 
   def __init__(self, model: DecoderLM, *, num_blocks: int, block_size: int = 16,
                max_tokens_per_step: int = 256, max_seqs: int = 16, max_model_len: Optional[int] = None,
                min_token_bucket: int = 16, min_seq_bucket: int = 4, steps_per_call: int = 1,
-               check_every: int = 1):
+               check_every: int = 1, overlap: bool = True):
     if max_model_len is None:
       max_model_len = num_blocks * block_size
     self.config = SchedulerConfig(num_blocks=num_blocks, block_size=block_size,
@@ -498,16 +561,21 @@ class Engine:
                                   min_seq_bucket=min_seq_bucket)
     self.steps_per_call = _check_steps_per_call(steps_per_call)
     self.check_every = check_steps_between_checks(check_every, self.steps_per_call)
+    if not isinstance(overlap, (bool, np.bool_)):
+      raise TypeError(f"overlap must be a bool, got {overlap!r}")
+    self.overlap = bool(overlap)
+    self._in_flight: Optional[_InFlight] = None  # a decode call dispatched, its tokens not read yet
     self.scheduler = Scheduler(self.config)
     self.model_config = model.config
     self.graphdef, self.state = nnx.split(model)
     self.k_cache, self.v_cache = init_cache(model.config, num_blocks, block_size)
     self.num_steps = 0  # one-step calls
-    self.num_chunks = 0  # multi-step decode calls
+    self.num_chunks = 0  # multi-step decode calls read back
     self.decode_build = None  # the decode loop build of the last decode_chunk ("default" / "cublas": decode.loop_for)
-    # Seconds the last decode_chunk spent: scheduling and building its arrays ("schedule"), in the
-    # jitted call until its tokens were on the host ("call": device time plus dispatch), and
-    # recording them ("update"). Where a call's time goes, for benchmarks (bench_serving.py).
+    # Seconds the last decode_chunk spent: on the host before waiting for its call ("schedule":
+    # scheduling, building arrays, dispatching the call and, with overlap, the next one), waiting
+    # until its tokens were on the host ("call"), and recording them ("update"). Where a call's
+    # time goes, for benchmarks (bench_serving.py).
     self.chunk_seconds: Dict[str, float] = {}
 
   @property
@@ -516,7 +584,7 @@ class Engine:
 
   @property
   def has_work(self) -> bool:
-    return self.scheduler.has_work
+    return self._in_flight is not None or self.scheduler.has_work
 
   def add(self, prompt: Iterable[int], max_new_tokens: int, eos_token_id: Optional[int] = None,
           sampling: Optional[Sampling] = None) -> Sequence:
@@ -542,7 +610,10 @@ class Engine:
     return args if sampling is None else args + (SamplingParams(*sampling),)
 
   def step(self) -> Optional[StepOutput]:
-    """Schedules, runs and records one step; None when there is no work left."""
+    """Schedules, runs and records one step; None when there is no work left. A decode call still
+    in flight is read first (its tokens land in its sequences; its ChunkOutput is not returned)."""
+    while self._in_flight is not None:
+      self.decode_chunk()
     step = self.scheduler.schedule()
     if step is None:
       return None
@@ -560,32 +631,51 @@ class Engine:
     return (self.graphdef, self.state, self.k_cache, self.v_cache, DecodeBatch(*chunk.batch),
             SamplingParams(*chunk.sampling))  # host arrays, as device_args passes them
 
+  def _dispatch(self, chunk: DecodeChunk, batch: DecodeBatch, sampling: SamplingParams) -> _InFlight:
+    """Dispatches chunk's decode call on `batch` (host or device arrays); does not wait for it."""
+    loop = loop_for(chunk.bucket[0])
+    self.decode_build = "cublas" if loop is decode_loop_cublas else "default"
+    tokens, counts, self.k_cache, self.v_cache = loop(
+        self.graphdef, self.state, self.k_cache, self.v_cache, batch, sampling, steps=chunk.steps,
+        mode=chunk.mode, check_every=math.gcd(chunk.steps, self.check_every))
+    return _InFlight(chunk, batch, sampling, tokens, counts)
+
   def decode_chunk(self, steps: Optional[int] = None) -> Optional[ChunkOutput]:
     """Up to `steps` (default `steps_per_call`) decode steps of every running sequence in one jitted
-    call; None, running nothing, when that may not run now (`Scheduler.schedule_decode`)."""
+    call; None, running nothing, when that may not run now (`Scheduler.schedule_decode`).
+
+    With `overlap`, reads the call already in flight, if any, instead (its steps were fixed when it
+    was scheduled), and first dispatches the call after it where one may run
+    (`Scheduler.schedule_next_decode`).
+    """
     steps = self.steps_per_call if steps is None else _check_steps_per_call(steps)
     t0 = time.perf_counter()
-    chunk = self.scheduler.schedule_decode(steps)
-    if chunk is None:
-      return None
-    args = self.decode_args(chunk)
-    loop = loop_for(args[4].tokens.shape[0])
-    self.decode_build = "cublas" if loop is decode_loop_cublas else "default"
+    current, self._in_flight = self._in_flight, None
+    if current is None:
+      chunk = self.scheduler.schedule_decode(steps)
+      if chunk is None:
+        return None
+      batch, sampling = self.decode_args(chunk)[4:]
+      if self.overlap:  # on device as the next calls' (one jit signature); sampling is theirs too
+        batch, sampling = jax.device_put((batch, sampling))
+      current = self._dispatch(chunk, batch, sampling)
+    if self.overlap:
+      chunk = self.scheduler.schedule_next_decode(current.chunk)
+      if chunk is not None:
+        batch = next_batch(current.batch, current.tokens, current.counts, chunk.batch.block_table)
+        self._in_flight = self._dispatch(chunk, batch, current.sampling)
     t1 = time.perf_counter()
-    tokens, counts, self.k_cache, self.v_cache = loop(
-        *args, steps=chunk.steps, mode=chunk.mode,
-        check_every=math.gcd(chunk.steps, self.check_every))
-    tokens, counts = np.asarray(tokens), np.asarray(counts)
+    tokens, counts = np.asarray(current.tokens), np.asarray(current.counts)
     t2 = time.perf_counter()
-    finished = self.scheduler.update_decode(chunk, tokens, counts)
+    finished = self.scheduler.update_decode(current.chunk, tokens, counts)
     self.num_chunks += 1
     self.chunk_seconds = dict(schedule=t1 - t0, call=t2 - t1, update=time.perf_counter() - t2)
-    return ChunkOutput(chunk, tokens, counts, finished)
+    return ChunkOutput(current.chunk, tokens, counts, finished)
 
   def advance(self) -> Optional[Union[StepOutput, ChunkOutput]]:
     """One call: a multi-step decode where one may run (steps_per_call > 1), else one step; None
     when there is no work left."""
-    if self.steps_per_call > 1:
+    if self.steps_per_call > 1 or self._in_flight is not None:
       out = self.decode_chunk()
       if out is not None:
         return out

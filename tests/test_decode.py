@@ -51,9 +51,9 @@ def prompts():
   return [rng.integers(0, 256, n).tolist() for n in PROMPT_LENS]
 
 
-def make_engine(model, steps_per_call, check_every=1):
+def make_engine(model, steps_per_call, check_every=1, overlap=True):
   return serving.Engine(model, num_blocks=NUM_BLOCKS, steps_per_call=steps_per_call, check_every=check_every,
-                        **ENGINE)
+                        overlap=overlap, **ENGINE)
 
 
 def run(engine, prompts, eos=(None, None, None), samplings=SAMPLINGS):
@@ -80,19 +80,22 @@ def one_step(model, prompts):
   return stopped, (eos, None, None)
 
 
-@pytest.mark.parametrize("check_every", [1, 4, STEPS])
-def test_multi_step_matches_one_step(model, prompts, one_step, check_every):
+@pytest.mark.parametrize("check_every,overlap", [(1, True), (4, True), (STEPS, True), (1, False)])
+def test_multi_step_matches_one_step(model, prompts, one_step, check_every, overlap):
   """Greedy rows (one stops at its eos, one at its max length, mid-call) and a sampled row (keys are
   per seed, sequence and position, so grouping steps into calls changes no draw): the same tokens,
-  whether the loop checks for finished rows every step or runs idle steps past them."""
+  whether the loop checks for finished rows every step or runs idle steps past them, and whether
+  each call is dispatched before the last one's tokens are read (overlap) or after."""
   want, eos = one_step
-  engine = make_engine(model, STEPS, check_every)
+  engine = make_engine(model, STEPS, check_every, overlap)
   compiles = decode.decode_loop._cache_size()
   got, outputs = run(engine, prompts, eos)
   assert got == want
   assert decode.decode_loop._cache_size() - compiles <= 1  # calls at new lengths / pages: one program
   chunks = [o for o in outputs if isinstance(o, serving.ChunkOutput)]
   assert engine.num_chunks == len(chunks) >= 2 and engine.num_steps == 1  # the prefill, then calls
+  # With overlap, every call after the first was seeded on the device from the one before it.
+  assert [c.chunk.continues for c in chunks] == [False] + [overlap] * (len(chunks) - 1)
   assert set(engine.chunk_seconds) == {"schedule", "call", "update"}  # the last call's time, by part
   assert all(t >= 0 for t in engine.chunk_seconds.values()) and engine.chunk_seconds["call"] > 0
   # Rows stopped mid-call (eos, max length), rows ran whole calls, and padding rows made nothing.
@@ -110,14 +113,15 @@ def test_a_new_seed_changes_only_the_sampled_row(model, prompts, one_step):
   assert got[:2] == want[:2] and got[2] != want[2]
 
 
-@pytest.mark.parametrize("check_every", [1, STEPS])
-def test_finished_sequences_never_write_the_cache(model, prompts, one_step, check_every):
+@pytest.mark.parametrize("check_every,overlap", [(1, True), (STEPS, True), (1, False)])
+def test_finished_sequences_never_write_the_cache(model, prompts, one_step, check_every, overlap):
   """NaN-poisoned caches: after the run exactly the slots of the tokens each sequence computed hold
   numbers; every other slot (reserved tails of sequences that stopped early, padding rows' page 0,
   untouched pages) keeps its poison, and the tokens are still the one-step path's (with
-  check_every=STEPS the loop runs idle steps once every row has stopped: they write nothing)."""
+  check_every=STEPS the loop runs idle steps once every row has stopped: they write nothing; with
+  overlap a row that stopped rides the next call, dispatched before its stop was known, idle)."""
   want, eos = one_step
-  engine = make_engine(model, STEPS, check_every)
+  engine = make_engine(model, STEPS, check_every, overlap)
   engine.k_cache = jnp.full_like(engine.k_cache, jnp.nan)
   engine.v_cache = jnp.full_like(engine.v_cache, jnp.nan)
   pages = collections.defaultdict(list)
@@ -237,6 +241,95 @@ def test_schedule_decode_reserves_the_call_pages_and_waits_for_prefill():
   full.update(full.schedule(), np.array([1]))
   chunk = full.schedule_decode(STEPS)  # a prompt waits, but no sequence slot is free: a call runs
   assert chunk.scheduled == [c] and len(full.waiting) == 1
+
+
+def test_overlapped_calls_admit_prompts_that_arrive_mid_run(model, prompts, one_step):
+  """A prompt added while a call is in flight: the next decode_chunk reads that call without
+  dispatching another (a prompt waits with a free row), the one-step path prefills it, calls resume;
+  a step() called with a call in flight reads it first. Every sequence's tokens are still the
+  one-step path's."""
+  want, eos = one_step
+  engine = make_engine(model, STEPS)
+  seqs = [engine.add(*args) for args in zip(prompts[:2], MAX_NEW[:2], eos[:2], SAMPLINGS[:2])]
+  while not isinstance(engine.advance(), serving.ChunkOutput):
+    pass
+  assert engine._in_flight is not None  # the next call was dispatched before this one was read
+  seqs.append(engine.add(prompts[2], MAX_NEW[2], eos[2], SAMPLINGS[2]))
+  out = engine.decode_chunk()
+  assert out.chunk.continues and engine._in_flight is None  # read, and no call after it: a prompt waits
+  assert isinstance(engine.advance(), serving.StepOutput)  # the prefill
+  out = engine.advance()
+  assert isinstance(out, serving.ChunkOutput) and not out.chunk.continues and engine._in_flight is not None
+  engine.step()  # reads the call in flight first
+  assert engine._in_flight is None
+  engine.run()
+  assert [s.generated for s in seqs] == want
+  assert engine.allocator.num_free == NUM_BLOCKS
+
+
+def test_next_batch_matches_numpy():
+  """decode.next_batch against its definition in NumPy: rows that made tokens continue from their
+  last one, rows that made none keep theirs, a row whose last token is its eos has none left."""
+  rng = np.random.default_rng(11)
+  rows, steps = 6, 5
+  batch = decode.DecodeBatch(tokens=rng.integers(0, 50, rows).astype(np.int32),
+                             positions=rng.integers(0, 40, rows).astype(np.int32),
+                             block_table=rng.integers(0, 9, (rows, 3)).astype(np.int32),
+                             remaining=np.array([9, 5, 3, 7, 0, 4], np.int32),
+                             eos=np.array([7, decode.NO_EOS, 2, 3, decode.NO_EOS, 1], np.int32))
+  counts = np.array([5, 5, 2, 4, 0, 0], np.int32)
+  tokens = np.full((rows, steps), decode.PAD_TOKEN, np.int32)
+  for r in range(rows):
+    tokens[r, :counts[r]] = rng.integers(10, 50, counts[r])
+  tokens[2, 1] = 2  # row 2 stops at its eos
+  table = rng.integers(0, 9, (rows, 3)).astype(np.int32)
+  got = decode.next_batch(batch, tokens, counts, table)
+  last = np.array([tokens[r, counts[r] - 1] if counts[r] else batch.tokens[r] for r in range(rows)])
+  np.testing.assert_array_equal(got.tokens, last)
+  np.testing.assert_array_equal(got.positions, batch.positions + counts)
+  np.testing.assert_array_equal(got.remaining, [4, 0, 0, 3, 0, 4])
+  np.testing.assert_array_equal(got.block_table, table)
+  np.testing.assert_array_equal(got.eos, batch.eos)
+  with pytest.raises(ValueError, match="counts"):
+    decode.next_batch(batch, tokens, counts[:3], table)
+  with pytest.raises(ValueError, match="block_table"):
+    decode.next_batch(batch, tokens, counts, table[:2])
+  with pytest.raises(TypeError, match="counts"):
+    decode.next_batch(batch, tokens, counts.astype(np.float32), table)
+
+
+def test_schedule_next_decode_reserves_two_calls_ahead_and_knows_when_not_to():
+  cfg = serving.SchedulerConfig(num_blocks=12, block_size=4, max_tokens_per_step=32, max_seqs=4,
+                                max_model_len=48, min_token_bucket=4, min_seq_bucket=4)
+  sched = serving.Scheduler(cfg)
+  a = sched.add(range(6), max_new_tokens=30)
+  b = sched.add(range(3), max_new_tokens=12)
+  sched.update(sched.schedule(), np.array([1, 2, 0, 0]))
+  chunk = sched.schedule_decode(4)
+  nxt = sched.schedule_next_decode(chunk)
+  # From the host's state (chunk's tokens unknown): a 6 + min(8, 29) = 14 -> 4 pages; b 3 + 8 -> 3.
+  assert nxt.continues and nxt.scheduled == chunk.scheduled and nxt.steps == 4
+  assert [len(sched.allocator.pages(s.seq_id)) for s in (a, b)] == [4, 3]
+  assert nxt.batch.tokens is None and nxt.batch.positions is None and nxt.batch.remaining is None
+  assert list(nxt.batch.block_table[1, :3]) == sched.allocator.pages(b.seq_id)
+  out = np.full((4, 4), decode.PAD_TOKEN)
+  out[0], out[1] = [5, 6, 7, 8], [9, 10, 11, 12]
+  sched.update_decode(chunk, out, np.array([4, 4, 0, 0]))
+  # b has 7 left and a call in flight: the call after that one is still wanted.
+  assert sched.schedule_next_decode(nxt) is not None
+  sched.add(range(2), max_new_tokens=2)  # a waiting prompt with a free row: no call ahead
+  assert sched.schedule_next_decode(nxt) is None
+  short = serving.Scheduler(cfg)
+  short.add(range(3), max_new_tokens=3)
+  short.update(short.schedule(), np.array([1, 0, 0, 0]))
+  assert short.schedule_next_decode(short.schedule_decode(4)) is None  # the call ends the sequence
+  tight = serving.Scheduler(dataclasses.replace(cfg, num_blocks=8, max_model_len=24))
+  tight.add(range(3), max_new_tokens=20)
+  tight.add(range(3), max_new_tokens=20)
+  tight.update(tight.schedule(), np.array([1, 1, 0, 0]))
+  first = tight.schedule_decode(8)  # 3 + 8 tokens each: 3 pages each, 2 of 8 left
+  assert tight.schedule_next_decode(first) is None  # 3 + 16 tokens: 5 pages each, 4 more needed
+  assert tight.allocator.num_free == 2  # nothing reserved
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
