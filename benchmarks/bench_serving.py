@@ -13,7 +13,8 @@ decodes 1 + steps_per_call * (--chunks + 1) tokens (greedy unless --sampling):
                 that decodes all B sequences (schedule on the host, transfer, the step, reading the
                 tokens back); the first two decode steps (compile) are not timed.
   mode "multi": `Engine.decode_chunk`: up to --steps-per-call steps in one jitted while loop
-                (`decode.decode_loop`; "multi/N": checking for finished sequences every N steps),
+                (`decode.decode_loop`; "multi/N": checking for finished sequences every N steps,
+                "multi/0": never, a loop of static length that returns to Python once enqueued),
                 each call dispatched before the last one's tokens are read (Engine's overlap;
                 "multi-serial[/N]": after). decode_step_ms = median over calls of (wall time of
                 `Engine.advance` returning the call's tokens, incl. its host work: reserving pages,
@@ -425,7 +426,8 @@ def parse_args(argv):
                       "config.py constant NAME is V while that model runs (an A/B of a rule, e.g. "
                       "auto,auto@MIN_TILES_PER_SPLIT=2)")
   p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many, checking "
-                 "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call); "
+                 "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call; 0: never, "
+                 "a loop of static length); "
                  "multi-serial[/N]: the same with Engine(overlap=False) (each call dispatched after the "
                  "last one's tokens are read)")
   p.add_argument("--steps-per-call", type=int, default=32)
@@ -477,9 +479,9 @@ def parse_args(argv):
     args.sampling = decode.Sampling(temperature=float(t), top_k=int(k), top_p=float(top_p))
   args.modes = args.modes.split(",")
   for mode in args.modes:
-    n = check_every(mode) if re.fullmatch(r"step|multi(-serial)?(/[1-9]\d*)?", mode) else 0
-    if not n or args.steps_per_call % n:
-      raise ValueError(f"--modes: step, multi[-serial] or multi[-serial]/N with N dividing "
+    n = check_every(mode) if re.fullmatch(r"step|multi(-serial)?(/\d+)?", mode) else -1
+    if n < 0 or (n and args.steps_per_call % n):
+      raise ValueError(f"--modes: step, multi[-serial] or multi[-serial]/N with N 0 or dividing "
                        f"--steps-per-call, got {mode!r}")
   multi = [m for m in args.modes if is_multi(m)]
   args.profile_mode = multi[-1] if multi else "multi"

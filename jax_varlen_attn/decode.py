@@ -347,12 +347,15 @@ class _Carry(NamedTuple):
   v_cache: jax.Array
 
 
+NEVER = 0  # check_every: no checks, a loop of static length (`decode_loop`)
+
+
 def check_steps_between_checks(check_every, steps: int) -> int:
-  """`check_every` as an int, or a ValueError naming it: an int >= 1 that divides `steps`."""
+  """`check_every` as an int, or a ValueError naming it: `NEVER` (0) or an int >= 1 dividing `steps`."""
   if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)):
     raise TypeError(f"check_every must be an int, got {check_every!r}")
-  if check_every < 1 or steps % check_every:
-    raise ValueError(f"check_every must be an int >= 1 dividing steps={steps}, got {check_every}")
+  if check_every < 0 or (check_every and steps % check_every):
+    raise ValueError(f"check_every must be 0 (never) or an int >= 1 dividing steps={steps}, got {check_every}")
   return int(check_every)
 
 
@@ -374,7 +377,10 @@ def _decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch:
       static length. Each check reads one flag back to the host; checking rarely measured no
       faster (benchmarks/NOTES.md, "the serving decode loop"), hence the default of 1. A call
       whose sequences all finish early runs up to `check_every - 1` idle steps (nothing is
-      written or sampled for an inactive sequence).
+      written or sampled for an inactive sequence). `NEVER` (0): always `steps` steps, a loop of
+      static length that reads nothing back, so the call returns to Python as soon as it is
+      enqueued (a loop with checks returns only after its last check, i.e. when it is done): the
+      host can prepare and dispatch the next call meanwhile (`serving.Engine(overlap=True)`).
 
   Each step, every active sequence feeds its last token, samples the next one, and stops after
   `remaining` tokens or on its eos; the loop ends after `steps` steps or once none is active.
@@ -417,7 +423,10 @@ def _decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch:
   init = _Carry(jnp.int32(0), batch.tokens.astype(jnp.int32), batch.positions.astype(jnp.int32),
                 batch.remaining > 0, jnp.zeros(rows, jnp.int32),
                 jnp.full((rows, steps), PAD_TOKEN, jnp.int32), k_cache, v_cache)
-  final = jax.lax.while_loop(cond, body, init)
+  if check_every == NEVER:  # XLA runs a loop of known trip count without reading its predicate back
+    final = jax.lax.fori_loop(0, steps, lambda _, c: step(c), init)
+  else:
+    final = jax.lax.while_loop(cond, body, init)
   return final.out, final.counts, final.k_cache, final.v_cache
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from flax import nnx
 
-from jax_varlen_attn.decode import (GREEDY, NO_EOS, DecodeBatch, Sampling, SamplingParams,
+from jax_varlen_attn.decode import (GREEDY, NEVER, NO_EOS, DecodeBatch, Sampling, SamplingParams,
                                     check_steps_between_checks, decode_loop_cublas, loop_for,
                                     next_batch, sample, sampling_arrays, sampling_mode, token_keys)
 from jax_varlen_attn.graph_key import KeyedJit, graph_key
@@ -367,12 +367,14 @@ class Scheduler:
       alloc.reserve(seq_id, n)
     return self._build_decode(list(self.running), steps)
 
-  def schedule_next_decode(self, chunk: "DecodeChunk") -> Optional["DecodeChunk"]:
-    """The decode call to run right after `chunk` (same rows, steps and sampling), scheduled before
+  def schedule_next_decode(self, chunk: "DecodeChunk", steps: Optional[int] = None) -> Optional["DecodeChunk"]:
+    """The decode call of up to `steps` steps (default chunk's) to run right after `chunk` (same rows
+    and sampling), scheduled before
     chunk's tokens are known, or None when it may not run: `can_decode_many` fails, a sequence runs
     that chunk does not hold, the live sequences now fit a smaller bucket (rescheduling is
-    cheaper), chunk reaches every sequence's max length, or the free pages cannot cover every live sequence's next min(2 * steps, remaining)
-    tokens from the host's state, which is one call behind: chunk's tokens are not recorded yet.
+    cheaper), chunk reaches every sequence's max length, or the free pages cannot cover every live
+    sequence's next min(chunk.steps + steps, remaining) tokens from the host's state, which is one
+    call behind: chunk's tokens are not recorded yet.
 
     Reserves those pages. The call's batch holds its block table and eos only (finished rows: no
     pages, eos `NO_EOS`); its tokens, positions and remaining are chunk's, advanced on the device
@@ -387,7 +389,8 @@ class Scheduler:
       return None
     if all(seq.num_remaining <= chunk.steps for seq in self.running):
       return None  # chunk ends every sequence (its max length): nothing would be left to run
-    alloc, span = self.allocator, 2 * chunk.steps  # chunk's tokens, then this call's
+    steps = chunk.steps if steps is None else steps
+    alloc, span = self.allocator, chunk.steps + steps  # chunk's tokens, then this call's
     want = {seq.seq_id: seq.num_computed + min(span, seq.num_remaining) for seq in self.running}
     if sum(alloc.pages_needed(i, n) for i, n in want.items()) > alloc.num_free:
       return None
@@ -400,7 +403,7 @@ class Scheduler:
       table[index[id(seq)], :len(pages)] = pages
       eos[index[id(seq)]] = chunk.batch.eos[index[id(seq)]]
     batch = DecodeBatch(tokens=None, positions=None, block_table=table, remaining=None, eos=eos)
-    return DecodeChunk(list(chunk.scheduled), batch, chunk.sampling, chunk.mode, chunk.steps, continues=True)
+    return DecodeChunk(list(chunk.scheduled), batch, chunk.sampling, chunk.mode, steps, continues=True)
 
   def _build_decode(self, seqs: List[Sequence], steps: int) -> "DecodeChunk":
     cfg = self.config
@@ -637,8 +640,19 @@ class Engine:
     self.decode_build = "cublas" if loop is decode_loop_cublas else "default"
     tokens, counts, self.k_cache, self.v_cache = loop(
         self.graphdef, self.state, self.k_cache, self.v_cache, batch, sampling, steps=chunk.steps,
-        mode=chunk.mode, check_every=math.gcd(chunk.steps, self.check_every))
+        mode=chunk.mode,
+        check_every=NEVER if self.check_every == NEVER else math.gcd(chunk.steps, self.check_every))
     return _InFlight(chunk, batch, sampling, tokens, counts)
+
+  def _call_steps(self, steps: int, behind: int) -> int:
+    """A call's steps: `steps`, or with `check_every=NEVER` (whose loop runs every step it is built
+    for) the smallest power of two reaching the longest running sequence's remaining tokens, less
+    `behind` of them that a call in flight makes first: a few programs (one per power of two) in
+    place of idle steps at the ends of sequences."""
+    if self.check_every != NEVER:
+      return steps
+    longest = max((s.num_remaining for s in self.scheduler.running), default=steps) - behind
+    return min(steps, next_pow2(max(longest, 1)))
 
   def decode_chunk(self, steps: Optional[int] = None) -> Optional[ChunkOutput]:
     """Up to `steps` (default `steps_per_call`) decode steps of every running sequence in one jitted
@@ -652,7 +666,7 @@ class Engine:
     t0 = time.perf_counter()
     current, self._in_flight = self._in_flight, None
     if current is None:
-      chunk = self.scheduler.schedule_decode(steps)
+      chunk = self.scheduler.schedule_decode(self._call_steps(steps, 0))
       if chunk is None:
         return None
       batch, sampling = self.decode_args(chunk)[4:]
@@ -660,7 +674,8 @@ class Engine:
         batch, sampling = jax.device_put((batch, sampling))
       current = self._dispatch(chunk, batch, sampling)
     if self.overlap:
-      chunk = self.scheduler.schedule_next_decode(current.chunk)
+      chunk = self.scheduler.schedule_next_decode(current.chunk,
+                                                  self._call_steps(current.chunk.steps, current.chunk.steps))
       if chunk is not None:
         batch = next_batch(current.batch, current.tokens, current.counts, chunk.batch.block_table)
         self._in_flight = self._dispatch(chunk, batch, current.sampling)

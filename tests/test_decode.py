@@ -80,19 +80,24 @@ def one_step(model, prompts):
   return stopped, (eos, None, None)
 
 
-@pytest.mark.parametrize("check_every,overlap", [(1, True), (4, True), (STEPS, True), (1, False)])
+@pytest.mark.parametrize("check_every,overlap", [(1, True), (4, True), (STEPS, True), (1, False),
+                                                 (decode.NEVER, True), (decode.NEVER, False)])
 def test_multi_step_matches_one_step(model, prompts, one_step, check_every, overlap):
   """Greedy rows (one stops at its eos, one at its max length, mid-call) and a sampled row (keys are
   per seed, sequence and position, so grouping steps into calls changes no draw): the same tokens,
-  whether the loop checks for finished rows every step or runs idle steps past them, and whether
-  each call is dispatched before the last one's tokens are read (overlap) or after."""
+  whether the loop checks for finished rows every step, runs idle steps past them or never checks
+  (a loop of static length, its steps cut to a power of two reaching the longest sequence's end),
+  and whether each call is dispatched before the last one's tokens are read (overlap) or after."""
   want, eos = one_step
   engine = make_engine(model, STEPS, check_every, overlap)
   compiles = decode.decode_loop._cache_size()
   got, outputs = run(engine, prompts, eos)
   assert got == want
-  assert decode.decode_loop._cache_size() - compiles <= 1  # calls at new lengths / pages: one program
   chunks = [o for o in outputs if isinstance(o, serving.ChunkOutput)]
+  # Calls at new lengths / pages: one program per step count (several only where the loop never checks).
+  steps = {c.chunk.steps for c in chunks}
+  assert decode.decode_loop._cache_size() - compiles <= len(steps)
+  assert steps == {STEPS} if check_every else (STEPS in steps and len(steps) > 1)
   assert engine.num_chunks == len(chunks) >= 2 and engine.num_steps == 1  # the prefill, then calls
   # With overlap, every call after the first was seeded on the device from the one before it.
   assert [c.chunk.continues for c in chunks] == [False] + [overlap] * (len(chunks) - 1)
@@ -101,7 +106,7 @@ def test_multi_step_matches_one_step(model, prompts, one_step, check_every, over
   # Rows stopped mid-call (eos, max length), rows ran whole calls, and padding rows made nothing.
   counts = np.concatenate([c.counts[:len(c.chunk.scheduled)] for c in chunks])
   assert (counts == STEPS).any() and ((counts > 0) & (counts < STEPS)).any()
-  pad = np.concatenate([c.tokens[len(c.chunk.scheduled):] for c in chunks])
+  pad = np.concatenate([c.tokens[len(c.chunk.scheduled):].ravel() for c in chunks])
   assert pad.size and (pad == decode.PAD_TOKEN).all()
   assert engine.allocator.num_free == NUM_BLOCKS
 
@@ -113,7 +118,7 @@ def test_a_new_seed_changes_only_the_sampled_row(model, prompts, one_step):
   assert got[:2] == want[:2] and got[2] != want[2]
 
 
-@pytest.mark.parametrize("check_every,overlap", [(1, True), (STEPS, True), (1, False)])
+@pytest.mark.parametrize("check_every,overlap", [(1, True), (STEPS, True), (1, False), (decode.NEVER, True)])
 def test_finished_sequences_never_write_the_cache(model, prompts, one_step, check_every, overlap):
   """NaN-poisoned caches: after the run exactly the slots of the tokens each sequence computed hold
   numbers; every other slot (reserved tails of sequences that stopped early, padding rows' page 0,
