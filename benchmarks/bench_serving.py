@@ -13,10 +13,10 @@ decodes 1 + steps_per_call * (--chunks + 1) tokens (greedy unless --sampling):
                 that decodes all B sequences (schedule on the host, transfer, the step, reading the
                 tokens back); the first two decode steps (compile) are not timed.
   mode "multi": `Engine.decode_chunk`: up to --steps-per-call steps in one jitted while loop
-                (`decode.decode_loop`; "multi/N": checking for finished sequences every N steps,
-                "multi/0": never, a loop of static length that returns to Python once enqueued),
-                each call dispatched before the last one's tokens are read (Engine's overlap;
-                "multi-serial[/N]": after). decode_step_ms = median over calls of (wall time of
+                (`decode.decode_loop`) with the Engine's defaults: a loop of static length that
+                returns to Python once enqueued (check_every=NEVER; "multi/N": checking for finished
+                sequences every N steps, so the call returns when done), each call dispatched before
+                the last one's tokens are read (overlap; "multi-serial[/N]": after). decode_step_ms = median over calls of (wall time of
                 `Engine.advance` returning the call's tokens, incl. its host work: reserving pages,
                 building and sending the batch, dispatching the next call, reading the tokens back,
                 appending them) / steps it ran; the first call (compile) is not timed.
@@ -135,8 +135,11 @@ def is_multi(mode: str) -> bool:
 
 
 def check_every(mode: str) -> int:
-  """"multi/N" and "multi-serial/N" -> N; "multi", "multi-serial" and "step" -> 1."""
-  return int(mode.split("/")[1]) if "/" in mode else 1
+  """"multi/N" and "multi-serial/N" -> N; "multi" and "multi-serial" -> the engine's default
+  (`decode.NEVER`: a loop of static length); "step" -> 1."""
+  if "/" in mode:
+    return int(mode.split("/")[1])
+  return decode.NEVER if is_multi(mode) else 1
 
 
 def loop_options(mode: str, args) -> dict:
@@ -425,9 +428,9 @@ def parse_args(argv):
                  help="attention backends, one model each; a name may end in @NAME=V: the Triton backend's "
                       "config.py constant NAME is V while that model runs (an A/B of a rule, e.g. "
                       "auto,auto@MIN_TILES_PER_SPLIT=2)")
-  p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many, checking "
-                 "for finished sequences every step), multi/N (every N steps; N divides --steps-per-call; 0: never, "
-                 "a loop of static length); "
+  p.add_argument("--modes", default="step,multi", help="step (one token per call), multi (many, the "
+                 "Engine's defaults: a loop of static length, calls overlapped), multi/N (checking for "
+                 "finished sequences every N steps; N divides --steps-per-call; 0: never, the default), "
                  "multi-serial[/N]: the same with Engine(overlap=False) (each call dispatched after the "
                  "last one's tokens are read)")
   p.add_argument("--steps-per-call", type=int, default=32)

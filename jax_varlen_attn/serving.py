@@ -539,23 +539,31 @@ class Engine:
   `decode_chunk()` runs up to `steps_per_call` decode steps in one call (`decode.decode_loop`, or
   `decode.decode_loop_cublas` for large buckets on Hopper, `decode.loop_for`: one compile per
   sequence bucket and sampling mode) when `Scheduler.can_decode_many()` and the
-  free pages cover the call; `advance()` runs whichever applies. `check_every` (a divisor of
-  `steps_per_call`): how many of a call's steps run between its checks for whether any sequence is
-  still active (`decode.decode_loop`).
+  free pages cover the call; `advance()` runs whichever applies.
 
-  `overlap` (default True): `decode_chunk` dispatches the next decode call, seeded on the device
-  from this one's outputs (`Scheduler.schedule_next_decode`, `decode.next_batch`), before it reads
-  this call's tokens, so the host's work between calls (reading and recording tokens, scheduling,
-  dispatch: ~3 ms a call) overlaps the GPU's instead of idling it. The tokens are the same either
-  way. The cost: a sequence that stops in a call holds its row through the next call (making
-  nothing), and a prompt that arrives meanwhile is admitted one call later. `step()` and
-  `decode_chunk()` first finish any call in flight; `has_work` counts it.
+  Two options decide how decode calls follow each other; the defaults measured fastest (H200, the
+  1.7B model: ~10% a step at 1, 16 and 64 sequences; benchmarks/NOTES.md, "the serving decode
+  loop"), and the tokens are the same under every setting:
+  - `check_every` (default `decode.NEVER`): a call runs all its steps as a loop of static length,
+    which XLA enqueues without reading anything back, so the call returns to Python at once and
+    the host's work overlaps the GPU's. Its steps are cut to the smallest power of two reaching
+    the longest sequence's remaining tokens (a few more programs in place of idle steps). An int
+    >= 1 dividing `steps_per_call`: the loop checks for live sequences every that many steps and
+    ends early; each check reads a flag back to the host, so the call returns only when done.
+  - `overlap` (default True): `decode_chunk` dispatches the next decode call, seeded on the device
+    from this one's outputs (`Scheduler.schedule_next_decode`, `decode.next_batch`), before it
+    reads this call's tokens, so the GPU does not wait on the host's work between calls (reading
+    and recording tokens, scheduling, dispatch: ~2-3 ms a call). This needs a call that returns
+    before it is done (`check_every=NEVER`); with checks it only reorders the host's work. The
+    cost: a sequence that stops in a call holds its row through the next call (making nothing),
+    and a prompt that arrives meanwhile is admitted one call later. `step()` and `decode_chunk()`
+    first finish any call in flight; `has_work` counts it.
   """
 
   def __init__(self, model: DecoderLM, *, num_blocks: int, block_size: int = 16,
                max_tokens_per_step: int = 256, max_seqs: int = 16, max_model_len: Optional[int] = None,
                min_token_bucket: int = 16, min_seq_bucket: int = 4, steps_per_call: int = 1,
-               check_every: int = 1, overlap: bool = True):
+               check_every: int = NEVER, overlap: bool = True):
     if max_model_len is None:
       max_model_len = num_blocks * block_size
     self.config = SchedulerConfig(num_blocks=num_blocks, block_size=block_size,

@@ -131,12 +131,14 @@ def test_bench_serving_tiny_compares_backends_and_modes(tmp_path):
 
 def test_bench_serving_check_every_modes_and_the_serving_plot(tmp_path):
   pytest.importorskip("matplotlib")
-  _run("bench_serving.py", "--tiny", "--backends", "auto", "--modes", "multi,multi/2", "--min-split-tiles", "1",
-       "--write-launch", "xla", "--out", "serving_n", out_dir=tmp_path)
+  _run("bench_serving.py", "--tiny", "--backends", "auto", "--modes", "multi,multi/2,multi-serial",
+       "--min-split-tiles", "1", "--write-launch", "xla", "--out", "serving_n", out_dir=tmp_path)
   doc = json.loads((tmp_path / "serving_n.json").read_text())
   assert doc["write_launch"] == "xla"  # recorded (on a CPU the write is XLA's scatter either way)
-  assert sorted((r["batch"], r["mode"], r["check_every"]) for r in doc["records"]) == [
-      (1, "multi", 1), (1, "multi/2", 2), (4, "multi", 1), (4, "multi/2", 2)]
+  # "multi": the Engine's defaults (no checks, overlapped calls); "/N" checks; "-serial" no overlap.
+  assert sorted((r["batch"], r["mode"], r["check_every"], r["overlap"]) for r in doc["records"]) == [
+      (b, m, n, o) for b in (1, 4)
+      for m, n, o in (("multi", 0, True), ("multi-serial", 0, False), ("multi/2", 2, True))]
   assert doc["min_split_tiles"] == 1
   with pytest.raises(AssertionError, match="multi/3"):  # must divide --steps-per-call (4 with --tiny)
     _run("bench_serving.py", "--tiny", "--modes", "multi/3", out_dir=tmp_path)
