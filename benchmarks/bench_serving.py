@@ -286,10 +286,13 @@ def kernel_mix(trace: dict, hlo: str, steps: int, top: int = 15) -> Optional[dic
   ops = hlo_op_names(hlo)
   by_cat: Dict[str, float] = collections.defaultdict(float)
   by_name: Dict[str, List[float]] = collections.defaultdict(list)
+  op_text: Dict[str, str] = {}  # kernel name -> the HLO it runs, for the idle-before rows
   for e in events:
     name = str(e.get("name", ""))
-    by_cat[category(name, _event_ops(e, ops))] += float(e["dur"])
+    text = _event_ops(e, ops)
+    by_cat[category(name, text)] += float(e["dur"])
     by_name[name[:90]].append(float(e["dur"]))
+    op_text.setdefault(name[:70], " ".join(text.split())[:240])
   s = device_time.summarize(events)
   per = lambda us: round(us / steps, 2)  # noqa: E731
   kernels = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
@@ -299,7 +302,8 @@ def kernel_mix(trace: dict, hlo: str, steps: int, top: int = 15) -> Optional[dic
               us_per_step={c: per(by_cat.get(c, 0.0)) for c in CATEGORIES},
               top_kernels=[dict(name=n, us_per_step=per(sum(d)), count_per_step=round(len(d) / steps, 2))
                            for n, d in kernels],
-              gaps_before=device_time.gaps_before(events, steps))
+              gaps_before=[dict(g, ops=op_text.get(g["name"], ""), after_ops=op_text.get(g["after"], ""))
+                           for g in device_time.gaps_before(events, steps)])
 
 
 def profile_call(engine: Engine) -> Optional[dict]:
@@ -566,8 +570,8 @@ def run_backend(backend: str, base: ModelConfig, batches, args, ceiling, tokens,
         cats = ", ".join(f"{c} {us:.1f}" for c, us in mix["us_per_step"].items())
         print(f"  profile batch {batch}: {cats}, gaps {mix['while_loop_gaps_us_per_step']:.1f} us/step",
               flush=True)
-        waits = "; ".join(f"{g['name'][:40]} {g['gap_us_per_call']:.1f} (x{g['count_per_call']})"
-                          for g in mix["gaps_before"][:6])
+        waits = "; ".join(f"{g['name'][:40]} {g['gap_us_per_call']:.1f} (x{g['count_per_call']}, after "
+                          f"{g['after'][:40]})" for g in mix["gaps_before"][:6])
         print(f"  idle before (us/step): {waits}", flush=True)
   if args.mixed and backend == names[0]:
     for mode in args.modes:

@@ -18,6 +18,7 @@ kernels); span is what the GPU was held for.
 
 from __future__ import annotations
 
+import collections
 import glob
 import gzip
 import json
@@ -92,16 +93,21 @@ def per_kernel(events: Iterable[dict], calls: int, top: int = 12) -> List[dict]:
 def gaps_before(events: Iterable[dict], calls: int, top: int = 12) -> List[dict]:
   """Where the GPU waited: each idle stretch between a kernel's start and the end of all work before
   it, charged to that kernel's name (the first 70 characters), in us and count a call, the largest
-  first. (A stretch inside one call's span; the first event's wait is not counted.)"""
+  first, with `after`: the kernel that most often ended just before it. (A stretch inside one
+  call's span; the first event's wait is not counted.)"""
   by_name: Dict[str, List[float]] = {}
-  end = None
+  before: Dict[str, collections.Counter] = {}
+  end, last = None, ""
   for e in sorted(events, key=lambda e: float(e["ts"])):
     start, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+    name = str(e.get("name", ""))[:70]
     if end is not None and start > end:
-      by_name.setdefault(str(e.get("name", ""))[:70], []).append(start - end)
-    end = stop if end is None else max(end, stop)
-  rows = [dict(name=n, gap_us_per_call=round(sum(g) / calls, 2), count_per_call=round(len(g) / calls, 2))
-          for n, g in by_name.items()]
+      by_name.setdefault(name, []).append(start - end)
+      before.setdefault(name, collections.Counter())[last] += 1
+    if end is None or stop >= end:
+      end, last = stop, name
+  rows = [dict(name=n, gap_us_per_call=round(sum(g) / calls, 2), count_per_call=round(len(g) / calls, 2),
+               after=before[n].most_common(1)[0][0]) for n, g in by_name.items()]
   rows.sort(key=lambda r: -r["gap_us_per_call"])
   return rows[:top]
 

@@ -254,6 +254,7 @@ def test_gaps_before_charges_each_idle_stretch_to_the_kernel_after_it():
   events = [ev("a", 0, 10), ev("b", 12, 5), ev("c", 14, 10), ev("a", 24, 1), ev("b", 30, 2), ev("b", 40, 1)]
   rows = {r["name"]: r for r in device_time.gaps_before(events, calls=2)}
   assert rows["b"]["gap_us_per_call"] == pytest.approx((2 + 5 + 8) / 2) and rows["b"]["count_per_call"] == 1.5
+  assert rows["b"]["after"] == "a"  # b waited after a twice (ends 10 and 25), after b once (32)
   assert "c" not in rows and "a" not in rows
 
 
