@@ -11,7 +11,8 @@ Pieces, each usable alone:
   updated in place. With `steps_per_call=N > 1`, whenever every running sequence is decoding and no
   prompt could be admitted (none waits, or every sequence slot is taken), it runs up to N decode
   steps in one jitted call instead (`decode_chunk`: `jax_varlen_attn.decode.decode_loop`, pages for
-  the N tokens reserved beforehand); otherwise the one-step path (`step`) admits, prefills and
+  the N tokens reserved beforehand; by default the next call is dispatched before this one's
+  tokens are read, `Engine`'s overlap); otherwise the one-step path (`step`) admits, prefills and
   decodes as before.
 - `generate(model, prompts, max_new_tokens, steps_per_call=, sampling=)`: the whole loop.
 
@@ -538,12 +539,12 @@ class Engine:
   compiles: one per (token bucket, sequence bucket) pair for a given model and cache shape).
   `decode_chunk()` runs up to `steps_per_call` decode steps in one call (`decode.decode_loop`, or
   `decode.decode_loop_cublas` for large buckets on Hopper, `decode.loop_for`: one compile per
-  sequence bucket and sampling mode) when `Scheduler.can_decode_many()` and the
+  sequence bucket, sampling mode and step count) when `Scheduler.can_decode_many()` and the
   free pages cover the call; `advance()` runs whichever applies.
 
   Two options decide how decode calls follow each other; the defaults measured fastest (H200, the
-  1.7B model: ~10% a step at 1, 16 and 64 sequences; benchmarks/NOTES.md, "the serving decode
-  loop"), and the tokens are the same under every setting:
+  1.7B model: 8-10% a step at 1 and 16 sequences, 3-4% at 64; benchmarks/NOTES.md,
+  "overlapped decode calls of static length"), and the tokens are the same under every setting:
   - `check_every` (default `decode.NEVER`): a call runs all its steps as a loop of static length,
     which XLA enqueues without reading anything back, so the call returns to Python at once and
     the host's work overlaps the GPU's. Its steps are cut to the smallest power of two reaching
