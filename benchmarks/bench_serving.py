@@ -152,7 +152,7 @@ def make_engine(model: DecoderLM, args, max_seqs: int, mode: str, **overrides) -
   options = {**loop_options(mode, args), **overrides}
   return Engine(model, num_blocks=args.num_blocks, block_size=args.block_size,
                 max_tokens_per_step=args.max_tokens_per_step, max_seqs=max(max_seqs, 4),
-                max_model_len=args.max_model_len, min_seq_bucket=4, **options)
+                max_model_len=args.max_model_len, min_seq_bucket=args.min_seq_bucket, **options)
 
 
 def timed_decode(engine: Engine, batch: int, mode: str) -> List[Tuple[float, int, dict]]:
@@ -369,7 +369,7 @@ def serve(model: DecoderLM, requests, mode: str, args) -> dict:
     num_blocks, max_len = args.num_blocks, args.max_model_len
   engine = Engine(model, num_blocks=num_blocks, block_size=args.block_size,
                   max_tokens_per_step=args.max_tokens_per_step, max_seqs=args.mixed_max_seqs,
-                  max_model_len=max_len, min_seq_bucket=4, **loop_options(mode, args))
+                  max_model_len=max_len, min_seq_bucket=args.min_seq_bucket, **loop_options(mode, args))
   arrivals, times, live = {}, {}, []
   t0, i = time.perf_counter(), 0
   while i < len(requests) or engine.has_work:
@@ -442,6 +442,8 @@ def parse_args(argv):
                  "length is 1 + steps_per_call * (chunks + 1) tokens in both modes")
   p.add_argument("--prompt-len", type=int, default=512)
   p.add_argument("--block-size", type=int, default=16)
+  p.add_argument("--min-seq-bucket", type=int, default=4,
+                 help="the Engine's smallest sequence bucket (rows a decode step computes at batch 1)")
   p.add_argument("--max-tokens-per-step", type=int, default=2048)
   p.add_argument("--ceiling-mib", type=int, default=2048, help="size of the read-ceiling array")
   p.add_argument("--mixed", action="store_true", help="also run the mixed workload (first backend)")
@@ -525,7 +527,8 @@ def main(argv=None) -> int:
              commit_dirty=dirty, device=device.device_kind, platform=device.platform,
              jax=jax.__version__,
              model=dataclasses.asdict(base), params=base.num_params(), read_ceiling=ceiling,
-             steps_per_call=args.steps_per_call, launch=args.launch or "default",
+             steps_per_call=args.steps_per_call, min_seq_bucket=args.min_seq_bucket,
+             launch=args.launch or "default",
              min_split_tiles=args.min_split_tiles or "default",
              write_launch=args.write_launch or "default", records=[], mixed=[],
              profile=[], versions=package_versions(), xla_flags=os.environ.get("XLA_FLAGS", ""))
