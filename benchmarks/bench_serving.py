@@ -442,6 +442,9 @@ def parse_args(argv):
                  "length is 1 + steps_per_call * (chunks + 1) tokens in both modes")
   p.add_argument("--prompt-len", type=int, default=512)
   p.add_argument("--block-size", type=int, default=16)
+  p.add_argument("--static-unroll", type=int, default=None,
+                 help="experiment: steps an iteration of the static decode loop runs for the whole run "
+                      "(decode.STATIC_LOOP_UNROLL; default: the library's)")
   p.add_argument("--min-seq-bucket", type=int, default=4,
                  help="the Engine's smallest sequence bucket (rows a decode step computes at batch 1)")
   p.add_argument("--max-tokens-per-step", type=int, default=2048)
@@ -499,6 +502,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.static_unroll is not None:  # a patch of the library's loop, for this run only
+    decode.STATIC_LOOP_UNROLL = args.static_unroll
   if args.min_split_tiles is not None:  # a patch of the library's rule, for this run only
     from jax_varlen_attn.backends.triton import config as triton_config
     triton_config.MIN_TILES_PER_SPLIT = args.min_split_tiles
@@ -528,6 +533,7 @@ def main(argv=None) -> int:
              jax=jax.__version__,
              model=dataclasses.asdict(base), params=base.num_params(), read_ceiling=ceiling,
              steps_per_call=args.steps_per_call, min_seq_bucket=args.min_seq_bucket,
+             static_loop_unroll=decode.STATIC_LOOP_UNROLL,
              launch=args.launch or "default",
              min_split_tiles=args.min_split_tiles or "default",
              write_launch=args.write_launch or "default", records=[], mixed=[],

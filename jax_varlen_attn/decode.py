@@ -349,6 +349,9 @@ class _Carry(NamedTuple):
 
 
 NEVER = 0  # check_every: no checks, a loop of static length (`decode_loop`)
+# Steps one iteration of that static loop runs (lax.fori_loop's unroll), read when a loop is traced;
+# bench_serving.py --static-unroll varies it (benchmarks/NOTES.md, "overlapped decode calls").
+STATIC_LOOP_UNROLL = 1
 
 
 def check_steps_between_checks(check_every, steps: int) -> int:
@@ -425,7 +428,7 @@ def _decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch:
                 batch.remaining > 0, jnp.zeros(rows, jnp.int32),
                 jnp.full((rows, steps), PAD_TOKEN, jnp.int32), k_cache, v_cache)
   if check_every == NEVER:  # XLA runs a loop of known trip count without reading its predicate back
-    final = jax.lax.fori_loop(0, steps, lambda _, c: step(c), init)
+    final = jax.lax.fori_loop(0, steps, lambda _, c: step(c), init, unroll=STATIC_LOOP_UNROLL)
   else:
     final = jax.lax.while_loop(cond, body, init)
   return final.out, final.counts, final.k_cache, final.v_cache
