@@ -215,10 +215,15 @@ def test_loop_for_takes_the_cublas_build_from_its_row_count_on_hopper_only(model
   assert args[2].is_deleted() and k_new.unsafe_buffer_pointer() == ptr
 
 
+def small_scheduler(num_blocks, max_model_len):
+  """A scheduler of 4-token pages and one bucket of 4 sequences; returns (config, scheduler)."""
+  cfg = serving.SchedulerConfig(num_blocks=num_blocks, block_size=4, max_tokens_per_step=32, max_seqs=4,
+                                max_model_len=max_model_len, min_token_bucket=4, min_seq_bucket=4)
+  return cfg, serving.Scheduler(cfg)
+
+
 def test_schedule_decode_reserves_the_call_pages_and_waits_for_prefill():
-  cfg = serving.SchedulerConfig(num_blocks=8, block_size=4, max_tokens_per_step=32, max_seqs=4,
-                                max_model_len=32, min_token_bucket=4, min_seq_bucket=4)
-  sched = serving.Scheduler(cfg)
+  cfg, sched = small_scheduler(8, 32)
   a = sched.add(range(6), max_new_tokens=26)
   b = sched.add(range(3), max_new_tokens=3)
   assert sched.schedule_decode(STEPS) is None  # prompts wait
@@ -304,9 +309,7 @@ def test_next_batch_matches_numpy():
 
 
 def test_schedule_next_decode_reserves_two_calls_ahead_and_knows_when_not_to():
-  cfg = serving.SchedulerConfig(num_blocks=12, block_size=4, max_tokens_per_step=32, max_seqs=4,
-                                max_model_len=48, min_token_bucket=4, min_seq_bucket=4)
-  sched = serving.Scheduler(cfg)
+  cfg, sched = small_scheduler(12, 48)
   a = sched.add(range(6), max_new_tokens=30)
   b = sched.add(range(3), max_new_tokens=12)
   sched.update(sched.schedule(), np.array([1, 2, 0, 0]))
