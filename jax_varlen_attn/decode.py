@@ -350,7 +350,8 @@ class _Carry(NamedTuple):
 
 NEVER = 0  # check_every: no checks, a loop of static length (`decode_loop`)
 # Steps one iteration of that static loop runs (lax.fori_loop's unroll), read when a loop is traced;
-# bench_serving.py --static-unroll varies it (benchmarks/NOTES.md, "overlapped decode calls").
+# bench_serving.py --static-unroll varies it (benchmarks/NOTES.md, "overlapped decode calls of
+# static length": 2 measured within the spread).
 STATIC_LOOP_UNROLL = 1
 
 
