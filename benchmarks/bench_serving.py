@@ -12,11 +12,12 @@ decodes 1 + steps_per_call * (--chunks + 1) tokens (greedy unless --sampling):
   mode "step":  one jitted `serving_step` per token. decode_step_ms = median wall time of a step
                 that decodes all B sequences (schedule on the host, transfer, the step, reading the
                 tokens back); the first two decode steps (compile) are not timed.
-  mode "multi": `Engine.decode_chunk`: up to --steps-per-call steps in one jitted while loop
+  mode "multi": `Engine.decode_chunk`: up to --steps-per-call steps in one jitted loop
                 (`decode.decode_loop`) with the Engine's defaults: a loop of static length that
                 returns to Python once enqueued (check_every=NEVER; "multi/N": checking for finished
                 sequences every N steps, so the call returns when done), each call dispatched before
-                the last one's tokens are read (overlap; "multi-serial[/N]": after). decode_step_ms = median over calls of (wall time of
+                the last one's tokens are read (overlap; "multi-serial[/N]": after).
+                decode_step_ms = median over calls of (wall time of
                 `Engine.advance` returning the call's tokens, incl. its host work: reserving pages,
                 building and sending the batch, dispatching the next call, reading the tokens back,
                 appending them) / steps it ran; the first call (compile) is not timed.

@@ -7,7 +7,8 @@
 - `decode_loop(graphdef, state, k_cache, v_cache, batch, sampling, steps=N)`: up to N decode steps
   of a `DecoderLM` in one jitted call (`jax.lax.while_loop`, which also ends once every sequence
   is done; or with `check_every=NEVER` a loop of N steps that reads nothing back, so the call
-  returns before the GPU is done), sampling on device, writing each step's K / V into the donated caches in place, each
+  returns before the GPU is done), sampling on device, writing each step's K / V into the donated
+  caches in place, each
   step's cache slot computed on device from the sequence's position and block table.
   `loop_for(rows)` picks its build for a batch size (cuBLAS matmuls for large batches on Hopper).
 - `next_batch(batch, tokens, counts, block_table)`: the `DecodeBatch` of the call after it, on device
@@ -360,7 +361,8 @@ def check_steps_between_checks(check_every, steps: int) -> int:
   if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)):
     raise TypeError(f"check_every must be an int, got {check_every!r}")
   if check_every < 0 or (check_every and steps % check_every):
-    raise ValueError(f"check_every must be 0 (never) or an int >= 1 dividing steps={steps}, got {check_every}")
+    raise ValueError(f"check_every must be 0 (never) or an int >= 1 dividing steps={steps}, "
+                     f"got {check_every}")
   return int(check_every)
 
 
@@ -435,7 +437,8 @@ def _decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch:
   return final.out, final.counts, final.k_cache, final.v_cache
 
 
-def _next_batch(batch: DecodeBatch, tokens: jax.Array, counts: jax.Array, block_table: jax.Array) -> DecodeBatch:
+def _next_batch(batch: DecodeBatch, tokens: jax.Array, counts: jax.Array,
+                block_table: jax.Array) -> DecodeBatch:
   """The `DecodeBatch` that continues `batch` after a decode call on it returned (tokens, counts).
 
   Args (S rows): batch: the call's `DecodeBatch`; tokens: i32[S, steps] and counts: i32[S], its

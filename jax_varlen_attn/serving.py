@@ -368,13 +368,14 @@ class Scheduler:
       alloc.reserve(seq_id, n)
     return self._build_decode(list(self.running), steps)
 
-  def schedule_next_decode(self, chunk: "DecodeChunk", steps: Optional[int] = None) -> Optional["DecodeChunk"]:
+  def schedule_next_decode(self, chunk: "DecodeChunk",
+                           steps: Optional[int] = None) -> Optional["DecodeChunk"]:
     """The decode call of up to `steps` steps (default chunk's) to run right after `chunk` (same rows
     and sampling), scheduled before chunk's tokens are known, or None when it may not run:
     `can_decode_many` fails, a sequence runs that chunk does not hold, the live sequences now fit a
     smaller bucket (rescheduling is cheaper), chunk reaches every sequence's max length, or the
-    free pages cannot cover every live sequence's next min(chunk.steps + steps, remaining) tokens from the host's state, which is one
-    call behind: chunk's tokens are not recorded yet.
+    free pages cannot cover every live sequence's next min(chunk.steps + steps, remaining) tokens
+    from the host's state, which is one call behind: chunk's tokens are not recorded yet.
 
     Reserves those pages. The call's batch holds its block table and eos only (finished rows: no
     pages, eos `NO_EOS`); its tokens, positions and remaining are chunk's, advanced on the device
