@@ -323,12 +323,16 @@ def _check_batch(batch: DecodeBatch) -> int:
     raise ValueError(f"batch.tokens must be i32[S], got shape {jnp.shape(batch.tokens)}")
   _check_fields([(f"batch.{n}", getattr(batch, n), (rows,), True)
                  for n in ("tokens", "positions", "remaining", "eos")])
-  table = batch.block_table
+  _check_table("batch.block_table", batch.block_table, rows)
+  return rows
+
+
+def _check_table(name: str, table, rows: int) -> None:
+  """A block table must be i32[rows, max_blocks]: ValueError naming it otherwise."""
   integer = jnp.issubdtype(jnp.result_type(table), jnp.integer)
   if jnp.ndim(table) != 2 or jnp.shape(table)[0] != rows or not integer:
-    raise ValueError(f"batch.block_table must be i32[{rows}, max_blocks], got {jnp.result_type(table)}"
+    raise ValueError(f"{name} must be i32[{rows}, max_blocks], got {jnp.result_type(table)}"
                      f"{list(jnp.shape(table))}")
-  return rows
 
 
 def _check_loop_inputs(batch: DecodeBatch, sampling: SamplingParams) -> None:
@@ -454,10 +458,7 @@ def _next_batch(batch: DecodeBatch, tokens: jax.Array, counts: jax.Array,
   _check_fields([("counts", counts, (rows,), True)])
   if jnp.ndim(tokens) != 2 or jnp.shape(tokens)[0] != rows:
     raise ValueError(f"tokens must be i32[{rows}, steps], got shape {jnp.shape(tokens)}")
-  if (jnp.ndim(block_table) != 2 or jnp.shape(block_table)[0] != rows
-      or not jnp.issubdtype(jnp.result_type(block_table), jnp.integer)):
-    raise ValueError(f"block_table must be i32[{rows}, max_blocks], got {jnp.result_type(block_table)}"
-                     f"{list(jnp.shape(block_table))}")
+  _check_table("block_table", block_table, rows)
   counts = counts.astype(jnp.int32)
   made = counts > 0
   last = jnp.take_along_axis(tokens.astype(jnp.int32), jnp.maximum(counts - 1, 0)[:, None], axis=1)[:, 0]
