@@ -466,10 +466,6 @@ def parse_args(argv):
   p.add_argument("--min-split-tiles", type=int, default=None,
                  help="experiment: the Triton split-KV rule's MIN_TILES_PER_SPLIT for the whole run "
                       "(backends/triton/config.py; default: the library's)")
-  p.add_argument("--combine", default="library", choices=("library", "reduction"),
-                 help="experiment: split-KV partials merged by the library's combine_splits (elementwise, "
-                      "fusible into the o-projection) or by `reduction_combine` (one reduction fusion, "
-                      "the earlier form)")
   p.add_argument("--write-launch", default=None, choices=("xla", "ffi", "legacy"),
                  help="experiment: the launch route of write_kv's Triton kernel alone (attention keeps "
                       "the default or --launch); e.g. xla: fewer custom calls splitting XLA's command "
@@ -512,9 +508,6 @@ def main(argv=None) -> int:
   if args.min_split_tiles is not None:  # a patch of the library's rule, for this run only
     from jax_varlen_attn.backends.triton import config as triton_config
     triton_config.MIN_TILES_PER_SPLIT = args.min_split_tiles
-  if args.combine == "reduction":  # a patch of the library's combine, for this run only
-    from jax_varlen_attn.backends.triton import launcher
-    launcher.combine_splits = reduction_combine
   if args.write_launch:  # a patch for this run only: write_kv's launches take this route
     from jax_varlen_attn.backends.triton import write_kernel
     launch = write_kernel.launch
@@ -544,7 +537,7 @@ def main(argv=None) -> int:
              static_loop_unroll=decode.STATIC_LOOP_UNROLL,
              launch=args.launch or "default",
              min_split_tiles=args.min_split_tiles or "default",
-             write_launch=args.write_launch or "default", combine=args.combine, records=[], mixed=[],
+             write_launch=args.write_launch or "default", records=[], mixed=[],
              profile=[], versions=package_versions(), xla_flags=os.environ.get("XLA_FLAGS", ""))
   print(f"{device.device_kind}: {args.preset} ({base.num_params() / 1e9:.2f}e9 params), prompt "
         f"{args.prompt_len}, +{args.gen} tokens; read ceiling {ceiling['read_gbps']} GB/s", flush=True)
@@ -597,19 +590,6 @@ def run_backend(backend: str, base: ModelConfig, batches, args, ceiling, tokens,
       print(f"  mixed {mode:5s}: ttft p50/p99 {rec['ttft_ms_p50']}/{rec['ttft_ms_p99']} ms, itl p50/p99 "
             f"{rec['itl_ms_p50']}/{rec['itl_ms_p99']} ms, {rec['tokens_per_s']} tok/s", flush=True)
   del model
-
-
-def reduction_combine(out, lse):
-  """`launcher.combine_splits`' earlier form (`--combine reduction`): the same merge as one
-  reduction over the splits (an einsum), which XLA emits as a kernel of its own."""
-  top = jnp.max(lse, axis=0)  # [H, T]
-  seen = top > -jnp.inf
-  top = jnp.where(seen, top, 0.0)
-  weight = jnp.exp(lse - top)  # [S, H, T]
-  total = jnp.sum(weight, axis=0)
-  scale = weight / jnp.where(seen, total, 1.0)
-  merged = jnp.einsum("sht,sthd->thd", scale, out, precision=jax.lax.Precision.HIGHEST)
-  return merged, jnp.where(seen, top + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
 
 
 @contextlib.contextmanager

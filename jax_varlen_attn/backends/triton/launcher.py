@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,19 +90,15 @@ def combine_splits(out, lse):
   """Merges split-KV partials: out f32[S, T, H, D] (each normalized), lse f32[S, H, T] (-inf where a
   split saw no key) -> (out f32[T, H, D], lse f32[H, T] with +inf where no split saw a key).
 
-  The weights exp(lse_s - max_s lse) are those of the softmax over the union of the splits' keys.
-  The sum over splits is written out term by term (S is static), elementwise ops only: XLA can
-  fuse them into the output's consumer (a model's o-projection GEMM), where a reduction would be a
-  kernel of its own (benchmarks/NOTES.md, "Tile rules").
+  One XLA fusion reading the partials once; the weights exp(lse_s - max_s lse) are those of the
+  softmax over the union of the splits' keys.
   """
-  parts = [(out[s], lse[s]) for s in range(out.shape[0])]
-  top = functools.reduce(jnp.maximum, [part_lse for _, part_lse in parts])  # [H, T]
+  top = jnp.max(lse, axis=0)  # [H, T]
   seen = top > -jnp.inf
   top = jnp.where(seen, top, 0.0)
-  weights = [jnp.exp(part_lse - top) for _, part_lse in parts]  # [H, T]; 0 for a split without keys
-  total = functools.reduce(jnp.add, weights)
-  inv_total = 1.0 / jnp.where(seen, total, 1.0)
-  merged = functools.reduce(jnp.add, [part * (w * inv_total).T[:, :, None]
-                                      for (part, _), w in zip(parts, weights)])
+  weight = jnp.exp(lse - top)  # [S, H, T]; 0 for a split without keys
+  total = jnp.sum(weight, axis=0)  # [H, T]
+  scale = weight / jnp.where(seen, total, 1.0)  # [S, H, T]
+  merged = jnp.einsum("sht,sthd->thd", scale, out, precision=jax.lax.Precision.HIGHEST)
   merged_lse = jnp.where(seen, top + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
   return merged, merged_lse
