@@ -8,8 +8,8 @@
   of a `DecoderLM` in one jitted call (`jax.lax.while_loop`, which also ends once every sequence
   is done; or with `check_every=NEVER` a loop of N steps that reads nothing back, so the call
   returns before the GPU is done), sampling on device, writing each step's K / V into the donated
-  caches in place, each
-  step's cache slot computed on device from the sequence's position and block table.
+  caches in place, each step's cache slot computed on device from the sequence's position and
+  block table.
   `loop_for(rows)` picks its build for a batch size (cuBLAS matmuls for large batches on Hopper).
 - `next_batch(batch, tokens, counts, block_table)`: the `DecodeBatch` of the call after it, on device
   (the engine dispatches that call before reading this one's tokens).
