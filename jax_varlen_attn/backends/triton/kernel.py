@@ -48,12 +48,21 @@ into the score scale (q.k * k_descale * scale, once per program), v_descale into
 normalization (acc * v_descale / l, once per row): nothing is multiplied per element in the key
 loop, and the result equals dequantizing first up to f32 rounding. Q_FP8: q is fp8 too; it is
 converted to fp16 (the compute dtype), q_descale joins the score scale.
+APPEND (`rope_write_attend_kernel`, decode steps: at most one query a sequence, causal): q_ptr is
+a fused projection qkv [total_q, ROW] and each program RMSNorms and rotates its q heads itself
+(`_rope_rows`, rope_write_kv's math); the program whose key range holds its sequence's last key
+(the new token's, whose slot the caller guarantees is that key's) first stores the token's K / V
+rows into the cache (`_append_kv`), then reads them back in its key loop like any other key. The
+caches are the kernel's aliased outputs, read and written through them. This replaces the
+`rope_write_kv` launch before attention in a decoder's decode step.
 USE_SINKS: each row starts its online softmax from the sink: running max s_aux[h], running sum
 exp(s_aux - s_aux) = 1 (0 for a -inf sink); no extra pass, no extra term in the loop.
 """
 
 import triton
 import triton.language as tl
+
+from jax_varlen_attn.backends.triton.write_kernel import cache_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units so the softmax uses exp2
 LN2 = tl.constexpr(0.6931471805599453)
@@ -460,31 +469,70 @@ def _tile_rows(offs_m, offs_d, first, len_q, q_start, kv_head, GROUP: tl.constex
 
 
 @triton.jit
-def varlen_attention_kernel(
-    # inputs
-    q_ptr,  # [total_q, NUM_HEADS, HEAD_DIM]
-    k_ptr,  # flat K buffer (paged: as the layout says; non-paged: [total_k, Hk, HEAD_DIM])
-    v_ptr,  # flat V buffer (the K buffer again when V is fused into it)
-    cu_seqlens_q_ptr,  # i32[batch + 1]
-    seqlens_k_ptr,  # i32[batch]
-    kv_index_ptr,  # paged: block_table i32[batch, MAX_BLOCKS]; else cu_seqlens_k i32[batch + 1]
-    alibi_ptr,  # f32[batch, NUM_HEADS] (USE_ALIBI)
-    layer_ptr,  # i32[1] (IS_STACKED)
-    q_descale_ptr,  # f32[batch, NUM_KV_HEADS] (Q_FP8)
-    k_descale_ptr, v_descale_ptr,  # f32[batch, NUM_KV_HEADS] (KV_FP8)
-    sinks_ptr,  # f32[NUM_HEADS] (USE_SINKS): s_aux
-    k_offset, v_offset,  # elements from the buffers' starts to K's / V's page 0 (added once, below)
-    scale,  # f32 softmax scale
-    softcap,  # f32 (USE_SOFTCAP)
-    batch,  # number of sequences
-    total_q,  # rows of q (padding included)
-    tail_in_ptr,  # i32[TAIL_SLOTS // 2] zeros (TAIL_PIECES > 1): tail_ptr's input, never read here
-    # outputs
-    tail_ptr,  # i32[TAIL_SLOTS // 2]: pieces of each tail item done (the same buffer as tail_in_ptr)
-    out_ptr,  # [total_q, NUM_HEADS, HEAD_DIM] q's dtype; split-KV: f32[NUM_SPLITS, total_q, H, D]
-    lse_ptr,  # f32[NUM_HEADS, total_q] (RETURN_LSE); split-KV: f32[NUM_SPLITS, NUM_HEADS, total_q]
-    part_ptr,  # f32[TAIL_SLOTS, BLOCK_M, HEAD_DIM_PAD] (TAIL_PIECES > 1): the tail pieces' outputs
-    part_lse_ptr,  # f32[TAIL_SLOTS, BLOCK_M]: and their LSEs
+def _rope_rows(qkv_ptr, tok, col, mask, offs_d, cos_ptr, sin_ptr, norm_ptr, QK_NORM: tl.constexpr,
+               EPS: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr):
+  """Head rows of the fused projection, RMSNorm'd (QK_NORM, scale norm_ptr [HEAD_DIM]) and rotated,
+  in its dtype: [R, HEAD_DIM_PAD] for rows at qkv [tok, col : col + HEAD_DIM] (tok, col: i32[R];
+  mask [R, HEAD_DIM_PAD] the real rows and dims), as rope_write_kv computes them (rope_write_kernel's
+  `_norm_rope`): f32, the normed row rounded to the dtype before RoPE. Each dim's RoPE partner
+  (d +- HEAD_DIM / 2) is loaded beside it, so the row stays one tile."""
+  HALF: tl.constexpr = HEAD_DIM // 2
+  dtype = qkv_ptr.dtype.element_ty
+  partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # [HEAD_DIM_PAD]
+  base = qkv_ptr + tok.to(tl.int64)[:, None] * ROW + col[:, None]
+  x = tl.load(base + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+  p = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+  angle = tok.to(tl.int64)[:, None] * HALF + (offs_d % HALF)[None, :]
+  cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
+  sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
+  if QK_NORM:
+    dims = offs_d < HEAD_DIM
+    w = tl.load(norm_ptr + offs_d, mask=dims, other=0.0).to(tl.float32)
+    w_partner = tl.load(norm_ptr + partner, mask=dims, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + EPS)[:, None]
+    x = (x * (r * w[None, :])).to(dtype).to(tl.float32)
+    p = (p * (r * w_partner[None, :])).to(dtype).to(tl.float32)
+  # first half: x1 cos - x2 sin; second half: x2 cos + x1 sin
+  sign = tl.where(offs_d < HALF, -1.0, 1.0)
+  return (x * cos + (sign[None, :] * p) * sin).to(dtype)
+
+
+@triton.jit
+def _append_kv(qkv_ptr, cos_ptr, sin_ptr, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset,
+               v_offset, tok_start, num_tok, kv_head, offs_d, NUM_HEADS: tl.constexpr,
+               NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+               PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr,
+               TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, IS_STACKED: tl.constexpr,
+               NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr, QK_NORM: tl.constexpr,
+               EPS: tl.constexpr, ROW: tl.constexpr):
+  """Stores tokens [tok_start, tok_start + min(num_tok, BLOCK_Q)) of kv head `kv_head` into the
+  caches at their slots, as rope_write_kv does: K RMSNorm'd and rotated (`_rope_rows`), V as it is;
+  slots that write nothing there (-1, outside the cache, a stacked layer out of range) write
+  nothing here (`write_kernel.cache_rows`). A tile of BLOCK_M rows (a power of two, unlike BLOCK_Q
+  when the group is not), one a token."""
+  offs_t = tl.arange(0, BLOCK_M)
+  in_batch = (offs_t < BLOCK_Q) & (offs_t < num_tok)
+  tok = tok_start + offs_t
+  dst, ok = cache_rows(slot_mapping_ptr, layer_ptr, tok, in_batch, kv_head, BLOCK_M, PAGE_SIZE, NUM_PAGES,
+                       PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, False, IS_STACKED, NUM_LAYERS, LAYER_STRIDE)
+  dims = offs_d < HEAD_DIM
+  load = in_batch[:, None] & dims[None, :]
+  k = _rope_rows(qkv_ptr, tok, tl.zeros_like(tok) + (NUM_HEADS + kv_head) * HEAD_DIM, load, offs_d, cos_ptr,
+                 sin_ptr, k_norm_ptr, QK_NORM, EPS, HEAD_DIM, ROW)
+  v_col = (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
+  v = tl.load(qkv_ptr + tok.to(tl.int64)[:, None] * ROW + v_col + offs_d[None, :], mask=load, other=0.0)
+  at = dst[:, None] + offs_d[None, :]
+  store = ok[:, None] & dims[None, :]
+  tl.store(k_ptr + k_offset + at, k.to(k_ptr.dtype.element_ty), mask=store)
+  tl.store(v_ptr + v_offset + at, v.to(v_ptr.dtype.element_ty), mask=store)
+
+
+@triton.jit
+def _attention_program(
+    q_ptr, k_ptr, v_ptr, cu_seqlens_q_ptr, seqlens_k_ptr, kv_index_ptr, alibi_ptr, layer_ptr, q_descale_ptr,
+    k_descale_ptr, v_descale_ptr, sinks_ptr, k_offset, v_offset, scale, softcap, batch, total_q,
+    cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slot_mapping_ptr,
+    tail_ptr, out_ptr, lse_ptr, part_ptr, part_lse_ptr,
     # shape
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -505,7 +553,12 @@ def varlen_attention_kernel(
     ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
     # the grid's last round (`_tail_plan`)
     TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_CHUNK: tl.constexpr,
+    # the fused projection (APPEND: `rope_write_attend_kernel`)
+    APPEND: tl.constexpr, QK_NORM: tl.constexpr, EPS: tl.constexpr, ROW: tl.constexpr,
 ):
+  """One program of `varlen_attention_kernel` (APPEND=False) or `rope_write_attend_kernel` (APPEND:
+  q_ptr is the fused projection qkv [total_q, ROW], k_ptr / v_ptr the caches read and written).
+  The parameters are those kernels' (their docstrings), the APPEND ones unused without it."""
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
   # sequence's last query block sees the most keys, and launching the light ones first
@@ -545,6 +598,11 @@ def varlen_attention_kernel(
   EMPTY_LSE: tl.constexpr = float("inf") if NUM_SPLITS == 1 else float("-inf")
 
   if seq == batch:  # padding rows past cu_seqlens_q[-1]: a defined zero output
+    if APPEND and split == 0:  # their new K / V rows are stored as rope_write_kv stores them
+      _append_kv(q_ptr, cos_ptr, sin_ptr, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset, v_offset,
+                 q_start + first, len_q - first, kv_head, offs_d, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_Q,
+                 BLOCK_M, PAGE_SIZE, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_STACKED, NUM_LAYERS,
+                 LAYER_STRIDE, QK_NORM, EPS, ROW)
     tl.store(out_ptr + qo_off[:, None] + offs_d[None, :],
              tl.zeros([BLOCK_M, HEAD_DIM_PAD], out_ptr.dtype.element_ty), mask=io_mask)
     if RETURN_LSE or NUM_SPLITS > 1:
@@ -552,7 +610,11 @@ def varlen_attention_kernel(
                mask=row_ok)
     return
 
-  q = tl.load(q_ptr + qo_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
+  if APPEND:  # q heads of the fused projection, RMSNorm'd and rotated here
+    q = _rope_rows(q_ptr, q_row, head * HEAD_DIM, io_mask, offs_d, cos_ptr, sin_ptr, q_norm_ptr, QK_NORM, EPS,
+                   HEAD_DIM, ROW)
+  else:
+    q = tl.load(q_ptr + qo_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
   qk_scale = scale
   v_scale = 1.0
   if KV_FP8:
@@ -619,6 +681,19 @@ def varlen_attention_kernel(
     per_split = ((hi - lo + pieces - 1) // pieces + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     split_lo = lo + split * per_split
     split_hi = tl.minimum(hi, split_lo + per_split)
+
+  if APPEND:
+    # The program whose keys include the sequence's last (the new token's own, as `rope_write_attend`
+    # requires of the slots) stores the new K / V rows, then reads them back in its key loop like
+    # every other key; the barrier orders the stores before any of its threads' loads. No other
+    # program reads those rows. A sequence without keys has its rows stored by split 0.
+    last = len_k - 1
+    if ((split_lo <= last) & (last < split_hi)) | ((len_k == 0) & (split == 0)):
+      _append_kv(q_ptr, cos_ptr, sin_ptr, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset, v_offset,
+                 q_start + first, len_q - first, kv_head, offs_d, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_Q,
+                 BLOCK_M, PAGE_SIZE, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_STACKED, NUM_LAYERS,
+                 LAYER_STRIDE, QK_NORM, EPS, ROW)
+    tl.debug_barrier()
 
   fixed_off = _lane_offsets(kv_head, IS_PAGED, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, TOKEN_STRIDE,
                             HEAD_STRIDE)  # [BLOCK_N]
@@ -696,3 +771,113 @@ def varlen_attention_kernel(
   tl.store(out_ptr + qo_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
   if RETURN_LSE or NUM_SPLITS > 1:
     tl.store(lse_ptr + head * total_q + q_row, lse, mask=row_ok)
+
+
+@triton.jit
+def varlen_attention_kernel(
+    # inputs
+    q_ptr,  # [total_q, NUM_HEADS, HEAD_DIM]
+    k_ptr,  # flat K buffer (paged: as the layout says; non-paged: [total_k, Hk, HEAD_DIM])
+    v_ptr,  # flat V buffer (the K buffer again when V is fused into it)
+    cu_seqlens_q_ptr,  # i32[batch + 1]
+    seqlens_k_ptr,  # i32[batch]
+    kv_index_ptr,  # paged: block_table i32[batch, MAX_BLOCKS]; else cu_seqlens_k i32[batch + 1]
+    alibi_ptr,  # f32[batch, NUM_HEADS] (USE_ALIBI)
+    layer_ptr,  # i32[1] (IS_STACKED)
+    q_descale_ptr,  # f32[batch, NUM_KV_HEADS] (Q_FP8)
+    k_descale_ptr, v_descale_ptr,  # f32[batch, NUM_KV_HEADS] (KV_FP8)
+    sinks_ptr,  # f32[NUM_HEADS] (USE_SINKS): s_aux
+    k_offset, v_offset,  # elements from the buffers' starts to K's / V's page 0 (added once, below)
+    scale,  # f32 softmax scale
+    softcap,  # f32 (USE_SOFTCAP)
+    batch,  # number of sequences
+    total_q,  # rows of q (padding included)
+    tail_in_ptr,  # i32[TAIL_SLOTS // 2] zeros (TAIL_PIECES > 1): tail_ptr's input, never read here
+    # outputs
+    tail_ptr,  # i32[TAIL_SLOTS // 2]: pieces of each tail item done (the same buffer as tail_in_ptr)
+    out_ptr,  # [total_q, NUM_HEADS, HEAD_DIM] q's dtype; split-KV: f32[NUM_SPLITS, total_q, H, D]
+    lse_ptr,  # f32[NUM_HEADS, total_q] (RETURN_LSE); split-KV: f32[NUM_SPLITS, NUM_HEADS, total_q]
+    part_ptr,  # f32[TAIL_SLOTS, BLOCK_M, HEAD_DIM_PAD] (TAIL_PIECES > 1): the tail pieces' outputs
+    part_lse_ptr,  # f32[TAIL_SLOTS, BLOCK_M]: and their LSEs
+    # shape
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    # cache addressing
+    IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+    NUM_PAGES: tl.constexpr, KV_ROWS: tl.constexpr, PAGE_STRIDE: tl.constexpr,
+    TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, OFFSET_MULTIPLE: tl.constexpr,
+    IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr,
+    LAYER_STRIDE: tl.constexpr,
+    # semantics
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
+    # pipeline
+    TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
+    ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
+    # the grid's last round (`_tail_plan`)
+    TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_CHUNK: tl.constexpr,
+):
+  """Varlen attention over a paged or packed KV cache (module docstring)."""
+  _attention_program(
+      q_ptr, k_ptr, v_ptr, cu_seqlens_q_ptr, seqlens_k_ptr, kv_index_ptr, alibi_ptr, layer_ptr,
+      q_descale_ptr, k_descale_ptr, v_descale_ptr, sinks_ptr, k_offset, v_offset, scale, softcap,
+      batch, total_q, q_ptr, q_ptr, q_ptr, q_ptr, cu_seqlens_q_ptr, tail_ptr, out_ptr, lse_ptr,
+      part_ptr, part_lse_ptr, NUM_HEADS, NUM_KV_HEADS, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+      BLOCK_Q, BLOCK_N, NUM_SPLITS, IS_PAGED, SINGLE_PAGE_TILE, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES,
+      KV_ROWS, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, OFFSET_MULTIPLE, IS_STACKED, NUM_LAYERS,
+      LAYER_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, RETURN_LSE, DOT_PRECISION,
+      KV_FP8, Q_FP8, USE_SINKS, TABLE_AHEAD, V_AT_LOAD, V_PAIRS, V_E5M2, ROWS_AFTER_LOOP,
+      SEARCH_PROBES, ONE_KEY_LOOP, TAIL_PIECES, TAIL_SLOTS, BATCH_CHUNK, False, False, 0.0, 0)
+
+
+@triton.jit
+def rope_write_attend_kernel(
+    # inputs
+    qkv_ptr,  # [total_q, ROW = (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]: q heads | k heads | v heads
+    k_cache_ptr, v_cache_ptr,  # the caches, aliased to k_out_ptr / v_out_ptr (never read here)
+    cu_seqlens_q_ptr, seqlens_k_ptr, kv_index_ptr, alibi_ptr, layer_ptr, q_descale_ptr, k_descale_ptr,
+    v_descale_ptr, sinks_ptr, k_offset, v_offset, scale, softcap, batch, total_q,  # as varlen_attention_kernel's
+    cos_ptr, sin_ptr,  # f32[total_q, HEAD_DIM // 2]: RoPE's cos / sin of each token's angles
+    q_norm_ptr, k_norm_ptr,  # [HEAD_DIM] RMSNorm scales of q / k heads (QK_NORM)
+    slot_mapping_ptr,  # i32[total_q]: cache slot of each token's new K / V (-1: not written)
+    tail_in_ptr,  # as varlen_attention_kernel's
+    # outputs
+    k_out_ptr, v_out_ptr,  # the caches (aliased outputs first: call.launch says why)
+    tail_ptr, out_ptr, lse_ptr, part_ptr, part_lse_ptr,  # as varlen_attention_kernel's
+    # shape
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    # cache addressing
+    IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+    NUM_PAGES: tl.constexpr, KV_ROWS: tl.constexpr, PAGE_STRIDE: tl.constexpr,
+    TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, OFFSET_MULTIPLE: tl.constexpr,
+    IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr,
+    LAYER_STRIDE: tl.constexpr,
+    # semantics
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
+    # pipeline
+    TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
+    ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
+    # the grid's last round (`_tail_plan`)
+    TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_CHUNK: tl.constexpr,
+    QK_NORM: tl.constexpr, EPS: tl.constexpr, ROW: tl.constexpr,
+):
+  """`rope_write_kv` and causal decode attention in one launch (the module docstring, APPEND)."""
+  _attention_program(
+      qkv_ptr, k_out_ptr, v_out_ptr, cu_seqlens_q_ptr, seqlens_k_ptr, kv_index_ptr, alibi_ptr,
+      layer_ptr, q_descale_ptr, k_descale_ptr, v_descale_ptr, sinks_ptr, k_offset, v_offset, scale,
+      softcap, batch, total_q, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slot_mapping_ptr,
+      tail_ptr, out_ptr, lse_ptr, part_ptr, part_lse_ptr, NUM_HEADS, NUM_KV_HEADS, GROUP, HEAD_DIM,
+      HEAD_DIM_PAD, BLOCK_M, BLOCK_Q, BLOCK_N, NUM_SPLITS, IS_PAGED, SINGLE_PAGE_TILE, PAGE_SIZE,
+      MAX_BLOCKS, NUM_PAGES, KV_ROWS, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, OFFSET_MULTIPLE,
+      IS_STACKED, NUM_LAYERS, LAYER_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI,
+      RETURN_LSE, DOT_PRECISION, KV_FP8, Q_FP8, USE_SINKS, TABLE_AHEAD, V_AT_LOAD, V_PAIRS, V_E5M2,
+      ROWS_AFTER_LOOP, SEARCH_PROBES, ONE_KEY_LOOP, TAIL_PIECES, TAIL_SLOTS, BATCH_CHUNK, True,
+      QK_NORM, EPS, ROW)
