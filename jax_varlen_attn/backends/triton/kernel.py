@@ -50,11 +50,11 @@ loop, and the result equals dequantizing first up to f32 rounding. Q_FP8: q is f
 converted to fp16 (the compute dtype), q_descale joins the score scale.
 APPEND (`rope_write_attend_kernel`, decode steps: at most one query a sequence, causal): q_ptr is
 a fused projection qkv [total_q, ROW] and each program RMSNorms and rotates its q heads itself
-(`_rope_rows`, rope_write_kv's math); the program whose key range holds its sequence's last key
-(the new token's, whose slot the caller guarantees is that key's) first stores the token's K / V
-rows into the cache (`_append_kv`), then reads them back in its key loop like any other key. The
-caches are the kernel's aliased outputs, read and written through them. This replaces the
-`rope_write_kv` launch before attention in a decoder's decode step.
+(`_rope_rows`, rope_write_kv's math). A sequence's last key is the new token's: it is taken from the
+projection in registers (`_new_kv`), never read from the cache, so the key loops stop before it;
+split 0 starts its rows' softmax from it (`_key_start`, as from a sink) and stores the row into the
+cache (an aliased output) for later steps. No program waits for that store: nothing in the launch
+reads it. This replaces the `rope_write_kv` launch before attention in a decoder's decode step.
 USE_SINKS: each row starts its online softmax from the sink: running max s_aux[h], running sum
 exp(s_aux - s_aux) = 1 (0 for a -inf sink); no extra pass, no extra term in the loop.
 """
@@ -469,22 +469,30 @@ def _tile_rows(offs_m, offs_d, first, len_q, q_start, kv_head, GROUP: tl.constex
 
 
 @triton.jit
-def _rope_rows(qkv_ptr, tok, col, mask, offs_d, cos_ptr, sin_ptr, norm_ptr, QK_NORM: tl.constexpr,
-               EPS: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr):
-  """Head rows of the fused projection, RMSNorm'd (QK_NORM, scale norm_ptr [HEAD_DIM]) and rotated,
-  in its dtype: [R, HEAD_DIM_PAD] for rows at qkv [tok, col : col + HEAD_DIM] (tok, col: i32[R];
-  mask [R, HEAD_DIM_PAD] the real rows and dims), as rope_write_kv computes them (rope_write_kernel's
-  `_norm_rope`): f32, the normed row rounded to the dtype before RoPE. Each dim's RoPE partner
-  (d +- HEAD_DIM / 2) is loaded beside it, so the row stays one tile."""
+def _rope_angles(cos_ptr, sin_ptr, tok, offs_d, HEAD_DIM: tl.constexpr):
+  """(cos, sin), each f32[1, HEAD_DIM_PAD]: token `tok`'s RoPE rotation of each dim d (that of its
+  pair, d mod HEAD_DIM / 2) from the [T, HEAD_DIM / 2] tables; 0 past HEAD_DIM."""
+  HALF: tl.constexpr = HEAD_DIM // 2
+  at = tok.to(tl.int64) * HALF + offs_d % HALF
+  dims = offs_d < HEAD_DIM
+  return (tl.load(cos_ptr + at, mask=dims, other=0.0)[None, :],
+          tl.load(sin_ptr + at, mask=dims, other=0.0)[None, :])
+
+
+@triton.jit
+def _rope_rows(qkv_ptr, tok, col, mask, offs_d, cos, sin, norm_ptr, QK_NORM: tl.constexpr, EPS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, ROW: tl.constexpr):
+  """Heads of token `tok` in the fused projection, RMSNorm'd (QK_NORM, scale norm_ptr [HEAD_DIM]) and
+  rotated by (cos, sin) (`_rope_angles`), in its dtype: [R, HEAD_DIM_PAD] for row r at qkv[tok,
+  col[r] : col[r] + HEAD_DIM] (mask [R, HEAD_DIM_PAD]: the real rows and dims), as rope_write_kv
+  computes them (rope_write_kernel's `_norm_rope`: f32, the normed row rounded to the dtype before
+  RoPE). Each dim's RoPE partner (d +- HEAD_DIM / 2) is loaded beside it: the row stays one tile."""
   HALF: tl.constexpr = HEAD_DIM // 2
   dtype = qkv_ptr.dtype.element_ty
   partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # [HEAD_DIM_PAD]
-  base = qkv_ptr + tok.to(tl.int64)[:, None] * ROW + col[:, None]
+  base = qkv_ptr + tok.to(tl.int64) * ROW + col[:, None]
   x = tl.load(base + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
   p = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-  angle = tok.to(tl.int64)[:, None] * HALF + (offs_d % HALF)[None, :]
-  cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
-  sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
   if QK_NORM:
     dims = offs_d < HEAD_DIM
     w = tl.load(norm_ptr + offs_d, mask=dims, other=0.0).to(tl.float32)
@@ -498,33 +506,42 @@ def _rope_rows(qkv_ptr, tok, col, mask, offs_d, cos_ptr, sin_ptr, norm_ptr, QK_N
 
 
 @triton.jit
-def _append_kv(qkv_ptr, cos_ptr, sin_ptr, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset,
-               v_offset, tok_start, num_tok, kv_head, offs_d, NUM_HEADS: tl.constexpr,
-               NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-               PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr, PAGE_STRIDE: tl.constexpr,
-               TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, IS_STACKED: tl.constexpr,
-               NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr, QK_NORM: tl.constexpr,
-               EPS: tl.constexpr, ROW: tl.constexpr):
-  """Stores tokens [tok_start, tok_start + min(num_tok, BLOCK_Q)) of kv head `kv_head` into the
-  caches at their slots, as rope_write_kv does: K RMSNorm'd and rotated (`_rope_rows`), V as it is;
-  slots that write nothing there (-1, outside the cache, a stacked layer out of range) write
-  nothing here (`write_kernel.cache_rows`). A tile of BLOCK_M rows (a power of two, unlike BLOCK_Q
-  when the group is not), one a token."""
-  offs_t = tl.arange(0, BLOCK_M)
-  in_batch = (offs_t < BLOCK_Q) & (offs_t < num_tok)
-  tok = tok_start + offs_t
-  dst, ok = cache_rows(slot_mapping_ptr, layer_ptr, tok, in_batch, kv_head, BLOCK_M, PAGE_SIZE, NUM_PAGES,
-                       PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, False, IS_STACKED, NUM_LAYERS, LAYER_STRIDE)
-  dims = offs_d < HEAD_DIM
-  load = in_batch[:, None] & dims[None, :]
-  k = _rope_rows(qkv_ptr, tok, tl.zeros_like(tok) + (NUM_HEADS + kv_head) * HEAD_DIM, load, offs_d, cos_ptr,
-                 sin_ptr, k_norm_ptr, QK_NORM, EPS, HEAD_DIM, ROW)
+def _new_kv(qkv_ptr, cos, sin, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset, v_offset,
+            tok, kv_head, store, offs_d, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+            HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr,
+            PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr,
+            IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr,
+            QK_NORM: tl.constexpr, EPS: tl.constexpr, ROW: tl.constexpr):
+  """(k, v), each [1, HEAD_DIM_PAD] in the projection's dtype: token `tok`'s new key of kv head
+  `kv_head` (RMSNorm'd and rotated, `_rope_rows`) and its value, as rope_write_kv computes them.
+  With `store` (a scalar) they go into the caches at the token's slot, as rope_write_kv stores them
+  (`write_kernel.cache_rows`: -1, a slot outside the cache or a stacked layer out of range writes
+  nothing)."""
+  one = tl.zeros([1], tl.int32)
+  dims = (offs_d < HEAD_DIM)[None, :]
+  k = _rope_rows(qkv_ptr, tok, one + (NUM_HEADS + kv_head) * HEAD_DIM, dims, offs_d, cos, sin, k_norm_ptr,
+                 QK_NORM, EPS, HEAD_DIM, ROW)
   v_col = (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
-  v = tl.load(qkv_ptr + tok.to(tl.int64)[:, None] * ROW + v_col + offs_d[None, :], mask=load, other=0.0)
+  v = tl.load(qkv_ptr + tok.to(tl.int64) * ROW + v_col + offs_d[None, :], mask=dims, other=0.0)
+  # Row-shaped, not a scalar `&` (which Triton's interpreter turns into int32).
+  dst, ok = cache_rows(slot_mapping_ptr, layer_ptr, one + tok, one + store != 0, kv_head, 1, PAGE_SIZE,
+                       NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, False, IS_STACKED, NUM_LAYERS,
+                       LAYER_STRIDE)
   at = dst[:, None] + offs_d[None, :]
-  store = ok[:, None] & dims[None, :]
-  tl.store(k_ptr + k_offset + at, k.to(k_ptr.dtype.element_ty), mask=store)
-  tl.store(v_ptr + v_offset + at, v.to(v_ptr.dtype.element_ty), mask=store)
+  mask = ok[:, None] & dims
+  tl.store(k_ptr + k_offset + at, k.to(k_ptr.dtype.element_ty), mask=mask)
+  tl.store(v_ptr + v_offset + at, v.to(v_ptr.dtype.element_ty), mask=mask)
+  return k, v
+
+
+@triton.jit
+def _key_start(acc, m_i, l_i, q, k, v, qk_scale, rows):
+  """The online softmax of `rows` started from one key held in registers (k, v: [1, HEAD_DIM_PAD]),
+  as `_sink_start` starts rows from a sink: m = the row's score (log2
+  units), l = exp2(m - m) = 1, acc = the value. Other rows keep (acc, m_i, l_i)."""
+  s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * (qk_scale * LOG2E)
+  acc = tl.where(rows[:, None], v.to(tl.float32), acc)
+  return acc, tl.where(rows, s, m_i), tl.where(rows, 1.0, l_i)
 
 
 @triton.jit
@@ -598,11 +615,6 @@ def _attention_program(
   EMPTY_LSE: tl.constexpr = float("inf") if NUM_SPLITS == 1 else float("-inf")
 
   if seq == batch:  # padding rows past cu_seqlens_q[-1]: a defined zero output
-    if APPEND and split == 0:  # their new K / V rows are stored as rope_write_kv stores them
-      _append_kv(q_ptr, cos_ptr, sin_ptr, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset, v_offset,
-                 q_start + first, len_q - first, kv_head, offs_d, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_Q,
-                 BLOCK_M, PAGE_SIZE, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_STACKED, NUM_LAYERS,
-                 LAYER_STRIDE, QK_NORM, EPS, ROW)
     tl.store(out_ptr + qo_off[:, None] + offs_d[None, :],
              tl.zeros([BLOCK_M, HEAD_DIM_PAD], out_ptr.dtype.element_ty), mask=io_mask)
     if RETURN_LSE or NUM_SPLITS > 1:
@@ -610,9 +622,10 @@ def _attention_program(
                mask=row_ok)
     return
 
-  if APPEND:  # q heads of the fused projection, RMSNorm'd and rotated here
-    q = _rope_rows(q_ptr, q_row, head * HEAD_DIM, io_mask, offs_d, cos_ptr, sin_ptr, q_norm_ptr, QK_NORM, EPS,
-                   HEAD_DIM, ROW)
+  if APPEND:  # q heads of the fused projection, RMSNorm'd and rotated here (one token: decode)
+    tok = q_start + first
+    cos, sin = _rope_angles(cos_ptr, sin_ptr, tok, offs_d, HEAD_DIM)
+    q = _rope_rows(q_ptr, tok, head * HEAD_DIM, io_mask, offs_d, cos, sin, q_norm_ptr, QK_NORM, EPS, HEAD_DIM, ROW)
   else:
     q = tl.load(q_ptr + qo_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
   qk_scale = scale
@@ -648,6 +661,9 @@ def _attention_program(
     v_base += layer * LAYER_STRIDE
 
   shift = len_k - len_q  # bottom-right alignment: query i sits at key position i + shift
+  new_key = len_k > 0
+  if APPEND:  # the last key is the new token's, taken from the projection: the cache has one fewer
+    len_k = tl.maximum(len_k - 1, 0)
   diag = q_idx + shift  # [BLOCK_M]
   diag_lo = first + shift
   diag_hi = tl.minimum(first + BLOCK_Q, len_q) - 1 + shift
@@ -682,19 +698,6 @@ def _attention_program(
     split_lo = lo + split * per_split
     split_hi = tl.minimum(hi, split_lo + per_split)
 
-  if APPEND:
-    # The program whose keys include the sequence's last (the new token's own, as `rope_write_attend`
-    # requires of the slots) stores the new K / V rows, then reads them back in its key loop like
-    # every other key; the barrier orders the stores before any of its threads' loads. No other
-    # program reads those rows. A sequence without keys has its rows stored by split 0.
-    last = len_k - 1
-    if ((split_lo <= last) & (last < split_hi)) | ((len_k == 0) & (split == 0)):
-      _append_kv(q_ptr, cos_ptr, sin_ptr, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset, v_offset,
-                 q_start + first, len_q - first, kv_head, offs_d, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_Q,
-                 BLOCK_M, PAGE_SIZE, NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_STACKED, NUM_LAYERS,
-                 LAYER_STRIDE, QK_NORM, EPS, ROW)
-    tl.debug_barrier()
-
   fixed_off = _lane_offsets(kv_head, IS_PAGED, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, PAGE_SIZE, TOKEN_STRIDE,
                             HEAD_STRIDE)  # [BLOCK_N]
   if V_PAIRS:
@@ -703,6 +706,16 @@ def _attention_program(
   if USE_SINKS:
     # Split-KV: the sink joins split 0's partial only, so the combine counts it once.
     m_i, l_i = _sink_start(sinks_ptr, head, row_ok & (tl.zeros_like(head) + split == 0))
+  if APPEND:
+    # The new token's key and value, in registers (never read back from the cache): split 0's rows
+    # start their softmax from them and its program stores them for later steps; the key loops
+    # stop before that key (len_k counts the cached ones). A sequence without keys gets none.
+    own = (split == 0) & new_key
+    k_new, v_new = _new_kv(q_ptr, cos, sin, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset,
+                           v_offset, tok, kv_head, own, offs_d, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE,
+                           NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_STACKED, NUM_LAYERS, LAYER_STRIDE,
+                           QK_NORM, EPS, ROW)
+    acc, m_i, l_i = _key_start(acc, m_i, l_i, q, k_new, v_new, qk_scale, row_ok & (tl.zeros_like(head) + own != 0))
   if ONE_KEY_LOOP:
     # (fp16 / bf16 decode tiles) the middle range joins the masked one after it, so a sequence
     # whose length is no multiple of BLOCK_N runs one pipelined loop, not a second one (and its

@@ -88,15 +88,10 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
   return out, (lse if spec.return_lse else None)
 
 
-def rope_write_attend(spec: AttentionSpec, arrays: AttentionArrays, config: Config, append: RopeAppend,
-                      eps: float):
-  """`rope_write_kv` then `attention` in one launch: returns (out [T, H, D], k_cache, v_cache).
-
-  spec / arrays: the attention's, q standing for the projection's q heads (its shape and dtype;
-  the kernel reads `append.qkv`), arrays.k / arrays.v the caches, written in place where
-  `append.slot_mapping` says (aliased outputs); eps: the norms' epsilon. Decode only (spec.max_seqlen_q == 1, causal): the
-  program that reads a sequence's last key stores it first (kernel.py, APPEND).
-  """
+def append_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Config, append: RopeAppend,
+                     eps: float):
+  """`kernel_arguments` of `rope_write_attend_kernel`: the caches become its first (aliased) outputs,
+  qkv replaces q, and the projection's pieces join the inputs."""
   inputs, outputs, grid, consts, aliases = kernel_arguments(spec, arrays, config)
   unused = jnp.zeros((1,), jnp.float32)
   qk_norm = append.q_norm_scale is not None
@@ -111,8 +106,22 @@ def rope_write_attend(spec: AttentionSpec, arrays: AttentionArrays, config: Conf
             jax.ShapeDtypeStruct(arrays.v.shape, arrays.v.dtype)]
   aliases = {"k_cache_ptr": 0, "v_cache_ptr": 1, **{name: i + 2 for name, i in aliases.items()}}
   consts = dict(consts, **append_constexprs(spec, qk_norm, eps))
+  return inputs, caches + outputs, grid, consts, aliases
+
+
+def rope_write_attend(spec: AttentionSpec, arrays: AttentionArrays, config: Config, append: RopeAppend,
+                      eps: float):
+  """`rope_write_kv` then `attention` in one launch: returns (out [T, H, D], k_cache, v_cache).
+
+  spec / arrays: the attention's, q standing for the projection's q heads (its shape and dtype;
+  the kernel reads `append.qkv`), arrays.k / arrays.v the caches, written in place where
+  `append.slot_mapping` says (aliased outputs); eps: the norms' epsilon. Decode only
+  (spec.max_seqlen_q == 1, causal): each sequence's last key is its token's, taken from the
+  projection (kernel.py, APPEND).
+  """
+  inputs, outputs, grid, consts, aliases = append_arguments(spec, arrays, config, append, eps)
   k_cache, v_cache, _, out, lse, _, _ = launch(
-      rope_write_attend_kernel, inputs, caches + outputs, grid, config.num_warps, config.num_stages, consts,
+      rope_write_attend_kernel, inputs, outputs, grid, config.num_warps, config.num_stages, consts,
       input_output_aliases=aliases, route=config.launch or route_for(spec.total_q))
   if config.num_splits > 1:
     out, _ = combine_splits(out, lse)
