@@ -49,12 +49,14 @@ normalization (acc * v_descale / l, once per row): nothing is multiplied per ele
 loop, and the result equals dequantizing first up to f32 rounding. Q_FP8: q is fp8 too; it is
 converted to fp16 (the compute dtype), q_descale joins the score scale.
 APPEND (`rope_write_attend_kernel`, decode steps: at most one query a sequence, causal): q_ptr is
-a fused projection qkv [total_q, ROW] and each program RMSNorms and rotates its q heads itself
-(`_rope_rows`, rope_write_kv's math). A sequence's last key is the new token's: it is taken from the
-projection in registers (`_new_kv`), never read from the cache, so the key loops stop before it;
-split 0 starts its rows' softmax from it (`_key_start`, as from a sink) and stores the row into the
-cache (an aliased output) for later steps. No program waits for that store: nothing in the launch
-reads it. This replaces the `rope_write_kv` launch before attention in a decoder's decode step.
+a fused projection qkv [total_q, ROW]; each program RMSNorms and rotates its q heads itself
+(`_norm_rotate`, rope_write_kv's math). A sequence's last key is the new token's: it comes from the
+projection in registers, never from the cache, so the key loops stop before it; split 0 starts its
+rows' softmax from it (`_merge_key`) and stores it and its value into the cache (an aliased output)
+for later steps. No program waits for that store: nothing in the launch reads it. The projection's
+rows are loaded beside the sequence's length and their arithmetic done just before the key loop,
+so none of it delays the first page lookups. This replaces the `rope_write_kv` launch of a decode
+step.
 USE_SINKS: each row starts its online softmax from the sink: running max s_aux[h], running sum
 exp(s_aux - s_aux) = 1 (0 for a -inf sink); no extra pass, no extra term in the loop.
 """
@@ -480,68 +482,58 @@ def _rope_angles(cos_ptr, sin_ptr, tok, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _rope_rows(qkv_ptr, tok, col, mask, offs_d, cos, sin, norm_ptr, QK_NORM: tl.constexpr, EPS: tl.constexpr,
-               HEAD_DIM: tl.constexpr, ROW: tl.constexpr):
-  """Heads of token `tok` in the fused projection, RMSNorm'd (QK_NORM, scale norm_ptr [HEAD_DIM]) and
-  rotated by (cos, sin) (`_rope_angles`), in its dtype: [R, HEAD_DIM_PAD] for row r at qkv[tok,
-  col[r] : col[r] + HEAD_DIM] (mask [R, HEAD_DIM_PAD]: the real rows and dims), as rope_write_kv
-  computes them (rope_write_kernel's `_norm_rope`: f32, the normed row rounded to the dtype before
-  RoPE). Each dim's RoPE partner (d +- HEAD_DIM / 2) is loaded beside it: the row stays one tile."""
+def _head_rows(qkv_ptr, tok, col, mask, offs_d, HEAD_DIM: tl.constexpr, ROW: tl.constexpr):
+  """(x, partner), each [R, HEAD_DIM_PAD] in the projection's dtype: the heads of token `tok` at
+  qkv[tok, col[r] : col[r] + HEAD_DIM] (mask [R, HEAD_DIM_PAD]: the real rows and dims), and each
+  dim's RoPE partner (d +- HEAD_DIM / 2) beside it, so a rotated row stays one tile."""
   HALF: tl.constexpr = HEAD_DIM // 2
-  dtype = qkv_ptr.dtype.element_ty
-  partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # [HEAD_DIM_PAD]
+  partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
   base = qkv_ptr + tok.to(tl.int64) * ROW + col[:, None]
-  x = tl.load(base + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-  p = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+  return (tl.load(base + offs_d[None, :], mask=mask, other=0.0),
+          tl.load(base + partner[None, :], mask=mask, other=0.0))
+
+
+@triton.jit
+def _norm_scales(norm_ptr, offs_d, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
+  """(w, w_partner), each f32[1, HEAD_DIM_PAD]: an RMSNorm scale [HEAD_DIM] at each dim and at its
+  RoPE partner's (ones without QK_NORM: never used)."""
+  HALF: tl.constexpr = HEAD_DIM // 2
+  partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+  dims = (offs_d < HEAD_DIM) & QK_NORM
+  return (tl.load(norm_ptr + offs_d, mask=dims, other=1.0).to(tl.float32)[None, :],
+          tl.load(norm_ptr + partner, mask=dims, other=1.0).to(tl.float32)[None, :])
+
+
+@triton.jit
+def _norm_rotate(x, partner, w, w_partner, cos, sin, offs_d, QK_NORM: tl.constexpr, EPS: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+  """Rows x [R, HEAD_DIM_PAD] (with their RoPE partners, `_head_rows`) RMSNorm'd (QK_NORM: scales
+  `_norm_scales`) and rotated by (cos, sin) (`_rope_angles`), in x's dtype, as rope_write_kv computes
+  them (rope_write_kernel's `_norm_rope`: f32, the normed row rounded to the dtype before RoPE)."""
+  HALF: tl.constexpr = HEAD_DIM // 2
+  dtype = x.dtype
+  x = x.to(tl.float32)
+  p = partner.to(tl.float32)
   if QK_NORM:
-    dims = offs_d < HEAD_DIM
-    w = tl.load(norm_ptr + offs_d, mask=dims, other=0.0).to(tl.float32)
-    w_partner = tl.load(norm_ptr + partner, mask=dims, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + EPS)[:, None]
-    x = (x * (r * w[None, :])).to(dtype).to(tl.float32)
-    p = (p * (r * w_partner[None, :])).to(dtype).to(tl.float32)
+    x = (x * (r * w)).to(dtype).to(tl.float32)
+    p = (p * (r * w_partner)).to(dtype).to(tl.float32)
   # first half: x1 cos - x2 sin; second half: x2 cos + x1 sin
   sign = tl.where(offs_d < HALF, -1.0, 1.0)
   return (x * cos + (sign[None, :] * p) * sin).to(dtype)
 
 
 @triton.jit
-def _new_kv(qkv_ptr, cos, sin, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset, v_offset,
-            tok, kv_head, store, offs_d, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-            HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_PAGES: tl.constexpr,
-            PAGE_STRIDE: tl.constexpr, TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr,
-            IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr,
-            QK_NORM: tl.constexpr, EPS: tl.constexpr, ROW: tl.constexpr):
-  """(k, v), each [1, HEAD_DIM_PAD] in the projection's dtype: token `tok`'s new key of kv head
-  `kv_head` (RMSNorm'd and rotated, `_rope_rows`) and its value, as rope_write_kv computes them.
-  With `store` (a scalar) they go into the caches at the token's slot, as rope_write_kv stores them
-  (`write_kernel.cache_rows`: -1, a slot outside the cache or a stacked layer out of range writes
-  nothing)."""
-  one = tl.zeros([1], tl.int32)
-  dims = (offs_d < HEAD_DIM)[None, :]
-  k = _rope_rows(qkv_ptr, tok, one + (NUM_HEADS + kv_head) * HEAD_DIM, dims, offs_d, cos, sin, k_norm_ptr,
-                 QK_NORM, EPS, HEAD_DIM, ROW)
-  v_col = (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
-  v = tl.load(qkv_ptr + tok.to(tl.int64) * ROW + v_col + offs_d[None, :], mask=dims, other=0.0)
-  # Row-shaped, not a scalar `&` (which Triton's interpreter turns into int32).
-  dst, ok = cache_rows(slot_mapping_ptr, layer_ptr, one + tok, one + store != 0, kv_head, 1, PAGE_SIZE,
-                       NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, False, IS_STACKED, NUM_LAYERS,
-                       LAYER_STRIDE)
-  at = dst[:, None] + offs_d[None, :]
-  mask = ok[:, None] & dims
-  tl.store(k_ptr + k_offset + at, k.to(k_ptr.dtype.element_ty), mask=mask)
-  tl.store(v_ptr + v_offset + at, v.to(v_ptr.dtype.element_ty), mask=mask)
-  return k, v
-
-
-@triton.jit
-def _key_start(acc, m_i, l_i, q, k, v, qk_scale, rows):
-  """The online softmax of `rows` started from one key held in registers (k, v: [1, HEAD_DIM_PAD]),
-  as `_sink_start` starts rows from a sink: m = the row's score (log2
-  units), l = exp2(m - m) = 1, acc = the value. Other rows keep (acc, m_i, l_i)."""
-  s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * (qk_scale * LOG2E)
-  acc = tl.where(rows[:, None], v.to(tl.float32), acc)
-  return acc, tl.where(rows, s, m_i), tl.where(rows, 1.0, l_i)
+def _merge_key(acc, m_i, l_i, q, k, v, qk_scale, rows):
+  """The online-softmax state of `rows` (acc [BLOCK_M, HEAD_DIM_PAD], m_i / l_i [BLOCK_M], log2
+  units) with one more key held in registers (k, v: [1, HEAD_DIM_PAD]), as `_merge_piece` merges a
+  partial; other rows are returned as they are."""
+  s = tl.where(rows, tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * (qk_scale * LOG2E), float("-inf"))
+  m_new = tl.maximum(m_i, s)
+  m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+  alpha = tl.math.exp2(m_i - m_ref)
+  p = tl.math.exp2(s - m_ref)
+  return acc * alpha[:, None] + p[:, None] * v.to(tl.float32), m_new, l_i * alpha + p
 
 
 @triton.jit
@@ -622,10 +614,27 @@ def _attention_program(
                mask=row_ok)
     return
 
-  if APPEND:  # q heads of the fused projection, RMSNorm'd and rotated here (one token: decode)
+  if APPEND:
+    # This token's rows of the projection (one token: decode): its q heads, this kv head's new key
+    # and value, their RoPE angles and norm scales, and the key's cache row. Loads only, issued
+    # here beside the sequence's length; their arithmetic waits until just before the key loop, so
+    # it does not delay the loop's first page lookups.
     tok = q_start + first
+    one = tl.zeros([1], tl.int32)
+    dims = (offs_d < HEAD_DIM)[None, :]
     cos, sin = _rope_angles(cos_ptr, sin_ptr, tok, offs_d, HEAD_DIM)
-    q = _rope_rows(q_ptr, tok, head * HEAD_DIM, io_mask, offs_d, cos, sin, q_norm_ptr, QK_NORM, EPS, HEAD_DIM, ROW)
+    q_x, q_partner = _head_rows(q_ptr, tok, head * HEAD_DIM, io_mask, offs_d, HEAD_DIM, ROW)
+    q_w, q_w_partner = _norm_scales(q_norm_ptr, offs_d, HEAD_DIM, QK_NORM)
+    k_x, k_partner = _head_rows(q_ptr, tok, one + (NUM_HEADS + kv_head) * HEAD_DIM, dims, offs_d, HEAD_DIM, ROW)
+    k_w, k_w_partner = _norm_scales(k_norm_ptr, offs_d, HEAD_DIM, QK_NORM)
+    v_new, _ = _head_rows(q_ptr, tok, one + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM, dims, offs_d, HEAD_DIM,
+                          ROW)
+    # Split 0 stores the new row (`write_kernel.cache_rows`: slot -1, a slot outside the cache or a
+    # stacked layer out of range store nothing). Row-shaped, not a scalar `&` (the interpreter).
+    dst, store = cache_rows(slot_mapping_ptr, layer_ptr, one + tok, one + split == 0, kv_head, 1, PAGE_SIZE,
+                            NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, False, IS_STACKED, NUM_LAYERS,
+                            LAYER_STRIDE)
+    q = q_x
   else:
     q = tl.load(q_ptr + qo_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
   qk_scale = scale
@@ -707,15 +716,16 @@ def _attention_program(
     # Split-KV: the sink joins split 0's partial only, so the combine counts it once.
     m_i, l_i = _sink_start(sinks_ptr, head, row_ok & (tl.zeros_like(head) + split == 0))
   if APPEND:
-    # The new token's key and value, in registers (never read back from the cache): split 0's rows
-    # start their softmax from them and its program stores them for later steps; the key loops
-    # stop before that key (len_k counts the cached ones). A sequence without keys gets none.
-    own = (split == 0) & new_key
-    k_new, v_new = _new_kv(q_ptr, cos, sin, k_norm_ptr, slot_mapping_ptr, layer_ptr, k_ptr, v_ptr, k_offset,
-                           v_offset, tok, kv_head, own, offs_d, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE,
-                           NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, IS_STACKED, NUM_LAYERS, LAYER_STRIDE,
-                           QK_NORM, EPS, ROW)
-    acc, m_i, l_i = _key_start(acc, m_i, l_i, q, k_new, v_new, qk_scale, row_ok & (tl.zeros_like(head) + own != 0))
+    # q's norm and RoPE; then the new token's key (its sequence's last, never read from the cache:
+    # the loops stop before it) starts split 0's rows, which stores it and its value for later
+    # steps. Nothing in this launch reads that row, so no program waits for the store.
+    q = _norm_rotate(q_x, q_partner, q_w, q_w_partner, cos, sin, offs_d, QK_NORM, EPS, HEAD_DIM)
+    k_new = _norm_rotate(k_x, k_partner, k_w, k_w_partner, cos, sin, offs_d, QK_NORM, EPS, HEAD_DIM)
+    at = dst[:, None] + offs_d[None, :]
+    tl.store(k_ptr + k_offset + at, k_new.to(k_ptr.dtype.element_ty), mask=store[:, None] & dims)
+    tl.store(v_ptr + v_offset + at, v_new.to(v_ptr.dtype.element_ty), mask=store[:, None] & dims)
+    own = row_ok & (tl.zeros_like(head) + ((split == 0) & new_key) != 0)
+    acc, m_i, l_i = _merge_key(acc, m_i, l_i, q, k_new, v_new, qk_scale, own)
   if ONE_KEY_LOOP:
     # (fp16 / bf16 decode tiles) the middle range joins the masked one after it, so a sequence
     # whose length is no multiple of BLOCK_N runs one pipelined loop, not a second one (and its
