@@ -206,12 +206,12 @@ def rope_write_attend(qkv, k_cache, v_cache, slot_mapping, positions, *, cu_seql
 
   and computed that way, except for a decode step (max_seqlen_q=1: at most one query token a
   sequence) on the Triton backend, where it is one kernel: each attention program normalizes and
-  rotates its q heads itself, and takes its sequence's last key (key seqused_k[b] - 1) and value
-  as the token's new ones, from the projection, while one program a sequence stores them at the
-  token's slot for later steps (no `rope_write_kv` launch: benchmarks/NOTES.md
-  "rope_write_attend"). So that form asks what a decode step's slots satisfy: a token's slot is
-  the cache slot of its sequence's last key in block_table; padding tokens (rows past
-  cu_seqlens_q[-1]) have slot -1 and are not stored.
+  rotates its q heads itself, and the program that reads a sequence's last key (key seqused_k[b] -
+  1) first stores the token's new K / V rows at the token's slot (no `rope_write_kv` launch:
+  benchmarks/NOTES.md "rope_write_attend"). So that form asks what a decode step's slots satisfy:
+  a token's slot is the cache slot of its sequence's last key in block_table (any other program
+  reading that slot would race the store); padding tokens (rows past cu_seqlens_q[-1]) have slot
+  -1 and are not stored.
 
   Args: those of `rope_write_kv` (qkv, caches, slot_mapping, positions, num_heads, rope_theta,
   norm scales, eps, kv_layout, layer) and of `flash_attn_varlen_func` (cu_seqlens_q i32[B + 1],

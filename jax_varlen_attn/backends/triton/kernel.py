@@ -50,13 +50,11 @@ loop, and the result equals dequantizing first up to f32 rounding. Q_FP8: q is f
 converted to fp16 (the compute dtype), q_descale joins the score scale.
 APPEND (`rope_write_attend_kernel`, decode steps: at most one query a sequence, causal): q_ptr is
 a fused projection qkv [total_q, ROW]; each program RMSNorms and rotates its q heads itself
-(`_norm_rotate`, rope_write_kv's math). A sequence's last key is the new token's: it comes from the
-projection in registers, never from the cache, so the key loops stop before it; split 0 starts its
-rows' softmax from it (`_merge_key`) and stores it and its value into the cache (an aliased output)
-for later steps. No program waits for that store: nothing in the launch reads it. The projection's
-rows are loaded beside the sequence's length and their arithmetic done just before the key loop,
-so none of it delays the first page lookups. This replaces the `rope_write_kv` launch of a decode
-step.
+(`_norm_rotate`, rope_write_kv's math). The program whose key range holds its sequence's last key
+(the new token's, whose slot the caller guarantees is that key's) first stores the token's K / V
+rows into the cache (an aliased output), then reads them back in its key loop like any other key.
+The projection's rows are loaded beside the sequence's length and their arithmetic done just
+before the key loop. This replaces the `rope_write_kv` launch of a decode step.
 USE_SINKS: each row starts its online softmax from the sink: running max s_aux[h], running sum
 exp(s_aux - s_aux) = 1 (0 for a -inf sink); no extra pass, no extra term in the loop.
 """
@@ -524,19 +522,6 @@ def _norm_rotate(x, partner, w, w_partner, cos, sin, offs_d, QK_NORM: tl.constex
 
 
 @triton.jit
-def _merge_key(acc, m_i, l_i, q, k, v, qk_scale, rows):
-  """The online-softmax state of `rows` (acc [BLOCK_M, HEAD_DIM_PAD], m_i / l_i [BLOCK_M], log2
-  units) with one more key held in registers (k, v: [1, HEAD_DIM_PAD]), as `_merge_piece` merges a
-  partial; other rows are returned as they are."""
-  s = tl.where(rows, tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * (qk_scale * LOG2E), float("-inf"))
-  m_new = tl.maximum(m_i, s)
-  m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-  alpha = tl.math.exp2(m_i - m_ref)
-  p = tl.math.exp2(s - m_ref)
-  return acc * alpha[:, None] + p[:, None] * v.to(tl.float32), m_new, l_i * alpha + p
-
-
-@triton.jit
 def _attention_program(
     q_ptr, k_ptr, v_ptr, cu_seqlens_q_ptr, seqlens_k_ptr, kv_index_ptr, alibi_ptr, layer_ptr, q_descale_ptr,
     k_descale_ptr, v_descale_ptr, sinks_ptr, k_offset, v_offset, scale, softcap, batch, total_q,
@@ -629,11 +614,10 @@ def _attention_program(
     k_w, k_w_partner = _norm_scales(k_norm_ptr, offs_d, HEAD_DIM, QK_NORM)
     v_new, _ = _head_rows(q_ptr, tok, one + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM, dims, offs_d, HEAD_DIM,
                           ROW)
-    # Split 0 stores the new row (`write_kernel.cache_rows`: slot -1, a slot outside the cache or a
-    # stacked layer out of range store nothing). Row-shaped, not a scalar `&` (the interpreter).
-    dst, store = cache_rows(slot_mapping_ptr, layer_ptr, one + tok, one + split == 0, kv_head, 1, PAGE_SIZE,
-                            NUM_PAGES, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, False, IS_STACKED, NUM_LAYERS,
-                            LAYER_STRIDE)
+    # The new key's cache row (`write_kernel.cache_rows`: slot -1, a slot outside the cache or a
+    # stacked layer out of range store nothing).
+    dst, slot_ok = cache_rows(slot_mapping_ptr, layer_ptr, one + tok, one == 0, kv_head, 1, PAGE_SIZE, NUM_PAGES,
+                              PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, False, IS_STACKED, NUM_LAYERS, LAYER_STRIDE)
     q = q_x
   else:
     q = tl.load(q_ptr + qo_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
@@ -670,9 +654,6 @@ def _attention_program(
     v_base += layer * LAYER_STRIDE
 
   shift = len_k - len_q  # bottom-right alignment: query i sits at key position i + shift
-  new_key = len_k > 0
-  if APPEND:  # the last key is the new token's, taken from the projection: the cache has one fewer
-    len_k = tl.maximum(len_k - 1, 0)
   diag = q_idx + shift  # [BLOCK_M]
   diag_lo = first + shift
   diag_hi = tl.minimum(first + BLOCK_Q, len_q) - 1 + shift
@@ -716,16 +697,19 @@ def _attention_program(
     # Split-KV: the sink joins split 0's partial only, so the combine counts it once.
     m_i, l_i = _sink_start(sinks_ptr, head, row_ok & (tl.zeros_like(head) + split == 0))
   if APPEND:
-    # q's norm and RoPE; then the new token's key (its sequence's last, never read from the cache:
-    # the loops stop before it) starts split 0's rows, which stores it and its value for later
-    # steps. Nothing in this launch reads that row, so no program waits for the store.
+    # q's norm and RoPE. Then the program whose keys include the sequence's last (the new token's:
+    # `rope_write_attend` asks it of the slots) stores the token's K / V rows, and reads them back
+    # in its key loop like every other key; the barrier orders the stores before its threads' loads.
+    # No other program reads those rows.
     q = _norm_rotate(q_x, q_partner, q_w, q_w_partner, cos, sin, offs_d, QK_NORM, EPS, HEAD_DIM)
     k_new = _norm_rotate(k_x, k_partner, k_w, k_w_partner, cos, sin, offs_d, QK_NORM, EPS, HEAD_DIM)
+    last = len_k - 1
+    owner = (split_lo <= last) & (last < split_hi)
     at = dst[:, None] + offs_d[None, :]
-    tl.store(k_ptr + k_offset + at, k_new.to(k_ptr.dtype.element_ty), mask=store[:, None] & dims)
-    tl.store(v_ptr + v_offset + at, v_new.to(v_ptr.dtype.element_ty), mask=store[:, None] & dims)
-    own = row_ok & (tl.zeros_like(head) + ((split == 0) & new_key) != 0)
-    acc, m_i, l_i = _merge_key(acc, m_i, l_i, q, k_new, v_new, qk_scale, own)
+    store = (slot_ok & (one + owner != 0))[:, None] & dims  # row-shaped: the interpreter's `&`
+    tl.store(k_ptr + k_offset + at, k_new.to(k_ptr.dtype.element_ty), mask=store)
+    tl.store(v_ptr + v_offset + at, v_new.to(v_ptr.dtype.element_ty), mask=store)
+    tl.debug_barrier()
   if ONE_KEY_LOOP:
     # (fp16 / bf16 decode tiles) the middle range joins the masked one after it, so a sequence
     # whose length is no multiple of BLOCK_N runs one pipelined loop, not a second one (and its

@@ -116,8 +116,8 @@ def rope_write_attend(spec: AttentionSpec, arrays: AttentionArrays, config: Conf
   spec / arrays: the attention's, q standing for the projection's q heads (its shape and dtype;
   the kernel reads `append.qkv`), arrays.k / arrays.v the caches, written in place where
   `append.slot_mapping` says (aliased outputs); eps: the norms' epsilon. Decode only
-  (spec.max_seqlen_q == 1, causal): each sequence's last key is its token's, taken from the
-  projection (kernel.py, APPEND).
+  (spec.max_seqlen_q == 1, causal): the program that reads a sequence's last key stores the
+  token's K / V there first (kernel.py, APPEND).
   """
   inputs, outputs, grid, consts, aliases = append_arguments(spec, arrays, config, append, eps)
   k_cache, v_cache, _, out, lse, _, _ = launch(
