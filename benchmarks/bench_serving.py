@@ -472,9 +472,6 @@ def parse_args(argv):
                       "buffers")
   p.add_argument("--no-fuse-rope-write", action="store_true",
                  help="q / k norms, RoPE and write_kv as separate ops (ModelConfig.fuse_rope_write=False)")
-  p.add_argument("--no-fuse-rope-attend", action="store_true",
-                 help="decode steps run rope_write_kv and attention as two calls "
-                      "(ModelConfig.fuse_rope_attend=False)")
   p.add_argument("--no-fuse-add-norm", action="store_true",
                  help="residual adds and RMSNorms as XLA's ops (ModelConfig.fuse_add_norm=False)")
   p.add_argument("--out", default="serving")
@@ -521,8 +518,6 @@ def main(argv=None) -> int:
   overrides = {} if args.layers is None else dict(num_layers=args.layers)
   if args.no_fuse_rope_write:
     overrides["fuse_rope_write"] = False
-  if args.no_fuse_rope_attend:
-    overrides["fuse_rope_attend"] = False
   if args.no_fuse_add_norm:
     overrides["fuse_add_norm"] = False
   base: ModelConfig = preset(args.preset, **overrides)

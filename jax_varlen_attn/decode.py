@@ -416,8 +416,7 @@ def _decode_loop(graphdef, state, k_cache: jax.Array, v_cache: jax.Array, batch:
   def step(c: _Carry) -> _Carry:
     model = nnx.merge(graph_key(graphdef).graphdef, state)
     tokens, paged, logit_rows = step_batch(c.tokens, c.positions, c.active, batch.block_table, block_size)
-    logits, k_cache, v_cache = model(tokens, c.k_cache, c.v_cache, paged, logits_indices=logit_rows,
-                                     max_seqlen_q=1)  # one token a sequence: `step_batch`
+    logits, k_cache, v_cache = model(tokens, c.k_cache, c.v_cache, paged, logits_indices=logit_rows)
     keys = token_keys(sampling, c.positions)
     nxt = sample(logits, keys, sampling.temperature, sampling.top_k, sampling.top_p, mode=mode)
     counts = c.counts + c.active.astype(jnp.int32)

@@ -94,23 +94,6 @@ def next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
 
-class RopeAppend(NamedTuple):
-  """What `rope_write_attend` adds to a decode step's attention arrays (T tokens, D head_dim).
-
-  qkv:          [T, (H + 2 Hk) * D] the fused projection: q heads | k heads | v heads
-  cos, sin:     f32[T, D // 2] RoPE's rotation of each token (`nn.qkv.rope_tables`)
-  q_norm_scale, k_norm_scale: [D] RMSNorm scales of q / k heads, or both None (no norm)
-  slot_mapping: i32[T] cache slot of each token's new K / V (-1: not written)
-  """
-
-  qkv: jax.Array
-  cos: jax.Array
-  sin: jax.Array
-  q_norm_scale: Optional[jax.Array]
-  k_norm_scale: Optional[jax.Array]
-  slot_mapping: jax.Array
-
-
 class AttentionArrays(NamedTuple):
   """The arrays of one call, normalized by `api` (shapes use AttentionSpec's names).
 

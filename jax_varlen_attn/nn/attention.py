@@ -23,7 +23,7 @@ from flax import nnx
 
 from jax_varlen_attn.api import flash_attn_varlen_func
 from jax_varlen_attn.cache import write_kv
-from jax_varlen_attn.nn.qkv import apply_rope, rope_write_attend, rope_write_kv
+from jax_varlen_attn.nn.qkv import apply_rope, rope_write_kv
 from jax_varlen_attn.reference import naive_paged_attention
 
 
@@ -60,9 +60,6 @@ class PagedAttention(nnx.Module):
     fused_rope_write: with fused_qkv, the q / k norms, RoPE and the cache write run as one
       `jax_varlen_attn.nn.qkv.rope_write_kv` call (`project_and_write`): one Triton kernel where
       the backend is Triton, else the same jnp ops as `project` then `write_kv`.
-    fused_rope_attend: with fused_rope_write, a decode step's call (`max_seqlen_q=1`) runs that and
-      attention as one `jax_varlen_attn.nn.qkv.rope_write_attend` call (one Triton kernel where the
-      backend is Triton; the same results).
     dtype / param_dtype: compute and weight dtypes; the cache must be in `dtype`.
     backend: `flash_attn_varlen_func`'s backend ("auto": Triton on a CUDA GPU, else XLA), or
       "naive": `jax_varlen_attn.reference.naive_paged_attention` (the serving benchmark's baseline;
@@ -73,7 +70,6 @@ class PagedAttention(nnx.Module):
   def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float = 1_000_000.0, qk_norm: bool = False, norm_eps: float = 1e-6,
                use_bias: bool = False, fused_qkv: bool = False, fused_rope_write: bool = True,
-               fused_rope_attend: bool = True,
                dtype=jnp.float32, param_dtype=jnp.float32,
                backend: str = "auto", init_std: float = 0.02, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
@@ -94,7 +90,6 @@ class PagedAttention(nnx.Module):
       self.v_proj = nnx.Linear(hidden_size, num_kv_heads * head_dim, use_bias=use_bias, **lin)
     self.fused_qkv = fused_qkv
     self.fused_rope_write = fused_qkv and fused_rope_write
-    self.fused_rope_attend = self.fused_rope_write and fused_rope_attend
     self.o_proj = nnx.Linear(num_heads * head_dim, hidden_size, use_bias=False, **lin)
     if qk_norm:
       norm = dict(epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -117,17 +112,13 @@ class PagedAttention(nnx.Module):
     k = apply_rope(k, positions, self.rope_theta)
     return q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
 
-  def _fused_projection(self, x: jax.Array):
-    """(qkv [T, (H + 2 Hk) * D] in the compute dtype, the q / k norm scales as keyword arguments)."""
-    norms = {} if self.q_norm is None else dict(q_norm_scale=self.q_norm.scale[...],
-                                                  k_norm_scale=self.k_norm.scale[...])
-    return self.qkv_proj(x).astype(self.dtype), norms
-
   def project_and_write(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: PagedBatch,
                         layer: Optional[jax.Array] = None):
     """`project` and `write_kv` in one (fused_qkv only): x [T, hidden] -> (q [T, H, D], k_cache,
     v_cache) through `rope_write_kv`, one kernel on the Triton backend; same values as `project`."""
-    qkv, norms = self._fused_projection(x)
+    qkv = self.qkv_proj(x).astype(self.dtype)
+    norms = {} if self.q_norm is None else dict(q_norm_scale=self.q_norm.scale[...],
+                                                  k_norm_scale=self.k_norm.scale[...])
     return rope_write_kv(qkv, k_cache, v_cache, batch.slot_mapping, batch.positions, num_heads=self.num_heads,
                          rope_theta=self.rope_theta, eps=self.norm_eps, layer=layer, backend=self.backend,
                          **norms)
@@ -137,24 +128,15 @@ class PagedAttention(nnx.Module):
     return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
 
   def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: PagedBatch,
-               layer: Optional[jax.Array] = None, max_seqlen_q: Optional[int] = None):
+               layer: Optional[jax.Array] = None):
     """x [T, hidden] -> (y [T, hidden], k_cache, v_cache).
 
     The caches are NHD, [num_blocks, block_size, Hk, D], or layer-stacked [L, num_blocks, block_size,
     Hk, D] with `layer` an int32 scalar (traced is fine). This step's keys and values are written at
     `batch.slot_mapping` first, so every token attends to its own sequence's history and to itself.
-    Under `jax.jit` with the caches donated the write is in place. max_seqlen_q: static, 1 for a
-    decode step (each token its sequence's last key, as `rope_write_attend` asks), else None.
+    Under `jax.jit` with the caches donated the write is in place.
     """
     naive = self.backend == "naive"
-    if self.fused_rope_attend and max_seqlen_q == 1 and not naive:  # one launch to attention's output
-      qkv, norms = self._fused_projection(x)
-      o, k_cache, v_cache = rope_write_attend(
-          qkv, k_cache, v_cache, batch.slot_mapping, batch.positions, cu_seqlens_q=batch.cu_seqlens_q,
-          seqused_k=batch.seqused_k, block_table=batch.block_table, num_heads=self.num_heads,
-          rope_theta=self.rope_theta, eps=self.norm_eps, max_seqlen_q=1, layer=layer, backend=self.backend,
-          **norms)
-      return self.output(o), k_cache, v_cache
     if self.fused_rope_write and not naive:  # one launch from the projection to attention's inputs
       q, k_cache, v_cache = self.project_and_write(x, k_cache, v_cache, batch, layer)
     else:

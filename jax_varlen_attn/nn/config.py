@@ -43,10 +43,6 @@ class ModelConfig:
   # with fuse_projections: q / k norms, RoPE and the cache write as one `rope_write_kv` call (one
   # Triton kernel in place of 4 small XLA kernels and write_kv a layer; NOTES.md "rope_write_kv")
   fuse_rope_write: bool = True
-  # with fuse_rope_write, in decode steps (the decode loop's, one token a sequence): rope_write_kv
-  # and attention as one `rope_write_attend` call (one Triton kernel: -1 launch a layer;
-  # NOTES.md "rope_write_attend")
-  fuse_rope_attend: bool = True
   # each residual add and the RMSNorm after it as one `add_rms_norm` call (one Triton kernel in
   # place of XLA's three on a GPU; the same jnp ops elsewhere). Unrolled layers (scan_layers=False)
   # also carry the MLP's output into the next layer's norm (measured faster: NOTES.md)

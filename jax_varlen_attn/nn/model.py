@@ -74,24 +74,23 @@ class DecoderBlock(nnx.Module):
     self.attn = PagedAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                                rope_theta=c.rope_theta, qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
                                use_bias=c.attention_bias, fused_qkv=c.fuse_projections,
-                               fused_rope_write=c.fuse_rope_write, fused_rope_attend=c.fuse_rope_attend,
-                               backend=c.backend,
+                               fused_rope_write=c.fuse_rope_write, backend=c.backend,
                                init_std=c.init_std, rngs=rngs, **dt)
     self.post_attn_norm = nnx.RMSNorm(c.hidden_size, epsilon=c.rms_norm_eps, rngs=rngs, **dt)
     self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, init_std=c.init_std, fused=c.fuse_projections,
                       rngs=rngs, **dt)
     self.fuse_add_norm = c.fuse_add_norm
 
-  def __call__(self, x, k_cache, v_cache, batch: PagedBatch, layer=None, max_seqlen_q=None):
+  def __call__(self, x, k_cache, v_cache, batch: PagedBatch, layer=None):
     if not self.fuse_add_norm:
-      h, k_cache, v_cache = self.attn(self.input_norm(x), k_cache, v_cache, batch, layer, max_seqlen_q)
+      h, k_cache, v_cache = self.attn(self.input_norm(x), k_cache, v_cache, batch, layer)
       x = x + h
       x = x + self.mlp(self.post_attn_norm(x))
       return x, k_cache, v_cache
-    x, pending, k_cache, v_cache = self.carry(x, None, k_cache, v_cache, batch, layer, max_seqlen_q)
+    x, pending, k_cache, v_cache = self.carry(x, None, k_cache, v_cache, batch, layer)
     return x + pending, k_cache, v_cache
 
-  def carry(self, x, pending, k_cache, v_cache, batch: PagedBatch, layer=None, max_seqlen_q=None):
+  def carry(self, x, pending, k_cache, v_cache, batch: PagedBatch, layer=None):
     """The block over a residual stream held as x + pending, its adds inside `add_rms_norm`.
 
     x: [T, hidden]; pending: the previous block's MLP output not yet added to x ([T, hidden]), or
@@ -102,7 +101,7 @@ class DecoderBlock(nnx.Module):
       y, x = add_norm(self.input_norm, x, None, self.attn.backend)
     else:
       y, x = add_norm(self.input_norm, pending, x, self.attn.backend)
-    h, k_cache, v_cache = self.attn(y, k_cache, v_cache, batch, layer, max_seqlen_q)
+    h, k_cache, v_cache = self.attn(y, k_cache, v_cache, batch, layer)
     y, x = add_norm(self.post_attn_norm, h, x, self.attn.backend)
     return x, self.mlp(y), k_cache, v_cache
 
@@ -160,15 +159,12 @@ class DecoderLM(nnx.Module):
     return self.embed.attend(y) if self.lm_head is None else self.lm_head(y)
 
   def __call__(self, tokens: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: PagedBatch,
-               logits_indices: Optional[jax.Array] = None,
-               max_seqlen_q: Optional[int] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
+               logits_indices: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """One flat batch: tokens i32[T] -> (logits, k_cache, v_cache).
 
     k_cache, v_cache: [L, num_blocks, block_size, Hk, D] in the compute dtype (`init_cache`).
     batch: `PagedBatch` for the T tokens; padding tokens have slot -1 and lie past cu_seqlens_q[-1].
     logits_indices: optional i32[N] rows whose logits to return ([N, vocab]); None: all T rows.
-    max_seqlen_q: static; 1 for a decode step (one token a sequence, each its sequence's last key:
-    `PagedAttention` may then fuse the cache write into attention), else None.
     """
     c = self.config
     expected = c.cache_shape(k_cache.shape[1], k_cache.shape[2]) if k_cache.ndim == 5 else None
@@ -184,22 +180,21 @@ class DecoderLM(nnx.Module):
         x, k_cache, v_cache = carry
         block_state, layer = xs
         block = nnx.merge(graphdef, block_state)
-        return block(x, k_cache, v_cache, batch, layer, max_seqlen_q), None
+        return block(x, k_cache, v_cache, batch, layer), None
 
       layers = jnp.arange(c.num_layers, dtype=jnp.int32)
       (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, k_cache, v_cache), (state, layers))
     elif c.fuse_add_norm:  # the stream is x + pending; each add runs inside the next norm's call
       pending = None
       for i, layer in enumerate(self.layers):
-        x, pending, k_cache, v_cache = layer.carry(x, pending, k_cache, v_cache, batch, jnp.int32(i),
-                                                   max_seqlen_q)
+        x, pending, k_cache, v_cache = layer.carry(x, pending, k_cache, v_cache, batch, jnp.int32(i))
       if logits_indices is not None:
         x, pending = x[logits_indices], pending[logits_indices]
       y, _ = add_norm(self.final_norm, pending, x, c.backend)
       return self.head(y), k_cache, v_cache
     else:
       for i, layer in enumerate(self.layers):
-        x, k_cache, v_cache = layer(x, k_cache, v_cache, batch, jnp.int32(i), max_seqlen_q)
+        x, k_cache, v_cache = layer(x, k_cache, v_cache, batch, jnp.int32(i))
     if logits_indices is not None:
       x = x[logits_indices]
     return self.logits(x), k_cache, v_cache

@@ -18,12 +18,9 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from jax_varlen_attn import backends as registry
-from jax_varlen_attn import cache, sharding
-from jax_varlen_attn.api import flash_attn_varlen_func
+from jax_varlen_attn import cache
 from jax_varlen_attn.layout import KVCacheLayout
-from jax_varlen_attn.spec import RopeAppend
-from jax_varlen_attn.validation import FP8_DTYPES, AttentionArgs, array_arg, is_array, validate
+from jax_varlen_attn.validation import FP8_DTYPES, array_arg, is_array
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -99,15 +96,6 @@ def rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, *, num_heads: 
   Returns:
     q [T, H, D] in qkv's dtype, and the updated caches (the input buffers, in place under donation).
   """
-  layout, args = _checked(qkv, k_cache, v_cache, slot_mapping, positions, num_heads, rope_theta, q_norm_scale,
-                          k_norm_scale, eps, kv_layout, layer)
-  return _run(cache._select(backend), layout, num_heads, float(rope_theta), float(eps), *args)
-
-
-def _checked(qkv, k_cache, v_cache, slot_mapping, positions, num_heads, rope_theta, q_norm_scale,
-             k_norm_scale, eps, kv_layout, layer):
-  """rope_write_kv's arguments checked (errors name the argument): (the resolved cache layout,
-  (qkv, k_cache, v_cache, slot_mapping, positions, q_norm_scale, k_norm_scale, layer) normalized)."""
   if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
     raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
   if not isinstance(rope_theta, (int, float)) or isinstance(rope_theta, bool) or not rope_theta > 0:
@@ -149,8 +137,9 @@ def _checked(qkv, k_cache, v_cache, slot_mapping, positions, num_heads, rope_the
   _, k, v = split_qkv(qkv, num_heads, hk, d)
   layout, args = cache._validate(k, v, k_cache, v_cache, slot_mapping, kv_layout, layer)
   _, _, k_cache, v_cache, slot_mapping, layer, _ = args
-  return layout, (jnp.asarray(qkv), k_cache, v_cache, slot_mapping, jnp.asarray(positions), q_norm_scale,
-                  k_norm_scale, layer)
+  name = cache._select(backend)
+  return _run(name, layout, num_heads, float(rope_theta), float(eps), jnp.asarray(qkv), k_cache, v_cache,
+              slot_mapping, jnp.asarray(positions), q_norm_scale, k_norm_scale, layer)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
@@ -178,74 +167,3 @@ def rope_write_kv_xla(layout: KVCacheLayout, num_heads: int, rope_theta: float, 
     return q, k_cache, v_cache
   k_cache, v_cache = cache.write_kv_xla(layout, k, v, k_cache, v_cache, slot_mapping, layer)
   return q, k_cache, v_cache
-
-
-def rope_write_attend(qkv, k_cache, v_cache, slot_mapping, positions, *, cu_seqlens_q, seqused_k, block_table,
-                      num_heads: int, rope_theta: float, q_norm_scale=None, k_norm_scale=None, eps: float = 1e-6,
-                      max_seqlen_q: Optional[int] = None, kv_layout: Union[str, KVCacheLayout] = "NHD", layer=None,
-                      backend: str = "auto", config=None):
-  """`rope_write_kv`, then causal `flash_attn_varlen_func` over the updated cache, in one call.
-
-  Example (a decode step of two sequences: 4 q / 2 kv heads of 32, pages of 16; sequence 0 has 7
-  keys before this token, in page 1, sequence 1 has 20, in pages 2 and 3)::
-
-      k_cache = v_cache = jnp.zeros((4, 16, 2, 32), jnp.bfloat16)      # [num_blocks, block_size, Hk, D]
-      qkv = jnp.ones((2, (4 + 2 * 2) * 32), jnp.bfloat16)
-      out, k_cache, v_cache = rope_write_attend(
-          qkv, k_cache, v_cache, slot_mapping=jnp.array([23, 52], jnp.int32),
-          positions=jnp.array([7, 20], jnp.int32), cu_seqlens_q=jnp.array([0, 1, 2], jnp.int32),
-          seqused_k=jnp.array([8, 21], jnp.int32), block_table=jnp.array([[1, 0], [2, 3]], jnp.int32),
-          num_heads=4, rope_theta=1e4, max_seqlen_q=1)                 # out [2, 4, 32]
-
-  Returns (out [T, H, D] in qkv's dtype, k_cache, v_cache): exactly
-
-      q, k_cache, v_cache = rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, ...)
-      out = flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=max_seqlen_q,
-                                   cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
-                                   block_table=block_table, causal=True, layer=layer, ...)
-
-  and computed that way, except for a decode step (max_seqlen_q=1: at most one query token a
-  sequence) on the Triton backend, where it is one kernel: each attention program normalizes and
-  rotates its q heads itself, and the program that reads a sequence's last key (key seqused_k[b] -
-  1) first stores the token's new K / V rows at the token's slot (no `rope_write_kv` launch:
-  benchmarks/NOTES.md "rope_write_attend"). So that form asks what a decode step's slots satisfy:
-  a token's slot is the cache slot of its sequence's last key in block_table (any other program
-  reading that slot would race the store); padding tokens (rows past cu_seqlens_q[-1]) have slot
-  -1 and are not stored.
-
-  Args: those of `rope_write_kv` (qkv, caches, slot_mapping, positions, num_heads, rope_theta,
-  norm scales, eps, kv_layout, layer) and of `flash_attn_varlen_func` (cu_seqlens_q i32[B + 1],
-  seqused_k i32[B], block_table i32[B, max_blocks], max_seqlen_q: static int or None, backend,
-  config: a `TritonConfig` on the Triton backend).
-  """
-  layout, args = _checked(qkv, k_cache, v_cache, slot_mapping, positions, num_heads, rope_theta, q_norm_scale,
-                          k_norm_scale, eps, kv_layout, layer)
-  qkv, k_cache, v_cache, slot_mapping, positions, q_norm_scale, k_norm_scale, layer = args
-  attention = dict(max_seqlen_q=max_seqlen_q, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
-                   block_table=block_table, causal=True, kv_layout=kv_layout, layer=layer)
-  if max_seqlen_q == 1:  # the one-kernel form's conditions: a decode step on the Triton backend
-    q_view = split_qkv(qkv, num_heads, layout.num_kv_heads, layout.head_dim)[0]  # shape and dtype
-    spec, arrays = validate(AttentionArgs(q_view, k_cache, v_cache, **attention))
-    impl = registry.select(backend, spec if config is None else None, (arrays.k.size, arrays.v.size))
-    if impl.name == "triton" and sharding.detect(spec, arrays) is None:
-      if config is None:
-        config = impl.config_cls.get_default(spec)
-      elif not isinstance(config, impl.config_cls):
-        raise TypeError(f"config for backend='triton' must be a jax_varlen_attn.TritonConfig, got "
-                        f"{type(config).__name__}")
-      else:
-        config = config.resolved(spec)
-      cos, sin = rope_tables(positions, layout.head_dim, rope_theta)
-      append = RopeAppend(qkv, cos, sin, q_norm_scale, k_norm_scale, slot_mapping)
-      return _run_fused(spec, config, float(eps), arrays, append)
-  q, k_cache, v_cache = rope_write_kv(qkv, k_cache, v_cache, slot_mapping, positions, num_heads=num_heads,
-                                      rope_theta=rope_theta, q_norm_scale=q_norm_scale, k_norm_scale=k_norm_scale,
-                                      eps=eps, kv_layout=kv_layout, layer=layer, backend=backend)
-  out = flash_attn_varlen_func(q, k_cache, v_cache, backend=backend, config=config, **attention)
-  return out, k_cache, v_cache
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _run_fused(spec, config, eps: float, arrays, append):
-  from jax_varlen_attn.backends.triton import launcher  # imports triton: only when asked
-  return launcher.rope_write_attend(spec, arrays, config, append, eps)

@@ -217,13 +217,6 @@ class Config:
     )
 
 
-def append_constexprs(spec: AttentionSpec, qk_norm: bool, eps: float) -> dict:
-  """The constexprs `rope_write_attend_kernel` adds to `Config.constexprs`: whether q / k heads are
-  RMSNorm'd, its epsilon, and the fused projection's row width (q | k | v heads)."""
-  return dict(QK_NORM=bool(qk_norm), EPS=float(eps),
-              ROW=(spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim)
-
-
 def programs_per_sm(spec: AttentionSpec) -> int:
   """Decode-tile programs resident on an SM at once, as the sm_90 builds' registers allow: fp8
   caches 104-128 registers a thread (4), fp16 / bf16 214-222 (2) (triton 3.6-3.9; NOTES.md "Tile

@@ -48,21 +48,12 @@ into the score scale (q.k * k_descale * scale, once per program), v_descale into
 normalization (acc * v_descale / l, once per row): nothing is multiplied per element in the key
 loop, and the result equals dequantizing first up to f32 rounding. Q_FP8: q is fp8 too; it is
 converted to fp16 (the compute dtype), q_descale joins the score scale.
-APPEND (`rope_write_attend_kernel`, decode steps: at most one query a sequence, causal): q_ptr is
-a fused projection qkv [total_q, ROW]; each program RMSNorms and rotates its q heads itself
-(`_norm_rotate`, rope_write_kv's math). The program whose key range holds its sequence's last key
-(the new token's, whose slot the caller guarantees is that key's) first stores the token's K / V
-rows into the cache (an aliased output), then reads them back in its key loop like any other key.
-The projection's rows are loaded beside the sequence's length and their arithmetic done just
-before the key loop. This replaces the `rope_write_kv` launch of a decode step.
 USE_SINKS: each row starts its online softmax from the sink: running max s_aux[h], running sum
 exp(s_aux - s_aux) = 1 (0 for a -inf sink); no extra pass, no extra term in the loop.
 """
 
 import triton
 import triton.language as tl
-
-from jax_varlen_attn.backends.triton.write_kernel import cache_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units so the softmax uses exp2
 LN2 = tl.constexpr(0.6931471805599453)
@@ -469,64 +460,31 @@ def _tile_rows(offs_m, offs_d, first, len_q, q_start, kv_head, GROUP: tl.constex
 
 
 @triton.jit
-def _rope_angles(cos_ptr, sin_ptr, tok, offs_d, HEAD_DIM: tl.constexpr):
-  """(cos, sin), each f32[1, HEAD_DIM_PAD]: token `tok`'s RoPE rotation of each dim d (that of its
-  pair, d mod HEAD_DIM / 2) from the [T, HEAD_DIM / 2] tables; 0 past HEAD_DIM."""
-  HALF: tl.constexpr = HEAD_DIM // 2
-  at = tok.to(tl.int64) * HALF + offs_d % HALF
-  dims = offs_d < HEAD_DIM
-  return (tl.load(cos_ptr + at, mask=dims, other=0.0)[None, :],
-          tl.load(sin_ptr + at, mask=dims, other=0.0)[None, :])
-
-
-@triton.jit
-def _head_rows(qkv_ptr, tok, col, mask, offs_d, HEAD_DIM: tl.constexpr, ROW: tl.constexpr):
-  """(x, partner), each [R, HEAD_DIM_PAD] in the projection's dtype: the heads of token `tok` at
-  qkv[tok, col[r] : col[r] + HEAD_DIM] (mask [R, HEAD_DIM_PAD]: the real rows and dims), and each
-  dim's RoPE partner (d +- HEAD_DIM / 2) beside it, so a rotated row stays one tile."""
-  HALF: tl.constexpr = HEAD_DIM // 2
-  partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
-  base = qkv_ptr + tok.to(tl.int64) * ROW + col[:, None]
-  return (tl.load(base + offs_d[None, :], mask=mask, other=0.0),
-          tl.load(base + partner[None, :], mask=mask, other=0.0))
-
-
-@triton.jit
-def _norm_scales(norm_ptr, offs_d, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
-  """(w, w_partner), each f32[1, HEAD_DIM_PAD]: an RMSNorm scale [HEAD_DIM] at each dim and at its
-  RoPE partner's (ones without QK_NORM: never used)."""
-  HALF: tl.constexpr = HEAD_DIM // 2
-  partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
-  dims = (offs_d < HEAD_DIM) & QK_NORM
-  return (tl.load(norm_ptr + offs_d, mask=dims, other=1.0).to(tl.float32)[None, :],
-          tl.load(norm_ptr + partner, mask=dims, other=1.0).to(tl.float32)[None, :])
-
-
-@triton.jit
-def _norm_rotate(x, partner, w, w_partner, cos, sin, offs_d, QK_NORM: tl.constexpr, EPS: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
-  """Rows x [R, HEAD_DIM_PAD] (with their RoPE partners, `_head_rows`) RMSNorm'd (QK_NORM: scales
-  `_norm_scales`) and rotated by (cos, sin) (`_rope_angles`), in x's dtype, as rope_write_kv computes
-  them (rope_write_kernel's `_norm_rope`: f32, the normed row rounded to the dtype before RoPE)."""
-  HALF: tl.constexpr = HEAD_DIM // 2
-  dtype = x.dtype
-  x = x.to(tl.float32)
-  p = partner.to(tl.float32)
-  if QK_NORM:
-    r = tl.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + EPS)[:, None]
-    x = (x * (r * w)).to(dtype).to(tl.float32)
-    p = (p * (r * w_partner)).to(dtype).to(tl.float32)
-  # first half: x1 cos - x2 sin; second half: x2 cos + x1 sin
-  sign = tl.where(offs_d < HALF, -1.0, 1.0)
-  return (x * cos + (sign[None, :] * p) * sin).to(dtype)
-
-
-@triton.jit
-def _attention_program(
-    q_ptr, k_ptr, v_ptr, cu_seqlens_q_ptr, seqlens_k_ptr, kv_index_ptr, alibi_ptr, layer_ptr, q_descale_ptr,
-    k_descale_ptr, v_descale_ptr, sinks_ptr, k_offset, v_offset, scale, softcap, batch, total_q,
-    cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slot_mapping_ptr,
-    tail_ptr, out_ptr, lse_ptr, part_ptr, part_lse_ptr,
+def varlen_attention_kernel(
+    # inputs
+    q_ptr,  # [total_q, NUM_HEADS, HEAD_DIM]
+    k_ptr,  # flat K buffer (paged: as the layout says; non-paged: [total_k, Hk, HEAD_DIM])
+    v_ptr,  # flat V buffer (the K buffer again when V is fused into it)
+    cu_seqlens_q_ptr,  # i32[batch + 1]
+    seqlens_k_ptr,  # i32[batch]
+    kv_index_ptr,  # paged: block_table i32[batch, MAX_BLOCKS]; else cu_seqlens_k i32[batch + 1]
+    alibi_ptr,  # f32[batch, NUM_HEADS] (USE_ALIBI)
+    layer_ptr,  # i32[1] (IS_STACKED)
+    q_descale_ptr,  # f32[batch, NUM_KV_HEADS] (Q_FP8)
+    k_descale_ptr, v_descale_ptr,  # f32[batch, NUM_KV_HEADS] (KV_FP8)
+    sinks_ptr,  # f32[NUM_HEADS] (USE_SINKS): s_aux
+    k_offset, v_offset,  # elements from the buffers' starts to K's / V's page 0 (added once, below)
+    scale,  # f32 softmax scale
+    softcap,  # f32 (USE_SOFTCAP)
+    batch,  # number of sequences
+    total_q,  # rows of q (padding included)
+    tail_in_ptr,  # i32[TAIL_SLOTS // 2] zeros (TAIL_PIECES > 1): tail_ptr's input, never read here
+    # outputs
+    tail_ptr,  # i32[TAIL_SLOTS // 2]: pieces of each tail item done (the same buffer as tail_in_ptr)
+    out_ptr,  # [total_q, NUM_HEADS, HEAD_DIM] q's dtype; split-KV: f32[NUM_SPLITS, total_q, H, D]
+    lse_ptr,  # f32[NUM_HEADS, total_q] (RETURN_LSE); split-KV: f32[NUM_SPLITS, NUM_HEADS, total_q]
+    part_ptr,  # f32[TAIL_SLOTS, BLOCK_M, HEAD_DIM_PAD] (TAIL_PIECES > 1): the tail pieces' outputs
+    part_lse_ptr,  # f32[TAIL_SLOTS, BLOCK_M]: and their LSEs
     # shape
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -547,12 +505,7 @@ def _attention_program(
     ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
     # the grid's last round (`_tail_plan`)
     TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_CHUNK: tl.constexpr,
-    # the fused projection (APPEND: `rope_write_attend_kernel`)
-    APPEND: tl.constexpr, QK_NORM: tl.constexpr, EPS: tl.constexpr, ROW: tl.constexpr,
 ):
-  """One program of `varlen_attention_kernel` (APPEND=False) or `rope_write_attend_kernel` (APPEND:
-  q_ptr is the fused projection qkv [total_q, ROW], k_ptr / v_ptr the caches read and written).
-  The parameters are those kernels' (their docstrings), the APPEND ones unused without it."""
   # One grid axis of (query program, kv head) pairs, kv head fastest. The GPU starts programs in
   # about launch order, so query programs go from the last to the first: under a causal mask a
   # sequence's last query block sees the most keys, and launching the light ones first
@@ -599,28 +552,7 @@ def _attention_program(
                mask=row_ok)
     return
 
-  if APPEND:
-    # This token's rows of the projection (one token: decode): its q heads, this kv head's new key
-    # and value, their RoPE angles and norm scales, and the key's cache row. Loads only, issued
-    # here beside the sequence's length; their arithmetic waits until just before the key loop, so
-    # it does not delay the loop's first page lookups.
-    tok = q_start + first
-    one = tl.zeros([1], tl.int32)
-    dims = (offs_d < HEAD_DIM)[None, :]
-    cos, sin = _rope_angles(cos_ptr, sin_ptr, tok, offs_d, HEAD_DIM)
-    q_x, q_partner = _head_rows(q_ptr, tok, head * HEAD_DIM, io_mask, offs_d, HEAD_DIM, ROW)
-    q_w, q_w_partner = _norm_scales(q_norm_ptr, offs_d, HEAD_DIM, QK_NORM)
-    k_x, k_partner = _head_rows(q_ptr, tok, one + (NUM_HEADS + kv_head) * HEAD_DIM, dims, offs_d, HEAD_DIM, ROW)
-    k_w, k_w_partner = _norm_scales(k_norm_ptr, offs_d, HEAD_DIM, QK_NORM)
-    v_new, _ = _head_rows(q_ptr, tok, one + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM, dims, offs_d, HEAD_DIM,
-                          ROW)
-    # The new key's cache row (`write_kernel.cache_rows`: slot -1, a slot outside the cache or a
-    # stacked layer out of range store nothing).
-    dst, slot_ok = cache_rows(slot_mapping_ptr, layer_ptr, one + tok, one == 0, kv_head, 1, PAGE_SIZE, NUM_PAGES,
-                              PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, False, IS_STACKED, NUM_LAYERS, LAYER_STRIDE)
-    q = q_x
-  else:
-    q = tl.load(q_ptr + qo_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
+  q = tl.load(q_ptr + qo_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
   qk_scale = scale
   v_scale = 1.0
   if KV_FP8:
@@ -696,20 +628,6 @@ def _attention_program(
   if USE_SINKS:
     # Split-KV: the sink joins split 0's partial only, so the combine counts it once.
     m_i, l_i = _sink_start(sinks_ptr, head, row_ok & (tl.zeros_like(head) + split == 0))
-  if APPEND:
-    # q's norm and RoPE. Then the program whose keys include the sequence's last (the new token's:
-    # `rope_write_attend` asks it of the slots) stores the token's K / V rows, and reads them back
-    # in its key loop like every other key; the barrier orders the stores before its threads' loads.
-    # No other program reads those rows.
-    q = _norm_rotate(q_x, q_partner, q_w, q_w_partner, cos, sin, offs_d, QK_NORM, EPS, HEAD_DIM)
-    k_new = _norm_rotate(k_x, k_partner, k_w, k_w_partner, cos, sin, offs_d, QK_NORM, EPS, HEAD_DIM)
-    last = len_k - 1
-    owner = (split_lo <= last) & (last < split_hi)
-    at = dst[:, None] + offs_d[None, :]
-    store = (slot_ok & (one + owner != 0))[:, None] & dims  # row-shaped: the interpreter's `&`
-    tl.store(k_ptr + k_offset + at, k_new.to(k_ptr.dtype.element_ty), mask=store)
-    tl.store(v_ptr + v_offset + at, v_new.to(v_ptr.dtype.element_ty), mask=store)
-    tl.debug_barrier()
   if ONE_KEY_LOOP:
     # (fp16 / bf16 decode tiles) the middle range joins the masked one after it, so a sequence
     # whose length is no multiple of BLOCK_N runs one pipelined loop, not a second one (and its
@@ -778,113 +696,3 @@ def _attention_program(
   tl.store(out_ptr + qo_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
   if RETURN_LSE or NUM_SPLITS > 1:
     tl.store(lse_ptr + head * total_q + q_row, lse, mask=row_ok)
-
-
-@triton.jit
-def varlen_attention_kernel(
-    # inputs
-    q_ptr,  # [total_q, NUM_HEADS, HEAD_DIM]
-    k_ptr,  # flat K buffer (paged: as the layout says; non-paged: [total_k, Hk, HEAD_DIM])
-    v_ptr,  # flat V buffer (the K buffer again when V is fused into it)
-    cu_seqlens_q_ptr,  # i32[batch + 1]
-    seqlens_k_ptr,  # i32[batch]
-    kv_index_ptr,  # paged: block_table i32[batch, MAX_BLOCKS]; else cu_seqlens_k i32[batch + 1]
-    alibi_ptr,  # f32[batch, NUM_HEADS] (USE_ALIBI)
-    layer_ptr,  # i32[1] (IS_STACKED)
-    q_descale_ptr,  # f32[batch, NUM_KV_HEADS] (Q_FP8)
-    k_descale_ptr, v_descale_ptr,  # f32[batch, NUM_KV_HEADS] (KV_FP8)
-    sinks_ptr,  # f32[NUM_HEADS] (USE_SINKS): s_aux
-    k_offset, v_offset,  # elements from the buffers' starts to K's / V's page 0 (added once, below)
-    scale,  # f32 softmax scale
-    softcap,  # f32 (USE_SOFTCAP)
-    batch,  # number of sequences
-    total_q,  # rows of q (padding included)
-    tail_in_ptr,  # i32[TAIL_SLOTS // 2] zeros (TAIL_PIECES > 1): tail_ptr's input, never read here
-    # outputs
-    tail_ptr,  # i32[TAIL_SLOTS // 2]: pieces of each tail item done (the same buffer as tail_in_ptr)
-    out_ptr,  # [total_q, NUM_HEADS, HEAD_DIM] q's dtype; split-KV: f32[NUM_SPLITS, total_q, H, D]
-    lse_ptr,  # f32[NUM_HEADS, total_q] (RETURN_LSE); split-KV: f32[NUM_SPLITS, NUM_HEADS, total_q]
-    part_ptr,  # f32[TAIL_SLOTS, BLOCK_M, HEAD_DIM_PAD] (TAIL_PIECES > 1): the tail pieces' outputs
-    part_lse_ptr,  # f32[TAIL_SLOTS, BLOCK_M]: and their LSEs
-    # shape
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    # tiles
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    # cache addressing
-    IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
-    NUM_PAGES: tl.constexpr, KV_ROWS: tl.constexpr, PAGE_STRIDE: tl.constexpr,
-    TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, OFFSET_MULTIPLE: tl.constexpr,
-    IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr,
-    LAYER_STRIDE: tl.constexpr,
-    # semantics
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
-    # pipeline
-    TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
-    ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
-    # the grid's last round (`_tail_plan`)
-    TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_CHUNK: tl.constexpr,
-):
-  """Varlen attention over a paged or packed KV cache (module docstring)."""
-  _attention_program(
-      q_ptr, k_ptr, v_ptr, cu_seqlens_q_ptr, seqlens_k_ptr, kv_index_ptr, alibi_ptr, layer_ptr,
-      q_descale_ptr, k_descale_ptr, v_descale_ptr, sinks_ptr, k_offset, v_offset, scale, softcap,
-      batch, total_q, q_ptr, q_ptr, q_ptr, q_ptr, cu_seqlens_q_ptr, tail_ptr, out_ptr, lse_ptr,
-      part_ptr, part_lse_ptr, NUM_HEADS, NUM_KV_HEADS, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-      BLOCK_Q, BLOCK_N, NUM_SPLITS, IS_PAGED, SINGLE_PAGE_TILE, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES,
-      KV_ROWS, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, OFFSET_MULTIPLE, IS_STACKED, NUM_LAYERS,
-      LAYER_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI, RETURN_LSE, DOT_PRECISION,
-      KV_FP8, Q_FP8, USE_SINKS, TABLE_AHEAD, V_AT_LOAD, V_PAIRS, V_E5M2, ROWS_AFTER_LOOP,
-      SEARCH_PROBES, ONE_KEY_LOOP, TAIL_PIECES, TAIL_SLOTS, BATCH_CHUNK, False, False, 0.0, 0)
-
-
-@triton.jit
-def rope_write_attend_kernel(
-    # inputs
-    qkv_ptr,  # [total_q, ROW = (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]: q heads | k heads | v heads
-    k_cache_ptr, v_cache_ptr,  # the caches, aliased to k_out_ptr / v_out_ptr (never read here)
-    cu_seqlens_q_ptr, seqlens_k_ptr, kv_index_ptr, alibi_ptr, layer_ptr, q_descale_ptr, k_descale_ptr,
-    v_descale_ptr, sinks_ptr, k_offset, v_offset, scale, softcap, batch, total_q,  # as varlen_attention_kernel's
-    cos_ptr, sin_ptr,  # f32[total_q, HEAD_DIM // 2]: RoPE's cos / sin of each token's angles
-    q_norm_ptr, k_norm_ptr,  # [HEAD_DIM] RMSNorm scales of q / k heads (QK_NORM)
-    slot_mapping_ptr,  # i32[total_q]: cache slot of each token's new K / V (-1: not written)
-    tail_in_ptr,  # as varlen_attention_kernel's
-    # outputs
-    k_out_ptr, v_out_ptr,  # the caches (aliased outputs first: call.launch says why)
-    tail_ptr, out_ptr, lse_ptr, part_ptr, part_lse_ptr,  # as varlen_attention_kernel's
-    # shape
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    # tiles
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    # cache addressing
-    IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
-    NUM_PAGES: tl.constexpr, KV_ROWS: tl.constexpr, PAGE_STRIDE: tl.constexpr,
-    TOKEN_STRIDE: tl.constexpr, HEAD_STRIDE: tl.constexpr, OFFSET_MULTIPLE: tl.constexpr,
-    IS_STACKED: tl.constexpr, NUM_LAYERS: tl.constexpr,
-    LAYER_STRIDE: tl.constexpr,
-    # semantics
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, USE_SINKS: tl.constexpr,
-    # pipeline
-    TABLE_AHEAD: tl.constexpr, V_AT_LOAD: tl.constexpr, V_PAIRS: tl.constexpr, V_E5M2: tl.constexpr,
-    ROWS_AFTER_LOOP: tl.constexpr, SEARCH_PROBES: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
-    # the grid's last round (`_tail_plan`)
-    TAIL_PIECES: tl.constexpr, TAIL_SLOTS: tl.constexpr, BATCH_CHUNK: tl.constexpr,
-    QK_NORM: tl.constexpr, EPS: tl.constexpr, ROW: tl.constexpr,
-):
-  """`rope_write_kv` and causal decode attention in one launch (the module docstring, APPEND)."""
-  _attention_program(
-      qkv_ptr, k_out_ptr, v_out_ptr, cu_seqlens_q_ptr, seqlens_k_ptr, kv_index_ptr, alibi_ptr,
-      layer_ptr, q_descale_ptr, k_descale_ptr, v_descale_ptr, sinks_ptr, k_offset, v_offset, scale,
-      softcap, batch, total_q, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slot_mapping_ptr,
-      tail_ptr, out_ptr, lse_ptr, part_ptr, part_lse_ptr, NUM_HEADS, NUM_KV_HEADS, GROUP, HEAD_DIM,
-      HEAD_DIM_PAD, BLOCK_M, BLOCK_Q, BLOCK_N, NUM_SPLITS, IS_PAGED, SINGLE_PAGE_TILE, PAGE_SIZE,
-      MAX_BLOCKS, NUM_PAGES, KV_ROWS, PAGE_STRIDE, TOKEN_STRIDE, HEAD_STRIDE, OFFSET_MULTIPLE,
-      IS_STACKED, NUM_LAYERS, LAYER_STRIDE, WINDOW_LEFT, WINDOW_RIGHT, USE_SOFTCAP, USE_ALIBI,
-      RETURN_LSE, DOT_PRECISION, KV_FP8, Q_FP8, USE_SINKS, TABLE_AHEAD, V_AT_LOAD, V_PAIRS, V_E5M2,
-      ROWS_AFTER_LOOP, SEARCH_PROBES, ONE_KEY_LOOP, TAIL_PIECES, TAIL_SLOTS, BATCH_CHUNK, True,
-      QK_NORM, EPS, ROW)

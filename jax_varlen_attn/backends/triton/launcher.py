@@ -1,6 +1,4 @@
-"""Builds the launch of `varlen_attention_kernel` (and of `rope_write_attend_kernel`, its form that
-first normalizes, rotates and stores a fused projection's new rows) from an AttentionSpec: grid,
-arguments, outputs."""
+"""Builds the launch of `varlen_attention_kernel` from an AttentionSpec: grid, arguments, outputs."""
 
 from __future__ import annotations
 
@@ -9,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_varlen_attn.backends.triton.call import launch, route_for
-from jax_varlen_attn.backends.triton.config import Config, append_constexprs
-from jax_varlen_attn.backends.triton.kernel import rope_write_attend_kernel, varlen_attention_kernel
-from jax_varlen_attn.spec import AttentionArrays, AttentionSpec, RopeAppend
+from jax_varlen_attn.backends.triton.config import Config
+from jax_varlen_attn.backends.triton.kernel import varlen_attention_kernel
+from jax_varlen_attn.spec import AttentionArrays, AttentionSpec
 
 _I32_MAX = 2**31 - 1
 
@@ -86,47 +84,6 @@ def attention(spec: AttentionSpec, arrays: AttentionArrays, config: Config):
     out, lse = combine_splits(out, lse)
     out = out.astype(spec.out_dtype)
   return out, (lse if spec.return_lse else None)
-
-
-def append_arguments(spec: AttentionSpec, arrays: AttentionArrays, config: Config, append: RopeAppend,
-                     eps: float):
-  """`kernel_arguments` of `rope_write_attend_kernel`: the caches become its first (aliased) outputs,
-  qkv replaces q, and the projection's pieces join the inputs."""
-  inputs, outputs, grid, consts, aliases = kernel_arguments(spec, arrays, config)
-  unused = jnp.zeros((1,), jnp.float32)
-  qk_norm = append.q_norm_scale is not None
-  tail_in = inputs.pop("tail_in_ptr")
-  inputs = dict(qkv_ptr=append.qkv, k_cache_ptr=inputs.pop("k_ptr"), v_cache_ptr=inputs.pop("v_ptr"),
-                **{name: value for name, value in inputs.items() if name != "q_ptr"},
-                cos_ptr=append.cos, sin_ptr=append.sin,
-                q_norm_ptr=append.q_norm_scale if qk_norm else unused,
-                k_norm_ptr=append.k_norm_scale if qk_norm else unused,
-                slot_mapping_ptr=append.slot_mapping, tail_in_ptr=tail_in)
-  caches = [jax.ShapeDtypeStruct(arrays.k.shape, arrays.k.dtype),
-            jax.ShapeDtypeStruct(arrays.v.shape, arrays.v.dtype)]
-  aliases = {"k_cache_ptr": 0, "v_cache_ptr": 1, **{name: i + 2 for name, i in aliases.items()}}
-  consts = dict(consts, **append_constexprs(spec, qk_norm, eps))
-  return inputs, caches + outputs, grid, consts, aliases
-
-
-def rope_write_attend(spec: AttentionSpec, arrays: AttentionArrays, config: Config, append: RopeAppend,
-                      eps: float):
-  """`rope_write_kv` then `attention` in one launch: returns (out [T, H, D], k_cache, v_cache).
-
-  spec / arrays: the attention's, q standing for the projection's q heads (its shape and dtype;
-  the kernel reads `append.qkv`), arrays.k / arrays.v the caches, written in place where
-  `append.slot_mapping` says (aliased outputs); eps: the norms' epsilon. Decode only
-  (spec.max_seqlen_q == 1, causal): the program that reads a sequence's last key stores the
-  token's K / V there first (kernel.py, APPEND).
-  """
-  inputs, outputs, grid, consts, aliases = append_arguments(spec, arrays, config, append, eps)
-  k_cache, v_cache, _, out, lse, _, _ = launch(
-      rope_write_attend_kernel, inputs, outputs, grid, config.num_warps, config.num_stages, consts,
-      input_output_aliases=aliases, route=config.launch or route_for(spec.total_q))
-  if config.num_splits > 1:
-    out, _ = combine_splits(out, lse)
-    out = out.astype(spec.out_dtype)
-  return out, k_cache, v_cache
 
 
 def combine_splits(out, lse):
