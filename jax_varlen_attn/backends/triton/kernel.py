@@ -540,8 +540,7 @@ def varlen_attention_kernel(
   # combines them. A row with no key in a split has LSE -inf there (weight 0 in the combine). A
   # tail item's pieces (`_tail_plan`) likewise, into part_ptr / part_lse_ptr, and the last piece
   # to finish combines them (`_combine_pieces`). SPLIT_MIN_TILES > 0: the count is this call's
-  # (`_live_splits`); the splits past it have no keys (an empty partial). Its loads are issued
-  # here and used only at the key range: no branch on them ahead of q's and the length's loads.
+  # (`_live_splits`), and the splits past it write an empty partial.
   split = tl.program_id(2)
   pieces = NUM_SPLITS
   if SPLIT_MIN_TILES > 0:
@@ -567,7 +566,8 @@ def varlen_attention_kernel(
     lse_ptr += split * (NUM_HEADS * total_q)
   EMPTY_LSE: tl.constexpr = float("inf") if NUM_SPLITS == 1 else float("-inf")
 
-  if seq == batch:  # padding rows past cu_seqlens_q[-1]: a defined zero output
+  # Padding rows past cu_seqlens_q[-1], and splits past this call's count: a defined zero output.
+  if (seq == batch) | (split >= pieces):
     tl.store(out_ptr + qo_off[:, None] + offs_d[None, :],
              tl.zeros([BLOCK_M, HEAD_DIM_PAD], out_ptr.dtype.element_ty), mask=io_mask)
     if RETURN_LSE or NUM_SPLITS > 1:
