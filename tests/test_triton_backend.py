@@ -15,7 +15,7 @@ if not HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 
 import triton.language as tl  # noqa: E402 (after the skips above)
 
-from jax_varlen_attn.backends.triton.kernel import _find_sequence, _live_splits  # noqa: E402
+from jax_varlen_attn.backends.triton.kernel import _find_sequence  # noqa: E402
 
 
 class TestTriton(AttentionSuite):
@@ -52,96 +52,6 @@ def test_split_count_follows_static_shapes_only():
   assert long_few.num_splits > 1
   assert many.num_splits == 1
   assert short_few.num_splits == 1
-
-
-def test_live_split_bound_and_full_grid_count():
-  """Where the default rule splits, the grid is sized for one key tile a split (the bound) and the
-  kernel takes the count at run time; the full grid's count (what the stage rule sizes for) is
-  the static rule's. A caller's num_splits is fixed unless it asks for live_splits; grids the
-  rule leaves unsplit (and so without a combine) stay unsplit."""
-  from jax_varlen_attn.backends.triton import Config, config
-  from tests.problems import static_spec as spec_for
-
-  spec = spec_for(4, 43, max_seqlen_k=688)  # the serving loop's batch-1 bucket (decode_4x688)
-  live = Config.get_default(spec)
-  consts = live.constexprs(spec)
-  fixed = Config(live_splits=False).resolved(spec)
-  assert live.live_splits and not fixed.live_splits
-  assert fixed.num_splits == 688 // (config.MIN_TILES_PER_SPLIT * fixed.block_n) > 1
-  assert live.num_splits == 688 // live.block_n > fixed.num_splits  # one tile a split
-  assert live.num_stages == fixed.num_stages and live.block_n == fixed.block_n
-  assert consts["SPLIT_MIN_TILES"] == config.MIN_TILES_PER_SPLIT
-  assert consts["KEY_TILES"] == 688 // live.block_n and consts["BATCH_PAD"] == 4
-  assert fixed.constexprs(spec)["SPLIT_MIN_TILES"] == 0
-  caller = Config(num_splits=3).resolved(spec)
-  assert caller.num_splits == 3 and not caller.live_splits
-  bound = Config(num_splits=3, live_splits=True).resolved(spec)
-  assert bound.num_splits == 3 and bound.live_splits
-  assert live.resolved(spec) == live  # resolving twice changes nothing
-  many = Config.get_default(spec_for(256, 256))
-  assert many.num_splits == 1 and not many.live_splits
-  with pytest.raises(TypeError, match="live_splits"):
-    Config(live_splits=1)
-
-
-@triton.jit
-def _live_splits_kernel(cu_seqlens_q_ptr, seqlens_k_ptr, batch, out_ptr, NUM_SPLITS: tl.constexpr,
-                        SPLIT_MIN_TILES: tl.constexpr, KEY_TILES: tl.constexpr, BATCH_PAD: tl.constexpr):
-  tl.store(out_ptr, _live_splits(cu_seqlens_q_ptr, seqlens_k_ptr, batch, NUM_SPLITS, SPLIT_MIN_TILES,
-                                 KEY_TILES, BATCH_PAD))
-
-
-def test_live_split_count_against_numpy():
-  """`_live_splits` against the rule written out in NumPy: sequences with queries and keys are
-  live; each split takes max(1, min_tiles x live / batch) of the key tiles, capped at the bound."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from jax_varlen_attn.backends.triton.call import launch
-  from jax_varlen_attn.spec import next_pow2
-
-  rng = np.random.default_rng()
-  fixed = [((1, 1, 1, 1), (9, 1, 600, 3)), ((1, 0, 0, 0), (600, 0, 0, 0)), ((1, 1, 0, 0), (0, 9, 9, 0)),
-           ((0,), (600,)), ((2,), (5,))]  # all live, a quarter, a quarter (keys), none, one
-  drawn = [(rng.choice([0, 0, 1, 1, 3], size=b), rng.choice([0, 5, 600], size=b)) for b in (3, 4, 8, 8, 16)]
-  for lens_q, lens_k in fixed + drawn:
-    lens_q, lens_k = np.asarray(lens_q), np.asarray(lens_k)
-    batch = len(lens_q)
-    cu = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
-    bound, min_tiles, key_tiles = int(rng.integers(2, 12)), 4, int(rng.integers(1, 40))
-    (got,) = launch(_live_splits_kernel, dict(cu_seqlens_q_ptr=jnp.asarray(cu),
-                                              seqlens_k_ptr=jnp.asarray(lens_k.astype(np.int32)),
-                                              batch=batch),
-                    [jax.ShapeDtypeStruct((1,), jnp.int32)], (1, 1, 1), 4, 1,
-                    dict(NUM_SPLITS=bound, SPLIT_MIN_TILES=min_tiles, KEY_TILES=key_tiles,
-                         BATCH_PAD=next_pow2(batch)))
-    live = int(((lens_q > 0) & (lens_k > 0)).sum())
-    want = min(bound, max(1, key_tiles // max(1, min_tiles * live // batch)))
-    assert int(np.asarray(got)[0]) == want, (batch, lens_q, lens_k, bound, key_tiles)
-
-
-LIVE_SPLIT_CASES = {
-    # one live sequence in a bucket of four (the serving loop's batch 1), and all four live
-    "one_of_four": dict(seqlens_q=(1, 0, 0, 0), seqlens_k=(150, 0, 0, 0), causal=True),
-    "prefill_chunk_one_of_four": dict(seqlens_q=(5, 0, 0, 0), seqlens_k=(150, 0, 0, 0), causal=True,
-                                      return_lse=True),
-    "two_of_four_lse": dict(seqlens_q=(1, 0, 1, 0), seqlens_k=(150, 64, 97, 0), causal=True,
-                            return_lse=True),
-    "all_four_sinks": dict(seqlens_q=(1, 1, 1, 1), seqlens_k=(150, 3, 97, 40), sinks=True),
-}
-
-
-@pytest.mark.parametrize("case", sorted(LIVE_SPLIT_CASES))
-def test_live_splits_against_the_oracle(case):
-  """The run-time split count (Config.live_splits) on padded buckets, against the oracle: splits
-  past the count write an empty partial (poison in the unused pages and padding must not leak
-  through the combine); the grid's bound is the rule's one tile a split."""
-  from jax_varlen_attn.backends.triton import Config
-
-  suite = TestTriton()
-  suite.check(suite.problem(**LIVE_SPLIT_CASES[case]),
-              config=Config(block_n=16, num_splits=10, live_splits=True))
 
 
 def test_decode_stages_double_buffer_small_grids_only():

@@ -17,10 +17,6 @@ MAX_SPLITS = 64
 # Key tiles a split-KV program gets at least (of the longest possible sequence): partials and their
 # combine stay small next to the K / V reads (NOTES.md "Tile rules"; bench_serving varies it).
 MIN_TILES_PER_SPLIT = 4
-# Split grids take their split count at run time from the live sequences (`Config.live_splits`):
-# a sequence bucket padded with empty sequences (the serving loop's batch 1 runs a 4-sequence grid)
-# is then split as finely as its live programs want, not as a full grid of its shape would be.
-LIVE_SPLITS = True
 # Decode grids of at most this many programs an SM get double-buffered K / V tiles (_default_stages).
 DOUBLE_BUFFER_PROGRAMS_PER_SM = 1.25
 # How an fp8 V tile reaches P @ V (`Config.fp8_v`).
@@ -85,7 +81,6 @@ class Config:
   block_m: Optional[int] = None
   block_n: Optional[int] = None
   num_splits: Optional[int] = None
-  live_splits: Optional[bool] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
   fp8_v: Optional[str] = None
@@ -96,8 +91,6 @@ class Config:
     check_pow2("block_n", self.block_n, 16)
     check_int_range("num_splits", self.num_splits, 1, MAX_SPLITS)
     check_launch_options(self.num_warps, self.num_stages)
-    if self.live_splits is not None and not isinstance(self.live_splits, bool):
-      raise TypeError(f"Config.live_splits must be a bool or None, got {self.live_splits!r}")
     if self.fp8_v is not None and self.fp8_v not in FP8_V_FORMS:
       raise ValueError(f"Config.fp8_v must be one of {FP8_V_FORMS} or None, got {self.fp8_v!r}")
     if self.launch is not None and self.launch not in ROUTES:
@@ -133,13 +126,6 @@ class Config:
     block_n = self.block_n or tuned_entry.get("block_n") or _default_block_n(spec, block_m, fp8_pairs)
     default_splits = self._default_splits(spec, block_m, block_n)
     num_splits = self.num_splits or default_splits
-    live_splits = self.live_splits
-    if live_splits is None:
-      live_splits = bool(LIVE_SPLITS) and self.num_splits is None and default_splits > 1
-    # The count of a grid whose sequences are all live; the stage and fp8 rules size for it.
-    full_splits = min(num_splits, default_splits) if live_splits else num_splits
-    if live_splits and self.num_splits is None:
-      num_splits = self._default_splits(spec, block_m, block_n, min_tiles=1)
     if self.block_n is None and spec.head_dim <= 128 and num_splits == 1 and default_splits == 1:
       # A grid that fits on the GPU at once (seed1: 136 programs, seed2: 96) is latency-bound: the
       # longest program's chain of dependent tile steps (page lookup -> K load -> dot -> V) sets
@@ -153,32 +139,30 @@ class Config:
     # FlashAttention-2 choice, but 4 measured faster (NOTES.md "Tile rules").
     num_warps = self.num_warps or tuned_entry.get("num_warps") or (8 if block_m >= 256 else 4)
     num_stages = (self.num_stages or tuned_entry.get("num_stages")
-                  or _default_stages(spec, block_m, block_n, full_splits, programs * full_splits))
-    fp8_v = self.fp8_v or _default_fp8_v(spec, block_m, block_n, full_splits, programs * full_splits)
+                  or _default_stages(spec, block_m, block_n, num_splits, programs * num_splits))
+    fp8_v = self.fp8_v or _default_fp8_v(spec, block_m, block_n, num_splits, programs * num_splits)
     if fp8_v != "operand" and not _ptx_conversion_applies(spec):
       fp8_v = "operand"
     if fp8_v == "pairs" and not pairs_apply(spec):
       fp8_v = "operand"
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, num_splits=num_splits,
-                               live_splits=live_splits and num_splits > 1,
                                num_warps=num_warps, num_stages=num_stages, fp8_v=fp8_v)
 
   @staticmethod
-  def _default_splits(spec: AttentionSpec, block_m: int, block_n: int,
-                      min_tiles: Optional[int] = None) -> int:
+  def _default_splits(spec: AttentionSpec, block_m: int, block_n: int) -> int:
     """Split-KV only where the grid cannot fill the GPU (few, long sequences: decode_8x32768).
 
     Aim at ~4 programs per SM, and give every split at least MIN_TILES_PER_SPLIT key tiles of the
     longest possible sequence (spec.max_seqlen_k, static) so partial writes and the combine stay
-    small next to the K / V reads (`min_tiles`: live_splits' bound takes 1). Shapes only: lengths
-    changing never changes the split count (no recompile).
+    small next to the K / V reads. Shapes only: lengths changing never changes the split count (no
+    recompile).
     """
     programs = spec.query_programs(block_m // spec.group_size) * spec.num_kv_heads
     sms = device.num_sms()
     if programs >= sms:
       return 1
     by_fill = -(-4 * sms // programs)
-    by_length = spec.max_seqlen_k // ((min_tiles or MIN_TILES_PER_SPLIT) * block_n)
+    by_length = spec.max_seqlen_k // (MIN_TILES_PER_SPLIT * block_n)
     return max(1, min(by_fill, by_length, MAX_SPLITS))
 
   def constexprs(self, spec: AttentionSpec) -> dict:
@@ -193,10 +177,6 @@ class Config:
         HEAD_DIM=spec.head_dim, HEAD_DIM_PAD=max(16, next_pow2(spec.head_dim)),
         BLOCK_M=self.block_m, BLOCK_Q=self.block_m // group, BLOCK_N=self.block_n,
         NUM_SPLITS=self.num_splits, IS_PAGED=paged,
-        # live_splits: the run-time count's inputs (kernel._live_splits); 0 tiles: NUM_SPLITS fixed.
-        SPLIT_MIN_TILES=MIN_TILES_PER_SPLIT if self.live_splits else 0,
-        KEY_TILES=spec.max_seqlen_k // self.block_n if self.live_splits else 1,
-        BATCH_PAD=next_pow2(spec.batch) if self.live_splits else 1,
         # A tile inside one page looks its page up once (a scalar) instead of once per key.
         SINGLE_PAGE_TILE=paged and layout.block_size % self.block_n == 0,
         PAGE_SIZE=layout.block_size if paged else 1,

@@ -96,23 +96,6 @@ def _find_sequence(cu_seqlens_q_ptr, pid, batch, total_q, BLOCK_Q: tl.constexpr,
 
 
 @triton.jit
-def _live_splits(cu_seqlens_q_ptr, seqlens_k_ptr, batch, NUM_SPLITS: tl.constexpr,
-                 SPLIT_MIN_TILES: tl.constexpr, KEY_TILES: tl.constexpr, BATCH_PAD: tl.constexpr):
-  """Split count of this call (Config.live_splits), in [1, NUM_SPLITS]: each split takes at least
-  max(1, SPLIT_MIN_TILES x live / batch) of the KEY_TILES key tiles of the longest possible
-  sequence, where live counts the sequences with queries and keys. All live: the static rule's
-  count; a quarter live (a padded bucket): 4x the splits, as many partials as a full grid."""
-  b = tl.arange(0, BATCH_PAD)
-  real = b < batch
-  starts = tl.load(cu_seqlens_q_ptr + b, mask=real, other=0)
-  ends = tl.load(cu_seqlens_q_ptr + b + 1, mask=real, other=0)
-  keys = tl.load(seqlens_k_ptr + b, mask=real, other=0)
-  live = tl.sum((real & (ends > starts) & (keys > 0)).to(tl.int32), 0)
-  min_tiles = tl.maximum(SPLIT_MIN_TILES * live // tl.maximum(batch, 1), 1)
-  return tl.minimum(tl.maximum(KEY_TILES // min_tiles, 1), NUM_SPLITS)
-
-
-@triton.jit
 def _working_blocks(cu_seqlens_q_ptr, batch, chunk, BLOCK_Q: tl.constexpr, BATCH_CHUNK: tl.constexpr):
   """(b, starts, ends, blocks), each i32[BATCH_CHUNK]: sequences b = chunk + [0, BATCH_CHUNK), their
   query ranges and working query blocks (0 past the batch)."""
@@ -507,7 +490,6 @@ def varlen_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLIT_MIN_TILES: tl.constexpr, KEY_TILES: tl.constexpr, BATCH_PAD: tl.constexpr,
     # cache addressing
     IS_PAGED: tl.constexpr, SINGLE_PAGE_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
     NUM_PAGES: tl.constexpr, KV_ROWS: tl.constexpr, PAGE_STRIDE: tl.constexpr,
@@ -539,13 +521,9 @@ def varlen_attention_kernel(
   # slice of out [NUM_SPLITS, total_q, H, D] f32 / lse [NUM_SPLITS, H, total_q]; the launcher
   # combines them. A row with no key in a split has LSE -inf there (weight 0 in the combine). A
   # tail item's pieces (`_tail_plan`) likewise, into part_ptr / part_lse_ptr, and the last piece
-  # to finish combines them (`_combine_pieces`). SPLIT_MIN_TILES > 0: the count is this call's
-  # (`_live_splits`), and the splits past it write an empty partial.
+  # to finish combines them (`_combine_pieces`).
   split = tl.program_id(2)
   pieces = NUM_SPLITS
-  if SPLIT_MIN_TILES > 0:
-    pieces = _live_splits(cu_seqlens_q_ptr, seqlens_k_ptr, batch, NUM_SPLITS, SPLIT_MIN_TILES, KEY_TILES,
-                          BATCH_PAD)
   slot = -1
   if TAIL_PIECES > 1:
     seq, seq_start, q_end, first, kv_head, slot, split, pieces = _tail_plan(
@@ -566,8 +544,7 @@ def varlen_attention_kernel(
     lse_ptr += split * (NUM_HEADS * total_q)
   EMPTY_LSE: tl.constexpr = float("inf") if NUM_SPLITS == 1 else float("-inf")
 
-  # Padding rows past cu_seqlens_q[-1], and splits past this call's count: a defined zero output.
-  if (seq == batch) | (split >= pieces):
+  if seq == batch:  # padding rows past cu_seqlens_q[-1]: a defined zero output
     tl.store(out_ptr + qo_off[:, None] + offs_d[None, :],
              tl.zeros([BLOCK_M, HEAD_DIM_PAD], out_ptr.dtype.element_ty), mask=io_mask)
     if RETURN_LSE or NUM_SPLITS > 1:
