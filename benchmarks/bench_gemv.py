@@ -69,6 +69,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import device_time  # noqa: E402  (benchmarks/)
+import mlp_fused  # noqa: E402  (benchmarks/)
 from jax_varlen_attn.backends.triton.call import launch  # noqa: E402
 
 # (name, K, N) of the Qwen3-1.7B-like model's projections (bench_serving's preset).
@@ -176,11 +177,18 @@ def mlp_forms(hidden: int, inter: int):
     y = jnp.dot(x, w_gu).reshape(x.shape[0], inter, 2)
     return jnp.dot(act(y[..., 0], y[..., 1]), w_d)
 
-  return dict(
+  forms = dict(
       fused=(lambda g, u, d: (jnp.concatenate([g, u], axis=1), d), fused),
       fused_f32=(lambda g, u, d: (jnp.concatenate([g, u], axis=1), d), fused_f32),
       separate=(lambda g, u, d: (g, u, d), separate),
       interleaved=(lambda g, u, d: (jnp.stack([g, u], axis=2).reshape(hidden, 2 * inter), d), interleaved))
+  # mlp_fused.py's one-kernel MLP: (BI, BK, BN, warps, stages, atomic) per variant.
+  for v in (TINY_FUSED_MLP_VARIANTS if hidden < 1024 else FUSED_MLP_VARIANTS):
+    if inter % v[0] == 0 and hidden % v[1] == 0 and hidden % v[2] == 0:
+      forms["triton_bi%d_k%d_n%d_w%d_st%d_%s" % (*v[:5], "atomic" if v[5] else "partials")] = (
+          lambda g, u, d, v=v: (mlp_fused.block_gate_up(g, u, v[0]), d),
+          lambda x, wgu, wd, v=v: mlp_fused.fused_mlp(x, wgu, wd, *v))
+  return forms
 
 
 def mlp_reference(x, g, u, d):
@@ -229,6 +237,11 @@ def run_mlp(rows, dtype, rotation: int, on_gpu: bool, tiny: bool) -> List[dict]:
   return records
 
 
+# --mlp, mlp_fused.py: (BI, BK, BN, num_warps, num_stages, atomic); I / BI programs.
+FUSED_MLP_VARIANTS = [(32, 128, 256, 4, 4, False), (32, 256, 256, 4, 3, False), (64, 128, 256, 4, 4, False),
+                      (32, 128, 256, 4, 4, True), (64, 128, 256, 4, 4, True), (16, 256, 512, 4, 4, True),
+                      (32, 128, 128, 8, 5, True), (64, 256, 256, 8, 3, True)]
+TINY_FUSED_MLP_VARIANTS = [(32, 32, 32, 1, 1, False), (32, 32, 32, 1, 1, True)]
 # (hidden, intermediate) of bench_serving's preset, for --mlp.
 MLP_SHAPE = (2048, 6144)
 

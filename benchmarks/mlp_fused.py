@@ -1,0 +1,88 @@
+"""Experiment (issue 15): the decode step's whole MLP as one Triton kernel (bench_gemv --mlp).
+
+down(silu(x @ Wg) * (x @ Wu)) for a few rows x [M, H] (M <= 16, a batch-1 step's 4), in one launch
+instead of XLA's four kernels (gate|up GEMM, silu * up with its split-K sum, down GEMM, down's sum).
+Program p owns BI columns of the intermediate I: it streams its gate and up columns over all of H
+(phase 1, an f32 [16, BI] pair), forms h = silu(g) * u in bf16 as the model does, then multiplies
+h into its BI rows of Wd (phase 2), which gives a partial of the *whole* [M, H] output. The I / BI
+partials are summed afterwards: written as f32 [P, M, H] ("partials", one XLA reduce) or added
+into one zeroed f32 [M, H] by atomics ("atomic").
+
+Weights: gate and up laid out per program, `block_gate_up(wg, wu, bi)` -> [P, H, 2 * BI] (program
+p's gate columns then its up columns, one contiguous 2 * BI * H run), so phase 1 streams one
+contiguous region; Wd [I, H] as the model stores it (program p's rows are contiguous already).
+
+Not in the library: it asks whether one fill and drain over the MLP's 75 MB beats XLA's ~25 us a
+layer at 4 rows (benchmarks/NOTES.md, "Still open": the largest candidate left for batch 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from jax_varlen_attn.backends.triton.call import launch
+
+ROWS = 16  # x's rows padded to the MMA's M
+
+
+@triton.jit
+def fused_mlp_kernel(x_ptr, wgu_ptr, wd_ptr, zeros_ptr, out_ptr, M: tl.constexpr, H: tl.constexpr,
+                     I: tl.constexpr, BLOCK_M: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+                     BN: tl.constexpr, ATOMIC: tl.constexpr, NUM_STAGES: tl.constexpr):
+  """out: f32[P, M, H] partials (ATOMIC false) or f32[M, H] summed by atomics (out aliases zeros_ptr,
+  a zeroed f32[M, H]; unused without ATOMIC)."""
+  p = tl.program_id(0)
+  offs_m = tl.arange(0, BLOCK_M)
+  rows = offs_m < M
+  offs_i = tl.arange(0, BI)
+  g = tl.zeros([BLOCK_M, BI], tl.float32)
+  u = tl.zeros([BLOCK_M, BI], tl.float32)
+  base = wgu_ptr + p.to(tl.int64) * H * 2 * BI
+  for k0 in tl.range(0, H, BK, num_stages=NUM_STAGES):
+    offs_k = k0 + tl.arange(0, BK)
+    x = tl.load(x_ptr + offs_m[:, None] * H + offs_k[None, :], mask=rows[:, None], other=0.0)
+    w_at = base + offs_k[:, None] * (2 * BI) + offs_i[None, :]
+    g += tl.dot(x, tl.load(w_at))
+    u += tl.dot(x, tl.load(w_at + BI))
+  g = g.to(x_ptr.dtype.element_ty).to(tl.float32)
+  u = u.to(x_ptr.dtype.element_ty).to(tl.float32)
+  h = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty)
+  d_rows = wd_ptr + (p * BI + offs_i).to(tl.int64)[:, None] * H
+  for n0 in tl.range(0, H, BN, num_stages=NUM_STAGES):
+    offs_n = n0 + tl.arange(0, BN)
+    part = tl.dot(h, tl.load(d_rows + offs_n[None, :]))
+    at = offs_m[:, None] * H + offs_n[None, :]
+    if ATOMIC:
+      tl.atomic_add(out_ptr + at, part, mask=rows[:, None], sem="relaxed")
+    else:
+      tl.store(out_ptr + p.to(tl.int64) * M * H + at, part, mask=rows[:, None])
+
+
+def block_gate_up(wg, wu, bi: int):
+  """wg, wu [H, I] -> [I / bi, H, 2 * bi]: program p's gate columns, then its up columns."""
+  h, i = wg.shape
+  g = wg.reshape(h, i // bi, bi).transpose(1, 0, 2)
+  u = wu.reshape(h, i // bi, bi).transpose(1, 0, 2)
+  return jnp.concatenate([g, u], axis=2)
+
+
+def fused_mlp(x, wgu_blocked, wd, bi: int, bk: int, bn: int, num_warps: int, num_stages: int,
+              atomic: bool):
+  """x [M, H] -> [M, H] (x's dtype): the MLP through `fused_mlp_kernel` and the sum of its partials."""
+  (m, h), (p, _, _), i = x.shape, wgu_blocked.shape, wd.shape[0]
+  if m > ROWS or h % bk or h % bn or i != p * bi:
+    raise ValueError(f"x {x.shape}, wgu {wgu_blocked.shape}, wd {wd.shape}: bi={bi} bk={bk} bn={bn}")
+  consts = dict(M=m, H=h, I=i, BLOCK_M=ROWS, BI=bi, BK=bk, BN=bn, ATOMIC=atomic, NUM_STAGES=num_stages)
+  if atomic:
+    [y] = launch(fused_mlp_kernel, dict(x_ptr=x, wgu_ptr=wgu_blocked, wd_ptr=wd,
+                                        zeros_ptr=jnp.zeros((m, h), jnp.float32)),
+                 [jax.ShapeDtypeStruct((m, h), jnp.float32)], (p,), num_warps, num_stages, consts,
+                 input_output_aliases={"zeros_ptr": 0})
+    return y.astype(x.dtype)
+  [y] = launch(fused_mlp_kernel, dict(x_ptr=x, wgu_ptr=wgu_blocked, wd_ptr=wd,
+                                      zeros_ptr=jnp.zeros((1,), jnp.float32)),
+               [jax.ShapeDtypeStruct((p, m, h), jnp.float32)], (p,), num_warps, num_stages, consts)
+  return jnp.sum(y, axis=0).astype(x.dtype)
