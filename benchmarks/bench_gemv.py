@@ -182,10 +182,11 @@ def mlp_forms(hidden: int, inter: int):
       fused_f32=(lambda g, u, d: (jnp.concatenate([g, u], axis=1), d), fused_f32),
       separate=(lambda g, u, d: (g, u, d), separate),
       interleaved=(lambda g, u, d: (jnp.stack([g, u], axis=2).reshape(hidden, 2 * inter), d), interleaved))
-  # mlp_fused.py's one-kernel MLP: (BI, BK, BN, warps, stages, atomic) per variant.
+  # mlp_fused.py's one-kernel MLP: (BI, BK, BN, warps, stages, atomic, prefetch) per variant.
   for v in (TINY_FUSED_MLP_VARIANTS if hidden < 1024 else FUSED_MLP_VARIANTS):
     if inter % v[0] == 0 and hidden % v[1] == 0 and hidden % v[2] == 0:
-      forms["triton_bi%d_k%d_n%d_w%d_st%d_%s" % (*v[:5], "atomic" if v[5] else "partials")] = (
+      forms["triton_bi%d_k%d_n%d_w%d_st%d_%s%s" % (*v[:5], "atomic" if v[5] else "partials",
+                                                    "_prefetch" if v[6] else "")] = (
           lambda g, u, d, v=v: (mlp_fused.block_gate_up(g, u, v[0]), d),
           lambda x, wgu, wd, v=v: mlp_fused.fused_mlp(x, wgu, wd, *v))
   return forms
@@ -200,7 +201,7 @@ def mlp_reference(x, g, u, d):
 
 def run_mlp(rows, dtype, rotation: int, on_gpu: bool, tiny: bool) -> List[dict]:
   """--mlp: each form of mlp_forms at each row count; device time over `rotation` weight sets."""
-  hidden, inter = (64, 128) if tiny else MLP_SHAPE
+  hidden, inter = (64, 192) if tiny else MLP_SHAPE
   rng = np.random.default_rng(1)
   sets = [tuple(jnp.asarray(rng.standard_normal(s) * 0.02, dtype)
                 for s in ((hidden, inter), (hidden, inter), (inter, hidden))) for _ in range(rotation)]
@@ -237,11 +238,15 @@ def run_mlp(rows, dtype, rotation: int, on_gpu: bool, tiny: bool) -> List[dict]:
   return records
 
 
-# --mlp, mlp_fused.py: (BI, BK, BN, num_warps, num_stages, atomic); I / BI programs.
-FUSED_MLP_VARIANTS = [(32, 128, 256, 4, 4, False), (32, 256, 256, 4, 3, False), (64, 128, 256, 4, 4, False),
-                      (32, 128, 256, 4, 4, True), (64, 128, 256, 4, 4, True), (16, 256, 512, 4, 4, True),
-                      (32, 128, 128, 8, 5, True), (64, 256, 256, 8, 3, True)]
-TINY_FUSED_MLP_VARIANTS = [(32, 32, 32, 1, 1, False), (32, 32, 32, 1, 1, True)]
+# --mlp, mlp_fused.py: (BI, BK, BN, num_warps, num_stages, atomic, prefetch); I / BI programs.
+FUSED_MLP_VARIANTS = [(64, 128, 256, 4, 4, False, False), (64, 128, 256, 4, 4, True, False),
+                      (64, 128, 256, 4, 4, True, True), (64, 64, 256, 4, 6, True, True),
+                      (48, 128, 256, 4, 4, False, False), (48, 128, 256, 4, 4, True, False),
+                      (48, 128, 256, 4, 4, True, True), (48, 256, 256, 4, 3, True, True),
+                      (48, 128, 256, 8, 4, True, True), (48, 64, 256, 4, 6, True, True),
+                      (48, 64, 128, 4, 8, True, False), (32, 128, 256, 4, 4, True, True)]
+TINY_FUSED_MLP_VARIANTS = [(32, 32, 32, 1, 1, False, False), (48, 32, 32, 1, 2, False, False),
+                           (48, 32, 32, 1, 1, True, False)]
 # (hidden, intermediate) of bench_serving's preset, for --mlp.
 MLP_SHAPE = (2048, 6144)
 

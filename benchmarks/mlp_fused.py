@@ -2,11 +2,12 @@
 
 down(silu(x @ Wg) * (x @ Wu)) for a few rows x [M, H] (M <= 16, a batch-1 step's 4), in one launch
 instead of XLA's four kernels (gate|up GEMM, silu * up with its split-K sum, down GEMM, down's sum).
-Program p owns BI columns of the intermediate I: it streams its gate and up columns over all of H
+Program p owns BI columns of the intermediate I (48 gives 128 programs for I = 6144, one an SM): it streams its gate and up columns over all of H
 (phase 1, an f32 [16, BI] pair), forms h = silu(g) * u in bf16 as the model does, then multiplies
 h into its BI rows of Wd (phase 2), which gives a partial of the *whole* [M, H] output. The I / BI
 partials are summed afterwards: written as f32 [P, M, H] ("partials", one XLA reduce) or added
-into one zeroed f32 [M, H] by atomics ("atomic").
+into one zeroed f32 [M, H] by atomics ("atomic"). "prefetch" (sm_90) asks L2 for the program's rows
+of Wd before phase 1, so the HBM stream does not pause between the phases.
 
 Weights: gate and up laid out per program, `block_gate_up(wg, wu, bi)` -> [P, H, 2 * BI] (program
 p's gate columns then its up columns, one contiguous 2 * BI * H run), so phase 1 streams one
@@ -26,34 +27,54 @@ import triton.language as tl
 from jax_varlen_attn.backends.triton.call import launch
 
 ROWS = 16  # x's rows padded to the MMA's M
+PREFETCH_CHUNK = 16384  # bytes a cp.async.bulk.prefetch asks for
 
 
 @triton.jit
 def fused_mlp_kernel(x_ptr, wgu_ptr, wd_ptr, zeros_ptr, out_ptr, M: tl.constexpr, H: tl.constexpr,
-                     I: tl.constexpr, BLOCK_M: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
-                     BN: tl.constexpr, ATOMIC: tl.constexpr, NUM_STAGES: tl.constexpr):
+                     I: tl.constexpr, BLOCK_M: tl.constexpr, BI: tl.constexpr, BI_PAD: tl.constexpr,
+                     BK: tl.constexpr, BN: tl.constexpr, ATOMIC: tl.constexpr, PREFETCH: tl.constexpr,
+                     D_BYTES: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr,
+                     NUM_STAGES: tl.constexpr):
   """out: f32[P, M, H] partials (ATOMIC false) or f32[M, H] summed by atomics (out aliases zeros_ptr,
   a zeroed f32[M, H]; unused without ATOMIC)."""
   p = tl.program_id(0)
   offs_m = tl.arange(0, BLOCK_M)
   rows = offs_m < M
-  offs_i = tl.arange(0, BI)
-  g = tl.zeros([BLOCK_M, BI], tl.float32)
-  u = tl.zeros([BLOCK_M, BI], tl.float32)
+  if PREFETCH:  # phase 2's rows of Wd asked into L2 now: one HBM stream, no gap between the phases
+    c = tl.arange(0, CHUNKS_PAD)
+    start = c.to(tl.int64) * (D_BYTES // CHUNKS)
+    size = tl.where(c < CHUNKS, tl.minimum(D_BYTES - start, D_BYTES // CHUNKS), 0).to(tl.int32)
+    d_bytes = (wd_ptr + p.to(tl.int64) * BI * H).to(tl.pointer_type(tl.int8))
+    tl.inline_asm_elementwise(
+        "{ .reg .pred q; setp.ne.u32 q, $2, 0; @q cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [d_bytes + start, size], dtype=tl.int32, is_pure=False, pack=1)
+  offs_i = tl.arange(0, BI_PAD)  # BI columns, padded to a power of two (the pad masked: no bytes)
+  cols = offs_i < BI
+  EVICT: tl.constexpr = "evict_first" if PREFETCH else ""  # gate|up must not push the prefetch out
+  g = tl.zeros([BLOCK_M, BI_PAD], tl.float32)
+  u = tl.zeros([BLOCK_M, BI_PAD], tl.float32)
   base = wgu_ptr + p.to(tl.int64) * H * 2 * BI
   for k0 in tl.range(0, H, BK, num_stages=NUM_STAGES):
     offs_k = k0 + tl.arange(0, BK)
     x = tl.load(x_ptr + offs_m[:, None] * H + offs_k[None, :], mask=rows[:, None], other=0.0)
     w_at = base + offs_k[:, None] * (2 * BI) + offs_i[None, :]
-    g += tl.dot(x, tl.load(w_at))
-    u += tl.dot(x, tl.load(w_at + BI))
+    if BI == BI_PAD:
+      g += tl.dot(x, tl.load(w_at, eviction_policy=EVICT))
+      u += tl.dot(x, tl.load(w_at + BI, eviction_policy=EVICT))
+    else:
+      g += tl.dot(x, tl.load(w_at, mask=cols[None, :], other=0.0, eviction_policy=EVICT))
+      u += tl.dot(x, tl.load(w_at + BI, mask=cols[None, :], other=0.0, eviction_policy=EVICT))
   g = g.to(x_ptr.dtype.element_ty).to(tl.float32)
   u = u.to(x_ptr.dtype.element_ty).to(tl.float32)
   h = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty)
   d_rows = wd_ptr + (p * BI + offs_i).to(tl.int64)[:, None] * H
   for n0 in tl.range(0, H, BN, num_stages=NUM_STAGES):
     offs_n = n0 + tl.arange(0, BN)
-    part = tl.dot(h, tl.load(d_rows + offs_n[None, :]))
+    if BI == BI_PAD:
+      part = tl.dot(h, tl.load(d_rows + offs_n[None, :]))
+    else:
+      part = tl.dot(h, tl.load(d_rows + offs_n[None, :], mask=cols[:, None], other=0.0))
     at = offs_m[:, None] * H + offs_n[None, :]
     if ATOMIC:
       tl.atomic_add(out_ptr + at, part, mask=rows[:, None], sem="relaxed")
@@ -70,12 +91,18 @@ def block_gate_up(wg, wu, bi: int):
 
 
 def fused_mlp(x, wgu_blocked, wd, bi: int, bk: int, bn: int, num_warps: int, num_stages: int,
-              atomic: bool):
+              atomic: bool, prefetch: bool = False):
   """x [M, H] -> [M, H] (x's dtype): the MLP through `fused_mlp_kernel` and the sum of its partials."""
   (m, h), (p, _, _), i = x.shape, wgu_blocked.shape, wd.shape[0]
   if m > ROWS or h % bk or h % bn or i != p * bi:
     raise ValueError(f"x {x.shape}, wgu {wgu_blocked.shape}, wd {wd.shape}: bi={bi} bk={bk} bn={bn}")
-  consts = dict(M=m, H=h, I=i, BLOCK_M=ROWS, BI=bi, BK=bk, BN=bn, ATOMIC=atomic, NUM_STAGES=num_stages)
+  d_bytes = bi * h * wd.dtype.itemsize  # program p's rows of Wd, asked into L2 under PREFETCH
+  chunks = -(-d_bytes // PREFETCH_CHUNK)
+  if d_bytes % chunks or (d_bytes // chunks) % 16:
+    raise ValueError(f"{d_bytes} bytes of Wd a program do not split into {chunks} chunks of 16-byte units")
+  consts = dict(M=m, H=h, I=i, BLOCK_M=ROWS, BI=bi, BI_PAD=triton.next_power_of_2(bi), BK=bk, BN=bn,
+                ATOMIC=atomic, PREFETCH=prefetch, NUM_STAGES=num_stages)
+  consts.update(D_BYTES=d_bytes, CHUNKS=chunks, CHUNKS_PAD=triton.next_power_of_2(chunks))
   if atomic:
     [y] = launch(fused_mlp_kernel, dict(x_ptr=x, wgu_ptr=wgu_blocked, wd_ptr=wd,
                                         zeros_ptr=jnp.zeros((m, h), jnp.float32)),
