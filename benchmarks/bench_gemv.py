@@ -30,6 +30,7 @@ its output split in halves), "fused_f32" the same with gate|up in f32 until silu
 alternate gate / up (so silu * up reads neighbours of one row, not two halves). Records the
 kernels a call and their names: the question is whether a form lets XLA fold silu * up (a
 kernel and a graph node a layer, ~2.3 us at batch 16) into a matmul or its split-K sum.
+The "triton_*" forms are mlp_fused.py's one-kernel MLP per FUSED_MLP_VARIANTS (its docstring).
 
 --mosaic: `gemv_mosaic.py` (its docstring), per variant (BLOCK_N, BLOCK_K, SPLIT_K, stages): the
 weight as wgmma's A operand, streamed by TMA `stages` tiles deep, x padded to 16 rows beforehand
