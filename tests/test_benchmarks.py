@@ -348,14 +348,19 @@ def test_bench_gemv_tiny_partials_sum_to_the_product(tmp_path):
 
 
 def test_bench_gemv_tiny_mlp_forms_match_the_oracle(tmp_path):
-  """--mlp: every form of the MLP block computes the float64 down(silu(x g) * (x u))."""
+  """--mlp: every form of the MLP block (XLA's four, and mlp_fused.py's one kernel with partials or
+  atomics, its column tile a power of two or padded to one) computes the float64
+  down(silu(x g) * (x u))."""
   env = dict(os.environ, OUT=str(tmp_path), JVA_COMMIT="test", TRITON_INTERPRET="1")
   proc = subprocess.run([sys.executable, str(BENCH / "bench_gemv.py"), "--tiny", "--mlp", "--rows", "1,4",
                          "--out", "m"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   recs = json.loads((tmp_path / "m.json").read_text())["records"]
-  assert {r["variant"] for r in recs} == {"fused", "fused_f32", "separate", "interleaved"}
-  assert len(recs) == 2 * 4 and all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in recs), recs
+  assert {r["variant"] for r in recs} == {"fused", "fused_f32", "separate", "interleaved",
+                                          "triton_bi32_k32_n32_w1_st1_partials",
+                                          "triton_bi48_k32_n32_w1_st2_partials",
+                                          "triton_bi48_k32_n32_w1_st1_atomic"}
+  assert len(recs) == 2 * 7 and all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in recs), recs
 
 
 @pytest.mark.parametrize("w_nk", [False, True])
