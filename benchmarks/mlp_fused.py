@@ -2,8 +2,9 @@
 
 down(silu(x @ Wg) * (x @ Wu)) for a few rows x [M, H] (M <= 16, a batch-1 step's 4), in one launch
 instead of XLA's four kernels (gate|up GEMM, silu * up with its split-K sum, down GEMM, down's sum).
-Program p owns BI columns of the intermediate I (48 gives 128 programs for I = 6144, one an SM): it streams its gate and up columns over all of H
-(phase 1, an f32 [16, BI] pair), forms h = silu(g) * u in bf16 as the model does, then multiplies
+Program p owns BI columns of the intermediate I (48 gives 128 programs for I = 6144, one an SM):
+it streams its gate and up columns over all of H (phase 1, an f32 [16, BI] pair), forms
+h = silu(g) * u in bf16 as the model does, then multiplies
 h into its BI rows of Wd (phase 2), which gives a partial of the *whole* [M, H] output. The I / BI
 partials are summed afterwards: written as f32 [P, M, H] ("partials", one XLA reduce) or added
 into one zeroed f32 [M, H] by atomics ("atomic"). "prefetch" (sm_90) asks L2 for the program's rows
@@ -15,8 +16,8 @@ contiguous region; Wd [I, H] as the model stores it (program p's rows are contig
 
 Not in the library: it asked whether one fill and drain over the MLP's 75 MB beats XLA's four
 kernels at 4 rows (benchmarks/NOTES.md, "Still open": the largest candidate left for batch 1). On
-an H200 it did not (session 41 item 1): the kernel streams at 73-75% of the read ceiling, as long
-as XLA's four together (22.4 us), and the sum of its partials makes it 0.8-1.5 us slower.
+an H200 it did not (session 41 item 1): the kernel streams at 73-75% of the read ceiling, taking as
+long as XLA's four together (22.4 us), and the sum of its partials makes it 0.8-1.5 us slower.
 """
 
 from __future__ import annotations
