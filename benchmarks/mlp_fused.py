@@ -35,9 +35,9 @@ PREFETCH_CHUNK = 16384  # bytes a cp.async.bulk.prefetch asks for
 
 @triton.jit
 def fused_mlp_kernel(x_ptr, wgu_ptr, wd_ptr, zeros_ptr, out_ptr, M: tl.constexpr, H: tl.constexpr,
-                     I: tl.constexpr, BLOCK_M: tl.constexpr, BI: tl.constexpr, BI_PAD: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BI: tl.constexpr, BI_PAD: tl.constexpr,
                      BK: tl.constexpr, BN: tl.constexpr, ATOMIC: tl.constexpr, PREFETCH: tl.constexpr,
-                     D_BYTES: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr,
+                     CHUNK: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr,
                      NUM_STAGES: tl.constexpr):
   """out: f32[P, M, H] partials (ATOMIC false) or f32[M, H] summed by atomics (out aliases zeros_ptr,
   a zeroed f32[M, H]; unused without ATOMIC)."""
@@ -46,8 +46,8 @@ def fused_mlp_kernel(x_ptr, wgu_ptr, wd_ptr, zeros_ptr, out_ptr, M: tl.constexpr
   rows = offs_m < M
   if PREFETCH:  # phase 2's rows of Wd asked into L2 now: one HBM stream, no gap between the phases
     c = tl.arange(0, CHUNKS_PAD)
-    start = c.to(tl.int64) * (D_BYTES // CHUNKS)
-    size = tl.where(c < CHUNKS, tl.minimum(D_BYTES - start, D_BYTES // CHUNKS), 0).to(tl.int32)
+    start = c.to(tl.int64) * CHUNK
+    size = tl.where(c < CHUNKS, CHUNK, 0).to(tl.int32)  # 0: the lane past the last chunk asks nothing
     d_bytes = (wd_ptr + p.to(tl.int64) * BI * H).to(tl.pointer_type(tl.int8))
     tl.inline_asm_elementwise(
         "{ .reg .pred q; setp.ne.u32 q, $2, 0; @q cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
@@ -103,9 +103,9 @@ def fused_mlp(x, wgu_blocked, wd, bi: int, bk: int, bn: int, num_warps: int, num
   chunks = -(-d_bytes // PREFETCH_CHUNK)
   if d_bytes % chunks or (d_bytes // chunks) % 16:
     raise ValueError(f"{d_bytes} bytes of Wd a program do not split into {chunks} chunks of 16-byte units")
-  consts = dict(M=m, H=h, I=i, BLOCK_M=ROWS, BI=bi, BI_PAD=triton.next_power_of_2(bi), BK=bk, BN=bn,
-                ATOMIC=atomic, PREFETCH=prefetch, NUM_STAGES=num_stages)
-  consts.update(D_BYTES=d_bytes, CHUNKS=chunks, CHUNKS_PAD=triton.next_power_of_2(chunks))
+  consts = dict(M=m, H=h, BLOCK_M=ROWS, BI=bi, BI_PAD=triton.next_power_of_2(bi), BK=bk, BN=bn,
+                ATOMIC=atomic, PREFETCH=prefetch, CHUNK=d_bytes // chunks, CHUNKS=chunks,
+                CHUNKS_PAD=triton.next_power_of_2(chunks), NUM_STAGES=num_stages)
   if atomic:
     [y] = launch(fused_mlp_kernel, dict(x_ptr=x, wgu_ptr=wgu_blocked, wd_ptr=wd,
                                         zeros_ptr=jnp.zeros((m, h), jnp.float32)),
